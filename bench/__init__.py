@@ -1,0 +1,1 @@
+"""Benchmarks: pytest-benchmark suites and `python -m bench --json` headline figures."""

@@ -1,0 +1,576 @@
+"""Wrist step counting: steps, cadence and walking/running bouts from int16 accelerometer counts.
+
+The method (docs/steps.md): vector magnitude (orientation-free), boxcar-decimated to 25 Hz so that a
+25 Hz and a 50 Hz band see the same analysis, band-passed by two biquads. At the end of each UTC second
+the lag products of the last `window_s` seconds give a normalised autocorrelation; the window is gait
+when it is energetic and periodic enough. Its cadence comes from the autocorrelation peak, halved in
+period when the peak is a stride (an arm that swings once per stride shows half the cadence in the
+magnitude). A second is credited with `cadence × 1 s` steps when enough of the windows covering it are
+gait.
+
+Streaming: all a device needs between batches is one flat float64 array (`StepState`): parameters,
+filter memory, the last seconds' lag products, pending seconds, the open minute and the open bout.
+Seconds and minutes sit on the UTC grid and the arithmetic runs in the same order whatever the batch
+boundaries, so any split of the input gives the same outputs as one call; `flush_steps` ends a stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+
+import numpy as np
+from numba import njit
+
+from decoder import config
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Thresholds of the step detector (tuned by scripts/tune_steps.py); copied into each stream's state."""
+
+    hp_hz: float = 0.4  # high-pass: removes gravity and posture drift, keeps a slow 0.5 Hz stride
+    lp_hz: float = 4.0  # low-pass: keeps running cadence (3 Hz), drops impacts and tremor
+    window_s: int = 5  # autocorrelation window: two strides of a slow walk
+    min_lag_s: float = 0.28  # shortest period searched (3.5 steps/s)
+    max_lag_s: float = 2.4  # longest period searched (a 0.42 Hz stride)
+    min_rms_g: float = 0.03  # band-passed magnitude quieter than this is not gait (rest, typing)
+    min_second_rms_g: float = 0.02  # a second this quiet gets no steps, even inside a gait window
+    min_periodicity: float = 0.4  # autocorrelation peak a gait window must reach
+    peak_tolerance: float = 0.85  # an earlier peak this close to the strongest is the fundamental
+    harmonic_ratio: float = 0.5  # r(L/2) >= ratio * r(L): the peak at L was a stride of two steps
+    stride_max_hz: float = 1.3  # a peak slower than this is a stride (arm swing once per stride)
+    min_cadence_hz: float = 0.8
+    max_cadence_hz: float = 3.6
+    min_cover: int = 2  # gait windows (of the `window_s` covering a second) needed to credit it
+    run_cadence_hz: float = 2.5  # at or above: running (150 steps/min)
+    bout_min_s: int = 10  # shorter gait still counts steps but is not reported as a bout
+    bout_max_gap_s: int = 3  # pauses up to this long do not end a bout
+
+
+DEFAULT_PARAMS = StepParams()
+FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
+STATE_VERSION = 1
+REST, WALK, RUN = 0, 1, 2
+
+# Parameter slots at the head of the state (StepParams field order).
+(
+    _HP_HZ,
+    _LP_HZ,
+    _WINDOW_S,
+    _MIN_LAG_S,
+    _MAX_LAG_S,
+    _MIN_RMS_G,
+    _MIN_SECOND_RMS_G,
+    _MIN_PERIODICITY,
+    _PEAK_TOLERANCE,
+    _HARMONIC_RATIO,
+    _STRIDE_MAX_HZ,
+    _MIN_CADENCE_HZ,
+    _MAX_CADENCE_HZ,
+    _MIN_COVER,
+    _RUN_CADENCE_HZ,
+    _BOUT_MIN_S,
+    _BOUT_MAX_GAP_S,
+) = range(17)
+_N_PARAMS = 17
+# Stream header after the parameters; the rings follow at offsets stored in the header.
+(
+    _VERSION,
+    _LEN,
+    _FS,
+    _G_PER_COUNT,
+    _START_US,
+    _N_SEEN,
+    _UNTIL_DEC,  # input samples until the next decimated sample
+    _UNTIL_SEC,  # input samples until the next UTC second boundary
+    _FIRST_SECOND,  # UTC second of the stream's first sample
+    _CUR_SECOND,  # UTC second the arriving samples belong to
+    _SEC_SAMPLES,  # input samples seen in it
+    _NEXT_FINAL,  # next second to finalise
+    _DEC_SUM,
+    _DEC_CNT,
+    _PRIMED,  # filter memory set from the first value
+    _Z0,
+    _Z1,
+    _Z2,
+    _Z3,
+    _HIST_POS,
+    _MINUTE,  # open minute (UTC minute index), -1 if none
+    _M_STEPS,
+    _M_WALK,
+    _M_RUN,
+    _M_DATA,
+    _B_START,  # open bout: first second, -1 if none
+    _B_LAST,
+    _B_STEPS,
+    _B_RUN,
+    _NLAG,  # lags 0 .. nlag-1
+    _OFF_HIST,  # ring of the last nlag filtered values
+    _OFF_BLOCK,  # lag sums of the current second, then its decimated-sample count
+    _OFF_BLOCKS,  # the same for the last window_s seconds (slot = second % window_s)
+    _OFF_WIN,  # per second (same slots): window cadence (Hz, 0 = not gait), input samples
+) = range(_N_PARAMS, _N_PARAMS + 34)
+_HDR_LEN = _N_PARAMS + 34
+
+SECOND_DTYPE = np.dtype([("second", "i8"), ("steps", "f4"), ("cadence_spm", "f4"), ("activity", "u1")])
+MINUTE_DTYPE = np.dtype(
+    [
+        ("minute_start_us", "i8"),
+        ("steps", "f4"),
+        ("cadence_spm", "f4"),  # mean over the minute's walking and running seconds
+        ("walk_s", "u1"),
+        ("run_s", "u1"),
+        ("data_s", "u1"),  # seconds of the minute the stream covered
+    ]
+)
+BOUT_DTYPE = np.dtype(
+    [("start_s", "i8"), ("end_s", "i8"), ("steps", "f4"), ("cadence_spm", "f4"), ("activity", "u1")]
+)
+# Kernel output columns, in dtype field order (float64 rows, typed by the wrapper).
+_SEC_COLS = 4
+_MIN_COLS = 6
+_BOUT_COLS = 5
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one call finalised: per-second rows, closed minutes and closed bouts, on the UTC grid."""
+
+    seconds: np.ndarray  # SECOND_DTYPE
+    minutes: np.ndarray  # MINUTE_DTYPE
+    bouts: np.ndarray  # BOUT_DTYPE
+
+
+@dataclass(frozen=True)
+class StepState:
+    """One stream's state as a flat float64 array: serialise with `to_array`, restore with `from_array`."""
+
+    values: np.ndarray
+
+    def to_array(self) -> np.ndarray:
+        return self.values.copy()
+
+    @classmethod
+    def from_array(cls, values: np.ndarray) -> StepState:
+        v = np.array(values, dtype=np.float64, copy=True)
+        if v.ndim != 1 or v.size < _HDR_LEN or v[_VERSION] != STATE_VERSION:
+            raise ValueError(f"not a step state of version {STATE_VERSION}")
+        if v.size != v[_LEN] or not np.all(np.isfinite(v)):
+            raise ValueError("step state is truncated or corrupt")
+        return cls(v)
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return int(self.values[_FS])
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self.values[_N_SEEN])
+
+    @property
+    def params(self) -> StepParams:
+        p = self.values[:_N_PARAMS]
+        return StepParams(*(type(d)(x) for d, x in zip(astuple(DEFAULT_PARAMS), p, strict=True)))
+
+
+@njit(**config.JIT)
+def _butter2(f_hz, fs, highpass):
+    """Butterworth 2nd-order section (bilinear, pre-warped): b0, b1, b2, a1, a2."""
+    k = math.tan(math.pi * f_hz / fs)
+    norm = 1.0 / (1.0 + math.sqrt(2.0) * k + k * k)
+    a1 = 2.0 * (k * k - 1.0) * norm
+    a2 = (1.0 - math.sqrt(2.0) * k + k * k) * norm
+    if highpass:
+        return norm, -2.0 * norm, norm, a1, a2
+    b0 = k * k * norm
+    return b0, 2.0 * b0, b0, a1, a2
+
+
+def filter_sos(params: StepParams = DEFAULT_PARAMS) -> np.ndarray:
+    """The band-pass at FS_DEC in scipy's `sos` layout: the low-pass section, then the high-pass."""
+    rows = []
+    for f_hz, hp in ((params.lp_hz, False), (params.hp_hz, True)):
+        b0, b1, b2, a1, a2 = _butter2(f_hz, float(FS_DEC), hp)
+        rows.append([b0, b1, b2, 1.0, a1, a2])
+    return np.array(rows)
+
+
+def new_state(
+    sample_rate_hz: int,
+    start_us: int,
+    g_per_count: float = 16.0 / 4096,
+    params: StepParams = DEFAULT_PARAMS,
+) -> StepState:
+    """State of a new stream whose first sample is at `start_us` (UTC µs); counts × `g_per_count` = g."""
+    fs = int(sample_rate_hz)
+    if fs != sample_rate_hz or fs <= 0 or fs % FS_DEC or fs > 8 * FS_DEC:
+        raise ValueError(f"sample rate must be a multiple of {FS_DEC} Hz up to {8 * FS_DEC} Hz")
+    start_us = int(start_us)
+    if not (config.MIN_START_US <= start_us <= config.MAX_START_US):
+        raise ValueError("start time outside the plausible range")
+    if not (0.0 < g_per_count < 1.0):
+        raise ValueError("g_per_count must be in (0, 1)")
+    p = params
+    nlag = round(p.max_lag_s * FS_DEC) + 2  # one lag past the longest period, for the peak test
+    if (
+        not (0 < p.hp_hz < p.lp_hz < FS_DEC / 2)
+        or not (2 <= p.window_s <= 60 and 1 <= p.min_cover <= p.window_s)
+        or not (2 <= round(p.min_lag_s * FS_DEC) < nlag - 2)
+        or not (0 < p.min_cadence_hz < p.max_cadence_hz)
+    ):
+        raise ValueError("inconsistent step parameters")
+    k = p.window_s
+    off_hist = _HDR_LEN
+    off_block = off_hist + nlag
+    off_blocks = off_block + nlag + 1
+    off_win = off_blocks + k * (nlag + 1)
+    total = off_win + 2 * k
+    v = np.zeros(total, dtype=np.float64)
+    v[:_N_PARAMS] = astuple(p)
+    period_us = 1_000_000 // fs
+    first_second = start_us // 1_000_000
+    n0 = -(-((first_second + 1) * 1_000_000 - start_us) // period_us)  # samples in the first second
+    d = fs // FS_DEC
+    v[_VERSION] = STATE_VERSION
+    v[_LEN] = total
+    v[_FS] = fs
+    v[_G_PER_COUNT] = g_per_count
+    v[_START_US] = start_us
+    v[_UNTIL_DEC] = n0 % d or d  # decimation blocks end on second boundaries
+    v[_UNTIL_SEC] = n0
+    v[_FIRST_SECOND] = first_second
+    v[_CUR_SECOND] = first_second
+    v[_NEXT_FINAL] = first_second
+    v[_MINUTE] = -1
+    v[_B_START] = -1
+    v[_NLAG] = nlag
+    v[_OFF_HIST] = off_hist
+    v[_OFF_BLOCK] = off_block
+    v[_OFF_BLOCKS] = off_blocks
+    v[_OFF_WIN] = off_win
+    return StepState(v)
+
+
+# --- kernel ---------------------------------------------------------------------------------------------
+
+
+@njit(**config.JIT)
+def _window_cadence(st, s, n_dec):
+    """Cadence (Hz) of a window from its lag sums `s` over `n_dec` samples; 0.0 when it is not gait."""
+    nlag = s.shape[0]
+    min_rms = st[_MIN_RMS_G]
+    if n_dec < 2 or s[0] <= 0.0 or s[0] < min_rms * min_rms * n_dec:
+        return 0.0
+    inv = 1.0 / s[0]
+    lmin = round(st[_MIN_LAG_S] * FS_DEC)
+    top = -1
+    for lag in range(lmin, nlag - 1):
+        if s[lag] >= s[lag - 1] and s[lag] >= s[lag + 1] and (top < 0 or s[lag] > s[top]):
+            top = lag
+    if top < 0 or s[top] * inv < st[_MIN_PERIODICITY]:
+        return 0.0
+    # The fundamental is the shortest peak nearly as strong as the strongest (which may be 2 periods).
+    best = top
+    for lag in range(lmin, top):
+        if s[lag] >= s[lag - 1] and s[lag] >= s[lag + 1] and s[lag] >= st[_PEAK_TOLERANCE] * s[top]:
+            best = lag
+            break
+    ym = s[best - 1]
+    y0 = s[best]
+    yp = s[best + 1]
+    den = ym - 2.0 * y0 + yp
+    lag_f = best + (0.5 * (ym - yp) / den if den < 0.0 else 0.0)  # parabolic peak
+    half = round(0.5 * lag_f)
+    r_half = -2.0
+    for h in range(max(half - 1, 1), half + 2):
+        r_half = max(r_half, s[h] * inv)
+    period = lag_f
+    if r_half >= st[_HARMONIC_RATIO] * s[best] * inv or FS_DEC / lag_f < st[_STRIDE_MAX_HZ]:
+        period = 0.5 * lag_f
+    cadence = FS_DEC / period
+    if cadence < st[_MIN_CADENCE_HZ] or cadence > st[_MAX_CADENCE_HZ]:
+        return 0.0
+    return cadence
+
+
+@njit(**config.JIT)
+def _close_minute(st, min_out, n_min):
+    active = st[_M_WALK] + st[_M_RUN]
+    min_out[n_min, 0] = st[_MINUTE]
+    min_out[n_min, 1] = st[_M_STEPS]
+    min_out[n_min, 2] = 60.0 * st[_M_STEPS] / active if active > 0 else 0.0
+    min_out[n_min, 3] = st[_M_WALK]
+    min_out[n_min, 4] = st[_M_RUN]
+    min_out[n_min, 5] = st[_M_DATA]
+    st[_MINUTE] = -1
+    st[_M_STEPS] = 0.0
+    st[_M_WALK] = 0.0
+    st[_M_RUN] = 0.0
+    st[_M_DATA] = 0.0
+    return n_min + 1
+
+
+@njit(**config.JIT)
+def _close_bout(st, bout_out, n_bout):
+    length = st[_B_LAST] + 1 - st[_B_START]
+    if length >= st[_BOUT_MIN_S]:
+        bout_out[n_bout, 0] = st[_B_START]
+        bout_out[n_bout, 1] = st[_B_LAST] + 1
+        bout_out[n_bout, 2] = st[_B_STEPS]
+        bout_out[n_bout, 3] = 60.0 * st[_B_STEPS] / length
+        bout_out[n_bout, 4] = RUN if 2.0 * st[_B_RUN] > length else WALK
+        n_bout += 1
+    st[_B_START] = -1
+    return n_bout
+
+
+@njit(**config.JIT)
+def _emit_second(st, second, steps, cadence, activity, out, counts):
+    """Append a finalised second; close the minute and the bout it ends."""
+    sec_out, min_out, bout_out = out
+    n = counts[0]
+    sec_out[n, 0] = second
+    sec_out[n, 1] = steps
+    sec_out[n, 2] = 60.0 * cadence
+    sec_out[n, 3] = activity
+    counts[0] = n + 1
+    minute = second // 60
+    if st[_MINUTE] >= 0 and minute != st[_MINUTE]:
+        counts[1] = _close_minute(st, min_out, counts[1])
+    st[_MINUTE] = minute
+    st[_M_STEPS] += steps
+    st[_M_DATA] += 1.0
+    if activity == WALK:
+        st[_M_WALK] += 1.0
+    elif activity == RUN:
+        st[_M_RUN] += 1.0
+    max_gap = st[_BOUT_MAX_GAP_S]
+    if activity != REST:
+        if st[_B_START] < 0:
+            st[_B_START] = second
+            st[_B_STEPS] = 0.0
+            st[_B_RUN] = 0.0
+        st[_B_LAST] = second
+        st[_B_STEPS] += steps
+        if activity == RUN:
+            st[_B_RUN] += 1.0
+    elif st[_B_START] >= 0 and second - st[_B_LAST] > max_gap:
+        counts[2] = _close_bout(st, bout_out, counts[2])
+
+
+@njit(**config.JIT)
+def _finalise(st, upto, out, counts):
+    """Finalise the pending seconds before `upto` from the windows covering them (those that exist)."""
+    k = int(st[_WINDOW_S])
+    nlag = int(st[_NLAG])
+    off_blocks = int(st[_OFF_BLOCKS])
+    off_win = int(st[_OFF_WIN])
+    last_window = st[_CUR_SECOND] - 1
+    while st[_NEXT_FINAL] < upto:
+        j = int(st[_NEXT_FINAL])
+        n_gait = 0
+        cad_sum = 0.0
+        for e in range(j, int(min(j + k - 1, last_window)) + 1):
+            c = st[off_win + 2 * (e % k)]
+            if c > 0.0:
+                n_gait += 1
+                cad_sum += c
+        cadence = 0.0
+        activity = REST
+        # A still second at the edge of a walk sits in gait windows but holds no steps.
+        blk = off_blocks + (j % k) * (nlag + 1)
+        quiet = st[blk] < st[_MIN_SECOND_RMS_G] ** 2 * st[blk + nlag]
+        if n_gait >= st[_MIN_COVER] and not quiet:
+            cadence = cad_sum / n_gait
+            activity = RUN if cadence >= st[_RUN_CADENCE_HZ] else WALK
+        # The stream's first and last seconds may be partial: credit the part present.
+        frac = st[off_win + 2 * (j % k) + 1] / st[_FS]
+        _emit_second(st, j, cadence * frac, cadence, activity, out, counts)
+        st[_NEXT_FINAL] = j + 1
+
+
+@njit(**config.JIT)
+def _close_second(st, out, counts):
+    """End of a UTC second: its lag sums join the window, the window is analysed, old seconds finalised."""
+    k = int(st[_WINDOW_S])
+    nlag = int(st[_NLAG])
+    off_block = int(st[_OFF_BLOCK])
+    off_blocks = int(st[_OFF_BLOCKS])
+    off_win = int(st[_OFF_WIN])
+    second = st[_CUR_SECOND]
+    slot = int(second % k)
+    base = off_blocks + slot * (nlag + 1)
+    for i in range(nlag + 1):
+        st[base + i] = st[off_block + i]
+        st[off_block + i] = 0.0
+    s = np.zeros(nlag)
+    n_dec = 0.0
+    for b in range(int(min(k, second - st[_FIRST_SECOND] + 1))):  # never before the stream began
+        bb = off_blocks + int((second - b) % k) * (nlag + 1)
+        for lag in range(nlag):
+            s[lag] += st[bb + lag]
+        n_dec += st[bb + nlag]
+    st[off_win + 2 * slot] = _window_cadence(st, s, n_dec)
+    st[off_win + 2 * slot + 1] = st[_SEC_SAMPLES]
+    st[_SEC_SAMPLES] = 0.0
+    st[_CUR_SECOND] = second + 1
+    _finalise(st, second + 2 - k, out, counts)
+
+
+@njit(**config.JIT)
+def _count_steps(xyz, st, out, counts):
+    """Consume int16 counts `xyz` (n, 3) into state `st`; append finalised rows to `out`."""
+    fs = int(st[_FS])
+    d = fs // FS_DEC
+    gpc = st[_G_PER_COUNT]
+    nlag = int(st[_NLAG])
+    off_hist = int(st[_OFF_HIST])
+    off_block = int(st[_OFF_BLOCK])
+    lb0, lb1, lb2, la1, la2 = _butter2(st[_LP_HZ], float(FS_DEC), False)
+    hb0, hb1, hb2, ha1, ha2 = _butter2(st[_HP_HZ], float(FS_DEC), True)
+    until_dec = int(st[_UNTIL_DEC])
+    until_sec = int(st[_UNTIL_SEC])
+    dec_sum = st[_DEC_SUM]
+    dec_cnt = st[_DEC_CNT]
+    z0 = st[_Z0]
+    z1 = st[_Z1]
+    z2 = st[_Z2]
+    z3 = st[_Z3]
+    pos = int(st[_HIST_POS])
+    sec_samples = st[_SEC_SAMPLES]
+    hist = st[off_hist : off_hist + nlag]
+    block = st[off_block : off_block + nlag + 1]
+    for i in range(xyz.shape[0]):
+        fx = float(xyz[i, 0])
+        fy = float(xyz[i, 1])
+        fz = float(xyz[i, 2])
+        dec_sum += math.sqrt(fx * fx + fy * fy + fz * fz)
+        dec_cnt += 1.0
+        sec_samples += 1.0
+        until_dec -= 1
+        if until_dec == 0:
+            until_dec = d
+            m = dec_sum * gpc / dec_cnt
+            dec_sum = 0.0
+            dec_cnt = 0.0
+            if st[_PRIMED] == 0.0:
+                # Start both sections in their steady state for this value: no switch-on transient.
+                st[_PRIMED] = 1.0
+                z1 = (lb2 - la2) * m
+                z0 = (lb1 - la1) * m + z1
+                z3 = hb2 * m
+                z2 = hb1 * m + z3
+            u = lb0 * m + z0
+            z0 = lb1 * m - la1 * u + z1
+            z1 = lb2 * m - la2 * u
+            y = hb0 * u + z2
+            z2 = hb1 * u - ha1 * y + z3
+            z3 = hb2 * u - ha2 * y
+            hist[pos] = y
+            # block[lag] += y[n] * y[n - lag]: the history ring read backwards from the newest value.
+            j = pos
+            for lag in range(nlag):
+                block[lag] += y * hist[j]
+                j = j - 1 if j > 0 else nlag - 1
+            block[nlag] += 1.0
+            pos = pos + 1 if pos + 1 < nlag else 0
+        until_sec -= 1
+        if until_sec == 0:
+            until_sec = fs
+            st[_SEC_SAMPLES] = sec_samples
+            sec_samples = 0.0
+            _close_second(st, out, counts)
+    st[_N_SEEN] += xyz.shape[0]
+    st[_UNTIL_DEC] = until_dec
+    st[_UNTIL_SEC] = until_sec
+    st[_DEC_SUM] = dec_sum
+    st[_DEC_CNT] = dec_cnt
+    st[_Z0] = z0
+    st[_Z1] = z1
+    st[_Z2] = z2
+    st[_Z3] = z3
+    st[_HIST_POS] = pos
+    st[_SEC_SAMPLES] = sec_samples
+
+
+@njit(**config.JIT)
+def _flush(st, out, counts):
+    """End of stream: analyse the partial second, finalise every pending second, close minute and bout."""
+    if st[_SEC_SAMPLES] > 0.0:
+        _close_second(st, out, counts)
+    _finalise(st, st[_CUR_SECOND], out, counts)
+    if st[_MINUTE] >= 0:
+        counts[1] = _close_minute(st, out[1], counts[1])
+    if st[_B_START] >= 0:
+        counts[2] = _close_bout(st, out[2], counts[2])
+
+
+# --- public wrappers ------------------------------------------------------------------------------------
+
+
+def _outputs(st: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Every second, minute and bout a call can close: those the samples reach plus the pending ones.
+    fs = int(st[_FS])
+    pending = int(st[_CUR_SECOND] - st[_NEXT_FINAL]) + 1
+    n_sec = n_samples // fs + pending + 2
+    return (
+        np.empty((n_sec, _SEC_COLS)),
+        np.empty((n_sec // 60 + 2, _MIN_COLS)),
+        np.empty((n_sec // 2 + 2, _BOUT_COLS)),
+    )
+
+
+def _typed(out: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray) -> StepOutput:
+    sec_raw, min_raw, bout_raw = (o[: int(c)] for o, c in zip(out, counts, strict=True))
+    seconds = np.empty(len(sec_raw), SECOND_DTYPE)
+    for i, name in enumerate(SECOND_DTYPE.names):
+        seconds[name] = sec_raw[:, i]
+    minutes = np.empty(len(min_raw), MINUTE_DTYPE)
+    minutes["minute_start_us"] = min_raw[:, 0].astype(np.int64) * 60_000_000
+    for i, name in enumerate(MINUTE_DTYPE.names[1:], start=1):
+        minutes[name] = min_raw[:, i]
+    bouts = np.empty(len(bout_raw), BOUT_DTYPE)
+    for i, name in enumerate(BOUT_DTYPE.names):
+        bouts[name] = bout_raw[:, i]
+    return StepOutput(seconds, minutes, bouts)
+
+
+def count_steps(xyz: np.ndarray, state: StepState) -> tuple[StepOutput, StepState]:
+    """Steps of the next samples of a stream: int16 counts (n, 3) at the state's rate.
+
+    Returns what these samples finalised (seconds lag the input by `window_s - 1` s) and the new state;
+    `state` itself is left as it was, so a batch that fails downstream can be replayed from it.
+    """
+    xyz = np.asarray(xyz)
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or not np.issubdtype(xyz.dtype, np.integer):
+        raise ValueError("xyz must be integer counts of shape (n, 3)")
+    xyz = np.ascontiguousarray(xyz, dtype=np.int16)
+    st = state.values.copy()
+    out = _outputs(st, xyz.shape[0])
+    counts = np.zeros(3, dtype=np.int64)
+    _count_steps(xyz, st, out, counts)
+    return _typed(out, counts), StepState(st)
+
+
+def flush_steps(state: StepState) -> tuple[StepOutput, StepState]:
+    """End of a stream: finalise the pending seconds and emit the partial minute and the open bout."""
+    st = state.values.copy()
+    out = _outputs(st, 0)
+    counts = np.zeros(3, dtype=np.int64)
+    _flush(st, out, counts)
+    return _typed(out, counts), StepState(st)
+
+
+def steps_of_recording(
+    xyz: np.ndarray, sample_rate_hz: int, start_us: int, params: StepParams = DEFAULT_PARAMS
+) -> StepOutput:
+    """One-shot: a whole recording through a new stream and its flush."""
+    a, st = count_steps(xyz, new_state(sample_rate_hz, start_us, params=params))
+    b, _ = flush_steps(st)
+    return StepOutput(
+        *(
+            np.concatenate([x, y])
+            for x, y in zip((a.seconds, a.minutes, a.bouts), (b.seconds, b.minutes, b.bouts), strict=False)
+        )
+    )

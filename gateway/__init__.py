@@ -1,0 +1,1 @@
+"""The bandgate service: everything with I/O (gRPC, storage, CLI, simulated bands)."""
