@@ -1,0 +1,118 @@
+"""The `bandgate` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
+    from gateway.simulator.recorder import simulate_to_file
+
+    if args.out is None:
+        console.print(
+            "[red]simulate: --out FILE is required (streaming to --target comes with the gateway)[/]"
+        )
+        return 2
+    with Progress(
+        TextColumn("simulating bands"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("bands", total=args.bands)
+        summary = simulate_to_file(
+            args.out,
+            bands=args.bands,
+            minutes=args.minutes,
+            seed=args.seed,
+            scenario=args.scenario,
+            sample_rate_hz=args.band_hz,
+            frame_seconds=args.frame_seconds,
+            batch_minutes=args.batch_minutes,
+            progress=lambda n: bar.advance(task, n),
+        )
+    console.print(
+        f"wrote {summary.batches} batches of {summary.bands} bands to {args.out} "
+        f"({summary.samples:,} samples, {summary.wire_bytes / max(summary.samples, 1):.2f} bytes/sample on the wire); "
+        f"ground truth in {args.out}.truth.npz"
+    )
+    return 0
+
+
+def _cmd_dict_train(args: argparse.Namespace, console: Console) -> int:
+    from decoder.batch import BatchDecompressor, BatchError, train_dictionary
+    from gateway.batchfile import BatchFileError, read_batches
+
+    decompressor = BatchDecompressor()
+    samples: list[bytes] = []
+    try:
+        for path in args.files:
+            for batch in read_batches(path):
+                samples.append(decompressor.decompress(batch.payload, dict_id=batch.dict_id).tobytes())
+    except (BatchFileError, BatchError, OSError) as e:
+        console.print(f"[red]dict train: {e}[/]")
+        return 2
+    try:
+        dictionary = train_dictionary(samples, size=args.size)
+    except Exception as e:  # zstd's trainer refuses too few or too uniform samples
+        console.print(f"[red]dict train: {e}[/]")
+        return 2
+    args.out.write_bytes(dictionary.as_bytes())
+    console.print(
+        f"dictionary {dictionary.dict_id()} ({len(dictionary.as_bytes())} bytes, {len(samples)} batches) -> {args.out}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bandgate", description="Edge telemetry gateway for smart bands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="simulated bands: write their batches to a file")
+    sim.add_argument(
+        "--out", type=Path, help="batch file to write (format: docs/wire-format.md, 'Batch files')"
+    )
+    sim.add_argument("--bands", type=_positive(int), default=1)
+    sim.add_argument("--minutes", type=_positive(float), default=10.0)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--scenario", choices=["day", "night", "mixed"], default="mixed")
+    sim.add_argument("--band-hz", type=int, choices=[25, 50], default=50)
+    sim.add_argument("--frame-seconds", type=_positive(int), default=60)
+    sim.add_argument("--batch-minutes", type=_positive(int), default=10)
+    sim.set_defaults(run=_cmd_simulate)
+
+    dct = sub.add_parser("dict", help="zstd dictionaries")
+    dsub = dct.add_subparsers(dest="dict_command", required=True)
+    train = dsub.add_parser("train", help="train a zstd dictionary from batch files")
+    train.add_argument("files", nargs="+", type=Path)
+    train.add_argument("--out", type=Path, required=True, help="dictionary file to write")
+    train.add_argument("--size", type=_positive(int), default=16 * 1024, help="dictionary size in bytes")
+    train.set_defaults(run=_cmd_dict_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args, Console(stderr=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
