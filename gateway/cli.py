@@ -51,7 +51,8 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(
         f"wrote {summary.batches} batches of {summary.bands} bands to {args.out} "
-        f"({summary.samples:,} samples, {summary.wire_bytes / max(summary.samples, 1):.2f} bytes/sample on the wire); "
+        f"({summary.samples:,} samples, "
+        f"{summary.wire_bytes / max(summary.samples, 1):.2f} bytes/sample on the wire); "
         f"ground truth in {args.out}.truth.npz"
     )
     return 0
@@ -77,7 +78,8 @@ def _cmd_dict_train(args: argparse.Namespace, console: Console) -> int:
         return 2
     args.out.write_bytes(dictionary.as_bytes())
     console.print(
-        f"dictionary {dictionary.dict_id()} ({len(dictionary.as_bytes())} bytes, {len(samples)} batches) -> {args.out}"
+        f"dictionary {dictionary.dict_id()} ({len(dictionary.as_bytes())} bytes, "
+        f"{len(samples)} batches) -> {args.out}"
     )
     return 0
 
