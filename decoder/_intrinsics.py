@@ -121,3 +121,35 @@ def crc32c(data: bytes | np.ndarray) -> int:
     """CRC-32C of `data` through the kernel path (used by tests to cross-check the reference package)."""
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     return int(crc32c_update(buf, 0, buf.size, 0xFFFFFFFF) ^ 0xFFFFFFFF)
+
+
+@intrinsic
+def load_i8(typingctx, arr, idx):
+    """arr.data[idx] as int64, sign-extended, without Numba's negative-index fix-up (idx is trusted)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [index])
+        return builder.sext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def store_i16(typingctx, arr, idx, value):
+    """arr[idx] = low 16 bits of value, for an int16 array, without the negative-index fix-up."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        index = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = builder.gep(builder.bitcast(ary.data, ir.IntType(16).as_pointer()), [index])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store(builder.trunc(v, ir.IntType(16)), ptr)
+        return context.get_dummy_value()
+
+    return types.none(arr, idx, value), codegen
