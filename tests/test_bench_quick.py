@@ -1,0 +1,32 @@
+"""`python -m bench --json --quick` runs and prints every documented key (values are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_prints_every_documented_key() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--json", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", (REPO / "BENCHMARKS.md").read_text(), re.M))
+    assert documented, "BENCHMARKS.md documents no keys"
+    missing = documented - figures.keys()
+    assert not missing, f"documented but not printed: {sorted(missing)}"
+    undocumented = {k for k, v in figures.items() if isinstance(v, float)} - documented
+    assert not undocumented, f"printed but not documented: {sorted(undocumented)}"
+    for key in documented:
+        value = figures[key]
+        assert isinstance(value, (int, float)) and value > 0, key
