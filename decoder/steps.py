@@ -29,20 +29,21 @@ from decoder import config
 class StepParams:
     """Thresholds of the step detector (tuned by scripts/tune_steps.py); copied into each stream's state."""
 
-    hp_hz: float = 0.4  # high-pass: removes gravity and posture drift, keeps a slow 0.5 Hz stride
-    lp_hz: float = 4.0  # low-pass: keeps running cadence (3 Hz), drops impacts and tremor
-    window_s: int = 5  # autocorrelation window: two strides of a slow walk
+    hp_hz: float = 0.25  # high-pass: removes gravity and posture drift, keeps a slow 0.5 Hz stride
+    lp_hz: float = 5.0  # low-pass: keeps running cadence (3 Hz), drops impacts and tremor
+    window_s: int = 4  # autocorrelation window: two strides of a slow walk
     min_lag_s: float = 0.28  # shortest period searched (3.5 steps/s)
-    max_lag_s: float = 2.4  # longest period searched (a 0.42 Hz stride)
-    min_rms_g: float = 0.03  # band-passed magnitude quieter than this is not gait (rest, typing)
-    min_second_rms_g: float = 0.02  # a second this quiet gets no steps, even inside a gait window
+    max_lag_s: float = 2.0  # longest period searched (a 0.5 Hz stride)
+    min_rms_g: float = 0.06  # band-passed magnitude quieter than this is not gait (rest, typing)
+    min_second_rms_g: float = 0.0  # a second this quiet gets no steps, even inside a gait window
     min_periodicity: float = 0.4  # autocorrelation peak a gait window must reach
-    peak_tolerance: float = 0.85  # an earlier peak this close to the strongest is the fundamental
+    peak_tolerance: float = 0.8  # an earlier peak this close to the strongest is the fundamental
     harmonic_ratio: float = 0.5  # r(L/2) >= ratio * r(L): the peak at L was a stride of two steps
-    stride_max_hz: float = 1.3  # a peak slower than this is a stride (arm swing once per stride)
-    min_cadence_hz: float = 0.8
+    stride_max_hz: float = 1.4  # a peak slower than this is a stride (arm swing once per stride)
+    min_cadence_hz: float = 1.4  # 84 steps/min: slower shuffling is not counted
     max_cadence_hz: float = 3.6
-    min_cover: int = 2  # gait windows (of the `window_s` covering a second) needed to credit it
+    min_cover: int = 2  # agreeing gait windows (of the `window_s` covering a second) to credit it
+    cadence_agreement: float = 0.15  # windows agree when their cadences differ by at most this fraction
     run_cadence_hz: float = 2.5  # at or above: running (150 steps/min)
     bout_min_s: int = 10  # shorter gait still counts steps but is not reported as a bout
     bout_max_gap_s: int = 3  # pauses up to this long do not end a bout
@@ -50,6 +51,7 @@ class StepParams:
 
 DEFAULT_PARAMS = StepParams()
 FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
+SHIFT_ENERGY_FLOOR = 0.05  # r(lag) divides by at least this share of the window's own energy
 STATE_VERSION = 1
 REST, WALK, RUN = 0, 1, 2
 
@@ -69,11 +71,12 @@ REST, WALK, RUN = 0, 1, 2
     _MIN_CADENCE_HZ,
     _MAX_CADENCE_HZ,
     _MIN_COVER,
+    _CADENCE_AGREEMENT,
     _RUN_CADENCE_HZ,
     _BOUT_MIN_S,
     _BOUT_MAX_GAP_S,
-) = range(17)
-_N_PARAMS = 17
+) = range(18)
+_N_PARAMS = 18
 # Stream header after the parameters; the rings follow at offsets stored in the header.
 (
     _VERSION,
@@ -87,6 +90,7 @@ _N_PARAMS = 17
     _FIRST_SECOND,  # UTC second of the stream's first sample
     _CUR_SECOND,  # UTC second the arriving samples belong to
     _SEC_SAMPLES,  # input samples seen in it
+    _SEC_DEC,  # decimated samples made in it
     _NEXT_FINAL,  # next second to finalise
     _DEC_SUM,
     _DEC_CNT,
@@ -95,7 +99,7 @@ _N_PARAMS = 17
     _Z1,
     _Z2,
     _Z3,
-    _HIST_POS,
+    _HIST_POS,  # where the next filtered value goes (the ring is written backwards)
     _MINUTE,  # open minute (UTC minute index), -1 if none
     _M_STEPS,
     _M_WALK,
@@ -106,9 +110,8 @@ _N_PARAMS = 17
     _B_STEPS,
     _B_RUN,
     _NLAG,  # lags 0 .. nlag-1
-    _OFF_HIST,  # ring of the last nlag filtered values
-    _OFF_BLOCK,  # lag sums of the current second, then its decimated-sample count
-    _OFF_BLOCKS,  # the same for the last window_s seconds (slot = second % window_s)
+    _OFF_HIST,  # ring of the last window_s * FS_DEC + nlag filtered values
+    _OFF_BLOCKS,  # per second of the window (slot = second % window_s): lag sums, decimated samples
     _OFF_WIN,  # per second (same slots): window cadence (Hz, 0 = not gait), input samples
 ) = range(_N_PARAMS, _N_PARAMS + 34)
 _HDR_LEN = _N_PARAMS + 34
@@ -222,8 +225,7 @@ def new_state(
         raise ValueError("inconsistent step parameters")
     k = p.window_s
     off_hist = _HDR_LEN
-    off_block = off_hist + nlag
-    off_blocks = off_block + nlag + 1
+    off_blocks = off_hist + k * FS_DEC + nlag  # the window's values and the lags before it
     off_win = off_blocks + k * (nlag + 1)
     total = off_win + 2 * k
     v = np.zeros(total, dtype=np.float64)
@@ -246,7 +248,6 @@ def new_state(
     v[_B_START] = -1
     v[_NLAG] = nlag
     v[_OFF_HIST] = off_hist
-    v[_OFF_BLOCK] = off_block
     v[_OFF_BLOCKS] = off_blocks
     v[_OFF_WIN] = off_win
     return StepState(v)
@@ -256,37 +257,35 @@ def new_state(
 
 
 @njit(**config.JIT)
-def _window_cadence(st, s, n_dec):
-    """Cadence (Hz) of a window from its lag sums `s` over `n_dec` samples; 0.0 when it is not gait."""
-    nlag = s.shape[0]
-    min_rms = st[_MIN_RMS_G]
-    if n_dec < 2 or s[0] <= 0.0 or s[0] < min_rms * min_rms * n_dec:
+def _window_cadence(st, r, mean_square):
+    """Cadence (Hz) of a window from its autocorrelation `r` (by lag); 0.0 when it is not gait."""
+    nlag = r.shape[0]
+    if mean_square < st[_MIN_RMS_G] ** 2:
         return 0.0
-    inv = 1.0 / s[0]
     lmin = round(st[_MIN_LAG_S] * FS_DEC)
     top = -1
     for lag in range(lmin, nlag - 1):
-        if s[lag] >= s[lag - 1] and s[lag] >= s[lag + 1] and (top < 0 or s[lag] > s[top]):
+        if r[lag] >= r[lag - 1] and r[lag] >= r[lag + 1] and (top < 0 or r[lag] > r[top]):
             top = lag
-    if top < 0 or s[top] * inv < st[_MIN_PERIODICITY]:
+    if top < 0 or r[top] < st[_MIN_PERIODICITY]:
         return 0.0
     # The fundamental is the shortest peak nearly as strong as the strongest (which may be 2 periods).
     best = top
     for lag in range(lmin, top):
-        if s[lag] >= s[lag - 1] and s[lag] >= s[lag + 1] and s[lag] >= st[_PEAK_TOLERANCE] * s[top]:
+        if r[lag] >= r[lag - 1] and r[lag] >= r[lag + 1] and r[lag] >= st[_PEAK_TOLERANCE] * r[top]:
             best = lag
             break
-    ym = s[best - 1]
-    y0 = s[best]
-    yp = s[best + 1]
+    ym = r[best - 1]
+    y0 = r[best]
+    yp = r[best + 1]
     den = ym - 2.0 * y0 + yp
     lag_f = best + (0.5 * (ym - yp) / den if den < 0.0 else 0.0)  # parabolic peak
     half = round(0.5 * lag_f)
     r_half = -2.0
     for h in range(max(half - 1, 1), half + 2):
-        r_half = max(r_half, s[h] * inv)
+        r_half = max(r_half, r[h])
     period = lag_f
-    if r_half >= st[_HARMONIC_RATIO] * s[best] * inv or FS_DEC / lag_f < st[_STRIDE_MAX_HZ]:
+    if r_half >= st[_HARMONIC_RATIO] * r[best] or FS_DEC / lag_f < st[_STRIDE_MAX_HZ]:
         period = 0.5 * lag_f
     cadence = FS_DEC / period
     if cadence < st[_MIN_CADENCE_HZ] or cadence > st[_MAX_CADENCE_HZ]:
@@ -369,13 +368,25 @@ def _finalise(st, upto, out, counts):
     last_window = st[_CUR_SECOND] - 1
     while st[_NEXT_FINAL] < upto:
         j = int(st[_NEXT_FINAL])
+        # Gait keeps its cadence from window to window; narrow-band arm movement does not. The second
+        # takes the largest group of covering windows that agree with one of them.
+        e_last = int(min(j + k - 1, last_window))
         n_gait = 0
         cad_sum = 0.0
-        for e in range(j, int(min(j + k - 1, last_window)) + 1):
-            c = st[off_win + 2 * (e % k)]
-            if c > 0.0:
-                n_gait += 1
-                cad_sum += c
+        for e in range(j, e_last + 1):
+            ce = st[off_win + 2 * (e % k)]
+            if ce <= 0.0:
+                continue
+            n_agree = 0
+            agree_sum = 0.0
+            for f in range(j, e_last + 1):
+                cf = st[off_win + 2 * (f % k)]
+                if cf > 0.0 and abs(cf - ce) <= st[_CADENCE_AGREEMENT] * ce:
+                    n_agree += 1
+                    agree_sum += cf
+            if n_agree > n_gait:
+                n_gait = n_agree
+                cad_sum = agree_sum
         cadence = 0.0
         activity = REST
         # A still second at the edge of a walk sits in gait windows but holds no steps.
@@ -391,29 +402,66 @@ def _finalise(st, upto, out, counts):
 
 
 @njit(**config.JIT)
-def _close_second(st, out, counts):
+def _close_second(st, out, counts, scratch):
     """End of a UTC second: its lag sums join the window, the window is analysed, old seconds finalised."""
     k = int(st[_WINDOW_S])
     nlag = int(st[_NLAG])
-    off_block = int(st[_OFF_BLOCK])
+    off_hist = int(st[_OFF_HIST])
     off_blocks = int(st[_OFF_BLOCKS])
     off_win = int(st[_OFF_WIN])
+    hist_len = off_blocks - off_hist
     second = st[_CUR_SECOND]
     slot = int(second % k)
-    base = off_blocks + slot * (nlag + 1)
-    for i in range(nlag + 1):
-        st[base + i] = st[off_block + i]
-        st[off_block + i] = 0.0
-    s = np.zeros(nlag)
-    n_dec = 0.0
-    for b in range(int(min(k, second - st[_FIRST_SECOND] + 1))):  # never before the stream began
-        bb = off_blocks + int((second - b) % k) * (nlag + 1)
+    n_new = int(st[_SEC_DEC])
+    n_blocks = int(min(k, second - st[_FIRST_SECOND] + 1))  # never before the stream began
+    n_dec = n_new
+    for b in range(1, n_blocks):
+        n_dec += int(st[off_blocks + ((slot - b) % k) * (nlag + 1) + nlag])
+    # The ring is written backwards, so newest first it is contiguous and the lag loops run forwards in
+    # memory (they vectorise): the window's values, then the nlag before them (zeros before the stream).
+    m = n_dec + nlag
+    rev = scratch[0, :m]
+    newest = int(st[_HIST_POS]) + 1
+    if newest == hist_len:
+        newest = 0
+    first = min(m, hist_len - newest)
+    rev[:first] = st[off_hist + newest : off_hist + newest + first]
+    rev[first:] = st[off_hist : off_hist + m - first]
+    blk = scratch[1, :nlag]
+    blk[:] = 0.0
+    for i in range(n_new):
+        a = rev[i]
         for lag in range(nlag):
-            s[lag] += st[bb + lag]
-        n_dec += st[bb + nlag]
-    st[off_win + 2 * slot] = _window_cadence(st, s, n_dec)
+            blk[lag] += a * rev[i + lag]
+    base = off_blocks + slot * (nlag + 1)
+    st[base : base + nlag] = blk
+    st[base + nlag] = n_new
+    s = scratch[2, :nlag]
+    s[:] = 0.0
+    for b in range(n_blocks):
+        bb = off_blocks + ((slot - b) % k) * (nlag + 1)
+        s += st[bb : bb + nlag]
+    cadence = 0.0
+    if n_dec >= 2 and s[0] >= st[_MIN_RMS_G] ** 2 * n_dec:
+        # r(lag) = Σ y[n]·y[n−lag] / √(Σ y[n]² · Σ y[n−lag]²) over the window's samples n: the energy of
+        # the shifted window slides back along the history, so a burst before the window cannot fake a peak.
+        r = scratch[3, :nlag]
+        e_shift = scratch[4, :nlag]
+        e0 = s[0]
+        e_shift[0] = e0
+        for lag in range(1, nlag):
+            e_shift[lag] = e_shift[lag - 1] + rev[n_dec - 1 + lag] ** 2 - rev[lag - 1] ** 2
+        # The shifted energy is floored at a fraction of the window's: against rounding in the running sum
+        # where the shifted window reaches back before the stream, and so that a lag reaching back into
+        # rest cannot look periodic. Branch-free, so it vectorises.
+        floor = SHIFT_ENERGY_FLOOR * e0
+        for lag in range(nlag):
+            r[lag] = s[lag] / math.sqrt(e0 * max(e_shift[lag], floor))
+        cadence = _window_cadence(st, r, s[0] / n_dec)
+    st[off_win + 2 * slot] = cadence
     st[off_win + 2 * slot + 1] = st[_SEC_SAMPLES]
     st[_SEC_SAMPLES] = 0.0
+    st[_SEC_DEC] = 0.0
     st[_CUR_SECOND] = second + 1
     _finalise(st, second + 2 - k, out, counts)
 
@@ -424,9 +472,10 @@ def _count_steps(xyz, st, out, counts):
     fs = int(st[_FS])
     d = fs // FS_DEC
     gpc = st[_G_PER_COUNT]
-    nlag = int(st[_NLAG])
     off_hist = int(st[_OFF_HIST])
-    off_block = int(st[_OFF_BLOCK])
+    off_blocks = int(st[_OFF_BLOCKS])
+    hist_len = off_blocks - off_hist
+    scratch = np.empty((5, hist_len))
     lb0, lb1, lb2, la1, la2 = _butter2(st[_LP_HZ], float(FS_DEC), False)
     hb0, hb1, hb2, ha1, ha2 = _butter2(st[_HP_HZ], float(FS_DEC), True)
     until_dec = int(st[_UNTIL_DEC])
@@ -439,8 +488,8 @@ def _count_steps(xyz, st, out, counts):
     z3 = st[_Z3]
     pos = int(st[_HIST_POS])
     sec_samples = st[_SEC_SAMPLES]
-    hist = st[off_hist : off_hist + nlag]
-    block = st[off_block : off_block + nlag + 1]
+    sec_dec = st[_SEC_DEC]
+    hist = st[off_hist:off_blocks]
     for i in range(xyz.shape[0]):
         fx = float(xyz[i, 0])
         fy = float(xyz[i, 1])
@@ -468,19 +517,17 @@ def _count_steps(xyz, st, out, counts):
             z2 = hb1 * u - ha1 * y + z3
             z3 = hb2 * u - ha2 * y
             hist[pos] = y
-            # block[lag] += y[n] * y[n - lag]: the history ring read backwards from the newest value.
-            j = pos
-            for lag in range(nlag):
-                block[lag] += y * hist[j]
-                j = j - 1 if j > 0 else nlag - 1
-            block[nlag] += 1.0
-            pos = pos + 1 if pos + 1 < nlag else 0
+            pos = pos - 1 if pos > 0 else hist_len - 1
+            sec_dec += 1.0
         until_sec -= 1
         if until_sec == 0:
             until_sec = fs
+            st[_HIST_POS] = pos
             st[_SEC_SAMPLES] = sec_samples
+            st[_SEC_DEC] = sec_dec
             sec_samples = 0.0
-            _close_second(st, out, counts)
+            sec_dec = 0.0
+            _close_second(st, out, counts, scratch)
     st[_N_SEEN] += xyz.shape[0]
     st[_UNTIL_DEC] = until_dec
     st[_UNTIL_SEC] = until_sec
@@ -492,13 +539,15 @@ def _count_steps(xyz, st, out, counts):
     st[_Z3] = z3
     st[_HIST_POS] = pos
     st[_SEC_SAMPLES] = sec_samples
+    st[_SEC_DEC] = sec_dec
 
 
 @njit(**config.JIT)
 def _flush(st, out, counts):
     """End of stream: analyse the partial second, finalise every pending second, close minute and bout."""
     if st[_SEC_SAMPLES] > 0.0:
-        _close_second(st, out, counts)
+        scratch = np.empty((5, int(st[_OFF_BLOCKS] - st[_OFF_HIST])))
+        _close_second(st, out, counts, scratch)
     _finalise(st, st[_CUR_SECOND], out, counts)
     if st[_MINUTE] >= 0:
         counts[1] = _close_minute(st, out[1], counts[1])

@@ -1,0 +1,325 @@
+"""decoder/steps.py: the kernel against the naive references, streaming invariance, synthetic gait and
+non-gait signals, and (when the shared data are present) the real recordings within target."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[2]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import naive_steps as naive  # noqa: E402
+
+from decoder import steps  # noqa: E402
+
+LSB_G = 16.0 / 4096
+START_US = 1_700_000_000_000_000  # on a UTC second
+P = steps.DEFAULT_PARAMS
+
+
+def band_counts(mag_g: np.ndarray, direction=(0.6, 0.64, 0.48)) -> np.ndarray:
+    """A magnitude signal as 12-bit ±8 g counts along a fixed (unit) direction."""
+    d = np.asarray(direction, dtype=np.float64)
+    d = d / np.linalg.norm(d, axis=-1, keepdims=True)
+    xyz = mag_g[:, None] * d
+    return np.clip(np.round(xyz / LSB_G), -2048, 2047).astype(np.int16)
+
+
+def walk(fs: int, seconds: float, cadence_hz: float, amp_g=0.3, noise_g=0.03, seed=0, per_stride=False):
+    """Wrist magnitude of a walk: a sinusoid at the step rate (or the stride rate) plus noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * fs)) / fs
+    f = cadence_hz / 2 if per_stride else cadence_hz
+    return 1.0 + amp_g * np.sin(2 * np.pi * f * t + rng.uniform(0, 6)) + noise_g * rng.standard_normal(len(t))
+
+
+def run_all(xyz, fs, start_us=START_US, params=P):
+    return steps.steps_of_recording(xyz, fs, start_us, params=params)
+
+
+def total_steps(out: steps.StepOutput) -> float:
+    return float(out.seconds["steps"].sum(dtype=np.float64))
+
+
+# --- pieces against the naive references --------------------------------------------------------------
+
+
+def test_bandpass_is_scipy_butterworth():
+    np.testing.assert_allclose(steps.filter_sos(P), naive.butter2_sos(P), rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    r=st.lists(st.floats(-1, 1, allow_nan=False), min_size=52, max_size=52),
+    mean_square=st.floats(0, 0.5),
+    smooth=st.booleans(),
+)
+def test_window_cadence_matches_naive(r, mean_square, smooth):
+    r = np.array(r)
+    if smooth:  # gait-like: a cosine at a random lag plus the drawn values, small
+        lag = 8 + int(abs(r[0]) * 40)
+        r = np.cos(2 * np.pi * np.arange(len(r)) / lag) * (0.9 - 0.3 * abs(r[1])) + 0.05 * r
+    r[0] = 1.0
+    params = steps.new_state(50, START_US).values[: steps._N_PARAMS]
+    got = steps._window_cadence(params, r, mean_square)
+    want = naive.window_cadence(r, mean_square, P)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+signals = st.builds(
+    dict,
+    fs=st.sampled_from([25, 50]),
+    seconds=st.floats(3, 30),
+    cadence=st.floats(0.7, 3.2),
+    amp=st.floats(0.0, 0.6),
+    noise=st.floats(0.0, 0.2),
+    per_stride=st.booleans(),
+    seed=st.integers(0, 2**16),
+    start_offset_us=st.integers(0, 59_999_999),
+)
+
+
+def make(sig):
+    fs = sig["fs"]
+    mag = walk(fs, sig["seconds"], sig["cadence"], sig["amp"], sig["noise"], sig["seed"], sig["per_stride"])
+    start = START_US + sig["start_offset_us"] // (1_000_000 // fs) * (1_000_000 // fs) + sig["seed"] % 7
+    return band_counts(mag), fs, start
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sig=signals)
+def test_kernel_matches_naive(sig):
+    xyz, fs, start = make(sig)
+    out = run_all(xyz, fs, start)
+    rows, minutes = naive.naive_steps(xyz, fs, start, P)
+    sec = out.seconds
+    assert len(sec) == len(rows)
+    if rows:
+        want = np.array(rows, dtype=np.float64)
+        np.testing.assert_array_equal(sec["second"], want[:, 0])
+        np.testing.assert_allclose(sec["steps"], want[:, 1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(sec["cadence_spm"], want[:, 2], rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(sec["activity"], want[:, 3])
+    assert sorted(minutes) == list(out.minutes["minute_start_us"] // 60_000_000)
+    for m in out.minutes:
+        steps_, walk_s, run_s, data_s = minutes[m["minute_start_us"] // 60_000_000]
+        assert m["steps"] == pytest.approx(steps_, rel=1e-5, abs=1e-5)
+        assert (m["walk_s"], m["run_s"], m["data_s"]) == (walk_s, run_s, data_s)
+    want_bouts = naive.naive_bouts(rows, P)
+    assert len(out.bouts) == len(want_bouts)
+    for b, w in zip(out.bouts, want_bouts, strict=True):
+        assert (b["start_s"], b["end_s"], b["activity"]) == (w[0], w[1], w[3])
+        assert b["steps"] == pytest.approx(w[2], rel=1e-5)
+
+
+def test_unflushed_stream_holds_back_only_the_last_window():
+    xyz = band_counts(walk(50, 20, 1.8))
+    out, _ = steps.count_steps(xyz, steps.new_state(50, START_US))
+    rows, _ = naive.naive_steps(xyz, 50, START_US, P, flush=False)
+    assert len(out.seconds) == len(rows) == 20 - (P.window_s - 1)
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+def chunked(xyz, fs, start, cuts, restore=True):
+    state = steps.new_state(fs, start)
+    parts = []
+    for a, b in zip([0, *cuts], [*cuts, len(xyz)], strict=True):
+        out, state = steps.count_steps(xyz[a:b], state)
+        parts.append(out)
+        if restore:  # through the serialised form, as a gateway restart would
+            state = steps.StepState.from_array(state.to_array().tolist())
+    out, _ = steps.flush_steps(state)
+    parts.append(out)
+    return {f: np.concatenate([getattr(p, f) for p in parts]) for f in ("seconds", "minutes", "bouts")}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sig=signals, data=st.data())
+def test_any_split_gives_the_one_shot_outputs(sig, data):
+    sig = {**sig, "seconds": sig["seconds"] * 4}  # long enough to cross minutes and close bouts
+    xyz, fs, start = make(sig)
+    # Gait, a pause, gait again: bouts close and reopen across the cuts.
+    pause = slice(len(xyz) // 3, len(xyz) // 3 + fs * 8)
+    xyz[pause] = xyz[pause][:1]
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(xyz)), max_size=12)))
+    one = run_all(xyz, fs, start)
+    split = chunked(xyz, fs, start, cuts, restore=data.draw(st.booleans()))
+    for field in ("seconds", "minutes", "bouts"):
+        np.testing.assert_array_equal(split[field], getattr(one, field), err_msg=field)
+
+
+def test_one_sample_batches_give_the_one_shot_outputs():
+    xyz = band_counts(walk(25, 90, 1.7, seed=3))
+    one = run_all(xyz, 25, START_US + 123_000)
+    split = chunked(xyz, 25, START_US + 123_000, list(range(1, len(xyz))), restore=False)
+    np.testing.assert_array_equal(split["minutes"], one.minutes)
+    np.testing.assert_array_equal(split["seconds"], one.seconds)
+
+
+def test_count_steps_leaves_its_input_state_alone():
+    state = steps.new_state(50, START_US)
+    before = state.to_array()
+    steps.count_steps(band_counts(walk(50, 10, 1.8)), state)
+    np.testing.assert_array_equal(state.values, before)
+
+
+def test_state_is_small_and_round_trips():
+    state = steps.new_state(50, START_US)
+    arr = state.to_array()
+    assert arr.dtype == np.float64 and arr.ndim == 1 and arr.size < 1024
+    assert steps.StepState.from_array(arr).params == P
+    with pytest.raises(ValueError):
+        steps.StepState.from_array(arr[:-1])
+    bad = arr.copy()
+    bad[steps._VERSION] = 99
+    with pytest.raises(ValueError):
+        steps.StepState.from_array(bad)
+
+
+@pytest.mark.parametrize("fs", [0, 30, 1000, 12.5])
+def test_unsupported_rates_are_refused(fs):
+    with pytest.raises(ValueError):
+        steps.new_state(fs, START_US)
+
+
+def test_bad_input_is_refused():
+    state = steps.new_state(50, START_US)
+    with pytest.raises(ValueError):
+        steps.count_steps(np.zeros((10, 2), np.int16), state)
+    with pytest.raises(ValueError):
+        steps.count_steps(np.zeros((10, 3), np.float32), state)
+
+
+def test_minutes_sit_on_the_utc_grid():
+    start = START_US - START_US % 60_000_000 + 45_000_000  # 45 s into a minute
+    out = run_all(band_counts(walk(50, 150, 1.8)), 50, start)
+    assert np.all(out.minutes["minute_start_us"] % 60_000_000 == 0)
+    assert list(out.minutes["data_s"]) == [15, 60, 60, 15]
+    assert out.minutes["steps"].sum() == pytest.approx(total_steps(out), rel=1e-5)
+
+
+# --- synthetic gait and non-gait ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fs", [25, 50])
+@pytest.mark.parametrize(
+    ("cadence_hz", "per_stride", "amp_g", "activity"),
+    [
+        (1.8, False, 0.3, steps.WALK),  # steps visible in the magnitude
+        (1.8, True, 0.3, steps.WALK),  # the arm swings once per stride: half the cadence, doubled
+        (1.6, False, 0.12, steps.WALK),  # an arm that barely moves (rms 0.085 g)
+        (2.8, False, 1.0, steps.RUN),
+    ],
+)
+def test_synthetic_gait_counts_its_steps(fs, cadence_hz, per_stride, amp_g, activity):
+    seconds = 120
+    out = run_all(band_counts(walk(fs, seconds, cadence_hz, amp_g, 0.02, 1, per_stride)), fs)
+    assert total_steps(out) == pytest.approx(cadence_hz * seconds, rel=0.04)
+    inner = out.seconds[5:-5]
+    assert np.all(inner["activity"] == activity)
+    assert np.median(inner["cadence_spm"]) == pytest.approx(60 * cadence_hz, rel=0.02)
+    assert len(out.bouts) == 1 and out.bouts[0]["activity"] == activity
+
+
+def test_orientation_changes_do_not_matter():
+    fs, seconds = 50, 120
+    mag = walk(fs, seconds, 1.9, seed=2)
+    t = np.arange(len(mag)) / fs
+    turning = np.stack([np.cos(0.2 * t), np.sin(0.2 * t) * np.cos(0.05 * t), np.sin(0.05 * t)], axis=1)
+    turning /= np.linalg.norm(turning, axis=1, keepdims=True)
+    fixed = total_steps(run_all(band_counts(mag), fs))
+    turned = total_steps(run_all(band_counts(mag, turning), fs))
+    assert turned == pytest.approx(fixed, rel=0.02)
+    assert fixed == pytest.approx(1.9 * seconds, rel=0.04)
+
+
+def gestures(fs, seconds, seed, longest_s=1.5, pause_s=(2.0, 8.0)):
+    """Arm movements that are not steps: bursts of band-limited noise between pauses, over a tremor."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * fs)
+    mag = np.ones(n) + 0.01 * rng.standard_normal(n)
+    i = 0
+    while i < n:
+        length = min(int(rng.uniform(0.3, longest_s) * fs), n - i)
+        burst = np.convolve(rng.standard_normal(length), np.hanning(int(0.3 * fs)), "same")[:length]
+        mag[i : i + length] += rng.uniform(0.1, 0.6) * burst / (np.abs(burst).max() + 1e-9)
+        i += length + int(rng.uniform(*pause_s) * fs)
+    return mag
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fs", [25, 50])
+def test_gestures_give_almost_no_steps(fs, seed):
+    seconds = 300
+    out = run_all(band_counts(gestures(fs, seconds, seed)), fs)
+    # A walk of the same length would give ~540 steps; isolated gestures still slip a few windows through
+    # (docs/steps.md, weaknesses), held here to under 8 % of that.
+    assert total_steps(out) < 45
+
+
+@pytest.mark.parametrize("fs", [25, 50])
+def test_continuous_narrowband_movement_stays_well_below_a_walk(fs):
+    # Long bursts of 1-3 Hz movement with short pauses are the detector's known weak spot (docs/steps.md):
+    # held to a fifth of what a walk of the same length would give.
+    seconds = 300
+    counted = [
+        total_steps(run_all(band_counts(gestures(fs, seconds, seed, 4.0, (1.0, 6.0))), fs))
+        for seed in range(4)
+    ]
+    assert np.mean(counted) < 0.2 * 1.8 * seconds
+
+
+def test_rest_gives_no_steps():
+    rng = np.random.default_rng(5)
+    mag = 1.0 + 0.005 * rng.standard_normal(50 * 300)
+    out = run_all(band_counts(mag), 50)
+    assert total_steps(out) == 0.0 and len(out.bouts) == 0
+
+
+# --- real recordings ----------------------------------------------------------------------------------
+
+
+def _accuracy():
+    from bench import accuracy_steps
+
+    if not accuracy_steps.have_data():
+        pytest.skip(f"step recordings not found under {accuracy_steps.data_dir()} (set BANDGATE_DATA)")
+    return accuracy_steps.evaluate()
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    return _accuracy()
+
+
+@pytest.mark.parametrize("fs", [50, 25])
+@pytest.mark.parametrize("name", ["oxwalk_p30", "clemson_p15_regular", "clemson_p15_semiregular"])
+def test_real_recordings_within_ten_percent(accuracy, name, fs):
+    r = accuracy[f"{name}@{fs}"]
+    assert abs(r["error_pct"]) <= 10.0, r
+    assert r["second_f1"] >= 0.8, r
+    assert r["minutes_steps"] == pytest.approx(r["detected_steps"], abs=0.5)
+
+
+@pytest.mark.parametrize("fs", [50, 25])
+def test_irregular_walk_is_not_flooded_with_false_steps(accuracy, fs):
+    # Mostly standing with 178 scattered steps: reported, held only to a loose bound.
+    r = accuracy[f"clemson_p15_irregular@{fs}"]
+    assert abs(r["error_steps"]) <= 60, r
+
+
+def test_params_survive_the_state():
+    params = dataclasses.replace(P, min_cover=3)
+    state = steps.new_state(50, START_US, params=params)
+    assert steps.StepState.from_array(state.to_array()).params == params
