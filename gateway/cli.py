@@ -10,6 +10,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def _fail(message: str) -> int:
+    """An error for the user: one line on stderr, exit status 2 (never a traceback, never sample values)."""
+    print(message, file=sys.stderr)
+    return 2
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -24,10 +30,7 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from gateway.simulator.recorder import simulate_to_file
 
     if args.out is None:
-        console.print(
-            "[red]simulate: --out FILE is required (streaming to --target comes with the gateway)[/]"
-        )
-        return 2
+        return _fail("simulate: --out FILE is required (streaming to --target comes with the gateway)")
     with Progress(
         TextColumn("simulating bands"),
         BarColumn(),
@@ -69,18 +72,46 @@ def _cmd_dict_train(args: argparse.Namespace, console: Console) -> int:
             for batch in read_batches(path):
                 samples.append(decompressor.decompress(batch.payload, dict_id=batch.dict_id).tobytes())
     except (BatchFileError, BatchError, OSError) as e:
-        console.print(f"[red]dict train: {e}[/]")
-        return 2
+        return _fail(f"dict train: {e}")
     try:
         dictionary = train_dictionary(samples, size=args.size)
     except Exception as e:  # zstd's trainer refuses too few or too uniform samples
-        console.print(f"[red]dict train: {e}[/]")
-        return 2
+        return _fail(f"dict train: {e}")
     args.out.write_bytes(dictionary.as_bytes())
     console.print(
         f"dictionary {dictionary.dict_id()} ({len(dictionary.as_bytes())} bytes, "
         f"{len(samples)} batches) -> {args.out}"
     )
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
+    from decoder.batch import BatchError
+    from gateway import replay
+    from gateway.batchfile import BatchFileError
+    from gateway.recording import RecordingError
+
+    out = sys.stdout
+    try:
+        if args.epochs:
+            records = replay.replay_epochs(args.file)
+        else:
+            if args.rate_hz is None and not replay.is_batch_file(args.file):
+                return _fail("replay: --rate-hz is required for a CSV recording")
+            records = replay.replay_file(
+                args.file,
+                rate_hz=args.rate_hz,
+                band_hz=args.band_hz,
+                columns=tuple(c.strip() for c in args.columns.split(",")),
+                device_id=replay.parse_device(args.device),
+                start_us=replay.parse_start(args.start),
+            )
+        writer = replay.write_jsonl if args.format == "jsonl" else replay.write_csv
+        writer(records, out)
+    except BrokenPipeError:
+        raise
+    except (RecordingError, BatchFileError, BatchError, ValueError, OSError) as e:
+        return _fail(f"replay: {e}")
     return 0
 
 
@@ -101,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch-minutes", type=_positive(int), default=10)
     sim.set_defaults(run=_cmd_simulate)
 
+    rep = sub.add_parser("replay", help="a recording through the band encoder, decoder and feature path")
+    rep.add_argument(
+        "file", type=Path, help="CSV or CSV.gz in g, a `simulate --out` batch file, or --epochs CSV"
+    )
+    rep.add_argument("--rate-hz", type=_positive(float), help="the CSV's sample rate (15-500 Hz)")
+    rep.add_argument("--band-hz", type=int, choices=[25, 50], default=50, help="the band to replay as")
+    rep.add_argument("--columns", default="x,y,z", help="accelerometer columns, and optionally heart rate")
+    rep.add_argument("--device", default="1", help="device ID (decimal or 0x-hex)")
+    rep.add_argument(
+        "--start", default="2026-01-01T00:00:00Z", help="UTC time of the first sample (ISO 8601)"
+    )
+    rep.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    rep.add_argument(
+        "--epochs", action="store_true", help="per-epoch input (epoch,time_s,hr_bpm,counts): sleep only"
+    )
+    rep.set_defaults(run=_cmd_replay)
+
     dct = sub.add_parser("dict", help="zstd dictionaries")
     dsub = dct.add_subparsers(dest="dict_command", required=True)
     train = dsub.add_parser("train", help="train a zstd dictionary from batch files")
@@ -113,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args, Console(stderr=False))
+    try:
+        return args.run(args, Console(stderr=False))
+    except BrokenPipeError:  # `bandgate replay … | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

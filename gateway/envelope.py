@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zstandard
-from bandgate.v1 import batch_pb2
 
+from bandgate.v1 import batch_pb2
 from decoder import config
 from decoder.batch import BatchDecompressor, BatchError, BatchErrorCode, compress_batch
 from decoder.frames import DecodedBatch, Frame, FrameStatus, decode_frames, encode_container, encode_frame

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bandgate.v1 import batch_pb2
 
+from bandgate.v1 import batch_pb2
 from decoder.frames import split_frames
 from gateway.batchfile import truth_path, write_batches
 from gateway.envelope import build_batch

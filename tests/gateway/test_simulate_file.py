@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from bandgate.v1 import batch_pb2
 
+from bandgate.v1 import batch_pb2
 from decoder.batch import BatchDecompressor, BatchError, BatchErrorCode, load_dictionary
 from decoder.frames import Frame
 from gateway.batchfile import BatchFileError, read_batches, truth_path

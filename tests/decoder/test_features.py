@@ -1,0 +1,136 @@
+"""The one feature path: records do not depend on how samples were cut into frames and batches."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decoder.features import FAMILIES, DeviceState, device_key, finish, process
+from decoder.frames import Frame, decode_frames, encode_container, encode_frame
+from gateway.simulator import simulate_band
+
+
+@functools.cache
+def _band(seed: int = 11, minutes: float = 9.0):
+    return simulate_band(seed, minutes, scenario="day")
+
+
+def _frames(rec, cuts: list[int]) -> list[Frame]:
+    """Frames cut at the given sample indices (seconds-aligned so heart rate splits cleanly)."""
+    bounds = [0, *sorted(set(cuts)), rec.accel.shape[0]]
+    out = []
+    fs = rec.sample_rate_hz
+    for seq, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if b <= a:
+            continue
+        out.append(
+            Frame(
+                device_id=rec.device_id,
+                boot_id=1,
+                seq=seq,
+                start_us=rec.start_us + a * 1_000_000 // fs,
+                accel=rec.accel[a:b],
+                hr_bpm=rec.hr_bpm[a // fs : b // fs],
+                sample_rate_mhz=fs * 1000,
+                utc_offset_min=rec.utc_offset_min,
+            )
+        )
+    return out
+
+
+def _run(frames: list[Frame], batch_cuts: list[int], device_id: int, *, serialise: bool) -> list[dict]:
+    bounds = [0, *sorted(set(batch_cuts)), len(frames)]
+    state = DeviceState(device_id)
+    records: list[dict] = []
+    for a, b in itertools.pairwise(bounds):
+        if b <= a:
+            continue
+        decoded = decode_frames(encode_container(encode_frame(f) for f in frames[a:b]))
+        out, state = process(decoded, DeviceState.from_bytes(state.to_bytes()) if serialise else state)
+        records += out
+    out, _ = finish(state)
+    return records + out
+
+
+def _one_shot(rec) -> list[dict]:
+    return _run(_frames(rec, []), [], rec.device_id, serialise=False)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_split_invariance(data: st.DataObject) -> None:
+    rec = _band()
+    fs = rec.sample_rate_hz
+    seconds = rec.accel.shape[0] // fs
+    cuts = data.draw(st.lists(st.integers(1, seconds - 1), max_size=12))
+    frames = _frames(rec, [c * fs for c in cuts])
+    batch_cuts = data.draw(st.lists(st.integers(1, max(1, len(frames) - 1)), max_size=6))
+    got = _run(frames, batch_cuts, rec.device_id, serialise=data.draw(st.booleans()))
+    assert got == _one_shot(rec)
+
+
+def test_records_follow_the_schema() -> None:
+    rec = _band()
+    records = _one_shot(rec)
+    assert {r["family"] for r in records} == set(FAMILIES)
+    for r in records:
+        assert set(r) == {"family", "device", "start_us", "duration_s", "algo", "values"}
+        assert r["device"] == device_key(rec.device_id) and len(r["device"]) == 16
+        assert r["start_us"] % (r["duration_s"] * 1_000_000) == 0, "epochs sit on the UTC grid"
+        assert all(isinstance(v, (int, float, str)) for v in r["values"].values())
+    assert all("steps" not in r["values"] for r in records if r["family"] != "steps")
+    minutes = [r for r in records if r["family"] == "steps"]
+    assert len(minutes) == len({r["start_us"] for r in minutes}), "one steps record a minute"
+    truth = rec.steps_per_s.sum()
+    total = sum(r["values"]["steps"] for r in minutes)
+    assert truth > 100 and abs(total - truth) / truth < 0.5
+
+
+def test_gap_flushes_and_restarts() -> None:
+    """Frames with missing data between them: nothing is computed across the gap, later data still is."""
+    rec = _band()
+    frames = _frames(rec, [120 * rec.sample_rate_hz, 240 * rec.sample_rate_hz])
+    with_gap = [frames[0], frames[2]]
+    records = _run(with_gap, [], rec.device_id, serialise=True)
+    steps_starts = sorted(r["start_us"] for r in records if r["family"] == "steps")
+    gap_start = frames[1].start_us
+    gap_end = frames[2].start_us
+    assert not any(gap_start <= s < gap_end - 60_000_000 for s in steps_starts)
+    assert any(s >= gap_end for s in steps_starts)
+
+
+def test_bad_frames_are_skipped_like_gaps() -> None:
+    rec = _band()
+    frames = _frames(rec, [60 * rec.sample_rate_hz])
+    encoded = [encode_frame(f) for f in frames]
+    damaged = bytearray(encoded[0])
+    damaged[100] ^= 0xFF
+    decoded = decode_frames(encode_container([bytes(damaged), encoded[1]]))
+    assert decoded.status.tolist()[0] != 0
+    records, state = process(decoded, DeviceState(rec.device_id))
+    flushed, _ = finish(state)
+    assert all(r["start_us"] >= frames[1].start_us for r in records + flushed)
+
+
+def test_state_is_not_modified_and_round_trips() -> None:
+    rec = _band()
+    frames = _frames(rec, [180 * rec.sample_rate_hz])
+    decoded = decode_frames(encode_container([encode_frame(frames[0])]))
+    _, state = process(decoded, DeviceState(rec.device_id))
+    before = state.to_bytes()
+    decoded2 = decode_frames(encode_container([encode_frame(frames[1])]))
+    first, _ = process(decoded2, state)
+    assert state.to_bytes() == before
+    again, _ = process(decoded2, DeviceState.from_bytes(before))
+    assert first == again
+    future = msgpack.unpackb(before)
+    future["v"] = 99
+    with pytest.raises(ValueError, match="version"):
+        DeviceState.from_bytes(msgpack.packb(future))
+    assert np.array_equal(DeviceState.from_bytes(before).families["steps"], state.families["steps"])
