@@ -1,0 +1,53 @@
+"""Where feature records go: one small contract (`base.Store`), one module a sink, chosen by URL.
+
+```python
+with open_store("sqlite:////var/lib/bandgate/features.db") as store:
+    result = store.commit(device_id, boot_id, first_seq, last_seq, state.to_bytes(), records)
+```
+"""
+
+from __future__ import annotations
+
+from gateway.store.base import (
+    FAMILIES,
+    CommitResult,
+    DeviceRow,
+    SchemaVersionError,
+    SequenceError,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from gateway.store.sqlite import SqliteStore
+
+__all__ = [
+    "FAMILIES",
+    "CommitResult",
+    "DeviceRow",
+    "SchemaVersionError",
+    "SequenceError",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+    "store_for_url",
+]
+
+_SCHEMES = {"sqlite": SqliteStore.from_url}
+
+
+def store_for_url(url: str) -> Store:
+    """The store a URL names, not yet opened; a bad URL raises ValueError before anything starts."""
+    scheme = url.partition("://")[0]
+    if scheme not in _SCHEMES:
+        raise ValueError(f"store URL {url!r}: scheme must be one of {sorted(_SCHEMES)}")
+    return _SCHEMES[scheme](url)
+
+
+def open_store(url: str) -> Store:
+    """An open store for `url`: `sqlite:///relative.db` (three slashes) or `sqlite:////abs/path.db`
+    (four), with an optional `?busy_timeout_ms=N`. `with open_store(url) as store:` closes it after."""
+    store = store_for_url(url)
+    store.open()
+    return store

@@ -1,0 +1,208 @@
+"""The store contract: what the gateway needs from a sink, and the rules every sink applies the same way.
+
+A batch is acknowledged only after `Store.commit` returns: its feature records, the device's new state
+and its high-water sequence number are then stored together, in one transaction, or not at all. The
+sequence rules (`check_sequence`) and the record checks (`check_records`) live here, not in each
+implementation, so SQLite and any later sink accept and refuse exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol, Self, runtime_checkable
+
+RECORD_KEYS = frozenset({"family", "device", "start_us", "duration_s", "algo", "values"})
+FAMILIES = frozenset({"steps", "activity", "heart", "sleep", "night"})
+MAX_VALUE_STR = 64  # a value is a number or a short label; anything longer is not a feature
+MAX_VALUES = 64  # keys in one record's `values`
+U32 = 2**32
+U64 = 2**64
+
+
+class StoreError(Exception):
+    """Anything the store refuses or cannot do."""
+
+
+class StoreUnavailable(StoreError):  # noqa: N818 - the gRPC status it maps to, not a kind of bug
+    """The store cannot write now (locked, disk full, I/O error) and wrote nothing: do not ack; retry."""
+
+
+class SchemaVersionError(StoreError):
+    """The database was written by a newer bandgate (or is not a bandgate database); opening it is refused."""
+
+
+class SequenceError(StoreError):
+    """A batch that neither continues its boot's sequence nor repeats it: a gap, or an overlap (straddle)."""
+
+    def __init__(self, device_id: int, boot_id: int, first_seq: int, last_seq: int, expected_seq: int):
+        self.device_id = device_id
+        self.boot_id = boot_id
+        self.first_seq = first_seq
+        self.last_seq = last_seq
+        self.expected_seq = expected_seq
+        kind = "gap" if first_seq > expected_seq else "overlap"
+        super().__init__(
+            f"device {device_id:016x} boot {boot_id}: batch {first_seq}..{last_seq} is a sequence {kind}, "
+            f"expected sequence {expected_seq}"
+        )
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """What the store keeps of a device: its current boot, that boot's high-water, its feature state."""
+
+    device_id: int
+    boot_id: int
+    last_seq: int  # highest sequence number stored for `boot_id`
+    state: bytes  # decoder.features.DeviceState.to_bytes(); opaque to the store
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """The outcome of one `Store.commit`."""
+
+    duplicate: bool  # the batch was stored before: nothing written, ack it again
+    high_water: int  # the boot's high-water after the commit
+    cursors: tuple[int | None, ...]  # one per record passed in: its cursor, or None if not inserted
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A feature sink. One object is used from one thread at a time; `open`/`close` follow the
+    component contract (close is safe without open, and twice); `with store:` opens and closes it.
+
+    Errors: `StoreUnavailable` for a transient failure with nothing written (the gateway answers
+    UNAVAILABLE and does not ack), `SequenceError` for a batch that breaks its boot's sequence,
+    `SchemaVersionError` for a database this version must not touch, `ValueError` for a malformed call.
+    """
+
+    def open(self) -> None:
+        """Connect and migrate the schema to this version; a no-op if already open."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection; safe when not open."""
+        ...
+
+    def device(self, device_id: int) -> DeviceRow | None:
+        """The device's current boot, high-water and state; None if the store has never seen it."""
+        ...
+
+    def commit(
+        self,
+        device_id: int,
+        boot_id: int,
+        first_seq: int,
+        last_seq: int,
+        state: bytes,
+        records: list[dict],
+        *,
+        allow_gap: bool = False,
+    ) -> CommitResult:
+        """Store one batch's records, the device's new state and high-water in one transaction.
+
+        A batch at or below its boot's high-water is a duplicate (nothing written); one that skips
+        ahead raises `SequenceError` unless `allow_gap` (the band says it dropped data itself); one
+        that overlaps the high-water always raises. An unseen boot ID starts a new sequence.
+        """
+        ...
+
+    def read_since(
+        self, cursor: int, *, families: set[str] | None = None, device: str | None = None, limit: int = 1000
+    ) -> list[tuple[int, dict]]:
+        """Up to `limit` records with a cursor above `cursor`, in commit order, optionally filtered."""
+        ...
+
+    def latest_cursor(self) -> int:
+        """The highest cursor ever assigned (0 if none): where a subscriber for new records only starts."""
+        ...
+
+    def export_device(self, device_id: int) -> Iterator[dict]:
+        """Everything stored about one device: a summary, then its records in time order."""
+        ...
+
+    def erase_device(self, device_id: int) -> int:
+        """Delete everything of one device in one transaction; returns the number of records deleted."""
+        ...
+
+    def purge_before(self, start_us: int) -> int:
+        """Delete records that start before `start_us` (retention); returns the number deleted."""
+        ...
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def check_sequence(
+    high_water: int | None, device_id: int, boot_id: int, first_seq: int, last_seq: int, *, allow_gap: bool
+) -> bool:
+    """Whether a batch repeats what its boot already stored (True: ack again, write nothing) or is new;
+    `SequenceError` for a gap (unless `allow_gap`: the band dropped data itself) or an overlap.
+
+    `high_water` None means the boot is unseen, and any first batch starts its sequence: the store
+    cannot tell a band that starts at N from history it has lost on purpose (an erased device, a
+    restored backup), and refusing would leave the band resending a batch that can never be accepted.
+    """
+    if high_water is None:
+        return False
+    if last_seq <= high_water:
+        return True
+    expected = high_water + 1
+    if first_seq == expected or (first_seq > expected and allow_gap):
+        return False
+    raise SequenceError(device_id, boot_id, first_seq, last_seq, expected)
+
+
+def check_batch(device_id: int, boot_id: int, first_seq: int, last_seq: int) -> None:
+    """Refuse IDs outside their wire types (u64 device, u32 boot and sequence)."""
+    if not 0 <= device_id < U64:
+        raise ValueError(f"device_id {device_id} is not a u64")
+    if not 0 <= boot_id < U32:
+        raise ValueError(f"boot_id {boot_id} is not a u32")
+    if not 0 <= first_seq <= last_seq < U32:
+        raise ValueError(f"sequence range {first_seq}..{last_seq} is not an ordered u32 range")
+
+
+def check_records(device: str, records: list[dict]) -> None:
+    """Refuse anything that is not a feature record of `device`.
+
+    `values` must be flat and scalar: this is what keeps raw samples (arrays) out of every store.
+    """
+    for i, rec in enumerate(records):
+        where = f"record {i}"
+        if not isinstance(rec, dict) or set(rec) != RECORD_KEYS:
+            raise ValueError(f"{where}: a record has exactly the keys {sorted(RECORD_KEYS)}")
+        if rec["family"] not in FAMILIES:
+            raise ValueError(f"{where}: unknown family {rec['family']!r}")
+        if rec["device"] != device:
+            raise ValueError(f"{where}: device {rec['device']!r} is not the batch's device {device}")
+        if not (_is_int(rec["start_us"]) and -(2**63) <= rec["start_us"] < 2**63):
+            raise ValueError(f"{where}: start_us must be an int64")
+        if not (_is_int(rec["duration_s"]) and 0 <= rec["duration_s"] < 2**31):
+            raise ValueError(f"{where}: duration_s must be a non-negative int")
+        if not (isinstance(rec["algo"], str) and 0 < len(rec["algo"]) <= MAX_VALUE_STR):
+            raise ValueError(f"{where}: algo must be a short string")
+        values = rec["values"]
+        if not isinstance(values, dict) or len(values) > MAX_VALUES:
+            raise ValueError(f"{where}: values must be a dict of at most {MAX_VALUES} keys")
+        for k, v in values.items():
+            if not isinstance(k, str) or not _is_scalar(v):
+                raise ValueError(f"{where}: values[{k!r}] is not a finite number or short string: {v!r:.40}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_scalar(v: Any) -> bool:
+    if isinstance(v, str):
+        return len(v) <= MAX_VALUE_STR
+    if isinstance(v, float):
+        return math.isfinite(v)  # NaN and inf have no JSON (or SQL) form that every sink shares
+    return isinstance(v, int) and -(2**63) <= v < 2**63  # bool included

@@ -1,0 +1,460 @@
+"""The embedded store: one SQLite file in WAL mode, `sqlite:///relative.db` or `sqlite:////abs/path.db`.
+
+Durability: WAL with `synchronous=FULL`, so every commit fsyncs the WAL before it returns and an acked
+batch survives a power cut. WAL with NORMAL syncs only at checkpoints: the last commits before a power
+cut would vanish while their bands had already dropped them. docs/storage.md has the measured cost.
+
+Threads: an object owns one connection and is not thread-safe; use it from one thread at a time (the
+gateway's single writer thread; it may be created on another thread). Other threads and processes open
+their own `SqliteStore` on the same file: WAL lets them read while the writer writes, and a second
+writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from decoder.features import device_key
+from gateway.store.base import (
+    U64,
+    CommitResult,
+    DeviceRow,
+    SchemaVersionError,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    check_batch,
+    check_records,
+    check_sequence,
+)
+
+DEFAULT_BUSY_TIMEOUT_MS = 2000  # a backup or an erasure in another process is short; the band retries later
+PURGE_CHUNK = 5000  # records a retention transaction deletes, so the writer waits at most one chunk
+
+# One entry a schema version, applied in order, each statement in the same transaction as the version bump.
+# Append, never edit: a file at version n has run exactly MIGRATIONS[:n].
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # devices and boots are keyed by the records' 16-hex device name: a u64 does not fit SQLite's int64
+        """CREATE TABLE devices (
+            device TEXT PRIMARY KEY,
+            boot_id INTEGER NOT NULL,
+            state BLOB NOT NULL,
+            updated_us INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        # high-water per boot, not per device, so a late batch of an earlier boot is still a duplicate
+        """CREATE TABLE boots (
+            device TEXT NOT NULL,
+            boot_id INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            updated_us INTEGER NOT NULL,
+            PRIMARY KEY (device, boot_id)
+        ) WITHOUT ROWID""",
+        # AUTOINCREMENT: a cursor is never reused, even after the newest records are erased or purged.
+        # No column can hold samples: values is a flat JSON object of scalars (base.check_records).
+        """CREATE TABLE records (
+            cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            family TEXT NOT NULL,
+            start_us INTEGER NOT NULL,
+            duration_s INTEGER NOT NULL,
+            algo TEXT NOT NULL,
+            values_json TEXT NOT NULL,
+            UNIQUE (device, family, start_us)
+        )""",
+        "CREATE INDEX records_device ON records (device)",  # (device, cursor): subscribe and erase by device
+        "CREATE INDEX records_start ON records (start_us)",  # retention
+    ),
+)
+
+_RECORD_COLUMNS = "cursor, device, family, start_us, duration_s, algo, values_json"
+# ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
+# silently. The first version of a record wins, so a cursor a subscriber has read never changes.
+_INSERT_RECORD = (
+    "INSERT INTO records (device, family, start_us, duration_s, algo, values_json) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (device, family, start_us) DO NOTHING"
+)
+_UPSERT_BOOT = (
+    "INSERT INTO boots (device, boot_id, last_seq, updated_us) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (device, boot_id) DO UPDATE SET "
+    "last_seq = excluded.last_seq, updated_us = excluded.updated_us"
+)
+_UPSERT_DEVICE = (
+    "INSERT INTO devices (device, boot_id, state, updated_us) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (device) DO UPDATE SET "
+    "boot_id = excluded.boot_id, state = excluded.state, updated_us = excluded.updated_us"
+)
+# Transient conditions: the write did not happen and may succeed later (primary result codes).
+_UNAVAILABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+
+class SqliteStore(Store):
+    """Feature records, device state and high-water marks in one SQLite file (see the module docstring)."""
+
+    migrations: tuple[tuple[str, ...], ...] = MIGRATIONS
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS):
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise ValueError("a SQLite store needs a file path (in-memory databases are not durable)")
+        if busy_timeout_ms < 0:
+            raise ValueError("busy_timeout_ms must be >= 0")
+        self.path = Path(path)
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """`sqlite:///relative.db` (relative to the working directory now) or `sqlite:////abs/path.db`,
+        optionally `?busy_timeout_ms=N`; anything else is refused, so a typo does not start a gateway."""
+        scheme, sep, rest = url.partition("://")
+        if scheme != "sqlite" or not sep:
+            raise ValueError(f"not a sqlite URL: {url!r}")
+        location, _, query = rest.partition("?")
+        if not location.startswith("/") or len(location) < 2:
+            raise ValueError(f"{url!r}: use sqlite:///relative.db or sqlite:////abs/path.db (no host)")
+        options: dict[str, Any] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+            if key != "busy_timeout_ms" or not value.isdigit():
+                raise ValueError(f"{url!r}: unknown option {key}={value!r} (only busy_timeout_ms=<int>)")
+            options[key] = int(value)
+        name = unquote(location[1:])
+        if name == ":memory:":
+            raise ValueError(f"{url!r}: a SQLite store needs a file (in-memory databases are not durable)")
+        return cls(Path(name).absolute(), **options)
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r}, open={self._conn is not None})"
+
+    # lifecycle
+
+    def open(self) -> None:
+        if self._conn is not None:
+            return
+        with _errors():
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
+        try:
+            with _errors():
+                conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise StoreError(f"{self.path}: cannot use WAL (journal mode {mode!r})")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA secure_delete = ON")  # erased records are zeroed, not left in free pages
+                self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.in_transaction:  # an export abandoned half-way
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        conn.close()
+
+    @property
+    def schema_version(self) -> int:
+        """This class's schema version: how many migrations it knows."""
+        return len(self.migrations)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the file to `schema_version` in one transaction; refuse a newer or foreign file.
+
+        An up-to-date file is only read, so readers can open while the writer holds the write lock.
+        """
+        if self._stored_version(conn) == self.schema_version:
+            return
+        with _transaction(conn):
+            version = self._stored_version(conn)  # again, under the write lock
+            if version is None:
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+                version = 0
+            for statements in self.migrations[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (self.schema_version,))
+
+    def _stored_version(self, conn: sqlite3.Connection) -> int | None:
+        """The file's schema version, None for an empty file; raises for a newer or a foreign one."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_version" not in tables:
+            if tables:
+                raise SchemaVersionError(f"{self.path}: not a bandgate database (tables {sorted(tables)})")
+            return None
+        rows = conn.execute("SELECT version FROM schema_version").fetchall()
+        if len(rows) != 1:
+            raise SchemaVersionError(f"{self.path}: schema_version holds {len(rows)} rows, not one")
+        version = int(rows[0][0])
+        if version > self.schema_version:
+            raise SchemaVersionError(
+                f"{self.path}: schema version {version} was written by a newer bandgate; this one knows "
+                f"versions up to {self.schema_version} and will not touch it (upgrade bandgate)"
+            )
+        return version
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"{self!r} is not open")
+        return self._conn
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """A write transaction on this object's connection (the write lock is taken at BEGIN)."""
+        conn = self._connection()
+        if conn.in_transaction:
+            raise StoreError("an export_device iterator is open on this store object: finish or close it")
+        return _transaction(conn)
+
+    # the batch path
+
+    def device(self, device_id: int) -> DeviceRow | None:
+        _check_device_id(device_id)
+        with _errors():
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT d.boot_id, b.last_seq, d.state FROM devices d "
+                    "JOIN boots b ON b.device = d.device AND b.boot_id = d.boot_id WHERE d.device = ?",
+                    (device_key(device_id),),
+                )
+                .fetchone()
+            )
+        return None if row is None else DeviceRow(device_id, row[0], row[1], bytes(row[2]))
+
+    def commit(
+        self,
+        device_id: int,
+        boot_id: int,
+        first_seq: int,
+        last_seq: int,
+        state: bytes,
+        records: list[dict],
+        *,
+        allow_gap: bool = False,
+    ) -> CommitResult:
+        check_batch(device_id, boot_id, first_seq, last_seq)
+        if not isinstance(state, bytes):
+            raise ValueError("state must be bytes")
+        device = device_key(device_id)
+        check_records(device, records)
+        rows = [
+            (device, r["family"], r["start_us"], r["duration_s"], r["algo"], _dumps(r["values"]))
+            for r in records
+        ]
+        now_us = time.time_ns() // 1000
+        with self._write() as conn:
+            found = conn.execute(
+                "SELECT last_seq FROM boots WHERE device = ? AND boot_id = ?", (device, boot_id)
+            ).fetchone()
+            high_water = None if found is None else int(found[0])
+            if check_sequence(high_water, device_id, boot_id, first_seq, last_seq, allow_gap=allow_gap):
+                assert high_water is not None
+                return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(records))
+            before = _latest_cursor(conn)
+            conn.executemany(_INSERT_RECORD, rows)
+            inserted = {
+                (family, start_us): cursor
+                for cursor, family, start_us in conn.execute(
+                    "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
+                )
+            }
+            conn.execute(_UPSERT_BOOT, (device, boot_id, last_seq, now_us))
+            conn.execute(_UPSERT_DEVICE, (device, boot_id, state, now_us))
+        # pop: a key repeated within the batch is inserted once, for its first occurrence
+        cursors = tuple(inserted.pop((r["family"], r["start_us"]), None) for r in records)
+        return CommitResult(duplicate=False, high_water=last_seq, cursors=cursors)
+
+    # subscribe
+
+    def read_since(
+        self, cursor: int, *, families: set[str] | None = None, device: str | None = None, limit: int = 1000
+    ) -> list[tuple[int, dict]]:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE cursor > ?"
+        params: list[Any] = [cursor]
+        if families is not None:
+            if not families:
+                return []
+            sql += f" AND family IN ({', '.join('?' * len(families))})"
+            params += sorted(families)
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        sql += " ORDER BY cursor LIMIT ?"
+        params.append(limit)
+        with _errors():
+            return [(row[0], _record(row)) for row in self._connection().execute(sql, params)]
+
+    def latest_cursor(self) -> int:
+        with _errors():
+            return _latest_cursor(self._connection())
+
+    # privacy and retention
+
+    def export_device(self, device_id: int) -> Iterator[dict]:
+        """A summary `{"kind": "device", ...}` (state as bytes), then `{"kind": "record", "cursor", "record"}`
+        in time order, all from one snapshot. The snapshot is held until the iterator is exhausted or
+        closed, and this object cannot commit meanwhile: export from a store object of its own."""
+        _check_device_id(device_id)
+        conn = self._connection()
+        if conn.in_transaction:
+            raise StoreError("another export_device iterator is still open on this store object")
+        return self._export(conn, device_key(device_id))
+
+    def _export(self, conn: sqlite3.Connection, device: str) -> Iterator[dict]:
+        with _errors():
+            conn.execute("BEGIN")
+            try:
+                dev = conn.execute(
+                    "SELECT boot_id, state, updated_us FROM devices WHERE device = ?", (device,)
+                ).fetchone()
+                boots = conn.execute(
+                    "SELECT boot_id, last_seq, updated_us FROM boots WHERE device = ? ORDER BY updated_us",
+                    (device,),
+                ).fetchall()
+                (n_records,) = conn.execute(
+                    "SELECT count(*) FROM records WHERE device = ?", (device,)
+                ).fetchone()
+                if dev is None and not boots and n_records == 0:
+                    return
+                current = dev[0] if dev is not None else None
+                yield {
+                    "kind": "device",
+                    "device": device,
+                    "boot_id": current,
+                    "last_seq": next((b[1] for b in boots if b[0] == current), None),
+                    "state": bytes(dev[1]) if dev is not None else None,
+                    "updated_us": dev[2] if dev is not None else None,
+                    "boots": [{"boot_id": b[0], "last_seq": b[1], "updated_us": b[2]} for b in boots],
+                    "records": n_records,
+                }
+                rows = conn.execute(
+                    f"SELECT {_RECORD_COLUMNS} FROM records WHERE device = ? "
+                    "ORDER BY start_us, family, cursor",
+                    (device,),
+                )
+                while batch := rows.fetchmany(1000):
+                    for row in batch:
+                        yield {"kind": "record", "cursor": row[0], "record": _record(row)}
+            finally:
+                with suppress(sqlite3.Error):  # includes a connection closed under a half-read export
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+
+    def erase_device(self, device_id: int) -> int:
+        """Records, state and every boot's high-water of the device go in one transaction; then the WAL
+        is checkpointed and truncated so the old pages leave the disk too (best effort: a reader holding
+        an old snapshot keeps them until the next checkpoint)."""
+        _check_device_id(device_id)
+        device = device_key(device_id)
+        with self._write() as conn:
+            deleted = conn.execute("DELETE FROM records WHERE device = ?", (device,)).rowcount
+            conn.execute("DELETE FROM boots WHERE device = ?", (device,))
+            conn.execute("DELETE FROM devices WHERE device = ?", (device,))
+        self._checkpoint()
+        return deleted
+
+    def purge_before(self, start_us: int) -> int:
+        """In chunks of PURGE_CHUNK records, each its own transaction, so commits are not held up for
+        long; boots other than a device's current one that were last written before `start_us` go too."""
+        total = 0
+        while True:
+            with self._write() as conn:
+                n = conn.execute(
+                    "DELETE FROM records WHERE cursor IN "
+                    "(SELECT cursor FROM records WHERE start_us < ? LIMIT ?)",
+                    (start_us, PURGE_CHUNK),
+                ).rowcount
+                if n < PURGE_CHUNK:
+                    conn.execute(
+                        "DELETE FROM boots WHERE updated_us < ? AND NOT EXISTS (SELECT 1 FROM devices d "
+                        "WHERE d.device = boots.device AND d.boot_id = boots.boot_id)",
+                        (start_us,),
+                    )
+            total += n
+            if n < PURGE_CHUNK:
+                return total
+
+    def _checkpoint(self) -> None:
+        with suppress(sqlite3.Error):
+            self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT; on any error ROLLBACK, and sqlite errors become store errors."""
+    with _errors():
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may already have rolled back (disk full, I/O error)
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Translate sqlite errors: transient ones to StoreUnavailable, the rest to StoreError."""
+    try:
+        yield
+    except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise  # a bug in the caller, not a state of the store
+    except sqlite3.Error as e:
+        code = getattr(e, "sqlite_errorcode", None)
+        name = getattr(e, "sqlite_errorname", "unknown")
+        if code is not None and code & 0xFF in _UNAVAILABLE:
+            raise StoreUnavailable(f"sqlite: {e} ({name})") from e
+        raise StoreError(f"sqlite: {e} ({name})") from e
+
+
+def _latest_cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _dumps(values: dict) -> str:
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _record(row: tuple) -> dict:
+    _, device, family, start_us, duration_s, algo, values_json = row
+    return {
+        "family": family,
+        "device": device,
+        "start_us": start_us,
+        "duration_s": duration_s,
+        "algo": algo,
+        "values": json.loads(values_json),
+    }
+
+
+def _check_device_id(device_id: int) -> None:
+    if not 0 <= device_id < U64:
+        raise ValueError(f"device_id {device_id} is not a u64")

@@ -1,0 +1,506 @@
+"""The contract every store passes: subclass `StoreContract` and provide a `harness` fixture (`Harness`).
+
+```python
+class TestSqliteContract(StoreContract):
+    @pytest.fixture
+    def harness(self, tmp_path):
+        return SqliteHarness(tmp_path)
+```
+
+Expected results come from what the test committed (a list kept beside the store), never from the store
+itself, so every assertion can fail.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decoder.features import DeviceState, device_key
+from gateway.store import (
+    CommitResult,
+    DeviceRow,
+    SchemaVersionError,
+    SequenceError,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
+from gateway.store.base import FAMILIES
+
+A = 0xF123_4567_89AB_CDEF  # above 2**63: a u64 that does not fit a signed 64-bit column
+B = 0x0000_0000_0000_0042
+C = 0x7FFF_FFFF_FFFF_FFFF
+MINUTE_US = 60_000_000
+T0 = 1_767_225_600_000_000  # 2026-01-01 UTC
+
+
+class Harness(Protocol):
+    """What a store's test module provides so the contract can reach behind the store."""
+
+    def new_store(self) -> Store:
+        """An unopened store object on this test's database (every call: the same database), with a
+        short busy timeout so lock tests are quick."""
+        ...
+
+    def fresh_database(self) -> Callable[[], Store]:
+        """A maker of unopened store objects on a new, empty database (one per hypothesis example)."""
+        ...
+
+    def newer_store(self) -> Store:
+        """Like `new_store`, but its schema is one (test-only) migration ahead of the real one."""
+        ...
+
+    def write_schema_version(self, version: int) -> None:
+        """Set the database's schema version directly, bypassing the store."""
+        ...
+
+    def schema_version(self) -> int:
+        """The schema version `new_store` objects know."""
+        ...
+
+    def exclusive_lock(self) -> AbstractContextManager[None]:
+        """Hold the database's write lock from another connection for the duration."""
+        ...
+
+
+def rec(device_id: int, family: str, start_us: int, duration_s: int = 60, **values: float | str) -> dict:
+    """A feature record as `decoder.features.process` makes them."""
+    return {
+        "family": family,
+        "device": device_key(device_id),
+        "start_us": start_us,
+        "duration_s": duration_s,
+        "algo": f"{family}/1",
+        "values": values or {"n": start_us % 997, "label": "x"},
+    }
+
+
+def minutes(device_id: int, first: int, n: int, family: str = "steps") -> list[dict]:
+    return [
+        rec(device_id, family, T0 + m * MINUTE_US, steps=m + 0.5, walk_s=m % 60)
+        for m in range(first, first + n)
+    ]
+
+
+def everything(store: Store) -> list[tuple[int, dict]]:
+    return store.read_since(0, limit=1_000_000)
+
+
+class StoreContract:
+    """Tests every store implementation runs; `harness` comes from the subclass."""
+
+    @pytest.fixture
+    def store(self, harness: Harness) -> Iterator[Store]:
+        s = harness.new_store()
+        s.open()
+        yield s
+        s.close()
+
+    # lifecycle
+
+    def test_close_is_safe_without_open_and_twice(self, harness: Harness) -> None:
+        s = harness.new_store()
+        s.close()
+        s.open()
+        s.open()  # a no-op, not a second connection
+        s.commit(A, 1, 0, 0, b"s", minutes(A, 0, 1))
+        s.close()
+        s.close()
+        with pytest.raises(StoreError):
+            s.device(A)
+        with harness.new_store() as s2:
+            assert s2.device(A) == DeviceRow(A, 1, 0, b"s")
+        with pytest.raises(StoreError):
+            s2.read_since(0)
+
+    def test_is_a_store(self, store: Store) -> None:
+        assert isinstance(store, Store)
+
+    # the batch path
+
+    def test_commit_and_read_back(self, store: Store) -> None:
+        records = [*minutes(A, 0, 3), rec(A, "heart", T0, 300, hr_bpm=61.25, flag=True, label="résumé")]
+        result = store.commit(A, 7, 0, 9, b"state-1", records)
+        assert not result.duplicate
+        assert result.high_water == 9
+        assert len(result.cursors) == len(records)
+        assert all(isinstance(c, int) for c in result.cursors)
+        assert list(result.cursors) == sorted(set(result.cursors))
+        assert everything(store) == list(zip(result.cursors, records, strict=True))
+        assert store.device(A) == DeviceRow(A, 7, 9, b"state-1")
+        assert store.device(B) is None
+        assert store.latest_cursor() == result.cursors[-1]
+        got = everything(store)[-1][1]["values"]
+        assert type(got["hr_bpm"]) is float and got["flag"] is True and got["label"] == "résumé"
+
+    def test_commit_without_records_moves_state_and_high_water(self, store: Store) -> None:
+        assert store.commit(A, 7, 0, 4, b"one", []) == CommitResult(False, 4, ())
+        assert store.commit(A, 7, 5, 5, b"two", []) == CommitResult(False, 5, ())
+        assert store.device(A) == DeviceRow(A, 7, 5, b"two")
+        assert everything(store) == []
+
+    def test_duplicates_are_acked_not_stored(self, store: Store) -> None:
+        store.commit(A, 7, 0, 9, b"kept", minutes(A, 0, 4))
+        before = everything(store)
+        for first, last in [(0, 9), (0, 4), (5, 9), (9, 9), (3, 3)]:
+            other = minutes(A, 100, 2)  # even different content is not written
+            result = store.commit(A, 7, first, last, b"other", other)
+            assert result == CommitResult(duplicate=True, high_water=9, cursors=(None, None))
+        assert everything(store) == before
+        assert store.device(A) == DeviceRow(A, 7, 9, b"kept")
+
+    def test_gap_is_refused_naming_the_expected_sequence(self, store: Store) -> None:
+        store.commit(A, 7, 0, 9, b"s9", minutes(A, 0, 2))
+        before, cursor = everything(store), store.latest_cursor()
+        with pytest.raises(SequenceError) as err:
+            store.commit(A, 7, 12, 15, b"s15", minutes(A, 2, 2))
+        assert err.value.expected_seq == 10
+        assert "10" in str(err.value)
+        assert store.device(A) == DeviceRow(A, 7, 9, b"s9")
+        assert everything(store) == before and store.latest_cursor() == cursor
+        assert store.commit(A, 7, 10, 15, b"s15", minutes(A, 2, 2)).high_water == 15
+
+    def test_gap_is_accepted_when_the_band_dropped_data(self, store: Store) -> None:
+        store.commit(A, 7, 0, 9, b"s9", [])
+        result = store.commit(A, 7, 12, 15, b"s15", minutes(A, 2, 2), allow_gap=True)
+        assert not result.duplicate and result.high_water == 15
+        assert store.device(A) == DeviceRow(A, 7, 15, b"s15")
+        assert [r for _, r in everything(store)] == minutes(A, 2, 2)
+        with pytest.raises(SequenceError) as err:  # the gap is forgiven once, not forever
+            store.commit(A, 7, 18, 20, b"", [])
+        assert err.value.expected_seq == 16
+
+    @pytest.mark.parametrize("allow_gap", [False, True])
+    def test_straddling_batch_is_refused(self, store: Store, allow_gap: bool) -> None:
+        store.commit(A, 7, 0, 9, b"s9", minutes(A, 0, 1))
+        before = everything(store)
+        with pytest.raises(SequenceError) as err:
+            store.commit(A, 7, 5, 14, b"s14", minutes(A, 1, 1), allow_gap=allow_gap)
+        assert err.value.expected_seq == 10
+        assert store.device(A) == DeviceRow(A, 7, 9, b"s9")
+        assert everything(store) == before
+
+    def test_new_boot_starts_a_new_sequence(self, store: Store) -> None:
+        store.commit(A, 7, 0, 99, b"boot7", minutes(A, 0, 1))
+        assert store.commit(A, 8, 0, 9, b"boot8", minutes(A, 1, 1)).high_water == 9
+        assert store.device(A) == DeviceRow(A, 8, 9, b"boot8")
+        assert store.commit(A, 8, 0, 9, b"x", []).duplicate
+        with pytest.raises(SequenceError) as err:
+            store.commit(A, 8, 12, 13, b"x", [])
+        assert err.value.expected_seq == 10
+        # the dedup key is (device, boot, sequence): a late batch of the earlier boot is still known
+        assert store.commit(A, 7, 50, 59, b"x", minutes(A, 2, 1)).duplicate
+        assert store.commit(A, 7, 100, 109, b"boot7-again", minutes(A, 3, 1)).high_water == 109
+        assert store.device(A) == DeviceRow(A, 7, 109, b"boot7-again")
+        assert [r for _, r in everything(store)] == minutes(A, 0, 2) + minutes(A, 3, 1)
+
+    def test_first_batch_of_a_boot_may_start_anywhere(self, store: Store) -> None:
+        assert store.commit(B, 3, 500, 509, b"", []).high_water == 509
+        assert store.commit(B, 3, 510, 510, b"", []).high_water == 510
+
+    def test_devices_have_their_own_sequences(self, store: Store) -> None:
+        store.commit(A, 1, 0, 9, b"a", [])
+        store.commit(B, 1, 0, 2, b"b", [])
+        assert store.commit(B, 1, 3, 3, b"b2", []).high_water == 3
+        assert store.device(A) == DeviceRow(A, 1, 9, b"a")
+
+    def test_a_record_key_is_never_stored_twice(self, store: Store) -> None:
+        # A re-commit after a crash that lost the high-water (here: under a new boot) re-emits records.
+        first = store.commit(A, 7, 0, 9, b"", minutes(A, 0, 2))
+        again = store.commit(A, 8, 0, 9, b"", [*minutes(A, 1, 1), *minutes(A, 2, 1), *minutes(A, 2, 1)])
+        assert again.cursors[0] is None and again.cursors[2] is None
+        assert isinstance(again.cursors[1], int) and again.cursors[1] > first.cursors[1]
+        assert everything(store) == [
+            *zip(first.cursors, minutes(A, 0, 2), strict=True),
+            (again.cursors[1], minutes(A, 2, 1)[0]),
+        ]
+        # the first version stays: a record a subscriber has read under a cursor never changes
+        changed = {**minutes(A, 0, 1)[0], "algo": "steps/2", "values": {"steps": 0}}
+        assert store.commit(A, 9, 0, 0, b"", [changed]).cursors == (None,)
+        assert everything(store)[0] == (first.cursors[0], minutes(A, 0, 1)[0])
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"values": {"x": [1, 2, 3]}},  # raw samples have no place
+            {"values": {"x": {"nested": 1}}},
+            {"values": {"x": float("nan")}},
+            {"values": {"x": "y" * 1000}},
+            {"family": "raw"},
+            {"device": device_key(B)},
+            {"start_us": 1.5},
+            {"duration_s": -1},
+            {"extra": 1},
+        ],
+    )
+    def test_malformed_records_are_refused_and_nothing_is_written(self, store: Store, bad: dict) -> None:
+        store.commit(A, 7, 0, 0, b"s0", [])
+        with pytest.raises(ValueError):
+            store.commit(A, 7, 1, 1, b"s1", [*minutes(A, 0, 1), {**rec(A, "steps", T0 + MINUTE_US), **bad}])
+        assert store.device(A) == DeviceRow(A, 7, 0, b"s0")
+        assert everything(store) == []
+
+    @pytest.mark.parametrize(
+        "ids",
+        [(2**64, 0, 0, 0), (-1, 0, 0, 0), (A, 2**32, 0, 0), (A, 0, 5, 4), (A, 0, 0, 2**32), (A, 0, -1, 3)],
+    )
+    def test_ids_outside_their_wire_types_are_refused(self, store: Store, ids: tuple[int, ...]) -> None:
+        with pytest.raises(ValueError):
+            store.commit(*ids, b"", [])
+
+    def test_state_round_trips(self, store: Store) -> None:
+        rng = np.random.default_rng(1)
+        real = DeviceState(A, next_us=T0, sample_rate_mhz=50_000, families={"steps": rng.normal(size=424)})
+        states = [b"", b"\x00", bytes(range(256)) * 3, rng.bytes(200_000), real.to_bytes()]
+        for seq, state in enumerate(states):
+            store.commit(A, 1, seq, seq, state, [])
+            assert store.device(A) == DeviceRow(A, 1, seq, state)
+        restored = DeviceState.from_bytes(store.device(A).state)
+        assert np.array_equal(restored.families["steps"], real.families["steps"])
+        assert restored.next_us == real.next_us
+
+    # subscribe
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=st.data())
+    def test_cursor_delivers_every_record_exactly_once(self, harness: Harness, data: st.DataObject) -> None:
+        """A subscriber reading with random page sizes and filters, between commits and across reopens,
+        sees exactly the matching records that were inserted, in commit order."""
+        families = data.draw(st.none() | st.sets(st.sampled_from(sorted(FAMILIES)), min_size=1), "families")
+        device = data.draw(st.none() | st.sampled_from([A, B, C]).map(device_key), "device")
+        new_store = harness.fresh_database()
+        store = new_store()
+        store.open()
+        try:
+            committed: list[tuple[int, dict]] = []  # what was inserted, in commit order
+            stored: dict[tuple, dict] = {}  # by record key
+            seq = dict.fromkeys([A, B, C], 0)
+            seen: list[tuple[int, dict]] = []
+            cursor = 0
+
+            def read(limit: int) -> list[tuple[int, dict]]:
+                return store.read_since(cursor, families=families, device=device, limit=limit)
+
+            for _ in range(data.draw(st.integers(1, 12), "steps")):
+                op = data.draw(st.sampled_from(["commit", "commit", "read", "reopen"]))
+                if op == "commit":
+                    dev = data.draw(st.sampled_from([A, B, C]))
+                    base = T0 + len(stored) * MINUTE_US
+                    batch = [
+                        rec(dev, data.draw(st.sampled_from(sorted(FAMILIES))), base + i)
+                        for i in range(data.draw(st.integers(0, 6)))
+                    ]
+                    old = [r for r in stored.values() if r["device"] == device_key(dev)]
+                    if old and data.draw(st.booleans()):  # a record stored before, sent again
+                        batch.insert(data.draw(st.integers(0, len(batch))), data.draw(st.sampled_from(old)))
+                    n = data.draw(st.integers(1, 3))
+                    result = store.commit(dev, 1, seq[dev], seq[dev] + n - 1, b"", [dict(r) for r in batch])
+                    seq[dev] += n
+                    fresh = []
+                    for r in batch:
+                        key = (r["device"], r["family"], r["start_us"])
+                        fresh.append(key not in stored)
+                        stored.setdefault(key, r)
+                    assert [c is not None for c in result.cursors] == fresh
+                    new = [(c, r) for c, r in zip(result.cursors, batch, strict=True) if c is not None]
+                    assert [c for c, _ in committed + new] == sorted({c for c, _ in committed + new})
+                    committed += new
+                elif op == "read":
+                    page = read(data.draw(st.integers(1, 5)))
+                    seen += page
+                    cursor = page[-1][0] if page else cursor
+                else:  # a subscriber survives a gateway restart with nothing but its cursor
+                    store.close()
+                    store = new_store()
+                    store.open()
+            while page := read(data.draw(st.integers(1, 7))):
+                seen += page
+                cursor = page[-1][0]
+            want = [
+                (c, r)
+                for c, r in committed
+                if (families is None or r["family"] in families) and (device is None or r["device"] == device)
+            ]
+            assert seen == want
+            assert store.latest_cursor() >= max([0, *(c for c, _ in committed)])
+        finally:
+            store.close()
+
+    def test_read_since_limits_and_filters(self, store: Store) -> None:
+        store.commit(A, 1, 0, 0, b"", minutes(A, 0, 5) + minutes(A, 0, 2, "heart"))
+        store.commit(B, 1, 0, 0, b"", minutes(B, 0, 3))
+        assert len(store.read_since(0, limit=4)) == 4
+        assert [r["family"] for _, r in store.read_since(0, families={"heart"})] == ["heart", "heart"]
+        assert {r["device"] for _, r in store.read_since(0, device=device_key(B))} == {device_key(B)}
+        assert store.read_since(0, families=set()) == []
+        assert store.read_since(store.latest_cursor()) == []
+        with pytest.raises(ValueError):
+            store.read_since(0, limit=0)
+
+    def test_latest_cursor_never_goes_back(self, store: Store) -> None:
+        assert store.latest_cursor() == 0
+        store.commit(B, 1, 0, 0, b"", minutes(B, 0, 2))
+        last = store.commit(A, 1, 0, 0, b"", minutes(A, 0, 3)).cursors[-1]
+        assert store.latest_cursor() == last
+        store.erase_device(A)  # the newest records go; their cursors are not handed out again
+        assert store.latest_cursor() == last
+        assert store.read_since(last) == []
+        new = store.commit(B, 1, 1, 1, b"", minutes(B, 5, 1)).cursors[0]
+        assert new is not None and new > last
+        assert store.read_since(last) == [(new, minutes(B, 5, 1)[0])]
+
+    # privacy and retention
+
+    def test_export_returns_exactly_the_device(self, store: Store) -> None:
+        a_steps = minutes(A, 10, 3)
+        a_heart = minutes(A, 0, 12, "heart")
+        store.commit(A, 7, 0, 3, b"a-state", a_steps)
+        store.commit(B, 1, 0, 0, b"b-state", minutes(B, 0, 4))
+        store.commit(A, 8, 0, 5, b"a-state-2", a_heart)
+        items = list(store.export_device(A))
+        summary, records = items[0], items[1:]
+        assert summary["kind"] == "device" and summary["device"] == device_key(A)
+        assert (summary["boot_id"], summary["last_seq"], summary["state"]) == (8, 5, b"a-state-2")
+        assert sorted((b["boot_id"], b["last_seq"]) for b in summary["boots"]) == [(7, 3), (8, 5)]
+        assert summary["records"] == len(a_steps) + len(a_heart)
+        assert all(item["kind"] == "record" for item in records)
+        want = sorted(a_steps + a_heart, key=lambda r: (r["start_us"], r["family"]))
+        assert [item["record"] for item in records] == want
+        assert list(store.export_device(C)) == []
+
+    def test_erase_removes_one_device_and_nothing_else(self, store: Store) -> None:
+        store.commit(A, 7, 0, 3, b"a", minutes(A, 0, 4) + minutes(A, 0, 2, "sleep"))
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 0, 3))
+        store.commit(A, 8, 0, 1, b"a2", minutes(A, 10, 1))
+        b_before = [(c, r) for c, r in everything(store) if r["device"] == device_key(B)]
+        assert store.erase_device(A) == 7
+        assert store.device(A) is None
+        assert list(store.export_device(A)) == []
+        assert everything(store) == b_before
+        assert store.device(B) == DeviceRow(B, 1, 0, b"b")
+        assert store.erase_device(A) == 0
+        # no high-water is left either: the band's next batch of the old boot starts afresh
+        assert not store.commit(A, 7, 0, 3, b"a3", minutes(A, 0, 1)).duplicate
+
+    def test_purge_before(self, store: Store) -> None:
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 10))
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 3, 5, "activity"))
+        cut = T0 + 5 * MINUTE_US
+        kept = [(c, r) for c, r in everything(store) if r["start_us"] >= cut]
+        assert store.purge_before(cut) == 5 + 2
+        assert everything(store) == kept
+        assert store.purge_before(cut) == 0
+        assert store.device(A) == DeviceRow(A, 1, 0, b"a")  # retention is about records, not state
+        assert store.commit(A, 1, 0, 0, b"", []).duplicate
+
+    # durability and versions
+
+    def test_reopen_keeps_everything(self, harness: Harness) -> None:
+        with harness.new_store() as s:
+            s.commit(A, 7, 0, 9, b"a", minutes(A, 0, 3))
+            s.commit(B, 2, 0, 4, b"b", minutes(B, 0, 2, "night"))
+            records, latest = everything(s), s.latest_cursor()
+        with harness.new_store() as s:
+            assert everything(s) == records
+            assert s.latest_cursor() == latest
+            assert s.device(A) == DeviceRow(A, 7, 9, b"a")
+            assert s.device(B) == DeviceRow(B, 2, 4, b"b")
+            assert s.commit(A, 7, 0, 9, b"", []).duplicate
+            assert s.commit(A, 7, 10, 10, b"", minutes(A, 3, 1)).cursors[0] > latest
+
+    def test_an_older_file_is_migrated(self, harness: Harness) -> None:
+        with harness.new_store() as s:
+            s.commit(A, 7, 0, 9, b"a", minutes(A, 0, 3))
+            records = everything(s)
+        with harness.newer_store() as newer:
+            assert everything(newer) == records
+            assert newer.device(A) == DeviceRow(A, 7, 9, b"a")
+            assert newer.commit(A, 7, 5, 9, b"", []).duplicate
+            newer.commit(A, 7, 10, 10, b"b", minutes(A, 3, 1))
+        # the file now carries the newer version: the current code refuses it
+        with pytest.raises(SchemaVersionError):
+            harness.new_store().open()
+
+    def test_a_newer_file_is_refused(self, harness: Harness) -> None:
+        with harness.new_store() as s:
+            s.commit(A, 7, 0, 9, b"a", minutes(A, 0, 1))
+        harness.write_schema_version(harness.schema_version() + 1)
+        s = harness.new_store()
+        with pytest.raises(SchemaVersionError, match="newer"):
+            s.open()
+        s.close()
+        harness.write_schema_version(harness.schema_version())
+        with harness.new_store() as s:  # refusing touched nothing
+            assert s.device(A) == DeviceRow(A, 7, 9, b"a")
+
+    # contention
+
+    def test_locked_database_is_unavailable_and_loses_nothing(self, harness: Harness, store: Store) -> None:
+        store.commit(A, 7, 0, 9, b"s9", minutes(A, 0, 2))
+        before = everything(store)
+        with harness.exclusive_lock():
+            with pytest.raises(StoreUnavailable):
+                store.commit(A, 7, 10, 19, b"s19", minutes(A, 2, 2))
+            with pytest.raises(StoreUnavailable):
+                store.erase_device(A)
+            assert store.device(A) == DeviceRow(A, 7, 9, b"s9")  # readers are not blocked
+            with harness.new_store() as reader:  # nor is opening a store that needs no migration
+                assert everything(reader) == before
+        assert everything(store) == before
+        result = store.commit(A, 7, 10, 19, b"s19", minutes(A, 2, 2))  # the retry the band makes
+        assert not result.duplicate and result.high_water == 19
+        assert [r for _, r in everything(store)] == minutes(A, 0, 4)
+
+    def test_readers_see_whole_commits_while_a_writer_writes(self, harness: Harness, store: Store) -> None:
+        per_batch, n_batches = 5, 40
+        done = threading.Event()
+        errors: list[BaseException] = []
+        snapshots: list[list[tuple[int, dict]]] = []
+        paged: list[tuple[int, dict]] = []
+
+        def read() -> None:
+            try:
+                with harness.new_store() as reader:
+                    cursor = 0
+                    while True:
+                        finished = done.is_set()
+                        snapshots.append(everything(reader))
+                        while page := reader.read_since(cursor, limit=3):
+                            paged.extend(page)
+                            cursor = page[-1][0]
+                        if finished:
+                            return
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        committed: list[tuple[int, dict]] = []
+        exporter = harness.new_store()
+        exporter.open()
+        try:
+            export = exporter.export_device(A)
+            for i in range(n_batches):
+                batch = minutes(A, i * per_batch, per_batch)
+                committed += zip(store.commit(A, 1, i, i, b"", batch).cursors, batch, strict=True)
+                if i == 1:
+                    assert next(export)["records"] == 2 * per_batch  # a snapshot holds; the writer goes on
+            assert len(list(export)) == 2 * per_batch
+        finally:
+            exporter.close()
+            done.set()
+            thread.join(60)
+        assert not errors, errors
+        assert paged == committed
+        assert len(snapshots) >= 2
+        for snap in snapshots:
+            assert len(snap) % per_batch == 0  # never half a commit
+            assert snap == committed[: len(snap)]

@@ -1,0 +1,259 @@
+"""The SQLite store: the store contract on a file in tmp_path, plus what only SQLite has (URLs, pragmas,
+a full disk, what erasure leaves in the files)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from decoder.features import device_key
+from gateway.store import (
+    DeviceRow,
+    SchemaVersionError,
+    SqliteStore,
+    StoreUnavailable,
+    open_store,
+    store_for_url,
+)
+from gateway.store.sqlite import MIGRATIONS
+
+from .contract import A, B, StoreContract, everything, minutes
+
+BUSY_MS = 100
+
+
+class _NewerSqliteStore(SqliteStore):
+    """The store as a later bandgate would ship it: one migration more."""
+
+    migrations = (*MIGRATIONS, ("ALTER TABLE devices ADD COLUMN firmware TEXT",))
+
+
+class SqliteHarness:
+    def __init__(self, tmp_path: Path):
+        self.dir = tmp_path
+        self.path = tmp_path / "bandgate.db"
+        self._databases = 0
+
+    def new_store(self) -> SqliteStore:
+        return SqliteStore(self.path, busy_timeout_ms=BUSY_MS)
+
+    def fresh_database(self) -> Callable[[], SqliteStore]:
+        self._databases += 1
+        path = self.dir / f"fresh-{self._databases}.db"
+        return lambda: SqliteStore(path, busy_timeout_ms=BUSY_MS)
+
+    def newer_store(self) -> SqliteStore:
+        return _NewerSqliteStore(self.path, busy_timeout_ms=BUSY_MS)
+
+    def schema_version(self) -> int:
+        return len(MIGRATIONS)
+
+    def write_schema_version(self, version: int) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("UPDATE schema_version SET version = ?", (version,))
+        finally:
+            conn.close()
+
+    @contextmanager
+    def exclusive_lock(self) -> Iterator[None]:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+
+class TestSqliteContract(StoreContract):
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> SqliteHarness:
+        return SqliteHarness(tmp_path)
+
+
+# URLs
+
+
+def test_three_slashes_is_relative_to_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:///sub%20dir.db") as store:
+        assert isinstance(store, SqliteStore)
+        assert store.path == tmp_path / "sub dir.db"
+        store.commit(A, 1, 0, 0, b"", [])
+    assert (tmp_path / "sub dir.db").is_file()
+
+
+def test_four_slashes_is_absolute(tmp_path: Path) -> None:
+    store = store_for_url(f"sqlite:///{tmp_path}/abs.db?busy_timeout_ms=250")
+    assert str(tmp_path).startswith("/")
+    assert isinstance(store, SqliteStore)
+    assert store.path == tmp_path / "abs.db"
+    assert store.busy_timeout_ms == 250
+    assert not store.path.exists()  # store_for_url does not open
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://host/x.db",
+        "sqlite:///",
+        "sqlite:x.db",
+        "sqlite:///:memory:",
+        "sqlite:///x.db?synchronous=OFF",
+        "sqlite:///x.db?busy_timeout_ms=-1",
+        "postgres://localhost/bandgate",
+        "x.db",
+    ],
+)
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        store_for_url(url)
+
+
+# SQLite specifics
+
+
+def test_wal_and_full_synchronous(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "p.db") as store:
+        conn = store._conn
+        assert conn is not None
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == store.busy_timeout_ms
+        assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    other = sqlite3.connect(tmp_path / "p.db")
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
+    other.close()
+
+
+def test_full_disk_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "full.db") as store:
+        store.commit(A, 1, 0, 0, b"s0", minutes(A, 0, 2))
+        before = everything(store)
+        conn = store._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL, not a mock
+        big = minutes(A, 2, 400)
+        with pytest.raises(StoreUnavailable, match="full"):
+            store.commit(A, 1, 1, 1, b"s1" * 10_000, big)
+        assert store.device(A) == DeviceRow(A, 1, 0, b"s0")
+        assert everything(store) == before
+        conn.execute(f"PRAGMA max_page_count = {2**30}")
+        assert store.commit(A, 1, 1, 1, b"s1", big).high_water == 1
+        assert len(everything(store)) == 2 + 400
+
+
+def test_erasure_leaves_no_trace_in_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "erase.db"
+    marker = "ERASE-ME-7f3a"
+    records = minutes(A, 0, 50)
+    for r in records:
+        r["values"]["tag"] = marker
+    with SqliteStore(path) as store:
+        store.commit(A, 1, 0, 0, marker.encode() * 10, records)
+        store.commit(B, 1, 0, 0, b"keep", minutes(B, 0, 5))
+    # closing checkpointed the WAL: the device is in the main file's pages now, not only in the WAL
+    assert marker.encode() in path.read_bytes() and device_key(A).encode() in path.read_bytes()
+    with SqliteStore(path) as store:
+        store.commit(B, 1, 1, 1, b"keep", minutes(B, 5, 1))
+        store.erase_device(A)
+        for p in tmp_path.iterdir():
+            if p.name.startswith("erase.db"):
+                data = p.read_bytes()
+                assert marker.encode() not in data, p.name
+                assert device_key(A).encode() not in data, p.name
+        assert store.device(B) == DeviceRow(B, 1, 1, b"keep")
+
+
+def test_a_foreign_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="not a bandgate database"):
+        SqliteStore(path).open()
+    conn = sqlite3.connect(path)
+    assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["notes"]
+    conn.close()
+
+
+def test_commit_is_refused_while_an_export_is_open_on_the_same_object(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "x.db") as store:
+        store.commit(A, 1, 0, 0, b"", minutes(A, 0, 3))
+        export = store.export_device(A)
+        next(export)
+        with pytest.raises(Exception, match="export_device"):
+            store.commit(A, 1, 1, 1, b"", [])
+        assert len(list(export)) == 3
+        assert store.commit(A, 1, 1, 1, b"", []).high_water == 1
+
+
+def test_open_twice_keeps_one_connection(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db")
+    store.open()
+    conn = store._conn
+    store.open()
+    assert store._conn is conn
+    store.close()
+    assert store._conn is None
+
+
+class _TwoAheadSqliteStore(SqliteStore):
+    migrations = (
+        *MIGRATIONS,
+        ("ALTER TABLE devices ADD COLUMN firmware TEXT",),
+        ("CREATE TABLE consent (device TEXT PRIMARY KEY)", "INSERT INTO consent SELECT device FROM devices"),
+    )
+
+
+@pytest.mark.parametrize("start", ["empty", "current"])
+def test_every_pending_migration_runs_in_order(tmp_path: Path, start: str) -> None:
+    path = tmp_path / "m.db"
+    if start == "current":
+        with SqliteStore(path) as store:
+            store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+    with _TwoAheadSqliteStore(path) as store:
+        assert store.schema_version == len(MIGRATIONS) + 2
+        if start == "current":
+            assert store.device(A) == DeviceRow(A, 1, 0, b"a")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS) + 2,)]
+    assert "firmware" in [r[1] for r in conn.execute("PRAGMA table_info(devices)")]
+    want = [(device_key(A),)] if start == "current" else []
+    assert conn.execute("SELECT device FROM consent").fetchall() == want
+    conn.close()
+
+
+def test_a_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    with SqliteStore(path) as store:
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+
+    class Broken(SqliteStore):
+        migrations = (*MIGRATIONS, ("ALTER TABLE devices ADD COLUMN firmware TEXT", "SELECT * FROM missing"))
+
+    with pytest.raises(Exception, match="missing"):
+        Broken(path).open()
+    with SqliteStore(path) as store:  # still the current version, with its data, without the column
+        assert store.device(A) == DeviceRow(A, 1, 0, b"a")
+        assert store._conn is not None
+        assert "firmware" not in [r[1] for r in store._conn.execute("PRAGMA table_info(devices)")]
+
+
+def test_closing_under_a_half_read_export(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "x.db")
+    store.open()
+    store.commit(A, 1, 0, 0, b"", minutes(A, 0, 3))
+    export = store.export_device(A)
+    next(export)
+    store.close()
+    export.close()  # its cleanup meets a closed connection quietly
+    with SqliteStore(tmp_path / "x.db") as again:
+        assert len(everything(again)) == 3
