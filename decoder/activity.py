@@ -1,0 +1,743 @@
+"""Activity per 30-s UTC epoch: ENMO, MAD, ActiGraph counts, arm angle, and 15-min non-wear blocks.
+
+The data path for one device, one sample at a time (docs/activity-heart.md):
+
+    int16 counts → g → |a| (ENMO, MAD) ─────────────────────────────────────────┐
+                 → per-second axis sums → z-angle → 5-s angles → changes > 5° ───┼→ 30-s epoch row
+                 → ActiGraph counts: resample to 30 Hz → band-pass → ×scale →   │
+                   trim 4..128 → 10 Hz (floor of mean of 3) → epoch sums ───────┘
+                 → per-axis n, Σ, Σ², min, max per 15-min block → 60-min window → non-wear row
+
+Counts follow agcounts 0.2.6 (Neishabouri et al. 2022) step by step, with its coefficients and the same
+floating-point operations in the same order, so a 30–100 Hz stream gives agcounts' numbers. A 25 Hz band
+(which agcounts does not take) goes through the same resampler with up/down factors 6/5.
+
+Streaming: a device's state is two flat arrays (int64 and float64) plus a version; every sum is taken in
+sample order and every float is computed from the same values in the same order whatever the chunking,
+so any split of a stream gives bit-identical rows. Epochs are emitted as soon as a sample past their end
+arrives; `activity_flush` emits the partial epoch and the non-wear blocks still waiting for windows.
+
+The constants of this module belong in ``decoder/config.py``; they live here until that file is merged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from decoder import config
+
+# --- constants -------------------------------------------------------------------------------------------
+STATE_VERSION = 1
+EPOCH_US = 30_000_000
+SECOND_US = 1_000_000
+EPOCH_S = 30
+FIVE_S = 5  # arm-angle resolution (van Hees 2015/2018 sleep detection works on 5-s angles)
+ANGLE_CHANGE_DEG = 5.0  # a 5-s change larger than this is "arm moved"
+BLOCK_S = 900  # non-wear resolution: 15 min (van Hees 2013)
+WINDOW_BLOCKS = 4  # non-wear window: 60 min = 4 blocks
+NONWEAR_SD_G = 0.013  # per-axis standard deviation below this ...
+NONWEAR_RANGE_G = 0.050  # ... and range below this make an axis "still"
+NONWEAR_AXES = 2  # a window is non-wear when at least this many axes are still
+NONWEAR_MIN_COVER = 0.75  # a window is judged only when it holds ≥ 45 of its 60 minutes of samples
+SAMPLE_RATES_HZ = (25, 30, 40, 50, 60, 70, 80, 90, 100)
+
+# ActiGraph band-pass at 30 Hz, as published in agcounts (agcounts/legacy.py: INPUT_/OUTPUT_COEFFICIENTS).
+# The trailing zeros are ActiLife's; they make the 9th filter state identically zero, so it is left out.
+BPF_B = np.array(
+    [
+        -0.009341062898525,
+        -0.025470289659360,
+        -0.004235264826105,
+        0.044152415456420,
+        0.036493718347760,
+        -0.011893961934740,
+        -0.022917390623150,
+        -0.006788163862310,
+        0.000000000000000,
+    ]
+)
+BPF_A = np.array(
+    [
+        1.00000000000000000000,
+        -3.63367395910957000000,
+        5.03689812757486000000,
+        -3.09612247819666000000,
+        0.50620507633883000000,
+        0.32421701566682000000,
+        -0.15685485875559000000,
+        0.01949130205890000000,
+        0.00000000000000000000,
+    ]
+)
+# scipy.signal.lfilter_zi(BPF_B, BPF_A): the filter's steady state for a unit step, which agcounts scales
+# by the first sample (tests/decoder/test_activity.py checks these against scipy).
+BPF_ZI = np.array(
+    [
+        0.00934106283621987,
+        0.034811352721976385,
+        0.0390466172342568,
+        -0.0051057980292588895,
+        -0.041599516408558065,
+        -0.02970555449401845,
+        -0.006788163861095593,
+    ]
+)
+# Filter output → counts: (3/4096) / (2.6/256) × 237.5, evaluated left to right as agcounts does.
+COUNTS_SCALE = (3.0 / 4096.0) / (2.6 / 256.0) * 237.5
+COUNTS_MIN = 4  # |value| below this is 0 (dead band)
+COUNTS_MAX = 128  # |value| above this is clipped
+_NB = 7  # filter states kept
+
+EPOCH_DTYPE = np.dtype(
+    [
+        ("epoch_start_us", "i8"),  # UTC, a multiple of 30 s
+        ("n_samples", "i4"),  # accelerometer samples in the epoch (fs × 30 when complete)
+        ("enmo_mg", "f4"),  # mean of max(|a| − 1 g, 0), milli-g
+        ("mad_mg", "f4"),  # mean |(|a|) − mean |a||, milli-g
+        ("counts_x", "i4"),  # ActiGraph counts per axis
+        ("counts_y", "i4"),
+        ("counts_z", "i4"),
+        ("counts_vm", "f4"),  # √(x² + y² + z²) of the epoch's axis counts
+        ("counts_n10", "i2"),  # 10-Hz count values summed (300 when complete)
+        ("z_angle_deg", "f4"),  # mean of the epoch's per-second arm angles, NaN if none
+        ("angle_changes", "u1"),  # 5-s windows ending in the epoch whose angle moved > 5° from the last
+    ]
+)
+NONWEAR_DTYPE = np.dtype(
+    [
+        ("block_start_us", "i8"),  # UTC, a multiple of 15 min
+        ("n_samples", "i4"),
+        ("nonwear", "u1"),  # 1 if any judged 60-min window covering the block was non-wear
+    ]
+)
+_E_COLS = len(EPOCH_DTYPE.names)
+_NW_COLS = len(NONWEAR_DTYPE.names)
+
+# --- state layout ------------------------------------------------------------------------------------------
+# int64 slots
+(
+    _VERSION,
+    _FS,
+    _UP,  # resampler: upsample factor L
+    _DOWN,  # resampler: downsample factor M
+    _START_US,
+    _N_SEEN,
+    _NEXT_SEC_N,  # samples of the stream before the next UTC second boundary
+    _SECOND,  # UTC second the arriving samples belong to
+    _PHASE,  # upsampled index of the next 30-Hz output, relative to the next sample's first one
+    _PRIMED,  # the band-pass has been charged with the first 30-Hz value
+    _N3,  # 30-Hz values in the open 10-Hz group
+    _ACC3_X,
+    _ACC3_Y,
+    _ACC3_Z,
+    _FLUSHED,
+    _S_N,  # the open second: samples and per-axis sums
+    _S_SX,
+    _S_SY,
+    _S_SZ,
+    _F5_N,  # the open 5-s window: seconds with an angle
+    _HAVE_PREV5,
+    _PREV5,  # index of the last closed 5-s window
+    _E_N,  # the open epoch
+    _E_CX,
+    _E_CY,
+    _E_CZ,
+    _E_N10,
+    _E_NSEC,
+    _E_CHANGES,
+    _B_N,  # the open 15-min block: n, Σ, Σ², min, max per axis
+    _B_SUM,  # 3 slots
+) = range(31)
+_B_SQ = _B_SUM + 3
+_B_MIN = _B_SQ + 3
+_B_MAX = _B_MIN + 3
+_RING = _B_MAX + 3  # WINDOW_BLOCKS closed blocks: index, n, Σ×3, Σ²×3, min×3, max×3, flag
+_SLOT = 15
+_I_LEN = _RING + WINDOW_BLOCKS * _SLOT
+# float64 slots
+(
+    _G_PER_COUNT,
+    _LPF_GAIN,  # a·L of the resampler's low-pass
+    _LPF_NEG_B,  # −b of the resampler's low-pass
+    _LPF_Y,  # 3 slots
+) = range(4)
+_BPF_Z = _LPF_Y + 3  # 3 × _NB
+_E_ENMO = _BPF_Z + 3 * _NB
+_E_MAG = _E_ENMO + 1
+_E_ANGLE = _E_MAG + 1
+_F5_ANGLE = _E_ANGLE + 1
+_PREV5_ANGLE = _F5_ANGLE + 1
+_MAG_BUF = _PREV5_ANGLE + 1  # the open epoch's |a| (g), for MAD
+
+
+@dataclass(frozen=True)
+class ActivityState:
+    """One stream's state: int64 and float64 arrays; `to_arrays`/`from_arrays` serialise it."""
+
+    ints: np.ndarray
+    floats: np.ndarray
+
+    def to_arrays(self) -> dict[str, np.ndarray | int]:
+        return {"version": STATE_VERSION, "ints": self.ints.copy(), "floats": self.floats.copy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> ActivityState:
+        iv = np.array(arrays["ints"], dtype=np.int64, copy=True)
+        fv = np.array(arrays["floats"], dtype=np.float64, copy=True)
+        if int(arrays["version"]) != STATE_VERSION or iv.ndim != 1 or iv.size != _I_LEN:
+            raise ValueError(f"not an activity state of version {STATE_VERSION}")
+        if iv[_VERSION] != STATE_VERSION or iv[_FS] not in SAMPLE_RATES_HZ:
+            raise ValueError("activity state is corrupt")
+        if fv.ndim != 1 or fv.size != _MAG_BUF + EPOCH_S * iv[_FS]:
+            raise ValueError("activity state is truncated")
+        return cls(iv, fv)
+
+    @property
+    def sample_rate_hz(self) -> int:
+        return int(self.ints[_FS])
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self.ints[_N_SEEN])
+
+    @property
+    def next_sample_us(self) -> int:
+        """UTC µs of the next sample the stream expects."""
+        return sample_time_us(self.ints[_START_US], self.ints[_FS], self.ints[_N_SEEN])
+
+
+def sample_time_us(start_us: int, sample_rate_hz: int, n: int) -> int:
+    """Time of sample `n` of a stream (integer µs, floor), as the frame decoder computes it."""
+    return int(start_us) + (int(n) * 1_000_000) // int(sample_rate_hz)
+
+
+def resample_factors(sample_rate_hz: int) -> tuple[int, int]:
+    """(L, M): 30 Hz = fs × L / M; agcounts' table for 30–100 Hz, and 6/5 for a 25 Hz band."""
+    g = math.gcd(30, int(sample_rate_hz))
+    return 30 // g, int(sample_rate_hz) // g
+
+
+def _samples_before(t_us: int, start_us: int, fs: int) -> int:
+    """How many samples of the stream fall before `t_us` (t_n < t ⟺ n·10⁶ < (t − start)·fs)."""
+    return -((-(t_us - start_us) * fs) // 1_000_000)
+
+
+def new_activity_state(
+    sample_rate_hz: int, start_us: int, *, range_g: int = 8, bits: int = 12
+) -> ActivityState:
+    """State of a new stream whose first sample is at `start_us` (UTC µs); ±`range_g` g over `bits` bits."""
+    fs = int(sample_rate_hz)
+    if fs != sample_rate_hz or fs not in SAMPLE_RATES_HZ:
+        raise ValueError(f"sample rate must be one of {SAMPLE_RATES_HZ} Hz")
+    start_us = int(start_us)
+    if not (config.MIN_START_US <= start_us <= config.MAX_START_US):
+        raise ValueError("start time outside the plausible range")
+    if range_g not in config.ACCEL_RANGES_G or not (config.MIN_ACCEL_BITS <= bits <= config.MAX_ACCEL_BITS):
+        raise ValueError("unsupported accelerometer range or resolution")
+    up, down = resample_factors(fs)
+    iv = np.zeros(_I_LEN, np.int64)
+    iv[_VERSION] = STATE_VERSION
+    iv[_FS] = fs
+    iv[_UP] = up
+    iv[_DOWN] = down
+    iv[_START_US] = start_us
+    second = start_us // SECOND_US
+    iv[_SECOND] = second
+    iv[_NEXT_SEC_N] = _samples_before((second + 1) * SECOND_US, start_us, fs)
+    iv[_PREV5] = -2
+    for k in range(WINDOW_BLOCKS):
+        iv[_RING + k * _SLOT] = -1
+    iv[_B_MIN : _B_MIN + 3] = np.iinfo(np.int64).max
+    iv[_B_MAX : _B_MAX + 3] = np.iinfo(np.int64).min
+    fv = np.zeros(_MAG_BUF + EPOCH_S * fs)
+    fv[_G_PER_COUNT] = 2.0 * range_g / 2.0**bits
+    pi = np.pi  # agcounts' constants, same expressions
+    fv[_LPF_GAIN] = (pi / (pi + 2 * up)) * up
+    fv[_LPF_NEG_B] = -((pi - 2 * up) / (pi + 2 * up))
+    return ActivityState(iv, fv)
+
+
+# --- kernel ----------------------------------------------------------------------------------------------
+
+
+_B0, _B1, _B2, _B3, _B4, _B5, _B6, _B7 = (float(v) for v in BPF_B[:8])
+_A1, _A2, _A3, _A4, _A5, _A6, _A7 = (float(v) for v in BPF_A[1:8])
+
+
+@njit(inline="always")
+def _bpf(v, z0, z1, z2, z3, z4, z5, z6):
+    """One 30-Hz value through the band-pass: scipy's transposed direct form II, same operation order."""
+    y = z0 + _B0 * v
+    return (
+        y,
+        z1 + v * _B1 - y * _A1,
+        z2 + v * _B2 - y * _A2,
+        z3 + v * _B3 - y * _A3,
+        z4 + v * _B4 - y * _A4,
+        z5 + v * _B5 - y * _A5,
+        z6 + v * _B6 - y * _A6,
+        v * _B7 - y * _A7,
+    )
+
+
+@njit(inline="always")
+def _trim(y):
+    """Filter output → count value: scale, dead band below 4, clip above 128, floor.
+
+    Written as selects, not branches: on a moving wrist the dead-band test is a coin toss that a branch
+    predictor loses."""
+    s = abs(COUNTS_SCALE * y)
+    t = np.int64(min(s, np.float64(COUNTS_MAX)))  # s ≥ 0: truncation is the floor
+    return t if s >= COUNTS_MIN else np.int64(0)
+
+
+# np.round(v, 3) divides by 1000 after rounding; a division costs more than the whole band-pass step, so
+# quotients of the integers a band can produce are looked up (the table is numpy's own division).
+_MG_RANGE = 1 << 16
+MG_TABLE = np.arange(-_MG_RANGE, _MG_RANGE + 1, dtype=np.float64) / 1000.0
+
+
+@njit(inline="always")
+def _round_mg(v, table):
+    """np.round(v, 3) as numpy computes it: multiply, round half to even, divide (here: look up)."""
+    r = np.rint(v * 1000.0)
+    if abs(r) <= _MG_RANGE:
+        return table[np.int64(r) + _MG_RANGE]
+    return r / 1000.0
+
+
+@njit(**config.JIT)
+def _close_second(iv, fv):
+    if iv[_S_N] > 0:
+        sx = iv[_S_SX]
+        sy = iv[_S_SY]
+        sz = iv[_S_SZ]
+        iv[_B_SUM] += sx
+        iv[_B_SUM + 1] += sy
+        iv[_B_SUM + 2] += sz
+        # atan(z / √(x² + y²)) of the second's mean vector; the sums are exact and the 1/n cancels.
+        angle = math.degrees(math.atan2(float(sz), math.sqrt(float(sx * sx + sy * sy))))
+        fv[_F5_ANGLE] += angle
+        iv[_F5_N] += 1
+        fv[_E_ANGLE] += angle
+        iv[_E_NSEC] += 1
+    iv[_S_N] = 0
+    iv[_S_SX] = 0
+    iv[_S_SY] = 0
+    iv[_S_SZ] = 0
+
+
+@njit(**config.JIT)
+def _close_five(iv, fv, five):
+    if iv[_F5_N] > 0:
+        angle = fv[_F5_ANGLE] / iv[_F5_N]
+        if (
+            iv[_HAVE_PREV5] == 1
+            and iv[_PREV5] == five - 1
+            and abs(angle - fv[_PREV5_ANGLE]) > ANGLE_CHANGE_DEG
+        ):
+            iv[_E_CHANGES] += 1
+        iv[_HAVE_PREV5] = 1
+        iv[_PREV5] = five
+        fv[_PREV5_ANGLE] = angle
+    iv[_F5_N] = 0
+    fv[_F5_ANGLE] = 0.0
+
+
+@njit(**config.JIT)
+def _close_epoch(iv, fv, epoch, out, n_out):
+    n = iv[_E_N]
+    if n > 0:
+        mean_mag = fv[_E_MAG] / n
+        dev = 0.0
+        for i in range(n):
+            dev += abs(fv[_MAG_BUF + i] - mean_mag)
+        cx = iv[_E_CX]
+        cy = iv[_E_CY]
+        cz = iv[_E_CZ]
+        out[n_out, 0] = epoch * EPOCH_US
+        out[n_out, 1] = n
+        out[n_out, 2] = 1000.0 * fv[_E_ENMO] / n
+        out[n_out, 3] = 1000.0 * dev / n
+        out[n_out, 4] = cx
+        out[n_out, 5] = cy
+        out[n_out, 6] = cz
+        out[n_out, 7] = math.sqrt(float(cx * cx + cy * cy + cz * cz))
+        out[n_out, 8] = iv[_E_N10]
+        out[n_out, 9] = fv[_E_ANGLE] / iv[_E_NSEC] if iv[_E_NSEC] > 0 else np.nan
+        out[n_out, 10] = iv[_E_CHANGES]
+        n_out += 1
+    for k in range(_E_N, _E_CHANGES + 1):
+        iv[k] = 0
+    fv[_E_ENMO] = 0.0
+    fv[_E_MAG] = 0.0
+    fv[_E_ANGLE] = 0.0
+    return n_out
+
+
+@njit(**config.JIT)
+def _window_nonwear(iv, block, g):
+    """Van Hees 2013 on the 60 min ending with `block`: ≥ NONWEAR_AXES axes with SD and range small."""
+    n = 0
+    for k in range(WINDOW_BLOCKS):
+        s = _RING + ((block - k) % WINDOW_BLOCKS) * _SLOT
+        if iv[s] == block - k:
+            n += iv[s + 1]
+    if n < 2 or n < NONWEAR_MIN_COVER * WINDOW_BLOCKS * BLOCK_S * iv[_FS]:
+        return False
+    still = 0
+    for axis in range(3):
+        total = 0
+        sq = 0
+        lo = np.iinfo(np.int64).max
+        hi = np.iinfo(np.int64).min
+        for k in range(WINDOW_BLOCKS):
+            s = _RING + ((block - k) % WINDOW_BLOCKS) * _SLOT
+            if iv[s] == block - k:
+                total += iv[s + 2 + axis]
+                sq += iv[s + 5 + axis]
+                lo = min(lo, iv[s + 8 + axis])
+                hi = max(hi, iv[s + 11 + axis])
+        mean = total / n
+        var = max((sq - total * mean) / (n - 1), 0.0)  # sample SD (R's sd), from exact integer sums
+        if math.sqrt(var) * g < NONWEAR_SD_G and (hi - lo) * g < NONWEAR_RANGE_G:
+            still += 1
+    return still >= NONWEAR_AXES
+
+
+@njit(**config.JIT)
+def _emit_block(iv, slot_block, nw_out, n_nw):
+    s = _RING + (slot_block % WINDOW_BLOCKS) * _SLOT
+    if iv[s] == slot_block:
+        nw_out[n_nw, 0] = slot_block * BLOCK_S * SECOND_US
+        nw_out[n_nw, 1] = iv[s + 1]
+        nw_out[n_nw, 2] = iv[s + 14]
+        iv[s] = -1
+        n_nw += 1
+    return n_nw
+
+
+@njit(**config.JIT)
+def _close_block(iv, fv, block, nw_out, n_nw):
+    """File the block in the ring, judge the window it ends, and emit the block no window can reach now."""
+    if iv[_B_N] > 0:
+        s = _RING + (block % WINDOW_BLOCKS) * _SLOT
+        iv[s] = block
+        iv[s + 1] = iv[_B_N]
+        for k in range(12):
+            iv[s + 2 + k] = iv[_B_SUM + k]
+        iv[s + 14] = 0
+        if _window_nonwear(iv, block, fv[_G_PER_COUNT]):
+            for k in range(WINDOW_BLOCKS):
+                t = _RING + ((block - k) % WINDOW_BLOCKS) * _SLOT
+                if iv[t] == block - k:
+                    iv[t + 14] = 1
+    n_nw = _emit_block(iv, block - (WINDOW_BLOCKS - 1), nw_out, n_nw)
+    iv[_B_N] = 0
+    for axis in range(3):
+        iv[_B_SUM + axis] = 0
+        iv[_B_SQ + axis] = 0
+        iv[_B_MIN + axis] = np.iinfo(np.int64).max
+        iv[_B_MAX + axis] = np.iinfo(np.int64).min
+    return n_nw
+
+
+@njit(**config.JIT)
+def _next_second(iv, fv, out, counts, nw_out):
+    """The open second has ended: close it and whatever 5-s window, epoch and block end with it."""
+    s = iv[_SECOND]
+    _close_second(iv, fv)
+    s1 = s + 1
+    if s1 % FIVE_S == 0:
+        _close_five(iv, fv, s // FIVE_S)
+    if s1 % EPOCH_S == 0:
+        counts[0] = _close_epoch(iv, fv, s // EPOCH_S, out, counts[0])
+    if s1 % BLOCK_S == 0:
+        counts[1] = _close_block(iv, fv, s // BLOCK_S, nw_out, counts[1])
+    iv[_SECOND] = s1
+    fs = iv[_FS]
+    iv[_NEXT_SEC_N] = -((-((s1 + 1) * SECOND_US - iv[_START_US]) * fs) // SECOND_US)
+
+
+@njit(inline="always")
+def _run(x, y, z, iv, fv, table, out, nw_out, counts, up, down):
+    """The sample loop; inlined with constant `up`, `down` so the resampler's inner loop is unrolled."""
+    n = x.shape[0]
+    g = fv[_G_PER_COUNT]
+    gain = fv[_LPF_GAIN]
+    neg_b = fv[_LPF_NEG_B]
+    if n > 0 and iv[_PRIMED] == 0:
+        # The first 30-Hz value is the first sample through the low-pass from rest; agcounts charges the
+        # band-pass to its steady state for that value.
+        v = np.float64(x[0]) * g
+        w = np.float64(y[0]) * g
+        u = np.float64(z[0]) * g
+        if up > 1:
+            v = gain * v + neg_b * 0.0
+            w = gain * w + neg_b * 0.0
+            u = gain * u + neg_b * 0.0
+        v = _round_mg(v, table)
+        w = _round_mg(w, table)
+        u = _round_mg(u, table)
+        for k in range(_NB):
+            fv[_BPF_Z + k] = BPF_ZI[k] * v
+            fv[_BPF_Z + _NB + k] = BPF_ZI[k] * w
+            fv[_BPF_Z + 2 * _NB + k] = BPF_ZI[k] * u
+        iv[_PRIMED] = 1
+    i = 0
+    while i < n:
+        if iv[_N_SEEN] == iv[_NEXT_SEC_N]:
+            _next_second(iv, fv, out, counts, nw_out)
+        seg = min(iv[_NEXT_SEC_N] - iv[_N_SEEN], n - i)
+        # The segment lies in one second (so in one epoch and one block): accumulate in locals.
+        ssx = iv[_S_SX]
+        ssy = iv[_S_SY]
+        ssz = iv[_S_SZ]
+        bqx = iv[_B_SQ]
+        bqy = iv[_B_SQ + 1]
+        bqz = iv[_B_SQ + 2]
+        lox = iv[_B_MIN]
+        loy = iv[_B_MIN + 1]
+        loz = iv[_B_MIN + 2]
+        hix = iv[_B_MAX]
+        hiy = iv[_B_MAX + 1]
+        hiz = iv[_B_MAX + 2]
+        enmo = fv[_E_ENMO]
+        mag_sum = fv[_E_MAG]
+        e_n = iv[_E_N]
+        lx = fv[_LPF_Y]
+        ly = fv[_LPF_Y + 1]
+        lz = fv[_LPF_Y + 2]
+        o = _BPF_Z
+        x0, x1, x2, x3, x4, x5, x6 = fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6]
+        o += _NB
+        y0, y1, y2, y3, y4, y5, y6 = fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6]
+        o += _NB
+        z0, z1, z2, z3, z4, z5, z6 = fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6]
+        phase = iv[_PHASE]
+        n3 = iv[_N3]
+        ax3 = iv[_ACC3_X]
+        ay3 = iv[_ACC3_Y]
+        az3 = iv[_ACC3_Z]
+        cx = iv[_E_CX]
+        cy = iv[_E_CY]
+        cz = iv[_E_CZ]
+        n10 = iv[_E_N10]
+        for j in range(i, i + seg):
+            xi = np.int64(x[j])
+            yi = np.int64(y[j])
+            zi = np.int64(z[j])
+            ssx += xi
+            ssy += yi
+            ssz += zi
+            bqx += xi * xi
+            bqy += yi * yi
+            bqz += zi * zi
+            lox = min(lox, xi)
+            loy = min(loy, yi)
+            loz = min(loz, zi)
+            hix = max(hix, xi)
+            hiy = max(hiy, yi)
+            hiz = max(hiz, zi)
+            mag = math.sqrt(np.float64(xi * xi + yi * yi + zi * zi)) * g
+            enmo += max(mag - 1.0, 0.0)
+            mag_sum += mag
+            fv[_MAG_BUF + e_n] = mag
+            e_n += 1
+            # ActiGraph resampler: L-fold zero insertion, first-order low-pass, keep every M-th value.
+            # agcounts adds the inserted zeros explicitly (u[j] + u[j−1], 0 + ...); leaving out those
+            # additions changes at most the sign of a zero.
+            xg = np.float64(xi) * g
+            yg = np.float64(yi) * g
+            zg = np.float64(zi) * g
+            for r in range(up):
+                if up == 1:
+                    lx = xg
+                    ly = yg
+                    lz = zg
+                elif r < 2:
+                    lx = gain * xg + neg_b * lx
+                    ly = gain * yg + neg_b * ly
+                    lz = gain * zg + neg_b * lz
+                else:
+                    lx = neg_b * lx
+                    ly = neg_b * ly
+                    lz = neg_b * lz
+                if r == phase:
+                    phase += down
+                    yx, x0, x1, x2, x3, x4, x5, x6 = _bpf(_round_mg(lx, table), x0, x1, x2, x3, x4, x5, x6)
+                    yy, y0, y1, y2, y3, y4, y5, y6 = _bpf(_round_mg(ly, table), y0, y1, y2, y3, y4, y5, y6)
+                    yz, z0, z1, z2, z3, z4, z5, z6 = _bpf(_round_mg(lz, table), z0, z1, z2, z3, z4, z5, z6)
+                    ax3 += _trim(yx)
+                    ay3 += _trim(yy)
+                    az3 += _trim(yz)
+                    n3 += 1
+                    if n3 == 3:
+                        cx += ax3 // 3
+                        cy += ay3 // 3
+                        cz += az3 // 3
+                        n10 += 1
+                        n3 = 0
+                        ax3 = 0
+                        ay3 = 0
+                        az3 = 0
+            phase -= up
+        iv[_S_SX] = ssx
+        iv[_S_SY] = ssy
+        iv[_S_SZ] = ssz
+        iv[_S_N] += seg
+        iv[_B_N] += seg
+        iv[_B_SQ] = bqx
+        iv[_B_SQ + 1] = bqy
+        iv[_B_SQ + 2] = bqz
+        iv[_B_MIN] = lox
+        iv[_B_MIN + 1] = loy
+        iv[_B_MIN + 2] = loz
+        iv[_B_MAX] = hix
+        iv[_B_MAX + 1] = hiy
+        iv[_B_MAX + 2] = hiz
+        fv[_E_ENMO] = enmo
+        fv[_E_MAG] = mag_sum
+        iv[_E_N] = e_n
+        fv[_LPF_Y] = lx
+        fv[_LPF_Y + 1] = ly
+        fv[_LPF_Y + 2] = lz
+        o = _BPF_Z
+        fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6] = x0, x1, x2, x3, x4, x5, x6
+        o += _NB
+        fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6] = y0, y1, y2, y3, y4, y5, y6
+        o += _NB
+        fv[o], fv[o + 1], fv[o + 2], fv[o + 3], fv[o + 4], fv[o + 5], fv[o + 6] = z0, z1, z2, z3, z4, z5, z6
+        iv[_PHASE] = phase
+        iv[_N3] = n3
+        iv[_ACC3_X] = ax3
+        iv[_ACC3_Y] = ay3
+        iv[_ACC3_Z] = az3
+        iv[_E_CX] = cx
+        iv[_E_CY] = cy
+        iv[_E_CZ] = cz
+        iv[_E_N10] = n10
+        iv[_N_SEEN] += seg
+        i += seg
+
+
+@njit(**config.JIT)
+def _activity(x, y, z, iv, fv, table, out, nw_out, counts):
+    """Process samples x, y, z (int16) in order; rows go to `out` / `nw_out`, their numbers to `counts`.
+
+    The band rates get their own copy of the loop with the resampling factors as constants."""
+    up = iv[_UP]
+    down = iv[_DOWN]
+    if up == 3 and down == 5:  # 50 Hz
+        _run(x, y, z, iv, fv, table, out, nw_out, counts, 3, 5)
+    elif up == 6 and down == 5:  # 25 Hz
+        _run(x, y, z, iv, fv, table, out, nw_out, counts, 6, 5)
+    else:
+        _run(x, y, z, iv, fv, table, out, nw_out, counts, up, down)
+
+
+@njit(**config.JIT)
+def _flush(iv, fv, out, nw_out, counts):
+    """End of stream: close the partial second, 5-s window, epoch and block; emit the waiting blocks.
+
+    A partial 10-Hz group is dropped, as agcounts drops it."""
+    s = iv[_SECOND]
+    _close_second(iv, fv)
+    _close_five(iv, fv, s // FIVE_S)
+    counts[0] = _close_epoch(iv, fv, s // EPOCH_S, out, counts[0])
+    block = s // BLOCK_S
+    counts[1] = _close_block(iv, fv, block, nw_out, counts[1])
+    for k in range(WINDOW_BLOCKS - 2, -1, -1):
+        counts[1] = _emit_block(iv, block - k, nw_out, counts[1])
+    iv[_FLUSHED] = 1
+
+
+# --- public wrappers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivityOutput:
+    """What one call completed: 30-s epoch rows and 15-min non-wear rows, on the UTC grid."""
+
+    epochs: np.ndarray  # EPOCH_DTYPE
+    nonwear: np.ndarray  # NONWEAR_DTYPE
+
+
+def _buffers(iv: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_sec = n_samples // int(iv[_FS]) + 2
+    return (
+        np.empty((n_sec // EPOCH_S + 2, _E_COLS)),
+        np.empty((n_sec // BLOCK_S + WINDOW_BLOCKS + 1, _NW_COLS)),
+        np.zeros(2, np.int64),
+    )
+
+
+def _typed(out: np.ndarray, nw_out: np.ndarray, counts: np.ndarray) -> ActivityOutput:
+    epochs = np.empty(int(counts[0]), EPOCH_DTYPE)
+    for k, name in enumerate(EPOCH_DTYPE.names):
+        epochs[name] = out[: counts[0], k]
+    nonwear = np.empty(int(counts[1]), NONWEAR_DTYPE)
+    for k, name in enumerate(NONWEAR_DTYPE.names):
+        nonwear[name] = nw_out[: counts[1], k]
+    return ActivityOutput(epochs, nonwear)
+
+
+def activity_epochs(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    state: ActivityState,
+    *,
+    t0_us: int | None = None,
+) -> tuple[ActivityOutput, ActivityState]:
+    """Activity of the next samples of a stream (int16 counts per axis, at the state's rate).
+
+    `t0_us`, if given, is the time of `x[0]`; it must be where the stream is (within one sample period),
+    else a gap or overlap is refused — start a new stream then. Returns the rows these samples
+    completed and the new state; `state` itself is unchanged, so a failed batch can be replayed.
+    """
+    x, y, z = (np.ascontiguousarray(v) for v in (x, y, z))
+    if not (x.ndim == y.ndim == z.ndim == 1 and x.size == y.size == z.size):
+        raise ValueError("x, y, z must be 1-d arrays of one length")
+    if not all(np.issubdtype(v.dtype, np.integer) for v in (x, y, z)):
+        raise ValueError("x, y, z must be integer counts")
+    x, y, z = (np.ascontiguousarray(v, dtype=np.int16) for v in (x, y, z))
+    if state.ints[_FLUSHED]:
+        raise ValueError("the stream was flushed; start a new one")
+    if t0_us is not None and abs(int(t0_us) - state.next_sample_us) >= 1_000_000 // state.sample_rate_hz:
+        raise ValueError("t0_us is not where the stream is: a gap or overlap; start a new stream")
+    iv = state.ints.copy()
+    fv = state.floats.copy()
+    out, nw_out, counts = _buffers(iv, x.size)
+    _activity(x, y, z, iv, fv, MG_TABLE, out, nw_out, counts)
+    return _typed(out, nw_out, counts), ActivityState(iv, fv)
+
+
+def activity_flush(state: ActivityState) -> tuple[ActivityOutput, ActivityState]:
+    """End of a stream: emit the partial epoch and the non-wear blocks still open."""
+    iv = state.ints.copy()
+    fv = state.floats.copy()
+    out, nw_out, counts = _buffers(iv, 0)
+    if not iv[_FLUSHED]:
+        _flush(iv, fv, out, nw_out, counts)
+    return _typed(out, nw_out, counts), ActivityState(iv, fv)
+
+
+def activity_of_recording(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    sample_rate_hz: int,
+    start_us: int,
+    *,
+    range_g: int = 8,
+    bits: int = 12,
+) -> ActivityOutput:
+    """One-shot: a whole recording through a new stream and its flush."""
+    a, st = activity_epochs(x, y, z, new_activity_state(sample_rate_hz, start_us, range_g=range_g, bits=bits))
+    b, _ = activity_flush(st)
+    return ActivityOutput(np.concatenate([a.epochs, b.epochs]), np.concatenate([a.nonwear, b.nonwear]))

@@ -1,0 +1,263 @@
+"""decoder/activity.py against agcounts, the naive reference, and itself split into chunks."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from decoder import activity
+from decoder.activity import (
+    ActivityState,
+    activity_epochs,
+    activity_flush,
+    activity_of_recording,
+    new_activity_state,
+)
+from tests.naive_activity import naive_activity, resample_to_30hz
+
+G = 16 / 4096
+EPOCH_ALIGNED = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z, on the 30-s and 15-min grids
+
+
+def _signal(seed: int, n: int, kind: str) -> np.ndarray:
+    """int16 counts (n, 3): wrist-like motion, noise, stillness with a tilt, or full-range chaos."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None] / 50.0
+    if kind == "walk":
+        a = 256 * (0.6 * np.sin(2 * np.pi * np.array([1.8, 0.9, 3.6]) * t + rng.uniform(0, 6, 3)))
+        a += rng.normal(0, 25, (n, 3)) + np.array([0, 256, 0])
+    elif kind == "still":
+        a = np.array([60, 30, 245]) + rng.normal(0, 0.6, (n, 3))  # ~2 mg: a band on a table
+    elif kind == "noise":
+        a = rng.normal(0, rng.choice([5, 100, 600]), (n, 3)) + np.array([0, 0, 256])
+    else:
+        a = rng.integers(-2048, 2048, (n, 3))
+    return np.clip(np.round(a), -2048, 2047).astype(np.int16)
+
+
+def _agree(mine: np.ndarray, ref: np.ndarray) -> None:
+    """Within 1 % or 2 counts per epoch and axis."""
+    diff = np.abs(mine.astype(np.int64) - ref.astype(np.int64))
+    assert np.all(diff <= np.maximum(2, 0.01 * np.abs(ref))), (mine, ref)
+
+
+def _axis_counts(rows: np.ndarray) -> np.ndarray:
+    return np.stack([rows["counts_x"], rows["counts_y"], rows["counts_z"]], axis=1)
+
+
+# --- published constants ------------------------------------------------------------------------------
+
+
+def test_coefficients_are_agcounts():
+    from agcounts.legacy import INPUT_COEFFICIENTS, OUTPUT_COEFFICIENTS
+    from scipy.signal import lfilter_zi
+
+    assert np.array_equal(activity.BPF_B, INPUT_COEFFICIENTS[0])
+    assert np.array_equal(activity.BPF_A, OUTPUT_COEFFICIENTS[0])
+    zi = lfilter_zi(INPUT_COEFFICIENTS[0], OUTPUT_COEFFICIENTS[0])
+    assert zi[-1] == 0.0  # the dropped ninth state
+    np.testing.assert_allclose(activity.BPF_ZI, zi[:-1], rtol=1e-12, atol=1e-15)
+    assert activity.COUNTS_SCALE == (3.0 / 4096.0) / (2.6 / 256.0) * 237.5
+
+
+@pytest.mark.parametrize("fs", [30, 40, 50, 60, 100])
+def test_resample_factors_are_agcounts(fs):
+    from agcounts.legacy import _factors
+
+    assert activity.resample_factors(fs) == _factors(fs)
+
+
+def test_mg_table_is_numpy_division():
+    r = np.arange(-(1 << 16), (1 << 16) + 1, dtype=np.float64)
+    assert np.array_equal(activity.MG_TABLE, np.round(r / 1000.0, 3))
+    assert np.array_equal(activity.MG_TABLE, r / 1000.0)
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(-70.0, 70.0), min_size=1, max_size=50))
+def test_round_mg_is_numpy_round(values):
+    """The looked-up rounding equals np.round(v, 3) bit for bit, inside and outside the table."""
+    edges = np.arange(65_000, 70_000) / 1000.0  # either side of the table's end
+    v = np.concatenate([values, [0.0005, -0.0015], edges, -edges])
+    ours = np.array([activity._round_mg(a, activity.MG_TABLE) for a in v])
+    assert np.array_equal(ours, np.round(v, 3))
+
+
+def test_naive_resampler_is_agcounts():
+    from agcounts.extract import _resample
+
+    x = _signal(3, 3000, "walk")[:, 0] * G
+    for fs in (40, 50, 100):
+        ours, _ = resample_to_30hz(x, fs)
+        np.testing.assert_array_equal(ours, _resample(x[:, None], fs)[0])
+
+
+# --- agcounts agreement -------------------------------------------------------------------------------
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(["walk", "noise", "chaos"]),
+    fs=st.sampled_from([50, 100]),
+)
+def test_counts_match_agcounts(seed, kind, fs):
+    from agcounts.extract import get_counts
+
+    n = fs * 30 * 6
+    xyz = _signal(seed, n, kind)
+    ref = get_counts(xyz * G, fs, 30)
+    out = activity_of_recording(*xyz.T, fs, EPOCH_ALIGNED)
+    mine = _axis_counts(out.epochs)[: len(ref)]
+    _agree(mine, ref)
+    np.testing.assert_allclose(
+        out.epochs["counts_vm"][: len(ref)], np.sqrt((ref.astype(float) ** 2).sum(1)), rtol=1e-6
+    )
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["walk", "noise"]))
+def test_counts_25hz_match_agcounts_after_resampling(seed, kind):
+    """agcounts takes no 25 Hz; our resampling to 30 Hz, handed to agcounts at 30 Hz, gives our counts."""
+    from agcounts.extract import get_counts
+
+    n = 25 * 30 * 6
+    xyz = _signal(seed, n, kind)
+    at30 = np.stack([resample_to_30hz(xyz[:, k] * G, 25)[0] for k in range(3)], axis=1)
+    ref = get_counts(at30, 30, 30)
+    out = activity_of_recording(*xyz.T, 25, EPOCH_ALIGNED)
+    _agree(_axis_counts(out.epochs)[: len(ref)], ref)
+
+
+# --- the naive reference ------------------------------------------------------------------------------
+
+
+def _compare(rows: np.ndarray, ref: np.ndarray) -> None:
+    assert len(rows) == len(ref)
+    for name in (
+        "epoch_start_us",
+        "n_samples",
+        "counts_x",
+        "counts_y",
+        "counts_z",
+        "counts_n10",
+        "angle_changes",
+    ):
+        np.testing.assert_array_equal(rows[name], ref[name], err_msg=name)
+    for name in ("enmo_mg", "mad_mg", "counts_vm", "z_angle_deg"):
+        np.testing.assert_allclose(rows[name], ref[name], rtol=2e-6, atol=2e-4, err_msg=name)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(["walk", "still", "noise", "chaos"]),
+    fs=st.sampled_from([25, 30, 50, 60, 100]),
+    seconds=st.integers(0, 150),
+    offset_us=st.integers(0, 60_000_000),
+)
+def test_kernel_matches_naive(seed, kind, fs, seconds, offset_us):
+    n = fs * seconds + seed % fs
+    xyz = _signal(seed, n, kind)
+    start = EPOCH_ALIGNED + offset_us
+    out = activity_of_recording(*xyz.T, fs, start)
+    rows, nonwear = naive_activity(xyz, fs, start)
+    _compare(out.epochs, rows)
+    np.testing.assert_array_equal(out.nonwear, nonwear)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), still_from_min=st.integers(0, 100), offset_s=st.integers(0, 1800))
+def test_nonwear_matches_naive(seed, still_from_min, offset_s):
+    fs = 25
+    n = fs * 60 * 150  # 2.5 h: moving, then still from a random minute
+    xyz = _signal(seed, n, "walk")
+    a = fs * 60 * still_from_min
+    xyz[a:] = _signal(seed + 1, n - a, "still")
+    start = EPOCH_ALIGNED + offset_s * 1_000_000
+    out = activity_of_recording(*xyz.T, fs, start)
+    rows, nonwear = naive_activity(xyz, fs, start, with_counts=False)
+    np.testing.assert_array_equal(out.nonwear, nonwear)
+    if still_from_min <= 75:  # the still part then holds four whole 15-min UTC blocks
+        assert out.nonwear["nonwear"][-1] == 1
+    if still_from_min > 90:
+        assert out.nonwear["nonwear"][0] == 0
+    np.testing.assert_allclose(out.epochs["enmo_mg"], rows["enmo_mg"], rtol=2e-6, atol=2e-4)
+
+
+# --- streaming ------------------------------------------------------------------------------------------
+
+
+def _roundtrip(state: ActivityState) -> ActivityState:
+    """Serialise to plain arrays and back, as the gateway stores a device between batches."""
+    arrays = {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in state.to_arrays().items()}
+    return ActivityState.from_arrays(arrays)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(["walk", "still", "noise", "chaos"]),
+    fs=st.sampled_from([25, 50, 40, 90]),
+    seconds=st.integers(1, 200),
+    offset_us=st.integers(0, 3_600_000_000),
+    cuts=st.lists(st.floats(0, 1), max_size=8),
+)
+def test_any_split_gives_identical_rows(seed, kind, fs, seconds, offset_us, cuts):
+    n = fs * seconds + seed % 7
+    xyz = _signal(seed, n, kind)
+    start = EPOCH_ALIGNED + offset_us
+    whole = activity_of_recording(*xyz.T, fs, start)
+    bounds = sorted({0, n, *(int(c * n) for c in cuts)})
+    state = new_activity_state(fs, start)
+    epochs, nonwear = [], []
+    for a, b in itertools.pairwise(bounds):
+        out, state = activity_epochs(
+            *xyz[a:b].T, _roundtrip(state), t0_us=activity.sample_time_us(start, fs, a)
+        )
+        epochs.append(out.epochs)
+        nonwear.append(out.nonwear)
+    out, _ = activity_flush(_roundtrip(state))
+    epochs.append(out.epochs)
+    nonwear.append(out.nonwear)
+    assert np.concatenate(epochs).tobytes() == whole.epochs.tobytes()
+    assert np.concatenate(nonwear).tobytes() == whole.nonwear.tobytes()
+
+
+def test_epochs_are_emitted_when_complete():
+    fs = 50
+    xyz = _signal(1, fs * 75, "walk")
+    state = new_activity_state(fs, EPOCH_ALIGNED)
+    out, state = activity_epochs(*xyz[: fs * 30].T, state)
+    assert len(out.epochs) == 0  # the epoch ends, but no sample past it has arrived
+    out, state = activity_epochs(*xyz[fs * 30 :].T, state)
+    assert list(out.epochs["epoch_start_us"]) == [EPOCH_ALIGNED, EPOCH_ALIGNED + 30_000_000]
+    assert list(out.epochs["n_samples"]) == [fs * 30, fs * 30]
+    out, _ = activity_flush(state)
+    assert list(out.epochs["n_samples"]) == [fs * 15]
+
+
+def test_refuses_gaps_and_use_after_flush():
+    state = new_activity_state(50, EPOCH_ALIGNED)
+    xyz = _signal(2, 100, "noise")
+    _, state = activity_epochs(*xyz.T, state, t0_us=EPOCH_ALIGNED)
+    with pytest.raises(ValueError, match="gap"):
+        activity_epochs(*xyz.T, state, t0_us=EPOCH_ALIGNED + 10_000_000)
+    _, done = activity_flush(state)
+    with pytest.raises(ValueError, match="flushed"):
+        activity_epochs(*xyz.T, done)
+    with pytest.raises(ValueError):
+        new_activity_state(33, EPOCH_ALIGNED)
+    with pytest.raises(ValueError):
+        ActivityState.from_arrays({"version": 99, "ints": state.ints, "floats": state.floats})
+
+
+def test_state_does_not_change_under_a_call():
+    state = new_activity_state(25, EPOCH_ALIGNED)
+    before = state.to_arrays()
+    activity_epochs(*_signal(4, 2000, "walk").T, state)
+    assert np.array_equal(before["ints"], state.ints) and np.array_equal(before["floats"], state.floats)
