@@ -20,12 +20,24 @@ from dataclasses import dataclass, field, replace
 import msgpack
 import numpy as np
 
-from decoder import steps
+from decoder import activity, heart, steps
 from decoder.frames import DecodedBatch
 
 STATE_VERSION = 1
-ALGO = {"steps": "steps/1"}
-FAMILIES = ("steps",)
+# Every family a record can have (docs/features.md); the store accepts exactly these.
+FAMILIES = ("steps", "activity", "heart", "sleep", "night", "wear", "day")
+ALGO = {
+    "steps": "steps/1",
+    "activity": "activity/1",
+    "wear": "activity/1",
+    "heart": "heart/1",
+    "day": "heart/1",
+    "sleep": "sleep/1",
+    "night": "sleep/1",
+}
+# An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
+# sedentary threshold is about 30 mg at 50 Hz).
+INACTIVE_ENMO_MG = 30.0
 
 
 def device_key(device_id: int) -> str:
@@ -43,10 +55,10 @@ class DeviceState:
     accel_range_g: int = 0
     accel_bits: int = 0
     utc_offset_min: int = 0
-    families: dict[str, np.ndarray] = field(default_factory=dict)
+    families: dict[str, dict] = field(default_factory=dict)  # family -> {name: ndarray | int}
 
     def to_bytes(self) -> bytes:
-        """msgpack with a version, family arrays as raw little-endian float64."""
+        """msgpack with a version; each family's arrays as (dtype, raw little-endian bytes)."""
         return msgpack.packb(
             {
                 "v": STATE_VERSION,
@@ -56,7 +68,7 @@ class DeviceState:
                 "range": self.accel_range_g,
                 "bits": self.accel_bits,
                 "utc": self.utc_offset_min,
-                "families": {k: np.ascontiguousarray(v, "<f8").tobytes() for k, v in self.families.items()},
+                "families": {k: _pack_arrays(v) for k, v in self.families.items()},
             }
         )
 
@@ -72,8 +84,26 @@ class DeviceState:
             accel_range_g=d["range"],
             accel_bits=d["bits"],
             utc_offset_min=d["utc"],
-            families={k: np.frombuffer(v, "<f8").copy() for k, v in d["families"].items()},
+            families={k: _unpack_arrays(v) for k, v in d["families"].items()},
         )
+
+
+def _pack_arrays(arrays: dict) -> dict:
+    out = {}
+    for name, v in arrays.items():
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            out[name] = [a.dtype.newbyteorder("<").str, a.astype(a.dtype.newbyteorder("<")).tobytes()]
+        else:
+            out[name] = int(v)
+    return out
+
+
+def _unpack_arrays(packed: dict) -> dict:
+    return {
+        name: np.frombuffer(v[1], np.dtype(v[0])).copy() if isinstance(v, list) else int(v)
+        for name, v in packed.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -81,12 +111,15 @@ class _Run:
     """Consecutive good frames whose samples continue one another."""
 
     start_us: int
+    end_us: int  # where the sample after the last is expected
     sample_rate_mhz: int
     accel_range_g: int
     accel_bits: int
     utc_offset_min: int
     accel: np.ndarray  # (n, 3) int16
-    end_us: int  # where the sample after the last is expected
+    hr_bpm: np.ndarray  # u8, 1 Hz from start_us (0 = no reading)
+    rr_ms: np.ndarray  # u16
+    rr_end_us: np.ndarray  # int64, sorted, within [start_us, end_us)
 
 
 def _runs(d: DecodedBatch) -> Iterator[_Run]:
@@ -94,37 +127,63 @@ def _runs(d: DecodedBatch) -> Iterator[_Run]:
     ok = np.flatnonzero(d.ok())
     i = 0
     while i < ok.size:
-        f0 = ok[i]
         j = i
-        end = _frame_end(d, f0)
-        while j + 1 < ok.size and _continues(
-            d, ok[j + 1], end, d.accel_start[ok[j]] + d.accel_count[ok[j]], f0
-        ):
+        end = _frame_end(d, ok[i])
+        while j + 1 < ok.size and _continues(d, ok[j + 1], end, ok[j], ok[i]):
             j += 1
             end = _frame_end(d, ok[j])
-        a = int(d.accel_start[f0])
-        b = int(d.accel_start[ok[j]] + d.accel_count[ok[j]])
-        yield _Run(
-            start_us=int(d.start_us[f0]),
-            sample_rate_mhz=int(d.sample_rate_mhz[f0]),
-            accel_range_g=int(d.accel_range_g[f0]),
-            accel_bits=int(d.accel_bits[f0]),
-            utc_offset_min=int(d.utc_offset_min[f0]),
-            accel=np.stack([d.x[a:b], d.y[a:b], d.z[a:b]], axis=1),
-            end_us=end,
-        )
+        yield _make_run(d, ok[i : j + 1], end)
         i = j + 1
+
+
+def _make_run(d: DecodedBatch, frames: np.ndarray, end_us: int) -> _Run:
+    f0 = frames[0]
+    start_us = int(d.start_us[f0])
+    a = int(d.accel_start[f0])
+    b = int(d.accel_start[frames[-1]] + d.accel_count[frames[-1]])
+    # Heart rate is 1 Hz from each frame's own start: place every frame's readings on the run's grid.
+    hr = np.zeros(max((end_us - start_us + 999_999) // 1_000_000, 0), np.uint8)
+    rr_parts: list[np.ndarray] = []
+    rr_end_parts: list[np.ndarray] = []
+    for f in frames:
+        offset_s = (int(d.start_us[f]) - start_us) // 1_000_000
+        readings = d.hr_bpm[d.hr_start[f] : d.hr_start[f] + d.hr_count[f]][: max(hr.size - offset_s, 0)]
+        hr[offset_s : offset_s + readings.size] = readings
+        n_rr = int(d.rr_count[f])
+        if n_rr:
+            rr = d.rr_ms[d.rr_start[f] : d.rr_start[f] + n_rr]
+            since_first_ms = np.concatenate([[0], np.cumsum(rr[1:], dtype=np.int64)])
+            rr_parts.append(rr)
+            rr_end_parts.append(int(d.start_us[f]) + (int(d.rr_first_beat_ms[f]) + since_first_ms) * 1000)
+    rr_ms = np.concatenate(rr_parts) if rr_parts else np.zeros(0, np.uint16)
+    rr_end = np.concatenate(rr_end_parts) if rr_end_parts else np.zeros(0, np.int64)
+    # A beat the band placed outside its frame's window, or out of order, is not trusted.
+    keep = (rr_end >= start_us) & (rr_end < end_us)
+    keep[1:] &= np.diff(rr_end) >= 0
+    return _Run(
+        start_us=start_us,
+        end_us=end_us,
+        sample_rate_mhz=int(d.sample_rate_mhz[f0]),
+        accel_range_g=int(d.accel_range_g[f0]),
+        accel_bits=int(d.accel_bits[f0]),
+        utc_offset_min=int(d.utc_offset_min[f0]),
+        accel=np.stack([d.x[a:b], d.y[a:b], d.z[a:b]], axis=1),
+        hr_bpm=hr,
+        rr_ms=rr_ms[keep],
+        rr_end_us=rr_end[keep],
+    )
 
 
 def _frame_end(d: DecodedBatch, f: int) -> int:
     return int(d.start_us[f]) + (int(d.accel_count[f]) * 1_000_000_000) // int(d.sample_rate_mhz[f])
 
 
-def _continues(d: DecodedBatch, f: int, expected_us: int, expected_index: int, first: int) -> bool:
+def _continues(d: DecodedBatch, f: int, expected_us: int, previous: int, first: int) -> bool:
     """Frame f picks up exactly where the run ended: same format, no lost samples, within half a sample."""
     half_period_us = 500_000_000 // max(int(d.sample_rate_mhz[first]), 1)
     return (
-        int(d.accel_start[f]) == expected_index
+        int(d.accel_start[f]) == int(d.accel_start[previous] + d.accel_count[previous])
+        and int(d.accel_count[f]) > 0
         and int(d.sample_rate_mhz[f]) == int(d.sample_rate_mhz[first])
         and int(d.accel_range_g[f]) == int(d.accel_range_g[first])
         and int(d.accel_bits[f]) == int(d.accel_bits[first])
@@ -143,6 +202,9 @@ def _same_stream(state: DeviceState, run: _Run) -> bool:
     ) and abs(run.start_us - state.next_us) <= half_period_us
 
 
+# --- records ------------------------------------------------------------------------------------------------
+
+
 def _record(family: str, device: str, start_us: int, duration_s: int, values: dict) -> dict:
     return {
         "family": family,
@@ -154,8 +216,14 @@ def _record(family: str, device: str, start_us: int, duration_s: int, values: di
     }
 
 
-def _num(x: float, digits: int = 3) -> float:
-    return round(float(x), digits)
+def _num(x: float, digits: int = 3) -> float | None:
+    """A finite number rounded for the record, or None for 'no value' (dropped from the record)."""
+    x = float(x)
+    return round(x, digits) if np.isfinite(x) else None
+
+
+def _values(**kv) -> dict:
+    return {k: v for k, v in kv.items() if v is not None}
 
 
 def _step_records(device: str, out: steps.StepOutput) -> list[dict]:
@@ -165,34 +233,118 @@ def _step_records(device: str, out: steps.StepOutput) -> list[dict]:
             device,
             m["minute_start_us"],
             60,
-            {
-                "steps": _num(m["steps"], 2),
-                "cadence_spm": _num(m["cadence_spm"], 1),
-                "walk_s": int(m["walk_s"]),
-                "run_s": int(m["run_s"]),
-                "data_s": int(m["data_s"]),
-            },
+            _values(
+                steps=_num(m["steps"], 2),
+                cadence_spm=_num(m["cadence_spm"], 1),
+                walk_s=int(m["walk_s"]),
+                run_s=int(m["run_s"]),
+                data_s=int(m["data_s"]),
+            ),
         )
         for m in out.minutes
     ]
 
 
+def _activity_records(device: str, out: activity.ActivityOutput) -> list[dict]:
+    records = [
+        _record(
+            "activity",
+            device,
+            e["epoch_start_us"],
+            30,
+            _values(
+                enmo_mg=_num(e["enmo_mg"], 2),
+                mad_mg=_num(e["mad_mg"], 2),
+                counts=_num(e["counts_vm"], 1),
+                counts_x=int(e["counts_x"]),
+                counts_y=int(e["counts_y"]),
+                counts_z=int(e["counts_z"]),
+                z_angle_deg=_num(e["z_angle_deg"], 2),
+                angle_changes=int(e["angle_changes"]),
+                n_samples=int(e["n_samples"]),
+            ),
+        )
+        for e in out.epochs
+    ]
+    records += [
+        _record(
+            "wear",
+            device,
+            b["block_start_us"],
+            900,
+            {"nonwear": int(b["nonwear"]), "n_samples": int(b["n_samples"])},
+        )
+        for b in out.nonwear
+    ]
+    return records
+
+
+def _heart_records(device: str, out: heart.HeartOutput) -> list[dict]:
+    records = [
+        _record(
+            "heart",
+            device,
+            e["epoch_start_us"],
+            30,
+            _values(
+                hr_mean_bpm=_num(e["hr_mean_bpm"], 1),
+                hr_min_bpm=int(e["hr_min_bpm"]) if e["hr_n"] else None,
+                hr_max_bpm=int(e["hr_max_bpm"]) if e["hr_n"] else None,
+                hr_n=int(e["hr_n"]),
+                rr_kept=int(e["rr_kept"]),
+                rr_rejected=int(e["rr_rejected"]),
+                mean_nn_ms=_num(e["mean_nn_ms"], 1),
+                sdnn_ms=_num(e["sdnn_ms"], 2),
+                rmssd_ms=_num(e["rmssd_ms"], 2),
+            ),
+        )
+        for e in out.epochs
+    ]
+    records += [
+        _record(
+            "day",
+            device,
+            r["day_start_us"],
+            86_400,
+            _values(resting_hr_bpm=_num(r["resting_hr_bpm"], 1), resting_epochs=int(r["n_epochs"])),
+        )
+        for r in out.resting
+    ]
+    return records
+
+
+# --- the path -----------------------------------------------------------------------------------------------
+
+
 def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
     """Close every family's open epochs; the stream ends here."""
     device = device_key(state.device_id)
+    fam = state.families
     records: list[dict] = []
-    if "steps" in state.families:
-        out, _ = steps.flush_steps(steps.StepState.from_array(state.families["steps"]))
+    if "activity" in fam:
+        out, _ = activity.activity_flush(activity.ActivityState.from_arrays(fam["activity"]))
+        records += _activity_records(device, out)
+    if "heart" in fam:
+        out, _ = heart.heart_flush(heart.HeartState.from_arrays(fam["heart"]))
+        records += _heart_records(device, out)
+    if "steps" in fam:
+        out, _ = steps.flush_steps(steps.StepState.from_array(fam["steps"]["values"]))
         records += _step_records(device, out)
     return records, replace(state, next_us=-1, families={})
 
 
 def _open(state: DeviceState, run: _Run) -> DeviceState:
-    g_per_count = 2.0 * run.accel_range_g / 2**run.accel_bits
-    families = {}
+    """Start every family that supports the run's format at the run's first sample."""
+    families: dict[str, dict] = {}
     rate_hz = run.sample_rate_mhz / 1000
+    if rate_hz == int(rate_hz) and int(rate_hz) in activity.SAMPLE_RATES_HZ:
+        families["activity"] = activity.new_activity_state(
+            int(rate_hz), run.start_us, range_g=run.accel_range_g, bits=run.accel_bits
+        ).to_arrays()
     if rate_hz == int(rate_hz) and int(rate_hz) % steps.FS_DEC == 0 and rate_hz <= 8 * steps.FS_DEC:
-        families["steps"] = steps.new_state(int(rate_hz), run.start_us, g_per_count).to_array()
+        g_per_count = 2.0 * run.accel_range_g / 2**run.accel_bits
+        families["steps"] = {"values": steps.new_state(int(rate_hz), run.start_us, g_per_count).to_array()}
+    families["heart"] = heart.new_heart_state(run.start_us, run.utc_offset_min).to_arrays()
     return replace(
         state,
         next_us=run.start_us,
@@ -217,12 +369,32 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
             flushed, state = _flush(state)
             records += flushed
             state = _open(state, run)
-        families = dict(state.families)
-        if "steps" in families:
-            out, st = steps.count_steps(run.accel, steps.StepState.from_array(families["steps"]))
-            families["steps"] = st.to_array()
+        fam = dict(state.families)
+        inactive = np.zeros(0, np.int64)
+        if "activity" in fam:
+            x, y, z = run.accel[:, 0], run.accel[:, 1], run.accel[:, 2]
+            out, st = activity.activity_epochs(x, y, z, activity.ActivityState.from_arrays(fam["activity"]))
+            fam["activity"] = st.to_arrays()
+            records += _activity_records(device, out)
+            calm = (out.epochs["enmo_mg"] < INACTIVE_ENMO_MG) & (out.epochs["n_samples"] > 0)
+            inactive = out.epochs["epoch_start_us"][calm]
+        if "heart" in fam:
+            out, st = heart.heart_epochs(
+                run.hr_bpm,
+                run.start_us,
+                run.rr_ms,
+                run.rr_end_us,
+                heart.HeartState.from_arrays(fam["heart"]),
+                until_us=run.end_us,
+                inactive_epoch_us=inactive,
+            )
+            fam["heart"] = st.to_arrays()
+            records += _heart_records(device, out)
+        if "steps" in fam:
+            out, st = steps.count_steps(run.accel, steps.StepState.from_array(fam["steps"]["values"]))
+            fam["steps"] = {"values": st.to_array()}
             records += _step_records(device, out)
-        state = replace(state, next_us=run.end_us, utc_offset_min=run.utc_offset_min, families=families)
+        state = replace(state, next_us=run.end_us, utc_offset_min=run.utc_offset_min, families=fam)
     return records, state
 
 

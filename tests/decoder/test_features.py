@@ -72,17 +72,23 @@ def test_split_invariance(data: st.DataObject) -> None:
     frames = _frames(rec, [c * fs for c in cuts])
     batch_cuts = data.draw(st.lists(st.integers(1, max(1, len(frames) - 1)), max_size=6))
     got = _run(frames, batch_cuts, rec.device_id, serialise=data.draw(st.booleans()))
-    assert got == _one_shot(rec)
+    assert _key_sorted(got) == _key_sorted(_one_shot(rec))
+
+
+def _key_sorted(records: list[dict]) -> list[dict]:
+    """Records in a canonical order: the order of emission depends on where batches end, nothing else."""
+    return sorted(records, key=lambda r: (r["family"], r["start_us"]))
 
 
 def test_records_follow_the_schema() -> None:
     rec = _band()
     records = _one_shot(rec)
-    assert {r["family"] for r in records} == set(FAMILIES)
+    assert {"steps", "activity", "heart", "wear"} <= {r["family"] for r in records} <= set(FAMILIES)
     for r in records:
         assert set(r) == {"family", "device", "start_us", "duration_s", "algo", "values"}
         assert r["device"] == device_key(rec.device_id) and len(r["device"]) == 16
-        assert r["start_us"] % (r["duration_s"] * 1_000_000) == 0, "epochs sit on the UTC grid"
+        local_us = r["start_us"] + (rec.utc_offset_min * 60_000_000 if r["family"] == "day" else 0)
+        assert local_us % (r["duration_s"] * 1_000_000) == 0, "epochs on the UTC grid, days on local midnight"
         assert all(isinstance(v, (int, float, str)) for v in r["values"].values())
     assert all("steps" not in r["values"] for r in records if r["family"] != "steps")
     minutes = [r for r in records if r["family"] == "steps"]
@@ -115,7 +121,8 @@ def test_bad_frames_are_skipped_like_gaps() -> None:
     assert decoded.status.tolist()[0] != 0
     records, state = process(decoded, DeviceState(rec.device_id))
     flushed, _ = finish(state)
-    assert all(r["start_us"] >= frames[1].start_us for r in records + flushed)
+    epochs = [r for r in records + flushed if r["duration_s"] <= 60]  # day and wear blocks span longer
+    assert epochs and all(r["start_us"] >= frames[1].start_us for r in epochs)
 
 
 def test_state_is_not_modified_and_round_trips() -> None:
@@ -133,4 +140,8 @@ def test_state_is_not_modified_and_round_trips() -> None:
     future["v"] = 99
     with pytest.raises(ValueError, match="version"):
         DeviceState.from_bytes(msgpack.packb(future))
-    assert np.array_equal(DeviceState.from_bytes(before).families["steps"], state.families["steps"])
+    restored = DeviceState.from_bytes(before).families
+    assert restored.keys() == state.families.keys()
+    for family, arrays in state.families.items():
+        for name, value in arrays.items():
+            assert np.array_equal(restored[family][name], value), (family, name)

@@ -258,13 +258,19 @@ class StoreContract:
 
     def test_state_round_trips(self, store: Store) -> None:
         rng = np.random.default_rng(1)
-        real = DeviceState(A, next_us=T0, sample_rate_mhz=50_000, families={"steps": rng.normal(size=424)})
+        real = DeviceState(
+            A,
+            next_us=T0,
+            sample_rate_mhz=50_000,
+            families={"steps": {"values": rng.normal(size=424), "n": 3}},
+        )
         states = [b"", b"\x00", bytes(range(256)) * 3, rng.bytes(200_000), real.to_bytes()]
         for seq, state in enumerate(states):
             store.commit(A, 1, seq, seq, state, [])
             assert store.device(A) == DeviceRow(A, 1, seq, state)
         restored = DeviceState.from_bytes(store.device(A).state)
-        assert np.array_equal(restored.families["steps"], real.families["steps"])
+        assert np.array_equal(restored.families["steps"]["values"], real.families["steps"]["values"])
+        assert restored.families["steps"]["n"] == 3
         assert restored.next_us == real.next_us
 
     # subscribe
