@@ -166,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, object] = {"quick": args.quick}
     figures.update(decoder_figures(args.quick))
     figures["decoder_bench_seconds"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    from bench.features_bench import feature_figures
+
+    figures.update(feature_figures(best_seconds, args.quick))
+    figures["features_bench_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures, indent=None if args.json else 2))
     return 0
 

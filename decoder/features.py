@@ -216,101 +216,102 @@ def _record(family: str, device: str, start_us: int, duration_s: int, values: di
     }
 
 
-def _num(x: float, digits: int = 3) -> float | None:
-    """A finite number rounded for the record, or None for 'no value' (dropped from the record)."""
-    x = float(x)
-    return round(x, digits) if np.isfinite(x) else None
+def _column(rows: np.ndarray, name: str, digits: int | None = None) -> list:
+    """One field of a structured array as Python numbers (rounded floats; NaN becomes None: no value)."""
+    col = rows[name]
+    if digits is None:
+        return col.tolist()
+    values = np.round(col.astype(np.float64), digits)
+    return [None if v != v else v for v in values.tolist()]
 
 
-def _values(**kv) -> dict:
-    return {k: v for k, v in kv.items() if v is not None}
+def _records(family: str, device: str, duration_s: int, starts: list, columns: dict[str, list]) -> list[dict]:
+    """Records from columns; a None value is left out of its record."""
+    names = list(columns)
+    return [
+        _record(
+            family,
+            device,
+            start,
+            duration_s,
+            {k: v for k, v in zip(names, row, strict=True) if v is not None},
+        )
+        for start, *row in zip(starts, *columns.values(), strict=True)
+    ]
 
 
 def _step_records(device: str, out: steps.StepOutput) -> list[dict]:
-    return [
-        _record(
-            "steps",
-            device,
-            m["minute_start_us"],
-            60,
-            _values(
-                steps=_num(m["steps"], 2),
-                cadence_spm=_num(m["cadence_spm"], 1),
-                walk_s=int(m["walk_s"]),
-                run_s=int(m["run_s"]),
-                data_s=int(m["data_s"]),
-            ),
-        )
-        for m in out.minutes
-    ]
+    m = out.minutes
+    return _records(
+        "steps",
+        device,
+        60,
+        m["minute_start_us"].tolist(),
+        {
+            "steps": _column(m, "steps", 2),
+            "cadence_spm": _column(m, "cadence_spm", 1),
+            "walk_s": _column(m, "walk_s"),
+            "run_s": _column(m, "run_s"),
+            "data_s": _column(m, "data_s"),
+        },
+    )
 
 
 def _activity_records(device: str, out: activity.ActivityOutput) -> list[dict]:
-    records = [
-        _record(
-            "activity",
-            device,
-            e["epoch_start_us"],
-            30,
-            _values(
-                enmo_mg=_num(e["enmo_mg"], 2),
-                mad_mg=_num(e["mad_mg"], 2),
-                counts=_num(e["counts_vm"], 1),
-                counts_x=int(e["counts_x"]),
-                counts_y=int(e["counts_y"]),
-                counts_z=int(e["counts_z"]),
-                z_angle_deg=_num(e["z_angle_deg"], 2),
-                angle_changes=int(e["angle_changes"]),
-                n_samples=int(e["n_samples"]),
-            ),
-        )
-        for e in out.epochs
-    ]
-    records += [
-        _record(
-            "wear",
-            device,
-            b["block_start_us"],
-            900,
-            {"nonwear": int(b["nonwear"]), "n_samples": int(b["n_samples"])},
-        )
-        for b in out.nonwear
-    ]
-    return records
+    e = out.epochs
+    b = out.nonwear
+    return _records(
+        "activity",
+        device,
+        30,
+        e["epoch_start_us"].tolist(),
+        {
+            "enmo_mg": _column(e, "enmo_mg", 2),
+            "mad_mg": _column(e, "mad_mg", 2),
+            "counts": _column(e, "counts_vm", 1),
+            "counts_x": _column(e, "counts_x"),
+            "counts_y": _column(e, "counts_y"),
+            "counts_z": _column(e, "counts_z"),
+            "z_angle_deg": _column(e, "z_angle_deg", 2),
+            "angle_changes": _column(e, "angle_changes"),
+            "n_samples": _column(e, "n_samples"),
+        },
+    ) + _records(
+        "wear",
+        device,
+        900,
+        b["block_start_us"].tolist(),
+        {"nonwear": _column(b, "nonwear"), "n_samples": _column(b, "n_samples")},
+    )
 
 
 def _heart_records(device: str, out: heart.HeartOutput) -> list[dict]:
-    records = [
-        _record(
-            "heart",
-            device,
-            e["epoch_start_us"],
-            30,
-            _values(
-                hr_mean_bpm=_num(e["hr_mean_bpm"], 1),
-                hr_min_bpm=int(e["hr_min_bpm"]) if e["hr_n"] else None,
-                hr_max_bpm=int(e["hr_max_bpm"]) if e["hr_n"] else None,
-                hr_n=int(e["hr_n"]),
-                rr_kept=int(e["rr_kept"]),
-                rr_rejected=int(e["rr_rejected"]),
-                mean_nn_ms=_num(e["mean_nn_ms"], 1),
-                sdnn_ms=_num(e["sdnn_ms"], 2),
-                rmssd_ms=_num(e["rmssd_ms"], 2),
-            ),
-        )
-        for e in out.epochs
-    ]
-    records += [
-        _record(
-            "day",
-            device,
-            r["day_start_us"],
-            86_400,
-            _values(resting_hr_bpm=_num(r["resting_hr_bpm"], 1), resting_epochs=int(r["n_epochs"])),
-        )
-        for r in out.resting
-    ]
-    return records
+    e = out.epochs
+    r = out.resting
+    any_hr = (e["hr_n"] > 0).tolist()
+    return _records(
+        "heart",
+        device,
+        30,
+        e["epoch_start_us"].tolist(),
+        {
+            "hr_mean_bpm": _column(e, "hr_mean_bpm", 1),
+            "hr_min_bpm": [v if ok else None for v, ok in zip(_column(e, "hr_min_bpm"), any_hr, strict=True)],
+            "hr_max_bpm": [v if ok else None for v, ok in zip(_column(e, "hr_max_bpm"), any_hr, strict=True)],
+            "hr_n": _column(e, "hr_n"),
+            "rr_kept": _column(e, "rr_kept"),
+            "rr_rejected": _column(e, "rr_rejected"),
+            "mean_nn_ms": _column(e, "mean_nn_ms", 1),
+            "sdnn_ms": _column(e, "sdnn_ms", 2),
+            "rmssd_ms": _column(e, "rmssd_ms", 2),
+        },
+    ) + _records(
+        "day",
+        device,
+        86_400,
+        r["day_start_us"].tolist(),
+        {"resting_hr_bpm": _column(r, "resting_hr_bpm", 1), "resting_epochs": _column(r, "n_epochs")},
+    )
 
 
 # --- the path -----------------------------------------------------------------------------------------------
