@@ -29,8 +29,10 @@ def _positive(kind):
 def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from gateway.simulator.recorder import simulate_to_file
 
-    if args.out is None:
-        return _fail("simulate: --out FILE is required (streaming to --target comes with the gateway)")
+    if (args.out is None) == (args.target is None):
+        return _fail("simulate: give exactly one of --out FILE or --target HOST:PORT")
+    if args.target is not None:
+        return _simulate_target(args, console)
     with Progress(
         TextColumn("simulating bands"),
         BarColumn(),
@@ -59,6 +61,112 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         f"ground truth in {args.out}.truth.npz"
     )
     return 0
+
+
+def _simulate_target(args: argparse.Namespace, console: Console) -> int:
+    """Bands as gRPC clients, one stream each, paced by `--speedup` (0: as fast as the gateway acks)."""
+    import asyncio
+
+    from gateway.simulator.client import run_fleet
+    from gateway.simulator.recorder import fleet_batches
+
+    fleet = [
+        (rec.device_id, batches)
+        for rec, batches in fleet_batches(
+            bands=args.bands,
+            minutes=args.minutes,
+            seed=args.seed,
+            scenario=args.scenario,
+            sample_rate_hz=args.band_hz,
+            frame_seconds=args.frame_seconds,
+            batch_minutes=args.batch_minutes,
+        )
+    ]
+    interval_s = args.batch_minutes * 60 / args.speedup if args.speedup > 0 else 0.0
+    with Progress(
+        TextColumn("batches acked"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("acked", total=sum(len(b) for _, b in fleet))
+        stats = asyncio.run(
+            run_fleet(args.target, fleet, interval_s=interval_s, on_ack=lambda _: bar.advance(task, 1))
+        )
+    refused: dict[str, int] = {}
+    for s in stats:
+        for code, n in s.refused.items():
+            refused[code] = refused.get(code, 0) + n
+    console.print(
+        f"{len(stats)} bands: {sum(s.batches for s in stats)} batches, "
+        f"{sum(s.stored for s in stats)} stored, "
+        f"{sum(s.duplicates for s in stats)} duplicates, {sum(s.resent for s in stats)} resent, "
+        f"{sum(s.reconnects for s in stats)} reconnects" + (f", refused {refused}" if refused else "")
+    )
+    return 1 if refused else 0
+
+
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    from gateway.config import ConfigError, load_config
+    from gateway.logs import configure_logging
+    from gateway.server import serve
+    from gateway.store import StoreError
+
+    try:
+        config = load_config(
+            file=args.config,
+            overrides={"listen": args.listen, "store": args.store, "metrics_listen": args.metrics_listen},
+        )
+    except ConfigError as e:
+        return _fail(f"serve: {e}")
+    configure_logging()
+    try:
+        return serve(config)
+    except (StoreError, ValueError, OSError, RuntimeError) as e:  # a store, URL or port it cannot use
+        return _fail(f"serve: {e}")
+
+
+def _cmd_tail(args: argparse.Namespace, console: Console) -> int:
+    """Subscribe and print one JSON line a record, with its cursor (resume with --from CURSOR)."""
+    import asyncio
+    import json
+
+    import grpc
+
+    from bandgate.v1 import features_pb2, features_pb2_grpc
+
+    async def tail() -> int:
+        request = features_pb2.SubscribeRequest(
+            families=args.family or [],
+            device=args.device or "",
+            from_cursor=args.from_cursor,
+            no_follow=args.no_follow,
+        )
+        async with grpc.aio.insecure_channel(args.target) as channel:
+            async for rec in features_pb2_grpc.FeatureServiceStub(channel).Subscribe(request):
+                values = {k: getattr(v, v.WhichOneof("kind")) for k, v in rec.values.items()}
+                line = {
+                    "cursor": rec.cursor,
+                    "family": rec.family,
+                    "device": rec.device,
+                    "start_us": rec.start_us,
+                    "duration_s": rec.duration_s,
+                    "algo": rec.algo,
+                    "values": values,
+                }
+                sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+        return 0
+
+    try:
+        return asyncio.run(tail())
+    except grpc.aio.AioRpcError as e:
+        return _fail(f"tail: {e.code().name}: {e.details()}")
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_dict_train(args: argparse.Namespace, console: Console) -> int:
@@ -119,9 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bandgate", description="Edge telemetry gateway for smart bands.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="simulated bands: write their batches to a file")
+    sim = sub.add_parser("simulate", help="simulated bands: to a batch file, or as gRPC clients of a gateway")
     sim.add_argument(
         "--out", type=Path, help="batch file to write (format: docs/wire-format.md, 'Batch files')"
+    )
+    sim.add_argument("--target", help="gateway HOST:PORT: every band uploads over its own stream")
+    sim.add_argument(
+        "--speedup",
+        type=float,
+        default=0.0,
+        help="with --target: simulated time / real time (0: send as fast as acks come back)",
     )
     sim.add_argument("--bands", type=_positive(int), default=1)
     sim.add_argument("--minutes", type=_positive(float), default=10.0)
@@ -131,6 +246,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--frame-seconds", type=_positive(int), default=60)
     sim.add_argument("--batch-minutes", type=_positive(int), default=10)
     sim.set_defaults(run=_cmd_simulate)
+
+    srv = sub.add_parser("serve", help="run the gateway (gRPC ingest, feature subscriptions, metrics)")
+    srv.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:50051)")
+    srv.add_argument("--store", help="store URL (default sqlite:///bandgate.db)")
+    srv.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: off)")
+    srv.add_argument("--config", type=Path, help="TOML file of settings (gateway/config.py names them)")
+    srv.set_defaults(run=_cmd_serve)
+
+    tl = sub.add_parser("tail", help="follow stored feature records (jsonl, with cursors)")
+    tl.add_argument("--target", required=True, help="gateway HOST:PORT")
+    tl.add_argument("--family", action="append", help="a family to receive (repeatable; default all)")
+    tl.add_argument("--device", help="one device (16 hex digits)")
+    tl.add_argument("--from", dest="from_cursor", type=int, default=0, help="resume after this cursor")
+    tl.add_argument("--no-follow", action="store_true", help="stop after catching up")
+    tl.set_defaults(run=_cmd_tail)
 
     rep = sub.add_parser("replay", help="a recording through the band encoder, decoder and feature path")
     rep.add_argument(

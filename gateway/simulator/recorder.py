@@ -48,6 +48,31 @@ def recording_batches(
         yield build_batch(frames[i : i + batch_frames])
 
 
+def fleet_batches(
+    *,
+    bands: int,
+    minutes: float,
+    seed: int = 0,
+    scenario: str = "mixed",
+    sample_rate_hz: int = 50,
+    frame_seconds: int = 60,
+    batch_minutes: int = 10,
+) -> Iterator[tuple[BandRecording, list[batch_pb2.Batch]]]:
+    """Each band's recording and its batches in order: the same for `simulate --out` and `--target`."""
+    for b in range(bands):
+        rec = simulate_band(
+            band_seed(seed, b),
+            minutes,
+            device_id=band_device_id(seed, b),
+            sample_rate_hz=sample_rate_hz,
+            scenario=scenario,
+        )
+        batches = recording_batches(
+            rec, frame_seconds=frame_seconds, batch_frames=max(1, batch_minutes * 60 // frame_seconds)
+        )
+        yield rec, list(batches)
+
+
 @dataclass(frozen=True)
 class FleetSummary:
     bands: int
@@ -75,22 +100,17 @@ def simulate_to_file(
     """
     recordings = []
     per_band = []
-    for b in range(bands):
-        rec = simulate_band(
-            band_seed(seed, b),
-            minutes,
-            device_id=band_device_id(seed, b),
-            sample_rate_hz=sample_rate_hz,
-            scenario=scenario,
-        )
+    for rec, batches in fleet_batches(
+        bands=bands,
+        minutes=minutes,
+        seed=seed,
+        scenario=scenario,
+        sample_rate_hz=sample_rate_hz,
+        frame_seconds=frame_seconds,
+        batch_minutes=batch_minutes,
+    ):
         recordings.append(rec)
-        per_band.append(
-            list(
-                recording_batches(
-                    rec, frame_seconds=frame_seconds, batch_frames=max(1, batch_minutes * 60 // frame_seconds)
-                )
-            )
-        )
+        per_band.append(batches)
         if progress:
             progress(1)
     order = [

@@ -1,0 +1,154 @@
+"""The gateway's settings in one typed place: defaults, then a TOML file, then `BANDGATE_*`, then flags.
+
+`GatewayConfig.validate` runs before anything starts, so a bad value stops the gateway with a message
+that names the setting instead of surfacing later as a confusing failure under load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from decoder import config as decoder_config
+
+ENV_PREFIX = "BANDGATE_"
+
+
+class ConfigError(ValueError):
+    """A setting that the gateway refuses to start with; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Every knob of `bandgate serve`. Limits are per batch or per device unless said otherwise."""
+
+    listen: str = "127.0.0.1:50051"
+    store: str = "sqlite:///bandgate.db"
+    metrics_listen: str = ""  # host:port for Prometheus; empty = no metrics endpoint
+
+    # Limits, checked before any decompression (each error names its limit).
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages end the stream
+    max_frames_per_batch: int = 1024
+    max_decompressed_bytes: int = decoder_config.MAX_DECOMPRESSED_BYTES
+    rate_batches_per_s: float = 0.0  # per device, token bucket; 0 = unlimited
+    rate_burst_batches: float = 10.0
+    rate_samples_per_s: float = 0.0  # per device, charged after decoding; 0 = unlimited
+    rate_burst_samples: float = 600_000.0
+
+    # Backpressure: bounded queues and how long a batch may wait for room.
+    commit_queue: int = 64  # commits queued or running on the single writer thread
+    overload_wait_ms: int = 250  # wait this long for room in the commit queue, then RESOURCE_EXHAUSTED
+    retry_after_ms: int = 1000  # what an overloaded gateway tells the band
+    compute_threads: int = 2  # decode + features workers (Numba releases the GIL)
+    subscribe_page: int = 500  # records a subscriber reads per store query
+
+    # gRPC transport.
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    max_connection_idle_ms: int = 0  # 0 = never close idle connections
+    shutdown_grace_s: float = 10.0  # SIGTERM: how long in-flight batches get to finish
+
+    def validate(self) -> GatewayConfig:
+        """Refuse values the gateway cannot run with; returns self so it chains."""
+        _address("listen", self.listen)
+        if self.metrics_listen:
+            _address("metrics_listen", self.metrics_listen)
+        if "://" not in self.store:
+            raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
+        for name in (
+            "max_message_bytes",
+            "max_frames_per_batch",
+            "max_decompressed_bytes",
+            "commit_queue",
+            "compute_threads",
+            "subscribe_page",
+            "keepalive_time_ms",
+            "keepalive_timeout_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "rate_batches_per_s",
+            "rate_samples_per_s",
+            "overload_wait_ms",
+            "retry_after_ms",
+            "max_connection_idle_ms",
+            "shutdown_grace_s",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rate_batches_per_s and self.rate_burst_batches < 1:
+            raise ConfigError(f"rate_burst_batches must be >= 1, got {self.rate_burst_batches}")
+        if self.rate_samples_per_s and self.rate_burst_samples < 1:
+            raise ConfigError(f"rate_burst_samples must be >= 1, got {self.rate_burst_samples}")
+        return self
+
+    def replace(self, **changes: Any) -> GatewayConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _address(name: str, value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{name}: {value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """HOST:PORT → (host, port), brackets of an IPv6 host removed."""
+    host, port = _address("address", value)
+    return host.strip("[]"), port
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    """A value from TOML or the environment as the field's type, with an error that names the field."""
+    try:
+        if kind is bool:
+            return raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes", "on"}
+        if kind is int and isinstance(raw, float):
+            raise ValueError("not an integer")
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def load_config(
+    *,
+    file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> GatewayConfig:
+    """Defaults ← TOML `file` (keys as the field names, top level or under [gateway]) ← `BANDGATE_<FIELD>`
+    environment variables ← `overrides` (command-line flags; None values are ignored). Validated."""
+    types = {f.name: _TYPES[f.type] if isinstance(f.type, str) else f.type for f in fields(GatewayConfig)}
+    values: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(Path(file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"--config {file}: {e}") from None
+        data = data.get("gateway", data)
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                raise ConfigError(f"--config {file}: unknown setting {key!r}")
+            values[name] = _coerce(name, types[name], raw)
+    env = os.environ if environ is None else environ
+    for name, kind in types.items():
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(ENV_PREFIX + name.upper(), kind, raw)
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            if name not in types:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _coerce(name, types[name], raw)
+    return GatewayConfig(**values).validate()

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one gateway. Each gateway has its own registry, so several can run in one
+process (tests) and none leaks into the global default registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from gateway.config import split_address
+
+
+class Metrics:
+    """Counts, never contents: labels are codes and reasons, not device IDs (unbounded) or values."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batches = Counter("bandgate_batches", "Batches answered, by ack code", ["code"], registry=r)
+        self.samples = Counter("bandgate_samples", "Accelerometer samples decoded", registry=r)
+        self.bytes_in = Counter("bandgate_bytes_in", "Compressed payload bytes received", registry=r)
+        self.bytes_out = Counter("bandgate_bytes_out", "Bytes after decompression", registry=r)
+        self.records = Counter("bandgate_records", "Feature records stored", registry=r)
+        self.decode_errors = Counter(
+            "bandgate_decode_errors", "Batches and frames refused, by reason", ["reason"], registry=r
+        )
+        self.ack_latency = Histogram(
+            "bandgate_ack_latency_seconds",
+            "From a batch's arrival to its ack",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.commit_queue = Gauge("bandgate_commit_queue_depth", "Commits queued or running", registry=r)
+        self.compute_queue = Gauge("bandgate_compute_queue_depth", "Batches decoding or waiting", registry=r)
+        self.devices = Gauge("bandgate_devices_connected", "Devices with an open upload stream", registry=r)
+        self.subscribers = Gauge("bandgate_subscribers", "Open Subscribe streams", registry=r)
+        self._http = None
+
+    def start(self, listen: str) -> None:
+        """Serve /metrics on `listen` (HOST:PORT); a no-op for an empty address."""
+        if not listen or self._http is not None:
+            return
+        host, port = split_address(listen)
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def shutdown(self) -> None:
+        """Stop the HTTP endpoint; safe without start, and twice."""
+        http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+
+    @property
+    def bound_port(self) -> int | None:
+        return None if self._http is None else self._http.server_address[1]

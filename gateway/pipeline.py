@@ -1,0 +1,472 @@
+"""The path a batch takes, top to bottom (`Pipeline.handle`):
+
+receive → authenticate → consent gate → limits → dedup → decompress, decode, features (compute threads;
+raw arrays end there) → consent filter → commit (the one writer thread) → ack
+
+Every batch gets exactly one Ack. A batch is acked OK only after `Store.commit` returned: its records,
+the device's new state and its high-water are then durable together. Anything else is answered with a
+code and a reason, and nothing that was not stored is ever acked. Reasons name IDs, counts and limits,
+never sample values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import zstandard
+
+from bandgate.v1 import batch_pb2, ingest_pb2
+from decoder.batch import BatchDecompressor, BatchError, BatchErrorCode
+from decoder.features import DeviceState, device_key, process
+from decoder.frames import FrameStatus
+from gateway.config import GatewayConfig
+from gateway.consent import ConsentGate
+from gateway.envelope import open_batch
+from gateway.metrics import Metrics
+from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
+from gateway.store.base import check_sequence
+
+log = logging.getLogger("bandgate.pipeline")
+
+T = TypeVar("T")
+
+OK = grpc.StatusCode.OK.value[0]
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS.value[0]
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+INTERNAL = grpc.StatusCode.INTERNAL.value[0]
+CODE_NAMES = {s.value[0]: s.name for s in grpc.StatusCode}
+
+ALL_FAMILIES = frozenset(FAMILIES)
+
+
+class Refused(Exception):  # noqa: N818 - an answer to a band, not a bug
+    """A batch answered with a code other than OK, before or instead of being stored."""
+
+    def __init__(self, code: int, reason: str, *, retry_after_ms: int = 0, expected_seq: int | None = None):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.retry_after_ms = retry_after_ms
+        self.expected_seq = expected_seq
+
+
+# limits
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `burst`. `take` may drive the level below zero (charging after the
+    fact: samples are known only after decoding); a negative level refuses until it has refilled."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate = rate
+        self.burst = burst
+        self.level = burst
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_ms(self, need: float) -> int:
+        """0 if `need` tokens are available now, else the milliseconds until they are."""
+        self._refill()
+        if self.level >= need:
+            return 0
+        return max(1, int(1000 * (need - self.level) / self.rate + 0.999))
+
+    def take(self, n: float) -> None:
+        self._refill()
+        self.level -= n
+
+
+class Limits:
+    """Per-device rate limits (token buckets); the size limits are checked inline in `Pipeline`."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self._batches: dict[int, TokenBucket] = {}
+        self._samples: dict[int, TokenBucket] = {}
+
+    def admit(self, device_id: int) -> None:
+        """Take one batch token, or refuse naming the limit that is exhausted."""
+        c = self.config
+        if c.rate_samples_per_s:
+            bucket = self._samples.setdefault(
+                device_id, TokenBucket(c.rate_samples_per_s, c.rate_burst_samples)
+            )
+            if wait := bucket.wait_ms(0):
+                raise Refused(
+                    RESOURCE_EXHAUSTED,
+                    f"rate_samples_per_s = {c.rate_samples_per_s:g} exceeded for this device",
+                    retry_after_ms=wait,
+                )
+        if c.rate_batches_per_s:
+            bucket = self._batches.setdefault(
+                device_id, TokenBucket(c.rate_batches_per_s, c.rate_burst_batches)
+            )
+            if wait := bucket.wait_ms(1):
+                raise Refused(
+                    RESOURCE_EXHAUSTED,
+                    f"rate_batches_per_s = {c.rate_batches_per_s:g} exceeded for this device",
+                    retry_after_ms=wait,
+                )
+            bucket.take(1)
+
+    def charge_samples(self, device_id: int, n: int) -> None:
+        if self.config.rate_samples_per_s:
+            self._samples[device_id].take(n)
+
+
+# store threads
+
+
+class StoreThread:
+    """One store object used from one dedicated thread (store objects are not thread-safe).
+
+    start/shutdown: start opens the store on its thread (a second start is a no-op); shutdown lets queued
+    calls finish, then closes the store; it is safe without start, and twice.
+    """
+
+    def __init__(self, store: Store, name: str):
+        self.store = store
+        self.name = name
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"bandgate-{self.name}"
+            )
+            self._executor.submit(self.store.open).result()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        if self._executor is None:
+            raise StoreUnavailable(f"the store {self.name} is not running")
+        return self._executor.submit(fn, *args, **kwargs)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` (a method of `self.store`) on this thread."""
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.submit(self.store.close)
+            executor.shutdown(wait=True)
+
+
+class StoreWriter(StoreThread):
+    """The single writer: every commit runs on its thread, at most `commit_queue` queued or running. A
+    full queue makes a batch wait up to `overload_wait_ms`, then it is refused with RESOURCE_EXHAUSTED: a
+    slow store slows the bands down instead of growing memory here."""
+
+    def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics):
+        super().__init__(store, "writer")
+        self.config = config
+        self.metrics = metrics
+        self._room: asyncio.Semaphore | None = None
+        self._queued = 0
+
+    def start(self) -> None:
+        self._room = self._room or asyncio.Semaphore(self.config.commit_queue)
+        super().start()
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        """`store.commit(*args, **kwargs)` on the writer thread, once there is room in the queue."""
+        room = self._room
+        if room is None:
+            raise StoreUnavailable("the store writer is not running")
+        try:
+            await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
+        except TimeoutError:
+            raise Refused(
+                RESOURCE_EXHAUSTED,
+                f"overloaded: commit_queue = {self.config.commit_queue} is full",
+                retry_after_ms=self.config.retry_after_ms,
+            ) from None
+        try:
+            future = self.submit(self.store.commit, *args, **kwargs)
+        except BaseException:
+            room.release()
+            raise
+        self._queued += 1
+        self.metrics.commit_queue.set(self._queued)
+        loop = asyncio.get_running_loop()
+        # Room is given back when the commit ends, not when its waiter is cancelled: the bound stays true.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, room))
+        return await asyncio.wrap_future(future)
+
+    def _release(self, room: asyncio.Semaphore) -> None:
+        self._queued -= 1
+        self.metrics.commit_queue.set(self._queued)
+        room.release()
+
+
+# compute: the only place raw samples exist
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What leaves the compute threads: records and state bytes; raw arrays never do."""
+
+    records: list[dict]
+    state: bytes
+    frame_errors: list[tuple[int, int, str]]  # (index, seq, reason)
+    n_samples: int
+    bytes_out: int
+
+
+_local = threading.local()
+
+
+def _decompressor(max_bytes: int) -> BatchDecompressor:
+    """One decompressor per compute thread (zstandard objects are not thread-safe)."""
+    d = getattr(_local, "decompressor", None)
+    if d is None or d.max_bytes != max_bytes:
+        d = _local.decompressor = BatchDecompressor(max_bytes=max_bytes)
+    return d
+
+
+def compute(batch: batch_pb2.Batch, state: bytes | None, max_decompressed_bytes: int) -> Computed:
+    """Decompress (bounded), decode, check frames against the envelope, run the feature path."""
+    opened = open_batch(batch, _decompressor(max_decompressed_bytes))
+    decoded = opened.decoded
+    if opened.frame_errors:
+        # Frames that contradict the envelope (another device's, say) are bad frames: mask them out.
+        bad = np.array([i for i, _ in opened.frame_errors], np.int64)
+        status = decoded.status.copy()
+        status[bad[status[bad] == FrameStatus.OK]] = FrameStatus.MALFORMED
+        decoded = replace(decoded, status=status)
+    previous = DeviceState.from_bytes(state) if state else DeviceState(batch.device_id)
+    records, new_state = process(decoded, previous)
+    return Computed(
+        records=records,
+        state=new_state.to_bytes(),
+        frame_errors=[(i, batch.first_seq + i, reason) for i, reason in opened.frame_errors],
+        n_samples=decoded.n_samples,
+        bytes_out=int(zstandard.get_frame_parameters(batch.payload).content_size),  # checked by open_batch
+    )
+
+
+# the pipeline
+
+
+class Pipeline:
+    """Turns one batch into one Ack. Owns the compute threads, the store writer and a row reader.
+
+    start/shutdown: start opens the store; shutdown (safe without start, and twice) waits for compute
+    and commits in flight, then closes the store.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: Store,
+        rows_store: Store,
+        consent: ConsentGate,
+        metrics: Metrics,
+        on_commit: Callable[[], None] = lambda: None,
+    ):
+        self.config = config
+        self.consent = consent
+        self.metrics = metrics
+        self.limits = Limits(config)
+        self.writer = StoreWriter(store, config, metrics)
+        # Device rows are read on a store object of their own, so a duplicate is answered even while
+        # the writer is busy (WAL: a read sees every commit that returned before it).
+        self.rows = StoreThread(rows_store, "rows")
+        self.on_commit = on_commit
+        self._compute: concurrent.futures.ThreadPoolExecutor | None = None
+        self._computing = 0
+
+    def start(self) -> None:
+        if self._compute is not None:
+            return
+        self.writer.start()
+        self.rows.start()
+        self._compute = concurrent.futures.ThreadPoolExecutor(
+            self.config.compute_threads, thread_name_prefix="bandgate-compute"
+        )
+
+    def shutdown(self) -> None:
+        compute, self._compute = self._compute, None
+        if compute is not None:
+            compute.shutdown(wait=True)
+        self.rows.shutdown()
+        self.writer.shutdown()
+
+    async def handle(self, device_id: int, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
+        """The one Ack for `batch`, received on a stream authenticated as `device_id`."""
+        started = time.monotonic()
+        self.metrics.bytes_in.inc(len(batch.payload))
+        try:
+            ack = await self._handle(device_id, batch)
+        except Refused as e:
+            ack = _ack(batch, e.code, e.reason, retry_after_ms=e.retry_after_ms)
+            if e.expected_seq is not None:
+                ack.expected_seq = e.expected_seq
+        self.metrics.batches.labels(CODE_NAMES.get(ack.code, str(ack.code))).inc()
+        self.metrics.ack_latency.observe(time.monotonic() - started)
+        log.info(
+            "batch answered",
+            extra={
+                "fields": {
+                    "event": "ack",
+                    "device": device_key(batch.device_id),
+                    "boot_id": batch.boot_id,
+                    "first_seq": batch.first_seq,
+                    "last_seq": batch.last_seq,
+                    "code": CODE_NAMES.get(ack.code, ack.code),
+                    "reason": ack.reason,
+                    "bad_frames": len(ack.frame_errors),
+                    "ms": round(1000 * (time.monotonic() - started), 2),
+                }
+            },
+        )
+        return ack
+
+    async def _handle(self, device_id: int, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
+        # authenticate: the envelope must name the stream's device (frames are checked in compute)
+        if batch.device_id != device_id:
+            raise Refused(
+                PERMISSION_DENIED,
+                f"batch names device {batch.device_id:016x}, the stream is authenticated as {device_id:016x}",
+            )
+
+        # consent gate: a device with no family allowed is not processed at all
+        allowed = self.consent.allowed(device_id, ALL_FAMILIES)
+        if not allowed:
+            raise Refused(PERMISSION_DENIED, "no consent for any feature family of this device")
+
+        # limits, before anything is decompressed
+        if batch.frame_count > self.config.max_frames_per_batch:
+            raise Refused(
+                RESOURCE_EXHAUSTED,
+                f"frame_count {batch.frame_count} over max_frames_per_batch = "
+                f"{self.config.max_frames_per_batch}",
+            )
+        self.limits.admit(device_id)
+
+        # dedup, on the envelope alone: a duplicate is acked again, never decompressed
+        allow_gap = bool(batch.flags & batch_pb2.BATCH_FLAG_DATA_DROPPED_BEFORE)
+        row = await self._store_call(self.rows.call, self.rows.store.device, device_id)
+        same_boot = row is not None and row.boot_id == batch.boot_id
+        high_water = row.last_seq if same_boot and row is not None else None
+        try:
+            duplicate = check_sequence(
+                high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
+            )
+        except SequenceError as e:
+            raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
+        if duplicate:
+            assert high_water is not None
+            return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=high_water)
+
+        # decompress, decode, features: on the compute threads; raw arrays stay there
+        computed = await self._run_compute(batch, row.state if row is not None else None)
+        self.limits.charge_samples(device_id, computed.n_samples)
+        self.metrics.samples.inc(computed.n_samples)
+        self.metrics.bytes_out.inc(computed.bytes_out)
+        for _, _, reason in computed.frame_errors:
+            self.metrics.decode_errors.labels(reason.partition(":")[0]).inc()
+
+        # consent filter on what was computed
+        records = [r for r in computed.records if r["family"] in allowed]
+
+        # commit: records + state + high-water in one transaction, on the writer thread
+        try:
+            result = await self._store_call(
+                self.writer.commit,
+                device_id,
+                batch.boot_id,
+                batch.first_seq,
+                batch.last_seq,
+                computed.state,
+                records,
+                allow_gap=allow_gap,
+            )
+        except SequenceError as e:
+            raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
+        if result.duplicate:
+            return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=result.high_water)
+        stored = sum(c is not None for c in result.cursors)
+        self.metrics.records.inc(stored)
+        if stored:
+            self.on_commit()
+
+        # ack
+        ack = _ack(batch, OK, "", acked_seq=result.high_water)
+        for index, seq, reason in computed.frame_errors:
+            ack.frame_errors.add(index=index, seq=seq, reason=reason)
+        return ack
+
+    async def _run_compute(self, batch: batch_pb2.Batch, state: bytes | None) -> Computed:
+        if self._compute is None:
+            raise Refused(UNAVAILABLE, "the gateway is shutting down")
+        self._computing += 1
+        self.metrics.compute_queue.set(self._computing)
+        try:
+            return await asyncio.wrap_future(
+                self._compute.submit(compute, batch, state, self.config.max_decompressed_bytes)
+            )
+        except BatchError as e:
+            self.metrics.decode_errors.labels(e.code.value).inc()
+            code = RESOURCE_EXHAUSTED if e.code is BatchErrorCode.TOO_LARGE else INVALID_ARGUMENT
+            raise Refused(code, str(e)) from None
+        finally:
+            self._computing -= 1
+            self.metrics.compute_queue.set(self._computing)
+
+    async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store call with its failures mapped: unavailable → UNAVAILABLE (nothing stored, not acked)."""
+        try:
+            return await fn(*args, **kwargs)
+        except StoreUnavailable as e:
+            log.warning(
+                "store unavailable", extra={"fields": {"event": "store_unavailable", "error": str(e)}}
+            )
+            raise Refused(
+                UNAVAILABLE, "storage unavailable: nothing stored", retry_after_ms=self.config.retry_after_ms
+            ) from None
+        except SequenceError:
+            raise
+        except (StoreError, ValueError) as e:
+            log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": str(e)}})
+            raise Refused(INTERNAL, "the store refused the batch") from None
+
+
+def _ack(
+    batch: batch_pb2.Batch,
+    code: int,
+    reason: str,
+    *,
+    acked_seq: int | None = None,
+    retry_after_ms: int = 0,
+) -> ingest_pb2.Ack:
+    ack = ingest_pb2.Ack(
+        device_id=batch.device_id,
+        boot_id=batch.boot_id,
+        first_seq=batch.first_seq,
+        last_seq=batch.last_seq,
+        code=code,
+        reason=reason,
+        retry_after_ms=retry_after_ms,
+    )
+    if acked_seq is not None:
+        ack.acked_seq = acked_seq
+        ack.has_acked_seq = True
+    return ack

@@ -1,0 +1,157 @@
+"""Helpers for tests against the real gateway: a loopback server on an ephemeral port, a tmp SQLite file,
+an upload stream that sends one batch and reads its ack, and the replay reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from bandgate.v1 import batch_pb2, ingest_pb2, ingest_pb2_grpc
+from decoder.batch import compress_batch
+from decoder.frames import Frame, encode_container, encode_frame
+from gateway.auth import device_metadata
+from gateway.config import GatewayConfig
+from gateway.replay import replay_batches
+from gateway.simulator.recorder import fleet_batches
+from gateway.store import open_store
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE = (sys.executable, "-m", "gateway.cli", "serve")
+
+
+def config(tmp_path: Path, **changes) -> GatewayConfig:
+    return GatewayConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/gw.db", **changes)
+
+
+@functools.cache
+def band(seed: int = 7, minutes: int = 40, batch_minutes: int = 5) -> tuple[int, tuple[batch_pb2.Batch, ...]]:
+    """One simulated band's device ID and batches (cached: the simulation is the slow part)."""
+    ((rec, batches),) = fleet_batches(bands=1, minutes=minutes, seed=seed, batch_minutes=batch_minutes)
+    return rec.device_id, tuple(batches)
+
+
+def processed(batches: Iterable[batch_pb2.Batch]) -> list[dict]:
+    """replay_batches' records without its end-of-input flush (a live gateway keeps streams open)."""
+    exhausted = False
+
+    def feed():
+        nonlocal exhausted
+        yield from batches
+        exhausted = True
+
+    out = []
+    for record in replay_batches(feed()):
+        if exhausted:
+            break
+        out.append(record)
+    return out
+
+
+def key(record: dict) -> tuple:
+    return (record["device"], record["family"], record["start_us"])
+
+
+def stored(url: str, **filters) -> list[dict]:
+    with open_store(url) as store:
+        return [r for _, r in store.read_since(0, limit=10**9, **filters)]
+
+
+def same_records(a: list[dict], b: list[dict]) -> bool:
+    return sorted(a, key=key) == sorted(b, key=key)
+
+
+class Uploader:
+    """One Upload stream for one device: `await up.send(batch)` → its Ack."""
+
+    def __init__(self, channel: grpc.aio.Channel, device_id: int):
+        self.call = ingest_pb2_grpc.IngestServiceStub(channel).Upload(metadata=device_metadata(device_id))
+
+    async def send(self, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
+        await self.call.write(batch)
+        ack = await self.call.read()
+        assert ack is not grpc.aio.EOF, "the stream ended without an ack"
+        return ack
+
+    async def close(self) -> grpc.StatusCode:
+        await self.call.done_writing()
+        return await self.call.code()
+
+
+def envelope(frames: list[bytes], first: Frame, **fields) -> batch_pb2.Batch:
+    """A batch from already-encoded frames (so a test can corrupt one), envelope fields from `first`."""
+    values = dict(
+        device_id=first.device_id,
+        boot_id=first.boot_id,
+        first_seq=first.seq,
+        last_seq=first.seq + len(frames) - 1,
+        payload=compress_batch(encode_container(frames)),
+        format_version=1,
+        frame_count=len(frames),
+    )
+    values.update(fields)
+    return batch_pb2.Batch(**values)
+
+
+def frames_of(device_id: int, n: int, *, seq: int = 0, accel=None, start_us: int = 1_767_225_600_000_000):
+    """`n` one-minute 50 Hz frames (accel rows given, or a gentle walk-free signal)."""
+    import numpy as np
+
+    out = []
+    for i in range(n):
+        a = accel if accel is not None else np.tile(np.array([[0, 0, 256]], np.int16), (3000, 1))
+        out.append(
+            Frame(device_id=device_id, boot_id=1, seq=seq + i, start_us=start_us + i * 60_000_000, accel=a)
+        )
+    return out
+
+
+def encode(frames: list[Frame]) -> list[bytes]:
+    return [encode_frame(f) for f in frames]
+
+
+class ServeProcess:
+    """`bandgate serve` as a subprocess; its JSON log goes to a file (a pipe nobody reads would fill up and
+    block the server), and `address` is parsed from its "serving" line."""
+
+    def __init__(self, tmp_path: Path, db: Path, listen: str = "127.0.0.1:0", extra: tuple[str, ...] = ()):
+        self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [*SERVE, "--listen", listen, "--store", f"sqlite:///{db}", *extra],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
+        self.address = self._wait_for("serving", 30)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def _wait_for(self, event: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            for line in self.lines:
+                if f'"event":"{event}"' in line:
+                    return re.search(r'"address":"([^"]+)"', line).group(1)
+            time.sleep(0.05)
+        raise AssertionError(f"serve did not log {event!r}: {self.lines}")
+
+    def terminate(self, timeout: float = 20) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)

@@ -1,0 +1,51 @@
+"""GatewayConfig: precedence (defaults ← TOML ← BANDGATE_* ← flags) and errors that name the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+
+def test_precedence_file_env_flags(tmp_path):
+    toml = tmp_path / "gw.toml"
+    toml.write_text('[gateway]\nmax_frames_per_batch = 77\ncommit_queue = 5\nlisten = "127.0.0.1:1"\n')
+    cfg = load_config(
+        file=toml,
+        environ={"BANDGATE_COMMIT_QUEUE": "9", "BANDGATE_RATE_BATCHES_PER_S": "2.5"},
+        overrides={"listen": "127.0.0.1:2", "store": None},
+    )
+    assert cfg.max_frames_per_batch == 77  # file
+    assert cfg.commit_queue == 9  # environment over file
+    assert cfg.rate_batches_per_s == 2.5
+    assert cfg.listen == "127.0.0.1:2"  # flag over file
+    assert cfg.store == GatewayConfig().store  # a flag left out does not override
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"environ": {"BANDGATE_COMMIT_QUEUE": "0"}}, "commit_queue"),
+        ({"environ": {"BANDGATE_MAX_FRAMES_PER_BATCH": "many"}}, "BANDGATE_MAX_FRAMES_PER_BATCH"),
+        ({"overrides": {"listen": "nowhere"}}, "listen"),
+        ({"overrides": {"store": "bandgate.db"}}, "store"),
+        ({"environ": {"BANDGATE_RATE_SAMPLES_PER_S": "-1"}}, "rate_samples_per_s"),
+    ],
+)
+def test_bad_values_name_the_setting(kwargs, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(**{"environ": {}, **kwargs})
+
+
+def test_unknown_file_setting_refused(tmp_path):
+    toml = tmp_path / "gw.toml"
+    toml.write_text("max_frame_per_batch = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'max_frame_per_batch'"):
+        load_config(file=toml, environ={})
+
+
+def test_serve_refuses_to_start_on_bad_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BANDGATE_COMPUTE_THREADS", "0")
+    assert main(["serve", "--store", f"sqlite:///{tmp_path}/x.db"]) == 2
+    assert "compute_threads" in capsys.readouterr().err

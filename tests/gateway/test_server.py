@@ -1,0 +1,453 @@
+"""The gateway against the real server on loopback and the real SQLite store (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
+from gateway.auth import DEVICE_METADATA, is_loopback
+from gateway.logs import JsonFormatter
+from gateway.pipeline import (
+    ALREADY_EXISTS,
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    OK,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    UNAVAILABLE,
+)
+from gateway.server import run_server
+from gateway.store import open_store
+from tests.gateway.gatewaykit import (
+    Uploader,
+    band,
+    config,
+    encode,
+    envelope,
+    frames_of,
+    key,
+    processed,
+    stored,
+)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def high_water(url: str, device_id: int) -> int | None:
+    with open_store(url) as store:
+        row = store.device(device_id)
+    return None if row is None else row.last_seq
+
+
+def test_batch_stored_and_acked(tmp_path):
+    cfg = config(tmp_path)
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            acks = [await up.send(b) for b in batches[:3]]
+            assert await up.close() == grpc.StatusCode.OK
+            return acks
+
+    acks = run(scenario())
+    assert [a.code for a in acks] == [OK] * 3
+    assert [(a.has_acked_seq, a.acked_seq) for a in acks] == [(True, b.last_seq) for b in batches[:3]]
+    assert stored(cfg.store) == processed(batches[:3])
+    assert len(stored(cfg.store)) > 0
+    assert high_water(cfg.store, device) == batches[2].last_seq
+
+
+def test_duplicate_acked_already_exists_not_decompressed_not_stored_twice(tmp_path):
+    cfg = config(tmp_path)
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            first = [await up.send(b) for b in batches[:2]]
+            bytes_out = gw.metrics.bytes_out._value.get()
+            again = [await up.send(b) for b in batches[:2]]
+            assert gw.metrics.bytes_out._value.get() == bytes_out  # duplicates are never decompressed
+            return first, again
+
+    first, again = run(scenario())
+    assert [a.code for a in first] == [OK, OK]
+    assert [a.code for a in again] == [ALREADY_EXISTS, ALREADY_EXISTS]
+    assert all(a.has_acked_seq and a.acked_seq == batches[1].last_seq for a in again)
+    assert stored(cfg.store) == processed(batches[:2])
+
+
+def test_gap_refused_naming_expected_seq_then_accepted_with_dropped_flag(tmp_path):
+    cfg = config(tmp_path)
+    device, batches = band()
+    flagged = batch_pb2.Batch()
+    flagged.CopyFrom(batches[2])
+    flagged.flags = batch_pb2.BATCH_FLAG_DATA_DROPPED_BEFORE
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            return [await up.send(b) for b in (batches[0], batches[2], flagged)]
+
+    ok, gap, accepted = run(scenario())
+    expected = batches[0].last_seq + 1
+    assert ok.code == OK
+    assert gap.code == FAILED_PRECONDITION and gap.expected_seq == expected
+    assert f"expected sequence {expected}" in gap.reason
+    assert accepted.code == OK and accepted.acked_seq == batches[2].last_seq
+    assert high_water(cfg.store, device) == batches[2].last_seq
+
+
+def test_corrupt_frame_listed_in_ack_and_the_others_stored(tmp_path):
+    cfg = config(tmp_path)
+    device = 0x0123456789ABCDEF
+    frames = frames_of(device, 6)
+    encoded = encode(frames)
+    bad = bytearray(encoded[2])
+    bad[len(bad) // 2] ^= 0x55  # inside the samples: the CRC no longer matches
+    encoded[2] = bytes(bad)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            return await Uploader(ch, device).send(envelope(encoded, frames[0]))
+
+    ack = run(scenario())
+    assert ack.code == OK and ack.acked_seq == 5
+    assert [(e.index, e.seq) for e in ack.frame_errors] == [(2, 2)]
+    assert "integrity" in ack.frame_errors[0].reason
+    records = stored(cfg.store)
+    minutes = sorted(r["start_us"] for r in records)
+    assert len(minutes) >= 3 and frames[2].start_us not in minutes  # the other frames' minutes are stored
+
+
+def test_bad_zstd_is_invalid_argument_and_the_stream_goes_on(tmp_path):
+    cfg = config(tmp_path)
+    device, batches = band()
+    broken = batch_pb2.Batch()
+    broken.CopyFrom(batches[0])
+    broken.payload = batches[0].payload[:-100]  # a zstd frame that ends early
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            return [await up.send(b) for b in (broken, batches[0])]
+
+    bad, good = run(scenario())
+    assert bad.code == INVALID_ARGUMENT and bad.reason.startswith("bad_compression") and not bad.has_acked_seq
+    assert good.code == OK
+
+
+def test_device_mismatch_refused(tmp_path):
+    cfg = config(tmp_path)
+    device, _ = band()
+    other = 0xFEDCBA9876543210
+    mixed = frames_of(device, 3)
+    intruder = frames_of(other, 3)[1]
+    intruder = type(intruder)(**{**intruder.__dict__, "seq": 1})
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            wrong_envelope = await up.send(envelope(encode(frames_of(other, 2)), frames_of(other, 1)[0]))
+            wrong_frame = await up.send(envelope(encode([mixed[0], intruder, mixed[2]]), mixed[0]))
+            return wrong_envelope, wrong_frame
+
+    wrong_envelope, wrong_frame = run(scenario())
+    assert wrong_envelope.code == PERMISSION_DENIED and "authenticated as" in wrong_envelope.reason
+    assert wrong_frame.code == OK and [e.index for e in wrong_frame.frame_errors] == [1]
+    assert "contradicts the envelope" in wrong_frame.frame_errors[0].reason
+    assert high_water(cfg.store, other) is None
+    assert all(r["device"] == f"{device:016x}" for r in stored(cfg.store))
+
+
+def test_unauthenticated_stream_refused(tmp_path):
+    cfg = config(tmp_path)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            from bandgate.v1 import ingest_pb2_grpc
+
+            call = ingest_pb2_grpc.IngestServiceStub(ch).Upload(metadata=((DEVICE_METADATA, "not-hex"),))
+            await call.done_writing()
+            return await call.code(), await call.details()
+
+    code, details = run(scenario())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "16 hex digits" in details
+    assert is_loopback("ipv4:127.0.0.1:5") and is_loopback("ipv6:[::1]:5")
+    assert not is_loopback("ipv4:10.1.2.3:5") and not is_loopback("ipv6:[2001:db8::1]:5")
+
+
+def test_second_stream_supersedes_the_first_with_aborted(tmp_path):
+    cfg = config(tmp_path)
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            first = Uploader(ch, device)
+            a0 = await first.send(batches[0])
+            second = Uploader(ch, device)
+            a1 = await second.send(batches[1])
+            code, details = await first.call.code(), await first.call.details()
+            a2 = await second.send(batches[2])
+            return a0, a1, a2, code, details
+
+    a0, a1, a2, code, details = run(scenario())
+    assert (a0.code, a1.code, a2.code) == (OK, OK, OK)
+    assert code == grpc.StatusCode.ABORTED and "superseded" in details
+
+
+@pytest.mark.parametrize(
+    ("limit", "changes", "batch_index", "code", "named"),
+    [
+        ("frames", {"max_frames_per_batch": 4}, 0, RESOURCE_EXHAUSTED, "max_frames_per_batch = 4"),
+        (
+            "bytes",
+            {"max_decompressed_bytes": 10_000},
+            0,
+            RESOURCE_EXHAUSTED,
+            "max_decompressed_bytes = 10000",
+        ),
+        (
+            "rate",
+            {"rate_batches_per_s": 0.5, "rate_burst_batches": 1},
+            1,
+            RESOURCE_EXHAUSTED,
+            "rate_batches_per_s",
+        ),
+        (
+            "samples",
+            {"rate_samples_per_s": 100, "rate_burst_samples": 1000},
+            1,
+            RESOURCE_EXHAUSTED,
+            "rate_samples",
+        ),
+    ],
+)
+def test_each_limit_names_itself_while_another_device_carries_on(
+    tmp_path, limit, changes, batch_index, code, named
+):
+    cfg = config(tmp_path, **changes)
+    device, batches = band()
+    other, others = band(seed=8)
+    bigger = changes.get("max_frames_per_batch") or changes.get("max_decompressed_bytes")
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up, up2 = Uploader(ch, device), Uploader(ch, other)
+            acks = [await up.send(b) for b in batches[: batch_index + 1]]
+            # the other device is not held back (its own buckets; its small batches fit the size limits)
+            small = envelope(encode(frames_of(other, 1)), frames_of(other, 1)[0]) if bigger else others[0]
+            other_ack = await up2.send(small)
+            return acks[-1], other_ack
+
+    limited, other_ack = run(scenario())
+    assert limited.code == code and named in limited.reason, limited
+    if limit in ("rate", "samples"):
+        assert limited.retry_after_ms > 0
+    assert other_ack.code == OK, other_ack
+
+
+def test_message_size_limit_ends_only_that_stream(tmp_path):
+    cfg = config(tmp_path, max_message_bytes=5_000)
+    device, batches = band()
+    other = 0x1111111111111111
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up, up2 = Uploader(ch, device), Uploader(ch, other)
+            with pytest.raises(grpc.aio.AioRpcError) as too_big:
+                await up.send(batches[0])
+            return too_big.value, await up2.send(
+                envelope(encode(frames_of(other, 1)), frames_of(other, 1)[0])
+            )
+
+    too_big, other_ack = run(scenario())
+    assert len(band()[1][0].SerializeToString()) > 5_000
+    assert too_big.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert other_ack.code == OK
+
+
+def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path):
+    """A lock held by another process: the first batch's commit waits, then UNAVAILABLE (nothing stored,
+    no acked_seq); meanwhile the commit queue (1) is full and another device gets RESOURCE_EXHAUSTED."""
+    cfg = config(tmp_path, commit_queue=1, overload_wait_ms=100, retry_after_ms=321)
+    cfg = cfg.replace(store=cfg.store + "?busy_timeout_ms=1500")
+    device, batches = band()
+    other, others = band(seed=8)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            lock = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            up, up2 = Uploader(ch, device), Uploader(ch, other)
+            first = asyncio.ensure_future(up.send(batches[0]))
+            await asyncio.sleep(0.5)
+            overloaded = await up2.send(others[0])
+            unavailable = await first
+            lock.execute("ROLLBACK")
+            lock.close()
+            retried = await up.send(batches[0])
+            return overloaded, unavailable, retried
+
+    overloaded, unavailable, retried = run(scenario())
+    assert overloaded.code == RESOURCE_EXHAUSTED and "commit_queue = 1" in overloaded.reason
+    assert overloaded.retry_after_ms == 321
+    assert unavailable.code == UNAVAILABLE and not unavailable.has_acked_seq
+    assert retried.code == OK
+    assert stored(cfg.store.partition("?")[0]) == processed(batches[:1])
+
+
+def test_subscribe_live_then_resume_from_cursor_without_gaps_or_repeats(tmp_path):
+    cfg = config(tmp_path)
+    fleet = [band(), band(seed=8)]
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            stub = features_pb2_grpc.FeatureServiceStub(ch)
+            live: list[features_pb2.FeatureRecord] = []
+            sub = stub.Subscribe(features_pb2.SubscribeRequest())
+
+            async def follow():
+                async for rec in sub:
+                    live.append(rec)
+
+            follower = asyncio.ensure_future(follow())
+            await asyncio.sleep(0.2)  # subscribed and caught up (nothing stored yet)
+            for device, batches in fleet:
+                up = Uploader(ch, device)
+                for b in batches[:4]:
+                    assert (await up.send(b)).code == OK
+            total = len(stored(cfg.store))
+            for _ in range(100):
+                if len(live) >= total:
+                    break
+                await asyncio.sleep(0.05)
+            sub.cancel()
+            follower.cancel()
+            middle = live[len(live) // 2].cursor
+            resumed = [
+                r
+                async for r in stub.Subscribe(
+                    features_pb2.SubscribeRequest(from_cursor=middle, no_follow=True)
+                )
+            ]
+            one = f"{fleet[1][0]:016x}"
+            filtered = [
+                r
+                async for r in stub.Subscribe(
+                    features_pb2.SubscribeRequest(device=one, families=["steps"], no_follow=True)
+                )
+            ]
+            return live, resumed, filtered, middle
+
+    live, resumed, filtered, middle = run(scenario())
+    everything = stored(cfg.store)
+    cursors = [r.cursor for r in live]
+    assert len(live) == len(everything) > 0 and cursors == sorted(set(cursors))
+    assert [r.cursor for r in resumed] == [c for c in cursors if c > middle]
+    assert [(r.device, r.family, r.start_us) for r in live] == [key(r) for r in everything]
+    assert {r.device for r in filtered} == {f"{fleet[1][0]:016x}"}
+    assert {r.family for r in filtered} == {"steps"}
+    assert len(filtered) == len(
+        [r for r in everything if r["device"] == f"{fleet[1][0]:016x}" and r["family"] == "steps"]
+    )
+    steps = next(r for r in live if r.family == "steps")
+    assert steps.values["steps"].WhichOneof("kind") == "number"
+
+
+def test_health_serving_and_reflection(tmp_path):
+    cfg = config(tmp_path)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            overall = await stub.Check(health_pb2.HealthCheckRequest())
+            ingest = await stub.Check(health_pb2.HealthCheckRequest(service="bandgate.v1.IngestService"))
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            services = [s.name async for r in call for s in r.list_services_response.service]
+            return overall.status, ingest.status, services
+
+    overall, ingest, services = run(scenario())
+    assert overall == ingest == health_pb2.HealthCheckResponse.SERVING
+    assert "bandgate.v1.IngestService" in services and "bandgate.v1.FeatureService" in services
+
+
+def test_no_sample_values_in_logs_or_acks(tmp_path):
+    """A sentinel accelerometer pattern goes through good, corrupt and undecodable batches: neither the
+    logs nor the acks may contain it."""
+    cfg = config(tmp_path)
+    device = 0x00000000CAFEF00D
+    sentinel = -1717  # a distinctive 12-bit count
+    accel = np.full((3000, 3), sentinel, np.int16)
+    accel[::2] = 1717
+    frames = frames_of(device, 4, accel=accel)
+    encoded = encode(frames)
+    corrupt = bytearray(encoded[1])
+    corrupt[len(corrupt) // 2] ^= 0x01
+    encoded[1] = bytes(corrupt)
+    good = envelope(encoded, frames[0])
+    undecodable = envelope(encoded, frames[0], payload=good.payload[:-40])  # zstd ends early
+    lying = envelope(encoded, frames[0], frame_count=3, last_seq=2)
+
+    captured: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: captured.append(JsonFormatter().format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("bandgate")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            return [await up.send(b) for b in (undecodable, lying, good, good)]
+
+    try:
+        acks = run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    assert [a.code for a in acks] == [INVALID_ARGUMENT, INVALID_ARGUMENT, OK, ALREADY_EXISTS]
+    assert len(captured) >= 4
+    text = "\n".join(captured) + "\n".join(str(a) for a in acks)
+    for needle in (
+        str(sentinel),
+        "1717",
+        np.int16(sentinel).tobytes().hex(),
+        repr(np.int16(sentinel).tobytes()),
+    ):
+        assert needle not in text, needle
+
+
+def test_metrics_endpoint_counts_batches_and_devices(tmp_path):
+    import urllib.request
+
+    cfg = config(tmp_path, metrics_listen="127.0.0.1:0")
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            await up.send(batches[0])
+            await up.send(batches[0])
+            url = f"http://127.0.0.1:{gw.metrics.bound_port}/metrics"
+            return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+    text = run(scenario())
+    assert 'bandgate_batches_total{code="OK"} 1.0' in text
+    assert 'bandgate_batches_total{code="ALREADY_EXISTS"} 1.0' in text
+    assert "bandgate_devices_connected 1.0" in text
+    assert "bandgate_ack_latency_seconds_count 2.0" in text
+    assert "bandgate_samples_total 15000.0" in text
