@@ -184,7 +184,7 @@ def _features_at(state, t, n_avail, out):
             break
     since_move = t - state[_H_LAST_MOVE] if state[_H_LAST_MOVE] >= 0 else t + 1.0
     # quiet onset: the first epoch that starts a run of LOOKAHEAD+1 epochs without movement
-    if state[_H_QUIET_ONSET] < 0:
+    if state[_H_QUIET_ONSET] != state[_H_QUIET_ONSET]:  # NaN: not found yet
         quiet = hi == t + FEATURE_LOOKAHEAD
         for j in range(t, hi + 1):
             if state[_OFF_COUNTS + (j & mask)] > MOVE_COUNTS:
@@ -307,18 +307,35 @@ def _features_at(state, t, n_avail, out):
 
 # --- the streaming stager ----------------------------------------------------------------------------
 @njit(**config.JIT)
-def _emit(state, feats, mu, sd, weights, bias, log_a, log_pi, emission_scale, out_stage, out_post, n_out):
+def _expand(feats, mu, sd, knots, out):
+    """Standardised features, then one hinge max(z - knot, 0) per knot: a piecewise-linear additive
+    model, so the logistic emission can bend (e.g. HR far above baseline means wake, a little does not)."""
+    n_f = feats.size
+    n_k = knots.shape[1]
+    for f in range(n_f):
+        z = (feats[f] - mu[f]) / sd[f]
+        out[f] = z
+        for j in range(n_k):
+            out[n_f + f * n_k + j] = max(z - knots[f, j], 0.0)
+
+
+@njit(**config.JIT)
+def _emit(
+    state, feats, mu, sd, knots, weights, bias, log_a, log_pi, emission_scale, out_stage, out_post, n_out
+):
     """Push one feature row through the emission model and the HMM forward step; decide what is due."""
     n_states = N_STAGES
     s = int(state[_H_N_FEAT])
     ring_len = SMOOTH_LAG + 1
     slot = s % ring_len
     # emission: scaled log-softmax of the multinomial-logistic scores (class-balanced fit ≈ likelihood)
+    x = np.empty(weights.shape[1])
+    _expand(feats, mu, sd, knots, x)
     z = np.empty(n_states)
     for k in range(n_states):
         acc = bias[k]
-        for f in range(feats.size):
-            acc += weights[k, f] * (feats[f] - mu[f]) / sd[f]
+        for f in range(x.size):
+            acc += weights[k, f] * x[f]
         z[k] = acc
     lse = _logsumexp(z)
     e = np.empty(n_states)
@@ -401,6 +418,7 @@ def _stage_epochs(
     state,
     mu,
     sd,
+    knots,
     weights,
     bias,
     log_a,
@@ -437,7 +455,19 @@ def _stage_epochs(
             out_feat[n_f, :] = feats
             n_f += 1
             n_s = _emit(
-                state, feats, mu, sd, weights, bias, log_a, log_pi, emission_scale, out_stage, out_post, n_s
+                state,
+                feats,
+                mu,
+                sd,
+                knots,
+                weights,
+                bias,
+                log_a,
+                log_pi,
+                emission_scale,
+                out_stage,
+                out_post,
+                n_s,
             )
     if finish:
         n_in = int(state[_H_N_IN])
@@ -446,7 +476,19 @@ def _stage_epochs(
             out_feat[n_f, :] = feats
             n_f += 1
             n_s = _emit(
-                state, feats, mu, sd, weights, bias, log_a, log_pi, emission_scale, out_stage, out_post, n_s
+                state,
+                feats,
+                mu,
+                sd,
+                knots,
+                weights,
+                bias,
+                log_a,
+                log_pi,
+                emission_scale,
+                out_stage,
+                out_post,
+                n_s,
             )
         while state[_H_N_OUT] < state[_H_N_FEAT]:
             n_s = _decide(state, log_a, out_stage, out_post, n_s)
@@ -466,7 +508,7 @@ class SleepState:
         a = np.zeros(STATE_LEN)
         a[_H_VERSION] = STATE_VERSION
         a[_H_LAST_MOVE] = -1.0
-        a[_H_QUIET_ONSET] = -1.0
+        a[_H_QUIET_ONSET] = np.nan
         return cls(a)
 
     @property
@@ -500,7 +542,8 @@ class SleepParams:
 
     mu: np.ndarray  # (N_FEATURES,)
     sd: np.ndarray  # (N_FEATURES,)
-    weights: np.ndarray  # (N_STAGES, N_FEATURES) on standardised features
+    knots: np.ndarray  # (N_FEATURES, n_knots) hinge positions on standardised features
+    weights: np.ndarray  # (N_STAGES, N_FEATURES * (1 + n_knots)): linear terms, then hinges by feature
     bias: np.ndarray  # (N_STAGES,)
     log_a: np.ndarray  # (N_STAGES, N_STAGES) log transition matrix, rows = from
     log_pi: np.ndarray  # (N_STAGES,) log initial distribution
@@ -514,13 +557,15 @@ class SleepParams:
         p = cls(
             mu=f(d["mu"], dtype=np.float64),
             sd=f(d["sd"], dtype=np.float64),
+            knots=f(d["knots"], dtype=np.float64).reshape(N_FEATURES, -1),
             weights=f(d["weights"], dtype=np.float64),
             bias=f(d["bias"], dtype=np.float64),
             log_a=np.log(f(d["transitions"], dtype=np.float64)),
             log_pi=np.log(f(d["initial"], dtype=np.float64)),
             emission_scale=float(d["emission_scale"]),
         )
-        if p.weights.shape != (N_STAGES, N_FEATURES) or p.log_a.shape != (N_STAGES, N_STAGES):
+        n_x = N_FEATURES * (1 + p.knots.shape[1])
+        if p.weights.shape != (N_STAGES, n_x) or p.log_a.shape != (N_STAGES, N_STAGES):
             raise ValueError("sleep params have the wrong shapes")
         return p
 
@@ -530,6 +575,7 @@ class SleepParams:
         return cls(
             np.zeros(N_FEATURES),
             np.ones(N_FEATURES),
+            np.zeros((N_FEATURES, 0)),
             np.zeros((N_STAGES, N_FEATURES)),
             np.zeros(N_STAGES),
             np.log(np.full((N_STAGES, N_STAGES), 1.0 / N_STAGES)),
@@ -598,6 +644,7 @@ def stage_epochs(
         state.array,
         p.mu,
         p.sd,
+        p.knots,
         p.weights,
         p.bias,
         p.log_a,

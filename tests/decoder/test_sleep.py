@@ -1,0 +1,228 @@
+"""decoder/sleep.py against tests/naive_sleep.py, split invariance of the streaming stager, and the
+published algorithms it reimplements (Cole–Kripke 1992)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decoder import sleep
+from tests import naive_sleep as naive
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("BANDGATE_DATA") or REPO.parent / "shared" / "data")
+HAVE_DATA = (DATA / "sleep" / "epochs").is_dir()
+
+
+# --- generated nights and models ------------------------------------------------------------------
+@st.composite
+def nights(draw, max_epochs=160):
+    """A night of epochs: HR that drifts, with gaps (NaN, 0) and out-of-range readings; counts mostly
+    zero with bursts; 30-s steps with occasional missing epochs."""
+    n = draw(st.integers(1, max_epochs))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    time_s = draw(st.floats(0, 3600)) + 30.0 * np.cumsum(rng.choice([1, 1, 1, 1, 2], size=n))
+    hr = 60 + np.cumsum(rng.normal(0, draw(st.sampled_from([0.0, 0.5, 3.0])), n)) + rng.normal(0, 2, n)
+    hr[rng.random(n) < draw(st.sampled_from([0.0, 0.1, 0.9]))] = np.nan
+    hr[rng.random(n) < 0.03] = 0.0
+    hr[rng.random(n) < 0.01] = 300.0
+    counts = np.where(rng.random(n) < draw(st.sampled_from([0.0, 0.1, 0.5])), rng.exponential(300, n), 0.0)
+    counts[rng.random(n) < 0.01] = np.nan
+    return time_s, hr, counts
+
+
+def random_params(seed: int, n_knots: int = 2) -> sleep.SleepParams:
+    """A random but well-formed model (no exact ties between stages)."""
+    rng = np.random.default_rng(seed)
+    a = rng.dirichlet(np.ones(sleep.N_STAGES), size=sleep.N_STAGES) + 0.9 * np.eye(sleep.N_STAGES)
+    a /= a.sum(axis=1, keepdims=True)
+    return sleep.SleepParams(
+        mu=rng.normal(0, 1, sleep.N_FEATURES),
+        sd=rng.uniform(0.5, 2, sleep.N_FEATURES),
+        knots=np.sort(rng.normal(0, 1, (sleep.N_FEATURES, n_knots)), axis=1),
+        weights=rng.normal(0, 1, (sleep.N_STAGES, sleep.N_FEATURES * (1 + n_knots))),
+        bias=rng.normal(0, 1, sleep.N_STAGES),
+        log_a=np.log(a),
+        log_pi=np.log(rng.dirichlet(np.ones(sleep.N_STAGES))),
+        emission_scale=float(rng.uniform(0.2, 1.0)),
+    )
+
+
+# --- kernels vs naive references --------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(nights())
+def test_features_match_naive(night):
+    time_s, hr, counts = night
+    got = sleep.night_features(time_s, hr, counts)
+    want = naive.features(time_s, hr, counts)
+    assert got.shape == (time_s.size, sleep.N_FEATURES)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(nights(), st.integers(0, 2**32 - 1))
+def test_stager_matches_naive_fixed_lag_smoother(night, seed):
+    time_s, hr, counts = night
+    params = random_params(seed)
+    res = sleep.stage_epochs(time_s, hr, counts, sleep.SleepState.new(), params, finish=True)
+    log_e = naive.emissions(naive.features(time_s, hr, counts), params)
+    want_stage, want_post = naive.stages(log_e, params)
+    np.testing.assert_allclose(res.posterior, want_post, rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(res.stage, want_stage)
+    np.testing.assert_array_equal(res.epoch, np.arange(time_s.size))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    nights(max_epochs=200),
+    st.lists(st.integers(0, 200), max_size=8),
+    st.integers(0, 2**32 - 1),
+    st.booleans(),
+)
+def test_any_split_gives_identical_output(night, cuts, seed, via_dict):
+    """Chunks with the state carried between them (and serialised, when via_dict) = one call."""
+    time_s, hr, counts = night
+    params = random_params(seed)
+    whole = sleep.stage_epochs(time_s, hr, counts, sleep.SleepState.new(), params, finish=True)
+    bounds = [0, *sorted(min(c, time_s.size) for c in cuts), time_s.size]
+    state = sleep.SleepState.new()
+    parts = []
+    for lo, hi in itertools.pairwise(bounds):
+        last = hi == time_s.size
+        parts.append(sleep.stage_epochs(time_s[lo:hi], hr[lo:hi], counts[lo:hi], state, params, finish=last))
+        if via_dict:
+            state = sleep.SleepState.from_dict(json.loads(json.dumps(state.to_dict())))
+    for field in ("epoch", "stage", "posterior", "features", "feature_epoch"):
+        got = np.concatenate([getattr(p, field) for p in parts])
+        np.testing.assert_array_equal(got, getattr(whole, field), err_msg=field)
+
+
+def test_stages_are_final_after_the_documented_lag():
+    rng = np.random.default_rng(3)
+    n = 100
+    state = sleep.SleepState.new()
+    hr = 60 + rng.normal(0, 2, n)
+    res = sleep.stage_epochs(30.0 * np.arange(n), hr, np.zeros(n), state, random_params(1))
+    assert res.stage.size == n - sleep.LAG_EPOCHS
+    assert state.epochs_in == n and state.epochs_out == n - sleep.LAG_EPOCHS
+    assert sleep.LAG_EPOCHS * sleep.EPOCH_S / 60 == 10.0
+
+
+def test_state_refuses_other_versions_and_layouts():
+    d = sleep.SleepState.new().to_dict()
+    sleep.SleepState.from_dict(d)
+    with pytest.raises(ValueError):
+        sleep.SleepState.from_dict({**d, "version": sleep.STATE_VERSION + 1})
+    with pytest.raises(ValueError):
+        sleep.SleepState.from_array(np.zeros(sleep.STATE_LEN + 1))
+    bad = sleep.SleepState.new().array
+    bad[0] = 99
+    with pytest.raises(ValueError):
+        sleep.SleepState.from_array(bad)
+
+
+# --- published algorithms --------------------------------------------------------------------------
+def test_cole_kripke_constants_are_the_papers():
+    """Cole et al. 1992, Sleep 15(5):461, 1-min epochs (mean activity): D = 0.001 (106 A-4 + 54 A-3 +
+    58 A-2 + 76 A-1 + 230 A0 + 74 A+1 + 67 A+2), sleep if D < 1; ActiLife: A = min(counts/100, 300)."""
+    assert sleep.COLE_KRIPKE_P == 0.001
+    assert sleep.COLE_KRIPKE_WEIGHTS.tolist() == [106, 54, 58, 76, 230, 74, 67]
+    assert (sleep.COLE_KRIPKE_SCALE, sleep.COLE_KRIPKE_CAP) == (100, 300)
+
+
+def test_cole_kripke_worked_example():
+    """One minute of 1000 counts (A = 10) at minute 10 of a quiet night: D at minute m is 0.01 × the
+    weight that minute 10 gets, so only minutes 10 (2.30) and 14 (1.06) are called wake."""
+    minutes = np.zeros(20)
+    minutes[10] = 1000.0
+    d, asleep = sleep.cole_kripke(minutes)
+    expected = np.zeros(20)
+    expected[[8, 9, 10, 11, 12, 13, 14]] = [0.67, 0.74, 2.30, 0.76, 0.58, 0.54, 1.06]
+    np.testing.assert_allclose(d, expected, atol=1e-12)
+    assert np.flatnonzero(~asleep).tolist() == [10, 14]
+    d_cap, _ = sleep.cole_kripke(np.array([0, 0, 0, 0, 1e6, 0, 0]))
+    assert d_cap[4] == pytest.approx(0.001 * 230 * 300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 5e4), max_size=40))
+def test_cole_kripke_matches_naive(minutes):
+    d, _ = sleep.cole_kripke(np.array(minutes))
+    np.testing.assert_allclose(d, naive.cole_kripke(np.array(minutes)), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(nights())
+def test_stager_cole_kripke_feature_is_cole_kripke_on_minute_sums(night):
+    """At odd epochs the minute sums (c[2k] + c[2k+1]) line up with whole minutes: the feature must be
+    the published D of those minutes."""
+    time_s, hr, counts = night
+    feats = sleep.night_features(time_s, hr, counts)
+    c = np.where(counts > 0, counts, 0.0)
+    c = np.append(c, np.zeros(c.size % 2))  # a last half minute sums with nothing after it
+    d, _ = sleep.cole_kripke(c[0::2] + c[1::2])
+    col = sleep.FEATURE_NAMES.index("log_cole_kripke")
+    np.testing.assert_allclose(feats[1::2, col], np.log1p(d[: feats[1::2].shape[0]]), rtol=1e-12, atol=1e-12)
+
+
+# --- nightly summary and per-epoch API ------------------------------------------------------------
+def test_summary_of_a_hand_made_night():
+    w, li, d, r = sleep.WAKE, sleep.LIGHT, sleep.DEEP, sleep.REM
+    stage = np.array([w, w, li, li, d, d, w, r, r, li, w, w])  # 12 epochs = 6 min
+    s = sleep.summarize_night(stage)
+    assert s["time_in_bed_min"] == 6.0
+    assert s["total_sleep_min"] == 3.5
+    assert s["sleep_period_min"] == 4.0  # epochs 2..9
+    assert s["waso_min"] == 0.5
+    assert s["onset_latency_min"] == 1.0
+    assert s["efficiency"] == pytest.approx(3.5 / 6)
+    assert (s["wake_min"], s["light_min"], s["deep_min"], s["rem_min"]) == (2.5, 1.5, 1.0, 1.0)
+    assert sleep.summarize_night(np.zeros(4, dtype=np.int8))["total_sleep_min"] == 0.0
+
+
+def test_stage_night_with_shipped_params_on_an_obvious_night():
+    """20 min restless at 85 bpm, then 6 h still at about 55 bpm: awake first, then mostly asleep."""
+    rng = np.random.default_rng(0)
+    awake, asleep = 40, 720
+    n = awake + asleep
+    hr = np.r_[85 + rng.normal(0, 4, awake), 55 + rng.normal(0, 1, asleep)]
+    counts = np.r_[rng.exponential(800, awake), np.zeros(asleep)]
+    stage = sleep.stage_night(30.0 * np.arange(n), hr, counts)
+    assert stage.shape == (n,) and stage.dtype == np.int8
+    assert (stage[: awake - 5] == sleep.WAKE).all()
+    assert np.mean(stage[awake + 20 :] != sleep.WAKE) > 0.9
+
+
+def test_shipped_params_load_and_match_the_kernel():
+    p = sleep.load_params()
+    assert p.weights.shape[0] == sleep.N_STAGES
+    np.testing.assert_allclose(np.exp(p.log_a).sum(axis=1), 1.0)
+    d = json.loads(sleep.PARAMS_PATH.read_text())
+    assert d["lag_epochs"] == sleep.LAG_EPOCHS
+
+
+# --- real data ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_DATA, reason=f"Sleep-Accel nights not found under {DATA} (set BANDGATE_DATA)")
+@pytest.mark.slow
+def test_held_out_night_beats_chance_and_fit_is_deterministic():
+    from bench.accuracy_sleep import scores
+    from scripts.fit_sleep import fit_params, load_hypnograms, load_nights
+
+    nights_ = load_nights(DATA)
+    hyp = load_hypnograms(DATA)
+    held = next(n for n in nights_ if n.subject == "8692923")
+    train = [n for n in nights_ if n is not held]
+    fitted = fit_params(train, hyp)
+    assert held.subject not in fitted["subjects"]
+    assert fit_params(train, hyp) == fitted
+    pred = sleep.stage_night(held.time_s, held.hr_bpm, held.counts, sleep.SleepParams.from_dict(fitted))
+    s = scores(held.stage, pred.astype(np.int64))
+    assert s["4class"]["kappa"] > 0.2
+    assert s["sleepwake"]["accuracy"] > 0.8
