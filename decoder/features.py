@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import msgpack
 import numpy as np
 
-from decoder import activity, heart, steps
+from decoder import activity, heart, sleep, steps
 from decoder.frames import DecodedBatch
 
 STATE_VERSION = 1
@@ -38,6 +38,13 @@ ALGO = {
 # An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
 # sedentary threshold is about 30 mg at 50 Hz).
 INACTIVE_ENMO_MG = 30.0
+# Nights are staged inside a fixed local window; the stager finds sleep onset within it. A detected
+# bed time would serve users with other hours better (docs/features.md says so).
+NIGHT_START_LOCAL_H = 21
+NIGHT_END_LOCAL_H = 9
+STAGE_NAMES = ("wake", "light", "deep", "rem")
+_HOUR_US = 3_600_000_000
+_DAY_US = 24 * _HOUR_US
 
 
 def device_key(device_id: int) -> str:
@@ -314,6 +321,79 @@ def _heart_records(device: str, out: heart.HeartOutput) -> list[dict]:
     )
 
 
+def _night_of(epoch_start_us: int, utc_offset_min: int) -> int:
+    """UTC µs when the night window holding this epoch began, or -1 outside every window."""
+    local = epoch_start_us + utc_offset_min * 60_000_000
+    day = local - local % _DAY_US
+    hour = (local - day) // _HOUR_US
+    if hour >= NIGHT_START_LOCAL_H:
+        start = day + NIGHT_START_LOCAL_H * _HOUR_US
+    elif hour < NIGHT_END_LOCAL_H:
+        start = day - _DAY_US + NIGHT_START_LOCAL_H * _HOUR_US
+    else:
+        return -1
+    return start - utc_offset_min * 60_000_000
+
+
+def _sleep_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[dict]:
+    first = int(fam["first_epoch_us"])
+    return [
+        _record("sleep", device, first + int(k) * 30_000_000, 30, {"stage": STAGE_NAMES[int(st)]})
+        for k, st in zip(staged.epoch.tolist(), staged.stage.tolist(), strict=True)
+    ]
+
+
+def _finish_night(device: str, fam: dict) -> list[dict]:
+    """End the open night: stage what is pending and summarise the night."""
+    state = sleep.SleepState.from_array(fam["values"].copy())
+    staged = sleep.stage_epochs(np.zeros(0), np.zeros(0), np.zeros(0), state, finish=True)
+    records = _sleep_records(device, fam, staged)
+    stages = np.concatenate([fam["stages"], staged.stage.astype(np.int8)])
+    if stages.size:
+        summary = sleep.summarize_night(stages)
+        values = {k: round(float(v), 3) for k, v in summary.items() if np.isfinite(v)}
+        records.append(_record("night", device, int(fam["first_epoch_us"]), int(stages.size) * 30, values))
+    return records
+
+
+def _feed_sleep(
+    device: str,
+    fam: dict | None,
+    utc_offset_min: int,
+    epoch_us: np.ndarray,
+    counts: np.ndarray,
+    hr: np.ndarray,
+) -> tuple[list[dict], dict | None]:
+    """Epochs (with counts and heart rate) into the night they belong to; nights end at their window's end."""
+    records: list[dict] = []
+    i = 0
+    while i < epoch_us.size:
+        night = _night_of(int(epoch_us[i]), utc_offset_min)
+        if fam is not None and int(fam["night_us"]) != night:
+            records += _finish_night(device, fam)
+            fam = None
+        j = i
+        while j < epoch_us.size and _night_of(int(epoch_us[j]), utc_offset_min) == night:
+            j += 1
+        if night >= 0:
+            if fam is None:
+                fam = {
+                    "values": sleep.SleepState.new().array,
+                    "night_us": night,
+                    "first_epoch_us": int(epoch_us[i]),
+                    "stages": np.zeros(0, np.int8),
+                }
+            state = sleep.SleepState.from_array(fam["values"].copy())
+            time_s = (epoch_us[i:j] - fam["first_epoch_us"]) / 1e6 + 30.0
+            staged = sleep.stage_epochs(time_s, hr[i:j], counts[i:j], state)
+            records += _sleep_records(device, fam, staged)
+            fam = dict(
+                fam, values=state.array, stages=np.concatenate([fam["stages"], staged.stage.astype(np.int8)])
+            )
+        i = j
+    return records, fam
+
+
 # --- the path -----------------------------------------------------------------------------------------------
 
 
@@ -331,6 +411,8 @@ def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
     if "steps" in fam:
         out, _ = steps.flush_steps(steps.StepState.from_array(fam["steps"]["values"]))
         records += _step_records(device, out)
+    if "sleep" in fam:
+        records += _finish_night(device, fam["sleep"])
     return records, replace(state, next_us=-1, families={})
 
 
@@ -372,6 +454,8 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
             state = _open(state, run)
         fam = dict(state.families)
         inactive = np.zeros(0, np.int64)
+        act_epochs = None
+        hr_epochs = None
         if "activity" in fam:
             x, y, z = run.accel[:, 0], run.accel[:, 1], run.accel[:, 2]
             out, st = activity.activity_epochs(x, y, z, activity.ActivityState.from_arrays(fam["activity"]))
@@ -379,6 +463,7 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
             records += _activity_records(device, out)
             calm = (out.epochs["enmo_mg"] < INACTIVE_ENMO_MG) & (out.epochs["n_samples"] > 0)
             inactive = out.epochs["epoch_start_us"][calm]
+            act_epochs = out.epochs
         if "heart" in fam:
             out, st = heart.heart_epochs(
                 run.hr_bpm,
@@ -391,6 +476,39 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
             )
             fam["heart"] = st.to_arrays()
             records += _heart_records(device, out)
+            hr_epochs = out.epochs
+        # Heart closes an epoch once the data covers its end; activity can close the same epoch one call
+        # later. Heart rates wait in the state until activity brings their epoch, so the join does not
+        # depend on where batches end.
+        buffer = fam.get("hr_buffer", {"epoch_us": np.zeros(0, np.int64), "hr": np.zeros(0)})
+        if hr_epochs is not None and hr_epochs.size:
+            buffer = {
+                "epoch_us": np.concatenate([buffer["epoch_us"], hr_epochs["epoch_start_us"]]),
+                "hr": np.concatenate([buffer["hr"], hr_epochs["hr_mean_bpm"].astype(np.float64)]),
+            }
+        if act_epochs is not None and act_epochs.size:
+            epoch_us = act_epochs["epoch_start_us"]
+            hr = np.full(epoch_us.size, np.nan)
+            at = np.searchsorted(buffer["epoch_us"], epoch_us)
+            found = at < buffer["epoch_us"].size
+            found[found] = buffer["epoch_us"][at[found]] == epoch_us[found]
+            hr[found] = buffer["hr"][at[found]]
+            keep = buffer["epoch_us"] > epoch_us[-1]
+            buffer = {"epoch_us": buffer["epoch_us"][keep], "hr": buffer["hr"][keep]}
+            staged, night = _feed_sleep(
+                device,
+                fam.get("sleep"),
+                run.utc_offset_min,
+                epoch_us,
+                act_epochs["counts_vm"].astype(np.float64),
+                hr,
+            )
+            records += staged
+            if night is None:
+                fam.pop("sleep", None)
+            else:
+                fam["sleep"] = night
+        fam["hr_buffer"] = buffer
         if "steps" in fam:
             out, st = steps.count_steps(run.accel, steps.StepState.from_array(fam["steps"]["values"]))
             fam["steps"] = {"values": st.to_array()}

@@ -202,7 +202,9 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
     out = sys.stdout
     try:
         if args.epochs:
-            records = replay.replay_epochs(args.file)
+            records = replay.replay_epochs(
+                args.file, device_id=replay.parse_device(args.device), start_us=replay.parse_start(args.start)
+            )
         else:
             if args.rate_hz is None and not replay.is_batch_file(args.file):
                 return _fail("replay: --rate-hz is required for a CSV recording")

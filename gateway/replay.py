@@ -124,3 +124,46 @@ def write_csv(records: Iterable[dict], out: io.TextIOBase) -> int:
             ]
         )
     return len(rows)
+
+
+def replay_epochs(path: str | Path, *, device_id: int = 1, start_us: int | None = None) -> Iterator[dict]:
+    """The sleep stager alone on per-epoch input (columns epoch,time_s,hr_bpm,counts; others ignored).
+
+    Exactly one `sleep` record per row, in row order, with the row's `epoch` beside the stage; the
+    record's period is the 30 s before the row's `time_s` (as in ../shared/data/sleep/epochs).
+    """
+    import numpy as np
+
+    from decoder import sleep
+    from decoder.features import STAGE_NAMES, device_key
+
+    columns = ("epoch", "time_s", "hr_bpm", "counts")
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        fields = {name.strip().lower(): name for name in reader.fieldnames or []}
+        missing = [c for c in columns if c not in fields]
+        if missing:
+            raise ValueError(f"{path}: no column named {', '.join(missing)}")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                rows.append([float(row[fields[c]]) for c in columns])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: line {line_no} has a missing or non-numeric value") from None
+    if not rows:
+        return iter(())
+    data = np.asarray(rows)
+    stages = sleep.stage_night(data[:, 1], data[:, 2], data[:, 3])
+    origin = parse_start(DEFAULT_START) if start_us is None else start_us
+    device = device_key(device_id)
+    return (
+        {
+            "family": "sleep",
+            "device": device,
+            "start_us": origin + round((t - 30.0) * 1e6),
+            "duration_s": 30,
+            "algo": "sleep/1",
+            "values": {"epoch": int(e), "stage": STAGE_NAMES[int(s)]},
+        }
+        for e, t, s in zip(data[:, 0].tolist(), data[:, 1].tolist(), stages.tolist(), strict=True)
+    )

@@ -145,3 +145,23 @@ def test_state_is_not_modified_and_round_trips() -> None:
     for family, arrays in state.families.items():
         for name, value in arrays.items():
             assert np.array_equal(restored[family][name], value), (family, name)
+
+
+def test_night_is_staged_and_split_invariant() -> None:
+    """A simulated night through the whole path: sleep records and a night summary, however it is cut."""
+    rec = simulate_band(5, 3 * 60, scenario="night", start_us=1_767_646_800_000_000)  # 21:00 local
+    fs = rec.sample_rate_hz
+    frames = _frames(rec, [s * 60 * fs for s in range(1, 180)])
+    one = _run(frames, [], rec.device_id, serialise=False)
+    rng = np.random.default_rng(0)
+    cut = _run(
+        frames,
+        sorted(rng.choice(np.arange(1, len(frames)), 7, replace=False).tolist()),
+        rec.device_id,
+        serialise=True,
+    )
+    assert _key_sorted(one) == _key_sorted(cut)
+    sleep_records = [r for r in one if r["family"] == "sleep"]
+    assert len(sleep_records) > 300 and {r["values"]["stage"] for r in sleep_records} - {"wake"}
+    nights = [r for r in one if r["family"] == "night"]
+    assert len(nights) == 1 and 0 < nights[0]["values"]["total_sleep_min"] <= 180

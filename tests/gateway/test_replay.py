@@ -136,3 +136,36 @@ def test_simulator_file(tmp_path: Path, capsys) -> None:
     true_steps = sum(int(truth[f"steps_per_s_{i}"].sum()) for i in range(3))
     found = sum(r["values"]["steps"] for r in records if r["family"] == "steps")
     assert true_steps > 0 and abs(found - true_steps) / true_steps < 0.5
+
+
+def _epochs_csv(path: Path, n: int = 400) -> Path:
+    """A synthetic night: moving for 30 min, then still with a falling heart rate, then moving again."""
+    rng = np.random.default_rng(3)
+    t = 30 * (np.arange(n) + 1)
+    moving = (np.arange(n) < 60) | (np.arange(n) > n - 40)
+    counts = np.where(moving, rng.integers(200, 2000, n), rng.integers(0, 3, n) * (rng.random(n) < 0.05))
+    hr = np.where(moving, 75, 58) + rng.normal(0, 1.5, n)
+    lines = ["epoch,time_s,hr_bpm,counts,stage"] + [f"{i},{t[i]},{hr[i]:.2f},{counts[i]},9" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_epochs_mode(tmp_path: Path) -> None:
+    path = _epochs_csv(tmp_path / "night.csv")
+    done = _replay("--epochs", str(path), "--device", "7")
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 400, "exactly one record per input row"
+    assert [r["values"]["epoch"] for r in records] == list(range(400))
+    assert all(r["family"] == "sleep" and r["device"] == "0000000000000007" for r in records)
+    stages = [r["values"]["stage"] for r in records]
+    assert set(stages) <= {"wake", "light", "deep", "rem"}
+    assert stages[:20] == ["wake"] * 20, "before sleep onset every epoch is wake"
+    assert stages[100:300].count("wake") < 100, "the still, slow-heart middle is mostly asleep"
+
+
+def test_epochs_mode_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("epoch,time_s,counts\n0,30,5\n")
+    done = _replay("--epochs", str(path))
+    assert done.returncode == 2 and "hr_bpm" in done.stderr
