@@ -166,7 +166,7 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
 
 
 def feature_record(cursor: int, record: dict) -> features_pb2.FeatureRecord:
-    """A stored record as the API's FeatureRecord (numbers as `number`, labels as `text`)."""
+    """A stored record as the API FeatureRecord: floats as `number`, ints as `integer`, labels as `text`."""
     msg = features_pb2.FeatureRecord(
         cursor=cursor,
         family=record["family"],
@@ -178,6 +178,8 @@ def feature_record(cursor: int, record: dict) -> features_pb2.FeatureRecord:
     for key, value in record["values"].items():
         if isinstance(value, str):
             msg.values[key].text = value
+        elif isinstance(value, int):
+            msg.values[key].integer = value
         else:
             msg.values[key].number = float(value)
     return msg

@@ -363,6 +363,7 @@ def test_subscribe_live_then_resume_from_cursor_without_gaps_or_repeats(tmp_path
     )
     steps = next(r for r in live if r.family == "steps")
     assert steps.values["steps"].WhichOneof("kind") == "number"
+    assert steps.values["walk_s"].WhichOneof("kind") == "integer"  # counts stay integers end to end
 
 
 def test_health_serving_and_reflection(tmp_path):

@@ -19,12 +19,14 @@ class SubscribeRequest(_message.Message):
     def __init__(self, families: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., from_cursor: _Optional[int] = ..., no_follow: _Optional[bool] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("number", "text")
+    __slots__ = ("number", "text", "integer")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
     number: float
     text: str
-    def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+    integer: int
+    def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ..., integer: _Optional[int] = ...) -> None: ...
 
 class FeatureRecord(_message.Message):
     __slots__ = ("cursor", "family", "device", "start_us", "duration_s", "algo", "values")
