@@ -49,6 +49,22 @@ def test_sigterm_drains_acks_what_is_stored_and_exits_0(tmp_path):
         assert store.device(device).last_seq == acks[-1].acked_seq  # acked = stored, no more, no less
     assert any('"event":"stopped"' in line for line in server.lines)
 
+    # Restart; the band resends everything after its last ack: the records equal an uninterrupted run.
+    restarted = ServeProcess(tmp_path, db)
+    rest = [b for b in batches if b.first_seq > acks[-1].acked_seq]
+
+    async def resend():
+        async with grpc.aio.insecure_channel(restarted.address) as ch:
+            up = Uploader(ch, device)
+            out = [await up.send(b) for b in rest]
+            await up.close()
+            return out
+
+    resent = asyncio.run(asyncio.wait_for(resend(), 60))
+    assert restarted.terminate() == 0
+    assert [a.code for a in resent] == [OK] * len(rest)
+    assert same_records(stored(f"sqlite:///{db}"), processed(batches))
+
 
 def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
     db = tmp_path / "gw.db"

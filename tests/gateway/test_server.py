@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
+from decoder.frames import split_frames
 from gateway.auth import DEVICE_METADATA, is_loopback
+from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
 from gateway.pipeline import (
     ALREADY_EXISTS,
@@ -24,6 +27,7 @@ from gateway.pipeline import (
     UNAVAILABLE,
 )
 from gateway.server import run_server
+from gateway.simulator.recorder import fleet_batches
 from gateway.store import open_store
 from tests.gateway.gatewaykit import (
     Uploader,
@@ -34,6 +38,7 @@ from tests.gateway.gatewaykit import (
     frames_of,
     key,
     processed,
+    same_records,
     stored,
 )
 
@@ -65,6 +70,43 @@ def test_batch_stored_and_acked(tmp_path):
     assert stored(cfg.store) == processed(batches[:3])
     assert len(stored(cfg.store)) > 0
     assert high_water(cfg.store, device) == batches[2].last_seq
+
+
+def test_band_reboot_starts_a_new_sequence_and_loses_nothing(tmp_path):
+    """The band restarts half-way (new boot ID, sequence numbers from 0 again, time going on): the stored
+    records equal those of the same samples sent without a reboot."""
+    cfg = config(tmp_path)
+    ((rec, uninterrupted),) = fleet_batches(bands=1, minutes=20, seed=21, batch_minutes=2)
+    frames = split_frames(
+        rec.accel,
+        frame_samples=60 * rec.sample_rate_hz,
+        hr_bpm=rec.hr_bpm,
+        rr_ms=rec.rr_ms,
+        rr_end_us=rec.rr_end_us,
+        device_id=rec.device_id,
+        boot_id=1,
+        first_seq=0,
+        start_us=rec.start_us,
+        sample_rate_hz=rec.sample_rate_hz,
+        utc_offset_min=rec.utc_offset_min,
+    )
+    after = [replace(f, boot_id=2, seq=i) for i, f in enumerate(frames[10:])]
+    rebooted = [build_batch(frames[i : i + 2]) for i in range(0, 10, 2)]
+    rebooted += [build_batch(after[i : i + 2]) for i in range(0, len(after), 2)]
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            acks = []
+            for part in (rebooted[:5], rebooted[5:]):  # one stream before the reboot, one after
+                up = Uploader(ch, rec.device_id)
+                acks += [await up.send(b) for b in part]
+                await up.close()
+            return acks
+
+    acks = run(scenario())
+    assert [a.code for a in acks] == [OK] * len(rebooted)
+    assert [(a.boot_id, a.acked_seq) for a in acks[4:6]] == [(1, 9), (2, 1)]
+    assert same_records(stored(cfg.store), processed(uninterrupted))
 
 
 def test_duplicate_acked_already_exists_not_decompressed_not_stored_twice(tmp_path):
@@ -128,6 +170,7 @@ def test_corrupt_frame_listed_in_ack_and_the_others_stored(tmp_path):
     records = stored(cfg.store)
     minutes = sorted(r["start_us"] for r in records)
     assert len(minutes) >= 3 and frames[2].start_us not in minutes  # the other frames' minutes are stored
+    assert same_records(records, processed([envelope(encoded, frames[0])]))  # exactly what replay makes of it
 
 
 def test_bad_zstd_is_invalid_argument_and_the_stream_goes_on(tmp_path):
