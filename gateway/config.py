@@ -47,6 +47,10 @@ class GatewayConfig:
     compute_threads: int = 2  # decode + features workers (Numba releases the GIL)
     subscribe_page: int = 500  # records a subscriber reads per store query
 
+    # Retention: records whose period started longer ago than this are deleted (0 = keep everything).
+    retention_days: float = 0.0
+    retention_check_s: float = 3600.0
+
     # gRPC transport.
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
@@ -78,6 +82,7 @@ class GatewayConfig:
             "overload_wait_ms",
             "retry_after_ms",
             "max_connection_idle_ms",
+            "retention_days",
             "shutdown_grace_s",
         ):
             if getattr(self, name) < 0:

@@ -309,6 +309,13 @@ class Pipeline:
         self.rows.shutdown()
         self.writer.shutdown()
 
+    async def purge_expired(self, now_us: int) -> int:
+        """Delete records older than `retention_days` (on the writer thread, between commits)."""
+        if self.config.retention_days <= 0:
+            return 0
+        cutoff = now_us - int(self.config.retention_days * 86_400_000_000)
+        return await self.writer.call(self.writer.store.purge_before, cutoff)
+
     async def handle(self, device_id: int, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
         """The one Ack for `batch`, received on a stream authenticated as `device_id`."""
         started = time.monotonic()

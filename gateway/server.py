@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -259,6 +260,7 @@ class Gateway:
         self._health: Any = None
         self._draining: asyncio.Event | None = None
         self._ingest: IngestService | None = None
+        self._retention: asyncio.Future | None = None
 
     async def start(self) -> str:
         """Open the store, bind, serve; returns the bound HOST:PORT."""
@@ -281,6 +283,8 @@ class Gateway:
         await asyncio.to_thread(self._pipeline.start)  # opens (and migrates) the store before we listen
         self._reader = StoreThread(store_for_url(c.store), "reader")
         await asyncio.to_thread(self._reader.start)
+        if c.retention_days > 0:
+            self._retention = asyncio.ensure_future(self._retain())
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.max_send_message_length", c.max_message_bytes),
@@ -325,6 +329,8 @@ class Gateway:
             await self._health.enter_graceful_shutdown()
             assert self._draining is not None
             self._draining.set()
+            if self._retention is not None:
+                self._retention.cancel()
             if self._ingest is not None:
                 await self._ingest.wait_idle(self.config.shutdown_grace_s)
             await server.stop(self.config.shutdown_grace_s)
@@ -337,6 +343,20 @@ class Gateway:
         self.metrics.shutdown()
         if server is not None:
             log.info("gateway stopped", extra={"fields": {"event": "stopped"}})
+
+    async def _retain(self) -> None:
+        """Purge expired records now and every `retention_check_s`; a failed purge is retried next time."""
+        while True:
+            try:
+                purged = await self._pipeline.purge_expired(time.time_ns() // 1000)
+                if purged:
+                    log.info("retention purge", extra={"fields": {"event": "purged", "records": purged}})
+            except Exception as e:  # the store may be busy or full; serving goes on
+                log.warning(
+                    "retention purge failed",
+                    extra={"fields": {"event": "purge_failed", "error": type(e).__name__}},
+                )
+            await asyncio.sleep(self.config.retention_check_s)
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -495,3 +495,22 @@ def test_metrics_endpoint_counts_batches_and_devices(tmp_path):
     assert "bandgate_devices_connected 1.0" in text
     assert "bandgate_ack_latency_seconds_count 2.0" in text
     assert "bandgate_samples_total 15000.0" in text
+
+
+def test_retention_purges_expired_records(tmp_path):
+    """Simulated data starts in January 2026; a 30-day retention purges it, a long one keeps it."""
+    device, batches = band()
+    for days, expect_empty in ((30.0, True), (36500.0, False)):
+        cfg = config(tmp_path / f"r{int(days)}", retention_days=days, retention_check_s=0.1)
+        (tmp_path / f"r{int(days)}").mkdir()
+
+        async def scenario(cfg=cfg):
+            async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+                up = Uploader(ch, device)
+                ack = await up.send(batches[0])
+                await up.close()
+                await asyncio.sleep(0.5)  # a few retention rounds
+                return ack
+
+        assert run(scenario()).code == OK
+        assert (stored(cfg.store) == []) is expect_empty
