@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
 from decoder.frames import split_frames
@@ -430,9 +431,9 @@ def test_health_serving_and_reflection(tmp_path):
     assert "bandgate.v1.IngestService" in services and "bandgate.v1.FeatureService" in services
 
 
-def test_no_sample_values_in_logs_or_acks(tmp_path):
+def test_no_sample_values_in_any_sink(tmp_path):
     """A sentinel accelerometer pattern goes through good, corrupt and undecodable batches: neither the
-    logs nor the acks may contain it."""
+    logs, acks, metrics, store files, stored records nor the feature stream may contain it."""
     cfg = config(tmp_path)
     device = 0x00000000CAFEF00D
     sentinel = -1717  # a distinctive 12-bit count
@@ -457,15 +458,24 @@ def test_no_sample_values_in_logs_or_acks(tmp_path):
     async def scenario():
         async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
             up = Uploader(ch, device)
-            return [await up.send(b) for b in (undecodable, lying, good, good)]
+            acks = [await up.send(b) for b in (undecodable, lying, good, good)]
+            stub = features_pb2_grpc.FeatureServiceStub(ch)
+            stream = [r async for r in stub.Subscribe(features_pb2.SubscribeRequest(no_follow=True))]
+            return acks, stream, generate_latest(gw.metrics.registry).decode()
 
     try:
-        acks = run(scenario())
+        acks, stream, metrics_text = run(scenario())
     finally:
         logger.removeHandler(handler)
     assert [a.code for a in acks] == [INVALID_ARGUMENT, INVALID_ARGUMENT, OK, ALREADY_EXISTS]
-    assert len(captured) >= 4
-    text = "\n".join(captured) + "\n".join(str(a) for a in acks)
+    assert len(captured) >= 4 and stream and "bandgate_samples" in metrics_text
+    # Every sink: the store's files (database and WAL) never hold the raw pattern...
+    raw = np.array([sentinel, 1717, sentinel, 1717], "<i2").tobytes()
+    for path in tmp_path.glob("gw.db*"):
+        assert raw not in path.read_bytes(), path.name
+    # ...and no log line, ack, metric, stored record or streamed record shows the values.
+    text = "\n".join(captured) + "\n".join(str(a) for a in acks) + metrics_text
+    text += "\n".join(str(r) for r in stream) + "\n".join(map(str, stored(cfg.store)))
     for needle in (
         str(sentinel),
         "1717",
