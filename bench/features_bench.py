@@ -14,8 +14,9 @@ import numpy as np
 from bench import numpy_features
 from decoder import activity, heart, steps
 from decoder.features import DeviceState, process
-from decoder.frames import decode_frames, encode_container, encode_frame, split_frames
+from decoder.frames import decode_frames, encode_container, encode_frame
 from gateway.simulator import simulate_band
+from gateway.simulator.recorder import recording_frames
 
 G_PER_COUNT = 16.0 / 4096
 
@@ -25,19 +26,7 @@ def _day(minutes: float):
 
 
 def _decoded_batches(rec, batch_minutes: int = 10) -> list:
-    frames = split_frames(
-        rec.accel,
-        frame_samples=60 * rec.sample_rate_hz,
-        hr_bpm=rec.hr_bpm,
-        rr_ms=rec.rr_ms,
-        rr_end_us=rec.rr_end_us,
-        device_id=rec.device_id,
-        boot_id=1,
-        first_seq=0,
-        start_us=rec.start_us,
-        sample_rate_hz=rec.sample_rate_hz,
-        utc_offset_min=rec.utc_offset_min,
-    )
+    frames = recording_frames(rec)
     return [
         decode_frames(encode_container(encode_frame(f) for f in frames[i : i + batch_minutes]))
         for i in range(0, len(frames), batch_minutes)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bandgate.v1 import batch_pb2
-from decoder.frames import split_frames
+from decoder.frames import Frame, split_frames
 from gateway.batchfile import truth_path, write_batches
 from gateway.envelope import build_batch
 from gateway.simulator.signals import BandRecording, simulate_band
@@ -25,11 +25,9 @@ def band_device_id(seed: int, band: int) -> int:
     return int(np.random.SeedSequence([seed, band, 1]).generate_state(1, np.uint64)[0])
 
 
-def recording_batches(
-    rec: BandRecording, *, boot_id: int = 1, frame_seconds: int = 60, batch_frames: int = 10
-) -> Iterator[batch_pb2.Batch]:
-    """Cut a recording into frames of `frame_seconds` and batches of `batch_frames` frames, in order."""
-    frames = split_frames(
+def recording_frames(rec: BandRecording, *, boot_id: int = 1, frame_seconds: int = 60) -> list[Frame]:
+    """A recording as the band frames it: `frame_seconds` each, sequence numbers from 0."""
+    return split_frames(
         rec.accel,
         frame_samples=frame_seconds * rec.sample_rate_hz,
         hr_bpm=rec.hr_bpm,
@@ -44,6 +42,13 @@ def recording_batches(
         accel_range_g=rec.accel_range_g,
         utc_offset_min=rec.utc_offset_min,
     )
+
+
+def recording_batches(
+    rec: BandRecording, *, boot_id: int = 1, frame_seconds: int = 60, batch_frames: int = 10
+) -> Iterator[batch_pb2.Batch]:
+    """Cut a recording into frames of `frame_seconds` and batches of `batch_frames` frames, in order."""
+    frames = recording_frames(rec, boot_id=boot_id, frame_seconds=frame_seconds)
     for i in range(0, len(frames), batch_frames):
         yield build_batch(frames[i : i + batch_frames])
 

@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
-from decoder.frames import split_frames
 from gateway.auth import DEVICE_METADATA, is_loopback
 from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
@@ -28,7 +27,7 @@ from gateway.pipeline import (
     UNAVAILABLE,
 )
 from gateway.server import run_server
-from gateway.simulator.recorder import fleet_batches
+from gateway.simulator.recorder import fleet_batches, recording_frames
 from gateway.store import open_store
 from tests.gateway.gatewaykit import (
     Uploader,
@@ -78,19 +77,7 @@ def test_band_reboot_starts_a_new_sequence_and_loses_nothing(tmp_path):
     records equal those of the same samples sent without a reboot."""
     cfg = config(tmp_path)
     ((rec, uninterrupted),) = fleet_batches(bands=1, minutes=20, seed=21, batch_minutes=2)
-    frames = split_frames(
-        rec.accel,
-        frame_samples=60 * rec.sample_rate_hz,
-        hr_bpm=rec.hr_bpm,
-        rr_ms=rec.rr_ms,
-        rr_end_us=rec.rr_end_us,
-        device_id=rec.device_id,
-        boot_id=1,
-        first_seq=0,
-        start_us=rec.start_us,
-        sample_rate_hz=rec.sample_rate_hz,
-        utc_offset_min=rec.utc_offset_min,
-    )
+    frames = recording_frames(rec)
     after = [replace(f, boot_id=2, seq=i) for i, f in enumerate(frames[10:])]
     rebooted = [build_batch(frames[i : i + 2]) for i in range(0, 10, 2)]
     rebooted += [build_batch(after[i : i + 2]) for i in range(0, len(after), 2)]
