@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import zstandard
@@ -154,6 +155,16 @@ def _simulated_dictionary() -> zstandard.ZstdCompressionDict:
     return train_dictionary(corpus.containers(accel, frames_per_batch=1), size=16 * 1024)
 
 
+def _accuracy_figures() -> dict:
+    """Step errors and sleep kappas from the last `python -m bench.accuracy` (minutes to recompute)."""
+    path = Path(__file__).with_name("accuracy.json")
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    keys = ("sleep_kappa_4class", "sleep_kappa_3class", "sleep_kappa_sleepwake", "steps_error_pct")
+    return {k: saved[k] for k in keys if k in saved}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default output)")
@@ -171,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
 
     figures.update(feature_figures(best_seconds, args.quick))
     figures["features_bench_seconds"] = round(time.perf_counter() - started, 1)
+    figures.update(_accuracy_figures())
+    from bench.e2e_bench import e2e_figures
+
+    figures.update(e2e_figures(args.quick))
     print(json.dumps(figures, indent=None if args.json else 2))
     return 0
 

@@ -129,6 +129,32 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         return _fail(f"serve: {e}")
 
 
+def _cmd_warm(args: argparse.Namespace, console: Console) -> int:
+    """Compile every kernel into the Numba cache (NUMBA_CACHE_DIR), so `serve` starts warm."""
+    from gateway.warm import warm
+
+    done = warm()
+    console.print(f"kernels warm ({', '.join(done['families'])}) in {done['seconds']} s")
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace, console: Console) -> int:
+    """gRPC health of a gateway: prints the status; exit 0 only when SERVING (a container HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+    except grpc.RpcError as e:
+        return _fail(f"health: {e.code().name}: {e.details()}")
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _cmd_tail(args: argparse.Namespace, console: Console) -> int:
     """Subscribe and print one JSON line a record, with its cursor (resume with --from CURSOR)."""
     import asyncio
@@ -263,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--from", dest="from_cursor", type=int, default=0, help="resume after this cursor")
     tl.add_argument("--no-follow", action="store_true", help="stop after catching up")
     tl.set_defaults(run=_cmd_tail)
+
+    wrm = sub.add_parser("warm", help="compile every Numba kernel into the cache (NUMBA_CACHE_DIR)")
+    wrm.set_defaults(run=_cmd_warm)
+
+    hlt = sub.add_parser("health", help="gRPC health check of a gateway; exit 0 when SERVING")
+    hlt.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    hlt.add_argument("--service", default="", help="service name (default: the whole server)")
+    hlt.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds")
+    hlt.set_defaults(run=_cmd_health)
 
     rep = sub.add_parser("replay", help="a recording through the band encoder, decoder and feature path")
     rep.add_argument(

@@ -1,0 +1,523 @@
+"""End-to-end figures for `python -m bench`: `bandgate serve` as its own process, bands as gRPC clients in
+another process (the load generator, `python -m bench.e2e_bench load …`), SQLite on a temp dir.
+
+Every figure is wall time on loopback: the gateway, the load generator and anything else on the machine
+share its cores, so these move with the machine's load more than the one-core CPU-time figures do.
+
+- throughput: simulated bands cut into batches beforehand (`recording_batches`, written to a batch file);
+  the load generator streams each band on its own Upload stream, a batch at a time, as fast as the acks
+  come back. Beside it, in this process, the same batches through `pipeline.compute` and
+  `SqliteStore.commit` without gRPC (one thread).
+- ack latency: the same batches paced at half the measured rate, latency from when a batch was due
+  (not when it was sent: a late send counts) to its ack.
+- streams: 10,000 devices hold an Upload stream open, multiplexed over a few channels, each sending a
+  1-minute batch once per cadence; the gateway's VmRSS from /proc.
+- ready: from launching `serve` to gRPC health SERVING, with the Numba cache warm and cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+FRAME_SECONDS = 60
+SAMPLE_RATE_HZ = 50
+FRAME_SAMPLES = FRAME_SECONDS * SAMPLE_RATE_HZ
+
+
+# --- the gateway process ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unpin(pid: int) -> None:
+    """Children inherit the bench's one-core pin; the gateway and the load generator get every core."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(pid, range(os.cpu_count() or 1))
+
+
+class Gateway:
+    """`bandgate serve` as a subprocess on a free loopback port, its log in a file."""
+
+    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None):
+        self.address = f"127.0.0.1:{_free_port()}"
+        self.log = workdir / f"serve-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as err:
+            self.launched = time.perf_counter()
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.cli",
+                    "serve",
+                    "--listen",
+                    self.address,
+                    "--store",
+                    f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}",
+                ],
+                cwd=workdir,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env or os.environ.copy(),
+            )
+        _unpin(self.proc.pid)
+
+    def wait_serving(self, timeout_s: float = 60.0) -> float:
+        """Seconds from launch to health SERVING (polled every 10 ms)."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.perf_counter() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.perf_counter() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"serve exited: {self.log.read_text()[-2000:]}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - self.launched
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+        raise TimeoutError(f"serve not SERVING after {timeout_s} s")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _load(args: list[str], *, stdin: int | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.e2e_bench", "load", *args],
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    _unpin(proc.pid)
+    return proc
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+
+def _recordings(bands: int, minutes: float) -> list:
+    """Simulated bands: a day's mix of activity and sleep, from 08:00 local."""
+    from gateway.simulator import simulate_band
+    from gateway.simulator.recorder import band_seed
+
+    return [simulate_band(band_seed(2026, b), minutes, scenario="mixed") for b in range(bands)]
+
+
+def _fleet_file(path: Path, recordings: list, *, batch_minutes: int, fleet: int) -> tuple[list, int]:
+    """The recordings as batches under the device IDs of fleet `fleet` (so two fleets cut from the same
+    signals are different devices to the gateway), written to a batch file in the order a fleet sends
+    them; returns the batches and the sample count."""
+    from dataclasses import replace
+
+    from gateway.batchfile import write_batches
+    from gateway.simulator.recorder import band_device_id, recording_batches
+
+    per_band = [
+        list(recording_batches(replace(rec, device_id=band_device_id(fleet, b)), batch_frames=batch_minutes))
+        for b, rec in enumerate(recordings)
+    ]
+    order = [bs[i] for i in range(max(map(len, per_band))) for bs in per_band if i < len(bs)]
+    with open(path, "wb") as f:
+        write_batches(f, order)
+    return order, sum(rec.accel.shape[0] for rec in recordings)
+
+
+def _warm_gateway(gw: Gateway, workdir: Path) -> None:
+    """Before timing, one band through the gateway whose night window closes (gateway/warm.py's input),
+    so every kernel is loaded from the Numba cache and none is loaded inside a timed run."""
+    from dataclasses import replace
+
+    from gateway.batchfile import write_batches
+    from gateway.simulator import simulate_band
+    from gateway.simulator.recorder import recording_batches
+    from gateway.simulator.signals import DEFAULT_START_US
+
+    rec = simulate_band(1, 30, scenario="night", start_us=DEFAULT_START_US - 20 * 60_000_000)
+    path = workdir / f"warm-{time.monotonic_ns()}.bgb"
+    with open(path, "wb") as f:
+        write_batches(f, recording_batches(replace(rec, device_id=0xAAAA_0000_0000_0001), batch_frames=10))
+    _stream(gw, path, channels=1)
+
+
+def _in_process(batches: list, workdir: Path) -> float:
+    """decode + features + store without gRPC: `pipeline.compute` then `SqliteStore.commit`, one thread;
+    returns wall seconds."""
+    from decoder import config as decoder_config
+    from gateway.pipeline import compute
+    from gateway.store import open_store
+
+    with open_store(f"sqlite:///{workdir / f'inproc-{time.monotonic_ns()}.db'}") as store:
+        compute(batches[0], None, decoder_config.MAX_DECOMPRESSED_BYTES)  # kernels loaded, not timed
+        states: dict[int, bytes | None] = defaultdict(lambda: None)
+        started = time.perf_counter()
+        for batch in batches:
+            c = compute(batch, states[batch.device_id], decoder_config.MAX_DECOMPRESSED_BYTES)
+            store.commit(batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, c.state, c.records)
+            states[batch.device_id] = c.state
+        return time.perf_counter() - started
+
+
+def _stream(gw: Gateway, batch_file: Path, *, channels: int, rate: float = 0.0) -> dict:
+    proc = _load(
+        [
+            "stream",
+            "--target",
+            gw.address,
+            "--file",
+            str(batch_file),
+            "--channels",
+            str(channels),
+            "--rate",
+            str(rate),
+        ]
+    )
+    out, _ = proc.communicate(timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"load generator failed ({proc.returncode})")
+    return json.loads(out.splitlines()[-1])
+
+
+# --- the figures --------------------------------------------------------------------------------------
+
+
+def throughput_figures(quick: bool, workdir: Path) -> dict[str, float]:
+    """e2e_samples_per_s (10-minute batches), e2e_1min_samples_per_s, e2e_vs_pipeline, ack_p50/p99_ms."""
+    bands, minutes = (4, 8 * 60) if quick else (8, 24 * 60)
+    recordings = _recordings(bands, minutes)
+    out: dict[str, float] = {}
+    gw = Gateway(workdir)
+    try:
+        gw.wait_serving()
+        _warm_gateway(gw, workdir)
+        for batch_minutes, key in ((10, "e2e_samples_per_s"), (1, "e2e_1min_samples_per_s")):
+            path = workdir / f"fleet-{batch_minutes}.bgb"
+            # the same signals as other devices for each batch size, so nothing is a duplicate
+            batches, samples = _fleet_file(path, recordings, batch_minutes=batch_minutes, fleet=batch_minutes)
+            result = _stream(gw, path, channels=min(bands, 4))
+            assert result["samples"] == samples, (result["samples"], samples)
+            out[key] = samples / result["wall_s"]
+            if batch_minutes == 10:
+                t_pipeline = _in_process(batches, workdir)
+                out["pipeline_samples_per_s"] = samples / t_pipeline
+                out["e2e_vs_pipeline"] = out[key] / out["pipeline_samples_per_s"]
+                ten_minute_file, ten_minute_samples = path, samples
+    finally:
+        gw.stop()
+    # Half load on a fresh gateway (the fleet above is stored there already).
+    gw = Gateway(workdir)
+    try:
+        gw.wait_serving()
+        _warm_gateway(gw, workdir)
+        paced = _stream(gw, ten_minute_file, channels=min(bands, 4), rate=out["e2e_samples_per_s"] / 2)
+        assert paced["samples"] == ten_minute_samples
+    finally:
+        gw.stop()
+    lat = np.array(paced["latency_ms"])
+    out["ack_p50_ms"] = float(np.percentile(lat, 50))
+    out["ack_p99_ms"] = float(np.percentile(lat, 99))
+    out["ack_half_load_samples_per_s"] = paced["samples"] / paced["wall_s"]
+    return out
+
+
+def streams_figures(quick: bool, workdir: Path, devices: int = 10_000) -> dict[str, float]:
+    """streams_rss_mb: the gateway's peak VmRSS with `devices` streams open, each sending a 1-minute batch
+    every 10 minutes (phases spread over the cadence), sampled over a window of the cadence: all of it
+    in a full run, 20 s in --quick (the count and the cadence stay; about 330 devices send in 20 s)."""
+    cadence_s, window_s = 600.0, (20.0 if quick else 600.0)
+    gw = Gateway(workdir)
+    try:
+        gw.wait_serving()
+        _warm_gateway(gw, workdir)
+        idle_mb = gw.rss_mb()
+        proc = _load(
+            ["streams", "--target", gw.address, "--devices", str(devices), "--channels", "16",
+             "--cadence", str(cadence_s), "--window", str(window_s)],
+            stdin=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdin is not None
+        opened = json.loads(proc.stdout.readline())  # every stream is open
+        os.set_blocking(proc.stdout.fileno(), False)
+        peak, done = 0.0, None
+        while done is None:
+            peak = max(peak, gw.rss_mb())
+            text = proc.stdout.readline()
+            if text:
+                done = json.loads(text)
+            elif proc.poll() is not None:
+                raise RuntimeError("stream load generator died")
+            else:
+                time.sleep(0.25)
+        peak = max(peak, gw.rss_mb())
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    finally:
+        gw.stop()
+    if done["acked"] != done["due"] or done["failures"]:
+        raise RuntimeError(f"streams: not every due batch was acked: {done}")
+    return {"streams_rss_mb": peak, "streams_idle_rss_mb": idle_mb, "streams_open_s": opened["open_s"]}
+
+
+def ready_figures(quick: bool, workdir: Path) -> dict[str, float]:
+    """serve_ready_s (Numba cache warm) and serve_ready_cold_s (NUMBA_CACHE_DIR an empty temp dir)."""
+    rounds = 3 if quick else 5
+    warm = []
+    for _ in range(rounds):
+        gw = Gateway(workdir)
+        try:
+            warm.append(gw.wait_serving())
+        finally:
+            gw.stop()
+    cold = []
+    for _ in range(max(1, rounds - 1)):
+        with tempfile.TemporaryDirectory() as cache:
+            gw = Gateway(workdir, env={**os.environ, "NUMBA_CACHE_DIR": cache})
+            try:
+                cold.append(gw.wait_serving())
+            finally:
+                gw.stop()
+    # the median: a start-up is one wall-clock event, and the best of a few would flatter it
+    return {"serve_ready_s": float(np.median(warm)), "serve_ready_cold_s": float(np.median(cold))}
+
+
+def e2e_figures(quick: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bandgate-e2e-") as tmp:
+        workdir = Path(tmp)
+        for name, group in (
+            ("e2e", throughput_figures),
+            ("streams", streams_figures),
+            ("ready", ready_figures),
+        ):
+            started = time.perf_counter()
+            out.update(group(quick, workdir))
+            out[f"{name}_bench_seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+# --- the load generator (its own process) ------------------------------------------------------------
+
+
+async def _stream_load(target: str, file: str, channels: int, rate: float) -> dict:
+    """Each device of the batch file on its own Upload stream, `channels` channels shared round-robin."""
+    import grpc
+
+    from bandgate.v1 import ingest_pb2_grpc
+    from gateway.auth import device_metadata
+    from gateway.batchfile import read_batches
+    from gateway.pipeline import OK
+
+    per_device: dict[int, list] = defaultdict(list)
+    for batch in read_batches(file):
+        per_device[batch.device_id].append(batch)
+    devices = list(per_device)
+    latency_ms: list[float] = []
+    samples = 0
+    chans = [
+        grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        for _ in range(channels)
+    ]
+    for ch in chans:
+        await ch.channel_ready()
+
+    async def band(i: int, device_id: int, started: float) -> None:
+        nonlocal samples
+        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
+        call = stub.Upload(metadata=device_metadata(device_id))
+        due = started
+        for batch in per_device[device_id]:
+            n = batch.frame_count * FRAME_SAMPLES
+            if rate:
+                # the fleet's batches spread evenly in time: this band's next one is due when the whole
+                # fleet has sent `n` samples at `rate` since its last
+                due += n * len(devices) / rate
+                wait = due - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            sent = due if rate else time.perf_counter()
+            await call.write(batch)
+            ack = await call.read()
+            if ack is grpc.aio.EOF or ack.code != OK:
+                raise RuntimeError(f"device {device_id:016x}: {ack}")
+            latency_ms.append(1000 * (time.perf_counter() - sent))
+            samples += n
+        await call.done_writing()
+        await call.code()
+
+    started = time.perf_counter()
+    # Paced: the bands' schedules are offset so their batches do not all fall due at once.
+    period = per_device[devices[0]][0].frame_count * FRAME_SAMPLES * len(devices) / rate if rate else 0.0
+    await asyncio.gather(
+        *(band(i, d, started + period * (i / len(devices) - 1)) for i, d in enumerate(devices))
+    )
+    wall = time.perf_counter() - started
+    for ch in chans:
+        await ch.close()
+    return {"samples": samples, "wall_s": wall, "latency_ms": latency_ms, "batches": len(latency_ms)}
+
+
+def _device_batches(devices: int, seed: int = 7) -> list:
+    """One distinct 1-minute batch for each of `devices` devices (a minute of one simulated band, encoded
+    under each device's ID)."""
+    from decoder.frames import split_frames
+    from gateway.envelope import build_batch
+    from gateway.simulator import simulate_band
+
+    rec = simulate_band(seed, 1, scenario="day")
+    out = []
+    for d in range(devices):
+        device_id = 0x5EED_0000_0000_0000 + d
+        frames = split_frames(
+            rec.accel,
+            frame_samples=FRAME_SAMPLES,
+            hr_bpm=rec.hr_bpm,
+            rr_ms=rec.rr_ms,
+            rr_end_us=rec.rr_end_us,
+            device_id=device_id,
+            boot_id=1,
+            first_seq=0,
+            start_us=rec.start_us,
+            sample_rate_hz=rec.sample_rate_hz,
+            accel_bits=rec.accel_bits,
+            accel_range_g=rec.accel_range_g,
+            utc_offset_min=rec.utc_offset_min,
+        )
+        out.append(build_batch(frames))
+    return out
+
+
+async def _streams_load(
+    target: str, devices: int, channels: int, cadence_s: float, window_s: float, ramp_per_s: float = 1000.0
+) -> None:
+    """Open `devices` Upload streams, then each sends its batch at a random moment of one cadence; print
+    {"event": "open"} when all are open and {"event": "acked"} when all are acked; hold the streams open
+    until stdin closes."""
+    import grpc
+
+    from bandgate.v1 import ingest_pb2_grpc
+    from gateway.auth import device_metadata
+    from gateway.pipeline import OK
+
+    batches = _device_batches(devices)
+    # a local subchannel pool each: otherwise channels to one target share one TCP connection
+    chans = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    for ch in chans:
+        await ch.channel_ready()
+    started = time.perf_counter()
+    calls = []
+    # Ramp up at `ramp_per_s` streams a second: grpc core cancels calls that wait unaccepted past its
+    # pending-request limit, which an instant burst of 10,000 streams exceeds (a fleet reconnects over time).
+    for i, batch in enumerate(batches):
+        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
+        calls.append(stub.Upload(metadata=device_metadata(batch.device_id)))
+        if i % 100 == 99:
+            await asyncio.gather(*(c.wait_for_connection() for c in calls[-100:]))
+            await asyncio.sleep(max(0.0, started + (i + 1) / ramp_per_s - time.perf_counter()))
+    await asyncio.gather(*(c.wait_for_connection() for c in calls))
+    print(json.dumps({"event": "open", "open_s": time.perf_counter() - started}), flush=True)
+    rng = random.Random(1)
+    acked = 0
+    codes: dict[int, int] = defaultdict(int)
+    failures: list[str] = []
+
+    async def device(call, batch) -> None:
+        nonlocal acked
+        await asyncio.sleep(rng.uniform(0, cadence_s))  # the devices' phases spread over the cadence
+        while True:  # as a band does: an overloaded gateway's batch is sent again after retry_after_ms
+            try:
+                await call.write(batch)
+                ack = await call.read()
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                codes[-2] += 1
+                if not failures:
+                    failures.append(f"{await call.code()}: {await call.details()}")
+                return
+            code = -1 if ack is grpc.aio.EOF else ack.code
+            codes[code] += 1
+            if code == OK:
+                acked += 1
+                return
+            if code == -1 or not ack.retry_after_ms:
+                return
+            await asyncio.sleep(ack.retry_after_ms / 1000)
+
+    # Observe `window_s` of the cadence: the devices due in it send; all stay open.
+    tasks = [asyncio.ensure_future(device(c, b)) for c, b in zip(calls, batches, strict=True)]
+    await asyncio.sleep(window_s)
+    due = sum(t.done() for t in tasks)
+    print(
+        json.dumps(
+            {"event": "acked", "acked": acked, "due": due, "codes": dict(codes), "failures": failures}
+        ),
+        flush=True,
+    )
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for t in tasks:
+        t.cancel()
+    for c in calls:
+        c.cancel()
+    for ch in chans:
+        await ch.close()
+
+
+def _load_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e_bench load")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("stream")
+    s.add_argument("--target", required=True)
+    s.add_argument("--file", required=True)
+    s.add_argument("--channels", type=int, default=4)
+    s.add_argument("--rate", type=float, default=0.0, help="samples/s of the whole fleet; 0: as fast as acks")
+    m = sub.add_parser("streams")
+    m.add_argument("--target", required=True)
+    m.add_argument("--devices", type=int, default=10_000)
+    m.add_argument("--channels", type=int, default=16)
+    m.add_argument("--cadence", type=float, default=600.0)
+    m.add_argument("--window", type=float, default=600.0, help="seconds of the cadence to observe")
+    args = parser.parse_args(argv)
+    if args.mode == "stream":
+        print(json.dumps(asyncio.run(_stream_load(args.target, args.file, args.channels, args.rate))))
+    else:
+        asyncio.run(_streams_load(args.target, args.devices, args.channels, args.cadence, args.window))
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["load"]:
+        sys.exit(_load_main(sys.argv[2:]))
+    print(json.dumps(e2e_figures("--quick" in sys.argv), indent=2))
