@@ -15,6 +15,7 @@ from prometheus_client import generate_latest
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
 from gateway.auth import DEVICE_METADATA, is_loopback
+from gateway.consent import ConsentGate
 from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
 from gateway.pipeline import (
@@ -511,3 +512,38 @@ def test_retention_purges_expired_records(tmp_path):
 
         assert run(scenario()).code == OK
         assert (stored(cfg.store) == []) is expect_empty
+
+
+class _Consent(ConsentGate):
+    """Consent as a user set it: families per device, changeable while the gateway runs (withdrawal)."""
+
+    def __init__(self, granted: dict[int, set[str]]):
+        self.granted = granted
+
+    def allowed(self, device_id: int, families: frozenset[str]) -> frozenset[str]:
+        return families & frozenset(self.granted.get(device_id, set()))
+
+
+def test_consent_per_family_and_withdrawal_stops_processing(tmp_path):
+    """Only consented families are stored; after consent is withdrawn the next batch is refused and
+    nothing more of the device is stored (processing stops at once)."""
+    cfg = config(tmp_path)
+    device, batches = band()
+    consent = _Consent({device: {"steps", "heart"}})
+
+    async def scenario():
+        async with run_server(cfg, consent=consent) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            first = [await up.send(b) for b in batches[:2]]
+            consent.granted[device] = set()  # the user withdraws consent
+            after = await up.send(batches[2])
+            await up.close()
+            return first, after
+
+    first, after = run(scenario())
+    assert [a.code for a in first] == [OK, OK]
+    records = stored(cfg.store)
+    assert records and {r["family"] for r in records} <= {"steps", "heart"}
+    assert {r["family"] for r in records} == {"steps", "heart"}
+    assert after.code == PERMISSION_DENIED and "consent" in after.reason
+    assert stored(cfg.store) == records and high_water(cfg.store, device) == batches[1].last_seq
