@@ -3,8 +3,9 @@
 receive → authenticate → consent gate → limits → dedup → decompress, decode, features (compute threads;
 raw arrays end there) → consent filter → commit (the one writer thread) → ack
 
-Every batch gets exactly one Ack. A batch is acked OK only after `Store.commit` returned: its records,
-the device's new state and its high-water are then durable together. Anything else is answered with a
+Every batch gets exactly one Ack. A batch is acked OK only after the `Store.commit_many` that holds it
+returned (group commit: one transaction for the commits waiting together): its records, the device's
+new state and its high-water are then durable together. Anything else is answered with a
 code and a reason, and nothing that was not stored is ever acked. Reasons name IDs, counts and limits,
 never sample values.
 """
@@ -12,7 +13,9 @@ never sample values.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -33,7 +36,7 @@ from gateway.consent import ConsentGate
 from gateway.envelope import open_batch
 from gateway.metrics import Metrics
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
-from gateway.store.base import check_sequence
+from gateway.store.base import CommitItem, CommitResult, check_sequence
 
 log = logging.getLogger("bandgate.pipeline")
 
@@ -172,7 +175,16 @@ class StoreThread:
 class StoreWriter(StoreThread):
     """The single writer: every commit runs on its thread, at most `commit_queue` queued or running. A
     full queue makes a batch wait up to `overload_wait_ms`, then it is refused with RESOURCE_EXHAUSTED: a
-    slow store slows the bands down instead of growing memory here."""
+    slow store slows the bands down instead of growing memory here.
+
+    Group commit: commits are queued here, and each one also submits a drain job to the thread. A drain
+    takes everything queued (up to `GROUP_MAX` items) and stores it with one `store.commit_many` (one
+    transaction, one fsync); the later drain jobs of commits it took find less, or nothing, to do. So a
+    commit is always stored by the time its own drain job has run (before a `shutdown`'s close), and
+    other writer calls (retention) still run between groups.
+    """
+
+    GROUP_MAX = 64  # commits in one transaction: bounds how long one group holds the write lock
 
     def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics):
         super().__init__(store, "writer")
@@ -180,13 +192,28 @@ class StoreWriter(StoreThread):
         self.metrics = metrics
         self._room: asyncio.Semaphore | None = None
         self._queued = 0
+        self._pending: collections.deque[tuple[CommitItem, concurrent.futures.Future[CommitResult]]] = (
+            collections.deque()
+        )
+        self._pending_lock = threading.Lock()
 
     def start(self) -> None:
         self._room = self._room or asyncio.Semaphore(self.config.commit_queue)
         super().start()
 
-    async def commit(self, *args: Any, **kwargs: Any) -> Any:
-        """`store.commit(*args, **kwargs)` on the writer thread, once there is room in the queue."""
+    async def commit(
+        self,
+        device_id: int,
+        boot_id: int,
+        first_seq: int,
+        last_seq: int,
+        state: bytes,
+        records: list[dict],
+        *,
+        allow_gap: bool = False,
+    ) -> CommitResult:
+        """What `store.commit(...)` returns (or raises), stored in a group on the writer thread, once there
+        is room in the queue; it returns only after the group's transaction has committed."""
         room = self._room
         if room is None:
             raise StoreUnavailable("the store writer is not running")
@@ -198,9 +225,16 @@ class StoreWriter(StoreThread):
                 f"overloaded: commit_queue = {self.config.commit_queue} is full",
                 retry_after_ms=self.config.retry_after_ms,
             ) from None
+        item = CommitItem(device_id, boot_id, first_seq, last_seq, state, records, allow_gap)
+        future: concurrent.futures.Future[CommitResult] = concurrent.futures.Future()
+        entry = (item, future)
+        with self._pending_lock:
+            self._pending.append(entry)
         try:
-            future = self.submit(self.store.commit, *args, **kwargs)
+            self.submit(self._drain)
         except BaseException:
+            with self._pending_lock, contextlib.suppress(ValueError):
+                self._pending.remove(entry)
             room.release()
             raise
         self._queued += 1
@@ -209,6 +243,26 @@ class StoreWriter(StoreThread):
         # Room is given back when the commit ends, not when its waiter is cancelled: the bound stays true.
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, room))
         return await asyncio.wrap_future(future)
+
+    def _drain(self) -> None:
+        """On the writer thread: commit what is queued as one group; each waiter gets its own outcome."""
+        with self._pending_lock:
+            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.GROUP_MAX))]
+        # a waiter cancelled before its group started is not committed (as an executor job would not run)
+        group = [(item, future) for item, future in taken if future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        try:
+            outcomes = self.store.commit_many([item for item, _ in group])
+        except BaseException as e:  # a bug, not a store state: no waiter is left hanging
+            for _, future in group:
+                future.set_exception(e)
+            raise
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     def _release(self, room: asyncio.Semaphore) -> None:
         self._queued -= 1

@@ -70,6 +70,19 @@ class CommitResult:
     cursors: tuple[int | None, ...]  # one per record passed in: its cursor, or None if not inserted
 
 
+@dataclass(frozen=True)
+class CommitItem:
+    """The arguments of one `Store.commit`, so several can be committed as a group (`Store.commit_many`)."""
+
+    device_id: int
+    boot_id: int
+    first_seq: int
+    last_seq: int
+    state: bytes
+    records: list[dict]
+    allow_gap: bool = False
+
+
 @runtime_checkable
 class Store(Protocol):
     """A feature sink. One object is used from one thread at a time; `open`/`close` follow the
@@ -108,6 +121,17 @@ class Store(Protocol):
         A batch at or below its boot's high-water is a duplicate (nothing written); one that skips
         ahead raises `SequenceError` unless `allow_gap` (the band says it dropped data itself); one
         that overlaps the high-water always raises. An unseen boot ID starts a new sequence.
+        """
+        ...
+
+    def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
+        """Commit several batches in one transaction (one fsync): group commit.
+
+        Each item is checked and applied exactly as `commit` would, in order, so a later item sees the
+        effects of an earlier one of the same device. An item that fails its own checks (`ValueError`,
+        `SequenceError`) has no effect and gets its exception in its slot; the others still commit. If
+        the transaction as a whole fails (`StoreUnavailable`, or another `StoreError`), nothing is
+        written and every slot gets that exception. Nothing is durable before this returns.
         """
         ...
 

@@ -24,9 +24,11 @@ from urllib.parse import parse_qsl, unquote
 from decoder.features import device_key
 from gateway.store.base import (
     U64,
+    CommitItem,
     CommitResult,
     DeviceRow,
     SchemaVersionError,
+    SequenceError,
     Store,
     StoreError,
     StoreUnavailable,
@@ -255,37 +257,40 @@ class SqliteStore(Store):
         *,
         allow_gap: bool = False,
     ) -> CommitResult:
-        check_batch(device_id, boot_id, first_seq, last_seq)
-        if not isinstance(state, bytes):
-            raise ValueError("state must be bytes")
-        device = device_key(device_id)
-        check_records(device, records)
-        rows = [
-            (device, r["family"], r["start_us"], r["duration_s"], r["algo"], _dumps(r["values"]))
-            for r in records
-        ]
-        now_us = time.time_ns() // 1000
-        with self._write() as conn:
-            found = conn.execute(
-                "SELECT last_seq FROM boots WHERE device = ? AND boot_id = ?", (device, boot_id)
-            ).fetchone()
-            high_water = None if found is None else int(found[0])
-            if check_sequence(high_water, device_id, boot_id, first_seq, last_seq, allow_gap=allow_gap):
-                assert high_water is not None
-                return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(records))
-            before = _latest_cursor(conn)
-            conn.executemany(_INSERT_RECORD, rows)
-            inserted = {
-                (family, start_us): cursor
-                for cursor, family, start_us in conn.execute(
-                    "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
-                )
-            }
-            conn.execute(_UPSERT_BOOT, (device, boot_id, last_seq, now_us))
-            conn.execute(_UPSERT_DEVICE, (device, boot_id, state, now_us))
-        # pop: a key repeated within the batch is inserted once, for its first occurrence
-        cursors = tuple(inserted.pop((r["family"], r["start_us"]), None) for r in records)
-        return CommitResult(duplicate=False, high_water=last_seq, cursors=cursors)
+        item = CommitItem(device_id, boot_id, first_seq, last_seq, state, records, allow_gap)
+        (result,) = self.commit_many([item])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
+        """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`, each inside a SAVEPOINT of its
+        own, so an item refused by its checks rolls back only itself. Any sqlite error aborts the group:
+        after an I/O error or a full disk SQLite may already have rolled back the whole transaction."""
+        results: list[CommitResult | Exception | None] = [None] * len(items)
+        prepared: list[tuple[int, CommitItem, list[tuple]]] = []
+        for i, item in enumerate(items):
+            try:
+                prepared.append((i, item, _prepare(item)))
+            except ValueError as e:
+                results[i] = e
+        if prepared:
+            now_us = time.time_ns() // 1000
+            try:
+                with self._write() as conn:
+                    for i, item, rows in prepared:
+                        conn.execute("SAVEPOINT item")
+                        try:
+                            results[i] = _apply(conn, item, rows, now_us)
+                        except SequenceError as e:
+                            conn.execute("ROLLBACK TO item")
+                            results[i] = e
+                        conn.execute("RELEASE item")
+            except StoreError as e:  # nothing of the group was written
+                for i, _, _ in prepared:
+                    results[i] = e
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     # subscribe
 
@@ -432,6 +437,46 @@ def _errors() -> Iterator[None]:
         if code is not None and code & 0xFF in _UNAVAILABLE:
             raise StoreUnavailable(f"sqlite: {e} ({name})") from e
         raise StoreError(f"sqlite: {e} ({name})") from e
+
+
+def _prepare(item: CommitItem) -> list[tuple]:
+    """The item's checks that need no database, and its records as rows; `ValueError` if malformed."""
+    check_batch(item.device_id, item.boot_id, item.first_seq, item.last_seq)
+    if not isinstance(item.state, bytes):
+        raise ValueError("state must be bytes")
+    device = device_key(item.device_id)
+    check_records(device, item.records)
+    return [
+        (device, r["family"], r["start_us"], r["duration_s"], r["algo"], _dumps(r["values"]))
+        for r in item.records
+    ]
+
+
+def _apply(conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us: int) -> CommitResult:
+    """The sequence check and the writes of one item, inside the caller's transaction."""
+    device = device_key(item.device_id)
+    found = conn.execute(
+        "SELECT last_seq FROM boots WHERE device = ? AND boot_id = ?", (device, item.boot_id)
+    ).fetchone()
+    high_water = None if found is None else int(found[0])
+    if check_sequence(
+        high_water, item.device_id, item.boot_id, item.first_seq, item.last_seq, allow_gap=item.allow_gap
+    ):
+        assert high_water is not None
+        return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(item.records))
+    before = _latest_cursor(conn)
+    conn.executemany(_INSERT_RECORD, rows)
+    inserted = {
+        (family, start_us): cursor
+        for cursor, family, start_us in conn.execute(
+            "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
+        )
+    }
+    conn.execute(_UPSERT_BOOT, (device, item.boot_id, item.last_seq, now_us))
+    conn.execute(_UPSERT_DEVICE, (device, item.boot_id, item.state, now_us))
+    # pop: a key repeated within the batch is inserted once, for its first occurrence
+    cursors = tuple(inserted.pop((r["family"], r["start_us"]), None) for r in item.records)
+    return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors)
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:

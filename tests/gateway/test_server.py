@@ -14,10 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
+from decoder.features import device_key
 from gateway.auth import DEVICE_METADATA, is_loopback
 from gateway.consent import ConsentGate
 from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
+from gateway.metrics import Metrics
 from gateway.pipeline import (
     ALREADY_EXISTS,
     FAILED_PRECONDITION,
@@ -26,10 +28,11 @@ from gateway.pipeline import (
     PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
+    StoreWriter,
 )
 from gateway.server import run_server
 from gateway.simulator.recorder import fleet_batches, recording_frames
-from gateway.store import open_store
+from gateway.store import SequenceError, SqliteStore, StoreUnavailable, open_store
 from tests.gateway.gatewaykit import (
     Uploader,
     band,
@@ -547,3 +550,80 @@ def test_consent_per_family_and_withdrawal_stops_processing(tmp_path):
     assert {r["family"] for r in records} == {"steps", "heart"}
     assert after.code == PERMISSION_DENIED and "consent" in after.reason
     assert stored(cfg.store) == records and high_water(cfg.store, device) == batches[1].last_seq
+
+
+class _GroupRecordingStore(SqliteStore):
+    """The real SQLite store, noting the size of every group the writer hands it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups: list[int] = []
+
+    def commit_many(self, items):
+        self.groups.append(len(items))
+        return super().commit_many(items)
+
+
+def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcome(tmp_path):
+    """While the writer waits for a lock, five commits queue up; they go in one group, in order: the
+    gapped one is refused alone, the same device's second batch sees its first, the repeat is a
+    duplicate. A lock held past the busy timeout fails a whole group, with nothing stored or acked."""
+    path = tmp_path / "gw.db"
+    cfg = config(tmp_path)
+    a, b, c = 0xA1, 0xB2, 0xC3
+
+    def recs(device_id, minute):
+        return [
+            {
+                "family": "steps",
+                "device": device_key(device_id),
+                "start_us": 1_767_225_600_000_000 + minute * 60_000_000,
+                "duration_s": 60,
+                "algo": "steps/1",
+                "values": {"steps": 1.0 + minute},
+            }
+        ]
+
+    async def scenario():
+        store = _GroupRecordingStore(path, busy_timeout_ms=1500)
+        writer = StoreWriter(store, cfg, Metrics())
+        writer.start()
+        try:
+            lock = sqlite3.connect(path, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            first = asyncio.ensure_future(writer.commit(a, 1, 0, 0, b"a0", recs(a, 0)))
+            await asyncio.sleep(0.2)  # the writer now waits for the lock with the first commit alone
+            rest = [
+                asyncio.ensure_future(writer.commit(b, 1, 0, 0, b"b0", recs(b, 0))),
+                asyncio.ensure_future(writer.commit(a, 1, 3, 3, b"gap", recs(a, 3))),
+                asyncio.ensure_future(writer.commit(a, 1, 1, 1, b"a1", recs(a, 1))),
+                asyncio.ensure_future(writer.commit(a, 1, 1, 1, b"again", recs(a, 1))),
+                asyncio.ensure_future(writer.commit(c, 1, 0, 0, b"c0", recs(c, 0))),
+            ]
+            await asyncio.sleep(0.2)
+            assert not first.done() and not any(f.done() for f in rest)  # nothing answered before its commit
+            lock.execute("ROLLBACK")
+            grouped = await asyncio.gather(first, *rest, return_exceptions=True)
+            lock.execute("BEGIN IMMEDIATE")  # now past the busy timeout: the whole group fails
+            failed = await asyncio.gather(
+                writer.commit(b, 1, 1, 1, b"b1", recs(b, 1)),
+                writer.commit(c, 1, 1, 1, b"c1", recs(c, 1)),
+                return_exceptions=True,
+            )
+            lock.execute("ROLLBACK")
+            lock.close()
+            return grouped, failed, list(store.groups)
+        finally:
+            writer.shutdown()
+
+    grouped, failed, groups = run(scenario())
+    assert groups[:2] == [1, 5]
+    assert [getattr(r, "high_water", None) for r in grouped] == [0, 0, None, 1, 1, 0]
+    assert isinstance(grouped[2], SequenceError) and grouped[2].expected_seq == 1  # a0 is stored
+    assert grouped[4].duplicate and not grouped[3].duplicate
+    assert all(isinstance(r, StoreUnavailable) for r in failed)
+    url = f"sqlite:///{path}"
+    assert sorted((r["device"], r["start_us"]) for r in stored(url)) == sorted(
+        (r["device"], r["start_us"]) for r in recs(a, 0) + recs(b, 0) + recs(a, 1) + recs(c, 0)
+    )
+    assert high_water(url, a) == 1 and high_water(url, b) == 0 and high_water(url, c) == 0

@@ -33,7 +33,7 @@ from gateway.store import (
     StoreError,
     StoreUnavailable,
 )
-from gateway.store.base import FAMILIES
+from gateway.store.base import FAMILIES, CommitItem
 
 A = 0xF123_4567_89AB_CDEF  # above 2**63: a u64 that does not fit a signed 64-bit column
 B = 0x0000_0000_0000_0042
@@ -272,6 +272,158 @@ class StoreContract:
         assert np.array_equal(restored.families["steps"]["values"], real.families["steps"]["values"])
         assert restored.families["steps"]["n"] == 3
         assert restored.next_us == real.next_us
+
+    # group commit
+
+    def test_group_of_devices_is_stored_in_order(self, store: Store) -> None:
+        items = [
+            CommitItem(A, 7, 0, 3, b"a", minutes(A, 0, 3)),
+            CommitItem(B, 1, 10, 10, b"b", minutes(B, 0, 2, "heart")),
+            CommitItem(C, 2, 0, 0, b"c", []),
+        ]
+        results = store.commit_many(items)
+        assert [(r.duplicate, r.high_water) for r in results] == [(False, 3), (False, 10), (False, 0)]
+        cursors = [c for r in results for c in r.cursors]
+        assert all(isinstance(c, int) for c in cursors)
+        assert everything(store) == list(zip(cursors, [r for i in items for r in i.records], strict=True))
+        assert store.device(A) == DeviceRow(A, 7, 3, b"a")
+        assert store.device(B) == DeviceRow(B, 1, 10, b"b")
+        assert store.device(C) == DeviceRow(C, 2, 0, b"c")
+        assert store.commit_many([]) == []
+
+    def test_a_failing_item_leaves_no_trace_and_the_others_commit(self, store: Store) -> None:
+        store.commit(B, 1, 0, 4, b"b4", minutes(B, 0, 1))
+        before_b = everything(store)
+        bad_record = {**rec(C, "steps", T0), "values": {"x": [1, 2]}}
+        items = [
+            CommitItem(A, 7, 0, 0, b"a0", minutes(A, 0, 1)),
+            CommitItem(B, 1, 9, 9, b"gap", minutes(B, 5, 2)),  # expected 5
+            CommitItem(C, 3, 0, 0, b"bad", [*minutes(C, 0, 1), bad_record]),
+            CommitItem(B, 1, 3, 6, b"straddle", minutes(B, 7, 1)),
+            CommitItem(A, 7, 1, 1, b"a1", minutes(A, 1, 1)),
+        ]
+        results = store.commit_many(items)
+        assert isinstance(results[1], SequenceError) and results[1].expected_seq == 5
+        assert isinstance(results[2], ValueError)
+        assert isinstance(results[3], SequenceError) and results[3].expected_seq == 5
+        assert [(r.duplicate, r.high_water) for r in (results[0], results[4])] == [(False, 0), (False, 1)]
+        assert store.device(B) == DeviceRow(B, 1, 4, b"b4")
+        assert store.device(C) is None
+        assert everything(store) == [
+            *before_b,
+            *zip(results[0].cursors, minutes(A, 0, 1), strict=True),
+            *zip(results[4].cursors, minutes(A, 1, 1), strict=True),
+        ]
+        assert store.device(A) == DeviceRow(A, 7, 1, b"a1")
+        assert store.commit(B, 1, 5, 5, b"b5", []).high_water == 5  # B's sequence did not move
+
+    def test_items_of_one_device_see_each_other(self, store: Store) -> None:
+        results = store.commit_many(
+            [
+                CommitItem(A, 7, 0, 4, b"s4", minutes(A, 0, 2)),
+                CommitItem(A, 7, 5, 9, b"s9", minutes(A, 2, 2)),
+                CommitItem(A, 7, 12, 13, b"gap", []),  # the high-water is 9 now, not "unseen"
+                CommitItem(A, 7, 14, 15, b"s15", minutes(A, 4, 1), allow_gap=True),
+                CommitItem(A, 8, 0, 0, b"boot8", minutes(A, 5, 1)),
+            ]
+        )
+        assert [getattr(r, "high_water", None) for r in results] == [4, 9, None, 15, 0]
+        assert isinstance(results[2], SequenceError) and results[2].expected_seq == 10
+        assert [r for _, r in everything(store)] == minutes(A, 0, 4) + minutes(A, 4, 2)
+        assert store.device(A) == DeviceRow(A, 8, 0, b"boot8")
+        assert store.commit(A, 7, 15, 15, b"", []).duplicate
+
+    def test_a_duplicate_inside_a_group(self, store: Store) -> None:
+        results = store.commit_many(
+            [
+                CommitItem(A, 7, 0, 9, b"first", minutes(A, 0, 2)),
+                CommitItem(A, 7, 0, 9, b"again", minutes(A, 0, 2)),  # the band resent it at once
+                CommitItem(A, 7, 10, 10, b"next", [*minutes(A, 1, 1), *minutes(A, 2, 1)]),
+            ]
+        )
+        assert results[1] == CommitResult(duplicate=True, high_water=9, cursors=(None, None))
+        assert results[2].cursors[0] is None and results[2].cursors[1] > results[0].cursors[1]
+        assert [r for _, r in everything(store)] == minutes(A, 0, 3)
+        assert store.device(A) == DeviceRow(A, 7, 10, b"next")
+
+    def test_locked_group_is_all_or_nothing(self, harness: Harness, store: Store) -> None:
+        store.commit(A, 7, 0, 9, b"s9", minutes(A, 0, 2))
+        before = everything(store)
+        items = [
+            CommitItem(A, 7, 10, 19, b"s19", minutes(A, 2, 2)),
+            CommitItem(B, 1, 0, 0, b"b", minutes(B, 0, 1)),
+            CommitItem(A, 7, 30, 31, b"gap", []),
+        ]
+        with harness.exclusive_lock():
+            results = store.commit_many(items)
+        assert len(results) == 3 and all(isinstance(r, StoreUnavailable) for r in results)
+        assert everything(store) == before
+        assert store.device(A) == DeviceRow(A, 7, 9, b"s9") and store.device(B) is None
+        retried = store.commit_many(items)  # the retry the bands make
+        assert [getattr(r, "high_water", None) for r in retried[:2]] == [19, 0]
+        assert isinstance(retried[2], SequenceError) and retried[2].expected_seq == 20
+        assert [r for _, r in everything(store)] == minutes(A, 0, 4) + minutes(B, 0, 1)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=st.data())
+    def test_a_group_equals_its_items_one_by_one(self, harness: Harness, data: st.DataObject) -> None:
+        """Random batches (continuing, repeated, gapped, straddling, new boots, repeated and malformed
+        records) split into random groups give the same outcomes and the same database as `commit`."""
+        items = []
+        for _ in range(data.draw(st.integers(1, 14), "items")):
+            dev = data.draw(st.sampled_from([A, B]))
+            first = data.draw(st.integers(0, 8))
+            last = first + data.draw(st.integers(0, 3))
+            records = [
+                rec(dev, data.draw(st.sampled_from(["steps", "heart"])), T0 + m * MINUTE_US)
+                for m in data.draw(st.lists(st.integers(0, 6), max_size=4))
+            ]
+            if data.draw(st.integers(0, 9)) == 0:
+                records.append({**rec(dev, "steps", T0), "family": "raw"})
+            boot = data.draw(st.sampled_from([1, 1, 1, 2]))
+            items.append(
+                CommitItem(dev, boot, first, last, bytes([first, last]), records, data.draw(st.booleans()))
+            )
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(items) - 1)), max_size=4), "cuts"))
+        groups = [items[a:b] for a, b in zip([0, *cuts], [*cuts, len(items)], strict=True) if a < b]
+
+        def outcome(r: CommitResult | Exception) -> tuple:
+            if isinstance(r, SequenceError):
+                return ("sequence", r.expected_seq)
+            if isinstance(r, Exception):
+                return (type(r).__name__,)
+            return (r.duplicate, r.high_water, tuple(c is not None for c in r.cursors))
+
+        grouped, single = harness.fresh_database()(), harness.fresh_database()()
+        with grouped, single:
+            by_group = [r for g in groups for r in grouped.commit_many(g)]
+            one_by_one: list[CommitResult | Exception] = []
+            for i in items:
+                try:
+                    one_by_one.append(
+                        single.commit(
+                            i.device_id,
+                            i.boot_id,
+                            i.first_seq,
+                            i.last_seq,
+                            i.state,
+                            i.records,
+                            allow_gap=i.allow_gap,
+                        )
+                    )
+                except (SequenceError, ValueError) as e:
+                    one_by_one.append(e)
+            assert [outcome(r) for r in by_group] == [outcome(r) for r in one_by_one]
+            assert [r for _, r in everything(grouped)] == [r for _, r in everything(single)]
+            assert [grouped.device(d) for d in (A, B)] == [single.device(d) for d in (A, B)]
+            cursors = [
+                (c, r)
+                for i, res in zip(items, by_group, strict=True)
+                if isinstance(res, CommitResult)
+                for c, r in zip(res.cursors, i.records, strict=True)
+                if c is not None
+            ]
+            assert everything(grouped) == cursors
 
     # subscribe
 
