@@ -35,7 +35,7 @@ def _decoded_batches(rec, batch_minutes: int = 10) -> list:
 
 def feature_figures(best_seconds: Callable[..., float], quick: bool) -> dict[str, float]:
     rounds, min_s = (2, 0.1) if quick else (5, 0.5)
-    rec = _day(6 * 60 if quick else 24 * 60)
+    rec = _day(24 * 60)  # the same day in both modes: a shorter slice has no night, which skews skdh
     n = rec.accel.shape[0]
     fs = rec.sample_rate_hz
     batches = _decoded_batches(rec)
