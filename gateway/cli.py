@@ -16,6 +16,19 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _progress(label: str, console: Console) -> Progress:
+    """A progress bar on a terminal; nothing when output goes to a file or a pipe."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    )
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -33,15 +46,7 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         return _fail("simulate: give exactly one of --out FILE or --target HOST:PORT")
     if args.target is not None:
         return _simulate_target(args, console)
-    with Progress(
-        TextColumn("simulating bands"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-        transient=True,
-    ) as bar:
+    with _progress("simulating bands", console) as bar:
         task = bar.add_task("bands", total=args.bands)
         summary = simulate_to_file(
             args.out,
@@ -83,15 +88,7 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
         )
     ]
     interval_s = args.batch_minutes * 60 / args.speedup if args.speedup > 0 else 0.0
-    with Progress(
-        TextColumn("batches acked"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not console.is_terminal,
-        transient=True,
-    ) as bar:
+    with _progress("batches acked", console) as bar:
         task = bar.add_task("acked", total=sum(len(b) for _, b in fleet))
         stats = asyncio.run(
             run_fleet(args.target, fleet, interval_s=interval_s, on_ack=lambda _: bar.advance(task, 1))
