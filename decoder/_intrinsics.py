@@ -23,7 +23,7 @@ if sys.byteorder != "little":  # pragma: no cover - no such host in the fleet
     raise ImportError("bandgate's decoder needs a little-endian host")
 
 
-def _make_load(bits: int, result: types.Integer):
+def _make_load(bits: int, result: types.Integer, *, signed: bool = False):
     @intrinsic
     def _load(typingctx, arr, idx):
         if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
@@ -34,7 +34,8 @@ def _make_load(bits: int, result: types.Integer):
             index = context.cast(builder, args[1], sig.args[1], types.intp)
             ptr = builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [index])
             value = builder.load(builder.bitcast(ptr, ir.IntType(bits).as_pointer()), align=1)
-            return context.cast(builder, value, types.Integer(f"uint{bits}"), sig.return_type)
+            stored = types.Integer(f"{'int' if signed else 'uint'}{bits}")
+            return context.cast(builder, value, stored, sig.return_type)
 
         return result(arr, idx), codegen
 
@@ -46,6 +47,8 @@ load_u16 = _make_load(16, types.int64)
 load_u32 = _make_load(32, types.int64)
 load_u64 = _make_load(64, types.uint64)
 load_i16 = _make_load(16, types.int16)
+# One residual byte, sign-extended (the decode loops' load).
+load_i8 = _make_load(8, types.int64, signed=True)
 
 
 @intrinsic
@@ -121,21 +124,6 @@ def crc32c(data: bytes | np.ndarray) -> int:
     """CRC-32C of `data` through the kernel path (used by tests to cross-check the reference package)."""
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     return int(crc32c_update(buf, 0, buf.size, 0xFFFFFFFF) ^ 0xFFFFFFFF)
-
-
-@intrinsic
-def load_i8(typingctx, arr, idx):
-    """arr.data[idx] as int64, sign-extended, without Numba's negative-index fix-up (idx is trusted)."""
-    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        index = context.cast(builder, args[1], sig.args[1], types.intp)
-        ptr = builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [index])
-        return builder.sext(builder.load(ptr), ir.IntType(64))
-
-    return types.int64(arr, idx), codegen
 
 
 @intrinsic
