@@ -676,13 +676,13 @@ def _buffers(iv: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray, np
     )
 
 
-def _typed(out: np.ndarray, nw_out: np.ndarray, counts: np.ndarray) -> ActivityOutput:
-    epochs = np.empty(int(counts[0]), EPOCH_DTYPE)
+def _typed(rows: np.ndarray, nw_rows: np.ndarray) -> ActivityOutput:
+    epochs = np.empty(len(rows), EPOCH_DTYPE)
     for k, name in enumerate(EPOCH_DTYPE.names):
-        epochs[name] = out[: counts[0], k]
-    nonwear = np.empty(int(counts[1]), NONWEAR_DTYPE)
+        epochs[name] = rows[:, k]
+    nonwear = np.empty(len(nw_rows), NONWEAR_DTYPE)
     for k, name in enumerate(NONWEAR_DTYPE.names):
-        nonwear[name] = nw_out[: counts[1], k]
+        nonwear[name] = nw_rows[:, k]
     return ActivityOutput(epochs, nonwear)
 
 
@@ -710,21 +710,36 @@ def activity_epochs(
         raise ValueError("the stream was flushed; start a new one")
     if t0_us is not None and abs(int(t0_us) - state.next_sample_us) >= 1_000_000 // state.sample_rate_hz:
         raise ValueError("t0_us is not where the stream is: a gap or overlap; start a new stream")
-    iv = state.ints.copy()
-    fv = state.floats.copy()
+    epochs, nonwear, iv, fv = advance_rows(x, y, z, state.ints, state.floats)
+    return _typed(epochs, nonwear), ActivityState(iv, fv)
+
+
+def advance_rows(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, ints: np.ndarray, floats: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`activity_epochs` without its checks, for the feature path, which holds a valid state and
+    contiguous int16 samples: epoch and non-wear rows as float64 (columns in dtype order), new state."""
+    iv = ints.copy()
+    fv = floats.copy()
     out, nw_out, counts = _buffers(iv, x.size)
     _activity(x, y, z, iv, fv, MG_TABLE, out, nw_out, counts)
-    return _typed(out, nw_out, counts), ActivityState(iv, fv)
+    return out[: counts[0]], nw_out[: counts[1]], iv, fv
 
 
 def activity_flush(state: ActivityState) -> tuple[ActivityOutput, ActivityState]:
     """End of a stream: emit the partial epoch and the non-wear blocks still open."""
-    iv = state.ints.copy()
-    fv = state.floats.copy()
+    epochs, nonwear, iv, fv = flush_rows(state.ints, state.floats)
+    return _typed(epochs, nonwear), ActivityState(iv, fv)
+
+
+def flush_rows(ints: np.ndarray, floats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`activity_flush` as rows, as `advance_rows` returns them."""
+    iv = ints.copy()
+    fv = floats.copy()
     out, nw_out, counts = _buffers(iv, 0)
     if not iv[_FLUSHED]:
         _flush(iv, fv, out, nw_out, counts)
-    return _typed(out, nw_out, counts), ActivityState(iv, fv)
+    return out[: counts[0]], nw_out[: counts[1]], iv, fv
 
 
 def activity_of_recording(

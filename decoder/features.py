@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 import numpy as np
+from numba import njit
 
-from decoder import activity, heart, sleep, steps
-from decoder.frames import DecodedBatch
+from decoder import activity, config, heart, sleep, steps
+from decoder.frames import DecodedBatch, FrameStatus
 
 STATE_VERSION = 1
 # Every family a record can have (docs/features.md); the store accepts exactly these.
@@ -43,6 +44,7 @@ INACTIVE_ENMO_MG = 30.0
 NIGHT_START_LOCAL_H = 21
 NIGHT_END_LOCAL_H = 9
 STAGE_NAMES = ("wake", "light", "deep", "rem")
+_FRAME_OK = int(FrameStatus.OK)
 _HOUR_US = 3_600_000_000
 _DAY_US = 24 * _HOUR_US
 
@@ -91,8 +93,34 @@ class DeviceState:
             accel_range_g=d["range"],
             accel_bits=d["bits"],
             utc_offset_min=d["utc"],
-            families={k: _unpack_arrays(v) for k, v in d["families"].items()},
+            families=_checked({k: _unpack_arrays(v) for k, v in d["families"].items()}),
         )
+
+
+def _checked(families: dict[str, dict]) -> dict[str, dict]:
+    """Each family's state as its kernel checks it (version, sizes, invariants): the feature path runs the
+    kernels on these arrays without checking them again, so a state is checked once, where it comes in."""
+    for name, fam in families.items():
+        if name == "activity":
+            activity.ActivityState.from_arrays(fam)
+        elif name == "heart":
+            heart.HeartState.from_arrays(fam)
+        elif name == "steps":
+            steps.StepState.from_array(fam["values"])
+        elif name == "sleep":
+            sleep.SleepState.from_array(fam["values"])
+        elif name == "hr_buffer":
+            us, hr = fam["epoch_us"], fam["hr"]
+            if (
+                us.dtype != np.int64
+                or hr.dtype != np.float64
+                or us.shape != hr.shape
+                or np.any(np.diff(us) <= 0)
+            ):
+                raise ValueError("device state: heart-rate buffer is corrupt")
+        else:
+            raise ValueError(f"device state: unknown family {name!r}")
+    return families
 
 
 def _pack_arrays(arrays: dict) -> dict:
@@ -123,7 +151,9 @@ class _Run:
     accel_range_g: int
     accel_bits: int
     utc_offset_min: int
-    accel: np.ndarray  # (n, 3) int16
+    x: np.ndarray  # int16 counts, contiguous views of the batch's samples
+    y: np.ndarray
+    z: np.ndarray
     hr_bpm: np.ndarray  # u8, 1 Hz from start_us (0 = no reading)
     rr_ms: np.ndarray  # u16
     rr_end_us: np.ndarray  # int64, sorted, within [start_us, end_us)
@@ -131,42 +161,69 @@ class _Run:
 
 def _runs(d: DecodedBatch) -> Iterator[_Run]:
     """Split the good frames of a batch into contiguous runs (their samples are adjacent in d.x/y/z)."""
-    ok = np.flatnonzero(d.ok())
-    i = 0
-    while i < ok.size:
-        j = i
-        end = _frame_end(d, ok[i])
-        while j + 1 < ok.size and _continues(d, ok[j + 1], end, ok[j], ok[i]):
-            j += 1
-            end = _frame_end(d, ok[j])
-        yield _make_run(d, ok[i : j + 1], end)
-        i = j + 1
+    ok, heads, ends = _run_bounds(
+        d.status, d.sample_rate_mhz, d.start_us, d.accel_start, d.accel_count, d.accel_range_g, d.accel_bits
+    )
+    for k in range(heads.size - 1):
+        yield _make_run(d, ok[heads[k] : heads[k + 1]], int(ends[k]))
+
+
+@njit(**config.JIT)
+def _run_bounds(status, rate_mhz, start_us, accel_start, accel_count, range_g, bits):
+    """The good frames, where each run of them starts (indices into them, closed by their count), and
+    where each run ends (µs). Frame f continues the run when it picks up exactly where the frame before
+    ended: same format, no lost samples, within half a sample period."""
+    ok = np.flatnonzero(status == _FRAME_OK)
+    heads = np.empty(ok.size + 1, np.int64)
+    ends = np.empty(ok.size, np.int64)
+    n = 0
+    end = np.int64(0)
+    for i in range(ok.size):
+        f = ok[i]
+        rate = max(np.int64(rate_mhz[f]), 1)
+        if i > 0:
+            p = ok[i - 1]
+            if not (
+                np.int64(accel_start[f]) == np.int64(accel_start[p]) + np.int64(accel_count[p])
+                and accel_count[f] > 0
+                and rate_mhz[f] == rate_mhz[p]
+                and range_g[f] == range_g[p]
+                and bits[f] == bits[p]
+                and abs(np.int64(start_us[f]) - end) <= 500_000_000 // rate
+            ):
+                ends[n - 1] = end
+                heads[n] = i
+                n += 1
+        else:
+            heads[0] = 0
+            n = 1
+        end = np.int64(start_us[f]) + (np.int64(accel_count[f]) * 1_000_000_000) // rate
+    if ok.size:
+        ends[n - 1] = end
+        heads[n] = ok.size
+    else:
+        heads[0] = 0
+    return ok, heads[: n + 1], ends[:n]
 
 
 def _make_run(d: DecodedBatch, frames: np.ndarray, end_us: int) -> _Run:
-    f0 = frames[0]
+    f0 = int(frames[0])
     start_us = int(d.start_us[f0])
     a = int(d.accel_start[f0])
     b = int(d.accel_start[frames[-1]] + d.accel_count[frames[-1]])
-    # Heart rate is 1 Hz from each frame's own start: place every frame's readings on the run's grid.
-    hr = np.zeros(max((end_us - start_us + 999_999) // 1_000_000, 0), np.uint8)
-    rr_parts: list[np.ndarray] = []
-    rr_end_parts: list[np.ndarray] = []
-    for f in frames:
-        offset_s = (int(d.start_us[f]) - start_us) // 1_000_000
-        readings = d.hr_bpm[d.hr_start[f] : d.hr_start[f] + d.hr_count[f]][: max(hr.size - offset_s, 0)]
-        hr[offset_s : offset_s + readings.size] = readings
-        n_rr = int(d.rr_count[f])
-        if n_rr:
-            rr = d.rr_ms[d.rr_start[f] : d.rr_start[f] + n_rr]
-            since_first_ms = np.concatenate([[0], np.cumsum(rr[1:], dtype=np.int64)])
-            rr_parts.append(rr)
-            rr_end_parts.append(int(d.start_us[f]) + (int(d.rr_first_beat_ms[f]) + since_first_ms) * 1000)
-    rr_ms = np.concatenate(rr_parts) if rr_parts else np.zeros(0, np.uint16)
-    rr_end = np.concatenate(rr_end_parts) if rr_end_parts else np.zeros(0, np.int64)
-    # A beat the band placed outside its frame's window, or out of order, is not trusted.
-    keep = (rr_end >= start_us) & (rr_end < end_us)
-    keep[1:] &= np.diff(rr_end) >= 0
+    hr, rr_ms, rr_end = _run_heart(
+        frames,
+        d.start_us,
+        d.hr_start,
+        d.hr_count,
+        d.hr_bpm,
+        d.rr_start,
+        d.rr_count,
+        d.rr_first_beat_ms,
+        d.rr_ms,
+        start_us,
+        end_us,
+    )
     return _Run(
         start_us=start_us,
         end_us=end_us,
@@ -174,28 +231,76 @@ def _make_run(d: DecodedBatch, frames: np.ndarray, end_us: int) -> _Run:
         accel_range_g=int(d.accel_range_g[f0]),
         accel_bits=int(d.accel_bits[f0]),
         utc_offset_min=int(d.utc_offset_min[f0]),
-        accel=np.stack([d.x[a:b], d.y[a:b], d.z[a:b]], axis=1),
+        x=d.x[a:b],
+        y=d.y[a:b],
+        z=d.z[a:b],
         hr_bpm=hr,
-        rr_ms=rr_ms[keep],
-        rr_end_us=rr_end[keep],
+        rr_ms=rr_ms,
+        rr_end_us=rr_end,
     )
 
 
-def _frame_end(d: DecodedBatch, f: int) -> int:
-    return int(d.start_us[f]) + (int(d.accel_count[f]) * 1_000_000_000) // int(d.sample_rate_mhz[f])
+@njit(**config.JIT)
+def _run_heart(
+    frames,
+    start_us,
+    hr_start,
+    hr_count,
+    hr_bpm,
+    rr_start,
+    rr_count,
+    rr_first_beat_ms,
+    rr_ms,
+    run_start,
+    run_end,
+):
+    """The run's heart data on its own grid: 1 Hz readings placed by each frame's start (a frame's
+    readings are 1 Hz from its own start), and beats with their end times. A beat the band placed outside
+    the run's window, or before the beat listed ahead of it, is not trusted and is left out."""
+    n_sec = max((run_end - run_start + 999_999) // 1_000_000, 0)
+    hr = np.zeros(n_sec, np.uint8)
+    n_rr = 0
+    for f in frames:
+        n_rr += rr_count[f]
+    rr = np.empty(n_rr, np.uint16)
+    ends = np.empty(n_rr, np.int64)
+    m = 0
+    previous = np.iinfo(np.int64).min
+    for f in frames:
+        offset = (np.int64(start_us[f]) - run_start) // 1_000_000
+        for k in range(np.int64(hr_count[f])):
+            s = offset + k
+            if 0 <= s < n_sec:
+                hr[s] = hr_bpm[hr_start[f] + k]
+        t = np.int64(start_us[f]) + np.int64(rr_first_beat_ms[f]) * 1000
+        for k in range(np.int64(rr_count[f])):
+            v = rr_ms[rr_start[f] + k]
+            if k > 0:
+                t += np.int64(v) * 1000
+            if run_start <= t < run_end and t >= previous:
+                rr[m] = v
+                ends[m] = t
+                m += 1
+            previous = t
+    return hr, rr[:m], ends[:m]
 
 
-def _continues(d: DecodedBatch, f: int, expected_us: int, previous: int, first: int) -> bool:
-    """Frame f picks up exactly where the run ended: same format, no lost samples, within half a sample."""
-    half_period_us = 500_000_000 // max(int(d.sample_rate_mhz[first]), 1)
-    return (
-        int(d.accel_start[f]) == int(d.accel_start[previous] + d.accel_count[previous])
-        and int(d.accel_count[f]) > 0
-        and int(d.sample_rate_mhz[f]) == int(d.sample_rate_mhz[first])
-        and int(d.accel_range_g[f]) == int(d.accel_range_g[first])
-        and int(d.accel_bits[f]) == int(d.accel_bits[first])
-        and abs(int(d.start_us[f]) - expected_us) <= half_period_us
-    )
+@njit(**config.JIT)
+def _join_hr(buffer_us, buffer_hr, epoch_us):
+    """Heart rate of each activity epoch from the waiting heart epochs (both sorted; NaN where none
+    waits), and how many waiting epochs the activity epochs have passed (they are done)."""
+    hr = np.full(epoch_us.size, np.nan)
+    j = 0
+    for i in range(epoch_us.size):
+        while j < buffer_us.size and buffer_us[j] < epoch_us[i]:
+            j += 1
+        if j < buffer_us.size and buffer_us[j] == epoch_us[i]:
+            hr[i] = buffer_hr[j]
+    done = 0
+    if epoch_us.size:
+        while done < buffer_us.size and buffer_us[done] <= epoch_us[-1]:
+            done += 1
+    return hr, done
 
 
 def _same_stream(state: DeviceState, run: _Run) -> bool:
@@ -223,101 +328,133 @@ def _record(family: str, device: str, start_us: int, duration_s: int, values: di
     }
 
 
-def _column(rows: np.ndarray, name: str, digits: int | None = None) -> list:
-    """One field of a structured array as Python numbers (rounded floats; NaN becomes None: no value)."""
-    col = rows[name]
-    if digits is None:
-        return col.tolist()
-    values = np.round(col.astype(np.float64), digits)
-    return [None if v != v else v for v in values.tolist()]
+class _Layout:
+    """How a family's kernel rows (float64, columns in the family's dtype order) become record values.
+
+    A field is (name, column, digits): a float column passes through float32 (the precision the kernels
+    publish) and is rounded to `digits` as `np.round` does (multiply, round half to even, divide); an
+    integer column (digits None) becomes a Python int. Whole columns are converted at once, not values.
+    """
+
+    def __init__(self, family: str, duration_s: int, fields: tuple[tuple[str, int, int | None], ...]):
+        self.family = family
+        self.duration_s = duration_s
+        self.algo = ALGO[family]
+        self.names = [name for name, _, _ in fields]
+        self.float_cols = [col for _, col, digits in fields if digits is not None]
+        self.scale = np.array([10.0**digits for _, _, digits in fields if digits is not None])
+        self.int_cols = [col for _, col, digits in fields if digits is None]
+        n_float = len(self.float_cols)
+        order, fi, ii = [], 0, n_float
+        for _, _, digits in fields:
+            if digits is None:
+                order.append(ii)
+                ii += 1
+            else:
+                order.append(fi)
+                fi += 1
+        self.order = order
+
+    def columns(self, rows: np.ndarray) -> list[list]:
+        if not rows.shape[0]:
+            return [[] for _ in self.order]
+        f = rows[:, self.float_cols].astype(np.float32).astype(np.float64)
+        f = np.rint(f * self.scale) / self.scale
+        cols = f.T.tolist() + rows[:, self.int_cols].astype(np.int64).T.tolist()
+        return [cols[k] for k in self.order]
+
+    def records(self, device: str, starts: list, columns: list[list]) -> list[dict]:
+        """Records from value columns; a NaN or None value is left out of its record."""
+        family, duration_s, algo, names = self.family, self.duration_s, self.algo, self.names
+        return [
+            {
+                "family": family,
+                "device": device,
+                "start_us": start,
+                "duration_s": duration_s,
+                "algo": algo,
+                "values": {k: v for k, v in zip(names, row, strict=True) if v is not None and v == v},
+            }
+            for start, *row in zip(starts, *columns, strict=True)
+        ]
 
 
-def _records(family: str, device: str, duration_s: int, starts: list, columns: dict[str, list]) -> list[dict]:
-    """Records from columns; a None value is left out of its record."""
-    names = list(columns)
-    return [
-        _record(
-            family,
-            device,
-            start,
-            duration_s,
-            {k: v for k, v in zip(names, row, strict=True) if v is not None},
-        )
-        for start, *row in zip(starts, *columns.values(), strict=True)
-    ]
+# Columns of the kernels' rows (the dtype field order of each family's output).
+_A = {name: k for k, name in enumerate(activity.EPOCH_DTYPE.names)}
+_W = {name: k for k, name in enumerate(activity.NONWEAR_DTYPE.names)}
+_S = {name: k for k, name in enumerate(steps.MINUTE_DTYPE.names)}
+_H = {name: k for k, name in enumerate(heart.EPOCH_DTYPE.names)}
+_R = {name: k for k, name in enumerate(heart.RESTING_DTYPE.names)}
+_ACTIVITY = _Layout(
+    "activity",
+    30,
+    (
+        ("enmo_mg", _A["enmo_mg"], 2),
+        ("mad_mg", _A["mad_mg"], 2),
+        ("counts", _A["counts_vm"], 1),
+        ("counts_x", _A["counts_x"], None),
+        ("counts_y", _A["counts_y"], None),
+        ("counts_z", _A["counts_z"], None),
+        ("z_angle_deg", _A["z_angle_deg"], 2),
+        ("angle_changes", _A["angle_changes"], None),
+        ("n_samples", _A["n_samples"], None),
+    ),
+)
+_WEAR = _Layout("wear", 900, (("nonwear", _W["nonwear"], None), ("n_samples", _W["n_samples"], None)))
+_STEPS = _Layout(
+    "steps",
+    60,
+    (
+        ("steps", _S["steps"], 2),
+        ("cadence_spm", _S["cadence_spm"], 1),
+        ("walk_s", _S["walk_s"], None),
+        ("run_s", _S["run_s"], None),
+        ("data_s", _S["data_s"], None),
+    ),
+)
+_HEART = _Layout(
+    "heart",
+    30,
+    (
+        ("hr_mean_bpm", _H["hr_mean_bpm"], 1),
+        ("hr_min_bpm", _H["hr_min_bpm"], None),
+        ("hr_max_bpm", _H["hr_max_bpm"], None),
+        ("hr_n", _H["hr_n"], None),
+        ("rr_kept", _H["rr_kept"], None),
+        ("rr_rejected", _H["rr_rejected"], None),
+        ("mean_nn_ms", _H["mean_nn_ms"], 1),
+        ("sdnn_ms", _H["sdnn_ms"], 2),
+        ("rmssd_ms", _H["rmssd_ms"], 2),
+    ),
+)
+_DAY = _Layout(
+    "day", 86_400, (("resting_hr_bpm", _R["resting_hr_bpm"], 1), ("resting_epochs", _R["n_epochs"], None))
+)
 
 
-def _step_records(device: str, out: steps.StepOutput) -> list[dict]:
-    m = out.minutes
-    return _records(
-        "steps",
-        device,
-        60,
-        m["minute_start_us"].tolist(),
-        {
-            "steps": _column(m, "steps", 2),
-            "cadence_spm": _column(m, "cadence_spm", 1),
-            "walk_s": _column(m, "walk_s"),
-            "run_s": _column(m, "run_s"),
-            "data_s": _column(m, "data_s"),
-        },
+def _starts(rows: np.ndarray) -> list:
+    return rows[:, 0].astype(np.int64).tolist()
+
+
+def _step_records(device: str, minutes: np.ndarray) -> list[dict]:
+    starts = (minutes[:, 0].astype(np.int64) * 60_000_000).tolist()  # the kernel's rows hold the minute
+    return _STEPS.records(device, starts, _STEPS.columns(minutes))
+
+
+def _activity_records(device: str, epochs: np.ndarray, nonwear: np.ndarray) -> list[dict]:
+    return _ACTIVITY.records(device, _starts(epochs), _ACTIVITY.columns(epochs)) + _WEAR.records(
+        device, _starts(nonwear), _WEAR.columns(nonwear)
     )
 
 
-def _activity_records(device: str, out: activity.ActivityOutput) -> list[dict]:
-    e = out.epochs
-    b = out.nonwear
-    return _records(
-        "activity",
-        device,
-        30,
-        e["epoch_start_us"].tolist(),
-        {
-            "enmo_mg": _column(e, "enmo_mg", 2),
-            "mad_mg": _column(e, "mad_mg", 2),
-            "counts": _column(e, "counts_vm", 1),
-            "counts_x": _column(e, "counts_x"),
-            "counts_y": _column(e, "counts_y"),
-            "counts_z": _column(e, "counts_z"),
-            "z_angle_deg": _column(e, "z_angle_deg", 2),
-            "angle_changes": _column(e, "angle_changes"),
-            "n_samples": _column(e, "n_samples"),
-        },
-    ) + _records(
-        "wear",
-        device,
-        900,
-        b["block_start_us"].tolist(),
-        {"nonwear": _column(b, "nonwear"), "n_samples": _column(b, "n_samples")},
-    )
-
-
-def _heart_records(device: str, out: heart.HeartOutput) -> list[dict]:
-    e = out.epochs
-    r = out.resting
-    any_hr = (e["hr_n"] > 0).tolist()
-    return _records(
-        "heart",
-        device,
-        30,
-        e["epoch_start_us"].tolist(),
-        {
-            "hr_mean_bpm": _column(e, "hr_mean_bpm", 1),
-            "hr_min_bpm": [v if ok else None for v, ok in zip(_column(e, "hr_min_bpm"), any_hr, strict=True)],
-            "hr_max_bpm": [v if ok else None for v, ok in zip(_column(e, "hr_max_bpm"), any_hr, strict=True)],
-            "hr_n": _column(e, "hr_n"),
-            "rr_kept": _column(e, "rr_kept"),
-            "rr_rejected": _column(e, "rr_rejected"),
-            "mean_nn_ms": _column(e, "mean_nn_ms", 1),
-            "sdnn_ms": _column(e, "sdnn_ms", 2),
-            "rmssd_ms": _column(e, "rmssd_ms", 2),
-        },
-    ) + _records(
-        "day",
-        device,
-        86_400,
-        r["day_start_us"].tolist(),
-        {"resting_hr_bpm": _column(r, "resting_hr_bpm", 1), "resting_epochs": _column(r, "n_epochs")},
+def _heart_records(device: str, epochs: np.ndarray, resting: np.ndarray) -> list[dict]:
+    columns = _HEART.columns(epochs)
+    no_reading = (epochs[:, _H["hr_n"]] == 0).tolist()
+    if any(no_reading):  # min and max are 0 there: no value
+        for k in (1, 2):
+            columns[k] = [None if none else v for v, none in zip(columns[k], no_reading, strict=True)]
+    return _HEART.records(device, _starts(epochs), columns) + _DAY.records(
+        device, _starts(resting), _DAY.columns(resting)
     )
 
 
@@ -403,14 +540,14 @@ def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
     fam = state.families
     records: list[dict] = []
     if "activity" in fam:
-        out, _ = activity.activity_flush(activity.ActivityState.from_arrays(fam["activity"]))
-        records += _activity_records(device, out)
+        epochs, nonwear, _, _ = activity.flush_rows(fam["activity"]["ints"], fam["activity"]["floats"])
+        records += _activity_records(device, epochs, nonwear)
     if "heart" in fam:
-        out, _ = heart.heart_flush(heart.HeartState.from_arrays(fam["heart"]))
-        records += _heart_records(device, out)
+        epochs, resting, _ = heart.flush_rows(fam["heart"]["ints"])
+        records += _heart_records(device, epochs, resting)
     if "steps" in fam:
-        out, _ = steps.flush_steps(steps.StepState.from_array(fam["steps"]["values"]))
-        records += _step_records(device, out)
+        _, minutes, _, _ = steps.flush_rows(fam["steps"]["values"])
+        records += _step_records(device, minutes)
     if "sleep" in fam:
         records += _finish_night(device, fam["sleep"])
     return records, replace(state, next_us=-1, families={})
@@ -457,50 +594,44 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
         act_epochs = None
         hr_epochs = None
         if "activity" in fam:
-            x, y, z = run.accel[:, 0], run.accel[:, 1], run.accel[:, 2]
-            out, st = activity.activity_epochs(x, y, z, activity.ActivityState.from_arrays(fam["activity"]))
-            fam["activity"] = st.to_arrays()
-            records += _activity_records(device, out)
-            calm = (out.epochs["enmo_mg"] < INACTIVE_ENMO_MG) & (out.epochs["n_samples"] > 0)
-            inactive = out.epochs["epoch_start_us"][calm]
-            act_epochs = out.epochs
-        if "heart" in fam:
-            out, st = heart.heart_epochs(
-                run.hr_bpm,
-                run.start_us,
-                run.rr_ms,
-                run.rr_end_us,
-                heart.HeartState.from_arrays(fam["heart"]),
-                until_us=run.end_us,
-                inactive_epoch_us=inactive,
+            a = fam["activity"]
+            act_epochs, nonwear, ints, floats = activity.advance_rows(
+                run.x, run.y, run.z, a["ints"], a["floats"]
             )
-            fam["heart"] = st.to_arrays()
-            records += _heart_records(device, out)
-            hr_epochs = out.epochs
+            fam["activity"] = {"version": a["version"], "ints": ints, "floats": floats}
+            records += _activity_records(device, act_epochs, nonwear)
+            calm = (act_epochs[:, _A["enmo_mg"]].astype(np.float32) < INACTIVE_ENMO_MG) & (
+                act_epochs[:, _A["n_samples"]] > 0
+            )
+            inactive = act_epochs[calm, 0].astype(np.int64)
+        if "heart" in fam:
+            h = fam["heart"]
+            hr_epochs, resting, ints = heart.advance_rows(
+                run.hr_bpm, run.start_us, run.rr_ms, run.rr_end_us, inactive, run.end_us, h["ints"]
+            )
+            fam["heart"] = {"version": h["version"], "ints": ints}
+            records += _heart_records(device, hr_epochs, resting)
         # Heart closes an epoch once the data covers its end; activity can close the same epoch one call
         # later. Heart rates wait in the state until activity brings their epoch, so the join does not
         # depend on where batches end.
         buffer = fam.get("hr_buffer", {"epoch_us": np.zeros(0, np.int64), "hr": np.zeros(0)})
         if hr_epochs is not None and hr_epochs.size:
             buffer = {
-                "epoch_us": np.concatenate([buffer["epoch_us"], hr_epochs["epoch_start_us"]]),
-                "hr": np.concatenate([buffer["hr"], hr_epochs["hr_mean_bpm"].astype(np.float64)]),
+                "epoch_us": np.concatenate([buffer["epoch_us"], hr_epochs[:, 0].astype(np.int64)]),
+                "hr": np.concatenate(
+                    [buffer["hr"], hr_epochs[:, _H["hr_mean_bpm"]].astype(np.float32).astype(np.float64)]
+                ),
             }
         if act_epochs is not None and act_epochs.size:
-            epoch_us = act_epochs["epoch_start_us"]
-            hr = np.full(epoch_us.size, np.nan)
-            at = np.searchsorted(buffer["epoch_us"], epoch_us)
-            found = at < buffer["epoch_us"].size
-            found[found] = buffer["epoch_us"][at[found]] == epoch_us[found]
-            hr[found] = buffer["hr"][at[found]]
-            keep = buffer["epoch_us"] > epoch_us[-1]
-            buffer = {"epoch_us": buffer["epoch_us"][keep], "hr": buffer["hr"][keep]}
+            epoch_us = act_epochs[:, 0].astype(np.int64)
+            hr, done = _join_hr(buffer["epoch_us"], buffer["hr"], epoch_us)
+            buffer = {"epoch_us": buffer["epoch_us"][done:], "hr": buffer["hr"][done:]}
             staged, night = _feed_sleep(
                 device,
                 fam.get("sleep"),
                 run.utc_offset_min,
                 epoch_us,
-                act_epochs["counts_vm"].astype(np.float64),
+                act_epochs[:, _A["counts_vm"]].astype(np.float32).astype(np.float64),
                 hr,
             )
             records += staged
@@ -510,9 +641,9 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
                 fam["sleep"] = night
         fam["hr_buffer"] = buffer
         if "steps" in fam:
-            out, st = steps.count_steps(run.accel, steps.StepState.from_array(fam["steps"]["values"]))
-            fam["steps"] = {"values": st.to_array()}
-            records += _step_records(device, out)
+            _, minutes, _, values = steps.advance_rows(run.x, run.y, run.z, fam["steps"]["values"])
+            fam["steps"] = {"values": values}
+            records += _step_records(device, minutes)
         state = replace(state, next_us=run.end_us, utc_offset_min=run.utc_offset_min, families=fam)
     return records, state
 

@@ -372,13 +372,13 @@ def _buffers(iv: np.ndarray, span_us: int, n_items: int) -> tuple[np.ndarray, np
     return np.empty((n_ep, _E_COLS)), np.empty((n_days, _R_COLS)), np.zeros(2, np.int64)
 
 
-def _typed(out: np.ndarray, rhr_out: np.ndarray, counts: np.ndarray) -> HeartOutput:
-    epochs = np.empty(int(counts[0]), EPOCH_DTYPE)
+def _typed(rows: np.ndarray, resting_rows: np.ndarray) -> HeartOutput:
+    epochs = np.empty(len(rows), EPOCH_DTYPE)
     for k, name in enumerate(EPOCH_DTYPE.names):
-        epochs[name] = out[: counts[0], k]
-    resting = np.empty(int(counts[1]), RESTING_DTYPE)
+        epochs[name] = rows[:, k]
+    resting = np.empty(len(resting_rows), RESTING_DTYPE)
     for k, name in enumerate(RESTING_DTYPE.names):
-        resting[name] = rhr_out[: counts[1], k]
+        resting[name] = resting_rows[:, k]
     return HeartOutput(epochs, resting)
 
 
@@ -431,30 +431,43 @@ def heart_epochs(
     )
     if last >= int(until_us):
         raise ValueError("data at or after until_us")
-    iv = state.ints.copy()
-    out, rhr_out, counts = _buffers(iv, int(until_us) - int(iv[_NOW]), hr.size + rr.size)
-    _heart(
-        hr.astype(np.uint8),
-        hr_t0_us,
-        rr.astype(np.uint16),
-        rr_end,
-        marks,
-        int(until_us),
-        iv,
-        out,
-        rhr_out,
-        counts,
+    epochs, resting, iv = advance_rows(
+        hr.astype(np.uint8), hr_t0_us, rr.astype(np.uint16), rr_end, marks, int(until_us), state.ints
     )
-    return _typed(out, rhr_out, counts), HeartState(iv)
+    return _typed(epochs, resting), HeartState(iv)
+
+
+def advance_rows(
+    hr_bpm: np.ndarray,
+    hr_t0_us: int,
+    rr_ms: np.ndarray,
+    rr_end_us: np.ndarray,
+    inactive_epoch_us: np.ndarray,
+    until_us: int,
+    ints: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`heart_epochs` without its checks, for the feature path, which holds a valid state and arrays
+    that pass them (u8 readings, u16 beats with sorted int64 ends, sorted int64 epoch marks, an explicit
+    `until_us`): epoch and resting rows as float64 (columns in dtype order), then the new state."""
+    iv = ints.copy()
+    out, rhr_out, counts = _buffers(iv, until_us - int(iv[_NOW]), hr_bpm.size + rr_ms.size)
+    _heart(hr_bpm, hr_t0_us, rr_ms, rr_end_us, inactive_epoch_us, until_us, iv, out, rhr_out, counts)
+    return out[: counts[0]], rhr_out[: counts[1]], iv
 
 
 def heart_flush(state: HeartState) -> tuple[HeartOutput, HeartState]:
     """End of a stream: emit the open epoch and the resting heart rate of the open days."""
-    iv = state.ints.copy()
+    epochs, resting, iv = flush_rows(state.ints)
+    return _typed(epochs, resting), HeartState(iv)
+
+
+def flush_rows(ints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`heart_flush` as rows, as `advance_rows` returns them."""
+    iv = ints.copy()
     out, rhr_out, counts = _buffers(iv, 0, 0)
     if not iv[_FLUSHED]:
         _flush(iv, out, rhr_out, counts)
-    return _typed(out, rhr_out, counts), HeartState(iv)
+    return out[: counts[0]], rhr_out[: counts[1]], iv
 
 
 def heart_of_recording(

@@ -467,8 +467,8 @@ def _close_second(st, out, counts, scratch):
 
 
 @njit(**config.JIT)
-def _count_steps(xyz, st, out, counts):
-    """Consume int16 counts `xyz` (n, 3) into state `st`; append finalised rows to `out`."""
+def _count_steps(x, y, z, st, out, counts):
+    """Consume int16 counts `x`, `y`, `z` into state `st`; append finalised rows to `out`."""
     fs = int(st[_FS])
     d = fs // FS_DEC
     gpc = st[_G_PER_COUNT]
@@ -490,10 +490,10 @@ def _count_steps(xyz, st, out, counts):
     sec_samples = st[_SEC_SAMPLES]
     sec_dec = st[_SEC_DEC]
     hist = st[off_hist:off_blocks]
-    for i in range(xyz.shape[0]):
-        fx = float(xyz[i, 0])
-        fy = float(xyz[i, 1])
-        fz = float(xyz[i, 2])
+    for i in range(x.shape[0]):
+        fx = float(x[i])
+        fy = float(y[i])
+        fz = float(z[i])
         dec_sum += math.sqrt(fx * fx + fy * fy + fz * fz)
         dec_cnt += 1.0
         sec_samples += 1.0
@@ -513,10 +513,10 @@ def _count_steps(xyz, st, out, counts):
             u = lb0 * m + z0
             z0 = lb1 * m - la1 * u + z1
             z1 = lb2 * m - la2 * u
-            y = hb0 * u + z2
-            z2 = hb1 * u - ha1 * y + z3
-            z3 = hb2 * u - ha2 * y
-            hist[pos] = y
+            v = hb0 * u + z2
+            z2 = hb1 * u - ha1 * v + z3
+            z3 = hb2 * u - ha2 * v
+            hist[pos] = v
             pos = pos - 1 if pos > 0 else hist_len - 1
             sec_dec += 1.0
         until_sec -= 1
@@ -528,7 +528,7 @@ def _count_steps(xyz, st, out, counts):
             sec_samples = 0.0
             sec_dec = 0.0
             _close_second(st, out, counts, scratch)
-    st[_N_SEEN] += xyz.shape[0]
+    st[_N_SEEN] += x.shape[0]
     st[_UNTIL_DEC] = until_dec
     st[_UNTIL_SEC] = until_sec
     st[_DEC_SUM] = dec_sum
@@ -570,8 +570,7 @@ def _outputs(st: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray, np
     )
 
 
-def _typed(out: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray) -> StepOutput:
-    sec_raw, min_raw, bout_raw = (o[: int(c)] for o, c in zip(out, counts, strict=True))
+def _typed(sec_raw: np.ndarray, min_raw: np.ndarray, bout_raw: np.ndarray) -> StepOutput:
     seconds = np.empty(len(sec_raw), SECOND_DTYPE)
     for i, name in enumerate(SECOND_DTYPE.names):
         seconds[name] = sec_raw[:, i]
@@ -594,21 +593,36 @@ def count_steps(xyz: np.ndarray, state: StepState) -> tuple[StepOutput, StepStat
     xyz = np.asarray(xyz)
     if xyz.ndim != 2 or xyz.shape[1] != 3 or not np.issubdtype(xyz.dtype, np.integer):
         raise ValueError("xyz must be integer counts of shape (n, 3)")
-    xyz = np.ascontiguousarray(xyz, dtype=np.int16)
-    st = state.values.copy()
-    out = _outputs(st, xyz.shape[0])
+    x, y, z = (np.ascontiguousarray(xyz[:, k], dtype=np.int16) for k in range(3))
+    *rows, st = advance_rows(x, y, z, state.values)
+    return _typed(*rows), StepState(st)
+
+
+def advance_rows(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`count_steps` without its checks, for the feature path, which holds a valid state and contiguous
+    int16 axes: second, minute and bout rows as float64 (columns in dtype order), then the new state."""
+    st = values.copy()
+    out = _outputs(st, x.shape[0])
     counts = np.zeros(3, dtype=np.int64)
-    _count_steps(xyz, st, out, counts)
-    return _typed(out, counts), StepState(st)
+    _count_steps(x, y, z, st, out, counts)
+    return out[0][: counts[0]], out[1][: counts[1]], out[2][: counts[2]], st
 
 
 def flush_steps(state: StepState) -> tuple[StepOutput, StepState]:
     """End of a stream: finalise the pending seconds and emit the partial minute and the open bout."""
-    st = state.values.copy()
+    *rows, st = flush_rows(state.values)
+    return _typed(*rows), StepState(st)
+
+
+def flush_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`flush_steps` as rows, as `advance_rows` returns them."""
+    st = values.copy()
     out = _outputs(st, 0)
     counts = np.zeros(3, dtype=np.int64)
     _flush(st, out, counts)
-    return _typed(out, counts), StepState(st)
+    return out[0][: counts[0]], out[1][: counts[1]], out[2][: counts[2]], st
 
 
 def steps_of_recording(
