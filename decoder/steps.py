@@ -52,7 +52,7 @@ class StepParams:
 DEFAULT_PARAMS = StepParams()
 FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
 SHIFT_ENERGY_FLOOR = 0.05  # r(lag) divides by at least this share of the window's own energy
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a block records whether its lag sums beyond lag 0 were computed
 REST, WALK, RUN = 0, 1, 2
 
 # Parameter slots at the head of the state (StepParams field order).
@@ -111,7 +111,7 @@ _N_PARAMS = 18
     _B_RUN,
     _NLAG,  # lags 0 .. nlag-1
     _OFF_HIST,  # ring of the last window_s * FS_DEC + nlag filtered values
-    _OFF_BLOCKS,  # per second of the window (slot = second % window_s): lag sums, decimated samples
+    _OFF_BLOCKS,  # per second of the window (slot = second % window_s): lag sums, decimated samples, done
     _OFF_WIN,  # per second (same slots): window cadence (Hz, 0 = not gait), input samples
 ) = range(_N_PARAMS, _N_PARAMS + 34)
 _HDR_LEN = _N_PARAMS + 34
@@ -226,7 +226,7 @@ def new_state(
     k = p.window_s
     off_hist = _HDR_LEN
     off_blocks = off_hist + k * FS_DEC + nlag  # the window's values and the lags before it
-    off_win = off_blocks + k * (nlag + 1)
+    off_win = off_blocks + k * (nlag + 2)
     total = off_win + 2 * k
     v = np.zeros(total, dtype=np.float64)
     v[:_N_PARAMS] = astuple(p)
@@ -390,7 +390,7 @@ def _finalise(st, upto, out, counts):
         cadence = 0.0
         activity = REST
         # A still second at the edge of a walk sits in gait windows but holds no steps.
-        blk = off_blocks + (j % k) * (nlag + 1)
+        blk = off_blocks + (j % k) * (nlag + 2)
         quiet = st[blk] < st[_MIN_SECOND_RMS_G] ** 2 * st[blk + nlag]
         if n_gait >= st[_MIN_COVER] and not quiet:
             cadence = cad_sum / n_gait
@@ -403,9 +403,14 @@ def _finalise(st, upto, out, counts):
 
 @njit(**config.JIT)
 def _close_second(st, out, counts, scratch):
-    """End of a UTC second: its lag sums join the window, the window is analysed, old seconds finalised."""
+    """End of a UTC second: its lag sums join the window, the window is analysed, old seconds finalised.
+
+    Lag sums beyond lag 0 matter only to a window energetic enough to be gait, and most seconds of a day
+    are still: a second's other lags are summed when the first such window covering it needs them (the
+    ring still holds its values and the lags before them then), in the same order as at once."""
     k = int(st[_WINDOW_S])
     nlag = int(st[_NLAG])
+    stride = nlag + 2  # lag sums, decimated samples, lags beyond 0 done
     off_hist = int(st[_OFF_HIST])
     off_blocks = int(st[_OFF_BLOCKS])
     off_win = int(st[_OFF_WIN])
@@ -416,7 +421,7 @@ def _close_second(st, out, counts, scratch):
     n_blocks = int(min(k, second - st[_FIRST_SECOND] + 1))  # never before the stream began
     n_dec = n_new
     for b in range(1, n_blocks):
-        n_dec += int(st[off_blocks + ((slot - b) % k) * (nlag + 1) + nlag])
+        n_dec += int(st[off_blocks + ((slot - b) % k) * stride + nlag])
     # The ring is written backwards, so newest first it is contiguous and the lag loops run forwards in
     # memory (they vectorise): the window's values, then the nlag before them (zeros before the stream).
     m = n_dec + nlag
@@ -427,27 +432,41 @@ def _close_second(st, out, counts, scratch):
     first = min(m, hist_len - newest)
     rev[:first] = st[off_hist + newest : off_hist + newest + first]
     rev[first:] = st[off_hist : off_hist + m - first]
-    blk = scratch[1, :nlag]
-    blk[:] = 0.0
+    base = off_blocks + slot * stride
+    e = 0.0
     for i in range(n_new):
-        a = rev[i]
-        for lag in range(nlag):
-            blk[lag] += a * rev[i + lag]
-    base = off_blocks + slot * (nlag + 1)
-    st[base : base + nlag] = blk
+        e += rev[i] * rev[i]
+    st[base] = e
     st[base + nlag] = n_new
-    s = scratch[2, :nlag]
-    s[:] = 0.0
+    st[base + nlag + 1] = 0.0
+    e0 = 0.0
     for b in range(n_blocks):
-        bb = off_blocks + ((slot - b) % k) * (nlag + 1)
-        s += st[bb : bb + nlag]
+        e0 += st[off_blocks + ((slot - b) % k) * stride]
     cadence = 0.0
-    if n_dec >= 2 and s[0] >= st[_MIN_RMS_G] ** 2 * n_dec:
+    if n_dec >= 2 and e0 >= st[_MIN_RMS_G] ** 2 * n_dec:
+        blk = scratch[1, :nlag]
+        at = 0  # where block b's values start in rev (newest block first)
+        for b in range(n_blocks):
+            bb = off_blocks + ((slot - b) % k) * stride
+            n_b = int(st[bb + nlag])
+            if st[bb + nlag + 1] == 0.0:
+                blk[:] = 0.0
+                for i in range(at, at + n_b):
+                    a = rev[i]
+                    for lag in range(nlag):
+                        blk[lag] += a * rev[i + lag]
+                st[bb : bb + nlag] = blk
+                st[bb + nlag + 1] = 1.0
+            at += n_b
+        s = scratch[2, :nlag]
+        s[:] = 0.0
+        for b in range(n_blocks):
+            bb = off_blocks + ((slot - b) % k) * stride
+            s += st[bb : bb + nlag]
         # r(lag) = Σ y[n]·y[n−lag] / √(Σ y[n]² · Σ y[n−lag]²) over the window's samples n: the energy of
         # the shifted window slides back along the history, so a burst before the window cannot fake a peak.
         r = scratch[3, :nlag]
         e_shift = scratch[4, :nlag]
-        e0 = s[0]
         e_shift[0] = e0
         for lag in range(1, nlag):
             e_shift[lag] = e_shift[lag - 1] + rev[n_dec - 1 + lag] ** 2 - rev[lag - 1] ** 2
@@ -457,7 +476,7 @@ def _close_second(st, out, counts, scratch):
         floor = SHIFT_ENERGY_FLOOR * e0
         for lag in range(nlag):
             r[lag] = s[lag] / math.sqrt(e0 * max(e_shift[lag], floor))
-        cadence = _window_cadence(st, r, s[0] / n_dec)
+        cadence = _window_cadence(st, r, e0 / n_dec)
     st[off_win + 2 * slot] = cadence
     st[off_win + 2 * slot + 1] = st[_SEC_SAMPLES]
     st[_SEC_SAMPLES] = 0.0
