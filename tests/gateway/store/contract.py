@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from decoder import steps
 from decoder.features import DeviceState, device_key
 from gateway.store import (
     CommitResult,
@@ -258,11 +259,9 @@ class StoreContract:
 
     def test_state_round_trips(self, store: Store) -> None:
         rng = np.random.default_rng(1)
+        _, walked = steps.count_steps(rng.integers(-900, 900, (3000, 3)), steps.new_state(50, T0))
         real = DeviceState(
-            A,
-            next_us=T0,
-            sample_rate_mhz=50_000,
-            families={"steps": {"values": rng.normal(size=424), "n": 3}},
+            A, next_us=T0, sample_rate_mhz=50_000, families={"steps": {"values": walked.values, "n": 3}}
         )
         states = [b"", b"\x00", bytes(range(256)) * 3, rng.bytes(200_000), real.to_bytes()]
         for seq, state in enumerate(states):
