@@ -382,7 +382,13 @@ class Pipeline:
                 ack.expected_seq = e.expected_seq
         self.metrics.batches.labels(CODE_NAMES.get(ack.code, str(ack.code))).inc()
         self.metrics.ack_latency.observe(time.monotonic() - started)
-        log.info(
+        # A stored batch is counted in the metrics and logged at debug level (thousands a second is
+        # normal); a refused one is logged at info with its reason.
+        level = logging.DEBUG if ack.code == OK else logging.INFO
+        if not log.isEnabledFor(level):
+            return ack
+        log.log(
+            level,
             "batch answered",
             extra={
                 "fields": {

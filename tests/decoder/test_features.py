@@ -8,6 +8,7 @@ import itertools
 import msgpack
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -136,15 +137,40 @@ def test_state_is_not_modified_and_round_trips() -> None:
     assert state.to_bytes() == before
     again, _ = process(decoded2, DeviceState.from_bytes(before))
     assert first == again
-    future = msgpack.unpackb(before)
+    future = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(before))
     future["v"] = 99
     with pytest.raises(ValueError, match="version"):
-        DeviceState.from_bytes(msgpack.packb(future))
+        DeviceState.from_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(future)))
     restored = DeviceState.from_bytes(before).families
     assert restored.keys() == state.families.keys()
     for family, arrays in state.families.items():
         for name, value in arrays.items():
             assert np.array_equal(restored[family][name], value), (family, name)
+
+
+def test_hostile_state_bytes_are_refused() -> None:
+    """A state comes from the store: damaged or hostile bytes are a ValueError, never a crash or a
+    large allocation (the declared size is checked before decompressing)."""
+    rec = _band()
+    frames = _frames(rec, [])
+    _, state = process(decode_frames(encode_container([encode_frame(frames[0])])), DeviceState(rec.device_id))
+    good = state.to_bytes()
+    packed = zstandard.ZstdDecompressor().decompress(good)
+    bomb = zstandard.ZstdCompressor().compress(bytes(64 << 20))  # 64 MB of zeros in a few KB
+    wrong_family = msgpack.unpackb(packed)
+    wrong_family["families"]["steps"]["values"][1] = wrong_family["families"]["steps"]["values"][1][:-8]
+    for data in (
+        b"",
+        b"\x00" * 10,
+        good[:-3],
+        good[:4] + bytes(len(good) - 4),
+        packed,  # not compressed
+        bomb,
+        zstandard.ZstdCompressor().compress(b"\x93\x01\x02"),  # msgpack, not a map
+        zstandard.ZstdCompressor().compress(msgpack.packb(wrong_family)),  # a truncated family array
+    ):
+        with pytest.raises(ValueError):
+            DeviceState.from_bytes(data)
 
 
 def test_night_is_staged_and_split_invariant() -> None:
