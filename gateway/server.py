@@ -136,12 +136,12 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
         self.metrics.devices.set(len(self.streams))
         log.info("stream opened", extra={"fields": {"event": "stream_open", "device": device}})
         batches = 0
+        # One watcher for the stream's life, not one per batch: tasks are most of the loop's own cost.
+        stop = asyncio.ensure_future(_first(superseded, self.draining))
         try:
             while True:
                 read = asyncio.ensure_future(context.read())
-                stop = asyncio.ensure_future(_first(superseded, self.draining))
                 await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
                 if not read.done():
                     # Not cancelled: cancelling a pending read can fail the call with INTERNAL in grpc core;
                     # the abort below ends the RPC and with it the read.
@@ -155,6 +155,7 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 if superseded.is_set() or self.draining.is_set():
                     break
         finally:
+            stop.cancel()
             self.streams.close(device_id, superseded)
             self.metrics.devices.set(len(self.streams))
             log.info(
