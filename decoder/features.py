@@ -579,7 +579,7 @@ def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
         epochs, nonwear, _, _ = activity.flush_rows(fam["activity"]["ints"], fam["activity"]["floats"])
         records += _activity_records(device, epochs, nonwear)
     if "heart" in fam:
-        epochs, resting, _ = heart.flush_rows(fam["heart"]["ints"])
+        epochs, resting, _, _ = heart.flush_rows(fam["heart"]["ints"], fam["heart"]["ring"])
         records += _heart_records(device, epochs, resting)
     if "steps" in fam:
         _, minutes, _, _ = steps.flush_rows(fam["steps"]["values"])
@@ -642,10 +642,10 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
             inactive = act_epochs[calm, 0].astype(np.int64)
         if "heart" in fam:
             h = fam["heart"]
-            hr_epochs, resting, ints = heart.advance_rows(
-                run.hr_bpm, run.start_us, run.rr_ms, run.rr_end_us, inactive, run.end_us, h["ints"]
+            hr_epochs, resting, ints, ring = heart.advance_rows(
+                run.hr_bpm, run.start_us, run.rr_ms, run.rr_end_us, inactive, run.end_us, h["ints"], h["ring"]
             )
-            fam["heart"] = {"version": h["version"], "ints": ints}
+            fam["heart"] = {"version": h["version"], "ints": ints, "ring": ring}
             records += _heart_records(device, hr_epochs, resting)
         # Heart closes an epoch once the data covers its end; activity can close the same epoch one call
         # later. Heart rates wait in the state until activity brings their epoch, so the join does not

@@ -13,7 +13,7 @@ sums, and the floats of a row are computed once, from those sums, when the epoch
 Streaming: a call covers the time span up to `until_us`; the kernel walks HR readings, beats and
 inactivity marks merged in time order, closes an epoch when time passes its end and a day
 `RESTING_GRACE_US` after the day ends (so inactivity marks for its last epochs can still arrive). The
-whole state is one int64 array plus a version; data older than where the stream already is is dropped
+whole state is an int64 header and an int32 ring of per-epoch day slots, plus a version; data older than where the stream already is is dropped
 and counted (`late`). Any split of a device's data into calls, with the state carried, gives the same rows.
 
 The constants of this module belong in ``decoder/config.py``; they live here until that file is merged.
@@ -29,7 +29,7 @@ from numba import njit
 from decoder import config
 
 # --- constants -------------------------------------------------------------------------------------------
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the per-epoch day slots in an int32 array of their own
 EPOCH_US = 30_000_000
 DAY_US = 86_400_000_000
 EPOCHS_PER_DAY = DAY_US // EPOCH_US
@@ -69,7 +69,7 @@ RESTING_DTYPE = np.dtype(
 _E_COLS = len(EPOCH_DTYPE.names)
 _R_COLS = len(RESTING_DTYPE.names)
 
-# --- state layout (one int64 array) -----------------------------------------------------------------------
+# --- state layout (an int64 header; the day ring below) -------------------------------------------------
 (
     _VERSION,
     _OFFSET_US,  # local time − UTC
@@ -99,29 +99,36 @@ _R_COLS = len(RESTING_DTYPE.names)
     _HIST_POS,
     _HIST,  # RR_MEDIAN_BEATS slots
 ) = range(27)
-_SLOTS = _HIST + RR_MEDIAN_BEATS  # two local days of epochs: HR sum × 64 + readings, then inactivity flags
+_LEN = _HIST + RR_MEDIAN_BEATS
+# The day ring (int32): two local days of epochs, HR sum × 64 + readings (≤ 255·30·64 + 30), then one
+# inactivity flag per epoch. int32, not the header's int64: it is most of a band's state, which is stored
+# with every batch.
 _RING = 2 * EPOCHS_PER_DAY
-_FLAGS = _SLOTS + _RING
-_LEN = _FLAGS + _RING
+_FLAGS = _RING
+_RING_LEN = 2 * _RING
 
 
 @dataclass(frozen=True)
 class HeartState:
-    """One stream's state: an int64 array; `to_arrays`/`from_arrays` serialise it."""
+    """One stream's state: an int64 header and an int32 day ring; `to_arrays`/`from_arrays` serialise it."""
 
     ints: np.ndarray
+    ring: np.ndarray
 
     def to_arrays(self) -> dict[str, np.ndarray | int]:
-        return {"version": STATE_VERSION, "ints": self.ints.copy()}
+        return {"version": STATE_VERSION, "ints": self.ints.copy(), "ring": self.ring.copy()}
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> HeartState:
-        iv = np.array(arrays["ints"], dtype=np.int64, copy=True)
-        if int(arrays["version"]) != STATE_VERSION or iv.ndim != 1 or iv.size != _LEN:
+        if int(arrays["version"]) != STATE_VERSION or "ring" not in arrays:
             raise ValueError(f"not a heart state of version {STATE_VERSION}")
-        if iv[_VERSION] != STATE_VERSION:
+        iv = np.array(arrays["ints"], dtype=np.int64, copy=True)
+        ring = np.array(arrays["ring"], copy=True)
+        if iv.ndim != 1 or iv.size != _LEN or ring.dtype != np.int32 or ring.shape != (_RING_LEN,):
+            raise ValueError(f"not a heart state of version {STATE_VERSION}")
+        if iv[_VERSION] != STATE_VERSION or ring.min() < 0:
             raise ValueError("heart state is corrupt")
-        return cls(iv)
+        return cls(iv, ring)
 
     @property
     def now_us(self) -> int:
@@ -156,7 +163,7 @@ def new_heart_state(start_us: int, utc_offset_min: int = 0, *, require_inactive:
     iv[_NOW] = start_us
     iv[_DAY] = local_day(start_us, utc_offset_min)
     iv[_EPOCH] = -1
-    return HeartState(iv)
+    return HeartState(iv, np.zeros(_RING_LEN, np.int32))
 
 
 # --- kernel ----------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def _median2(iv):
 
 
 @njit(**config.JIT)
-def _close_epoch(iv, out, n_out):
+def _close_epoch(iv, ring, out, n_out):
     e = iv[_EPOCH]
     hr_n = iv[_E_HR_N]
     kept = iv[_E_KEPT]
@@ -196,13 +203,13 @@ def _close_epoch(iv, out, n_out):
     out[n_out, 8] = np.sqrt((kept * iv[_E_NN_SQ] - s * s) / (kept * (kept - 1))) if kept > 1 else np.nan
     out[n_out, 9] = np.sqrt(iv[_E_DIFF_SQ] / iv[_E_DIFF_N]) if iv[_E_DIFF_N] > 0 else np.nan
     # File the epoch's readings for the day's resting heart rate (its day is the open one or the next).
-    iv[_SLOTS + e % _RING] = iv[_E_HR_SUM] * 64 + hr_n
+    ring[e % _RING] = iv[_E_HR_SUM] * 64 + hr_n
     iv[_EPOCH] = -1
     return n_out + 1
 
 
 @njit(**config.JIT)
-def _close_day(iv, rhr_out, n_rhr):
+def _close_day(iv, ring, rhr_out, n_rhr):
     """Resting HR of the open day: nearest-rank percentile of its qualifying epoch means."""
     day = iv[_DAY]
     day_start = day * DAY_US - iv[_OFFSET_US]
@@ -212,15 +219,15 @@ def _close_day(iv, rhr_out, n_rhr):
     n_data = 0
     for k in range(EPOCHS_PER_DAY):
         s = (first + k) % _RING
-        packed = iv[_SLOTS + s]
+        packed = np.int64(ring[s])
         readings = packed % 64
         if readings > 0:
             n_data += 1
-            if readings >= RESTING_MIN_READINGS and (iv[_REQUIRE_INACTIVE] == 0 or iv[_FLAGS + s] == 1):
+            if readings >= RESTING_MIN_READINGS and (iv[_REQUIRE_INACTIVE] == 0 or ring[_FLAGS + s] == 1):
                 means[n_q] = (packed // 64) / readings
                 n_q += 1
-        iv[_SLOTS + s] = 0
-        iv[_FLAGS + s] = 0
+        ring[s] = 0
+        ring[_FLAGS + s] = 0
     if n_data > 0:
         rhr_out[n_rhr, 0] = day_start
         if n_q >= RESTING_MIN_EPOCHS:
@@ -236,12 +243,12 @@ def _close_day(iv, rhr_out, n_rhr):
 
 
 @njit(**config.JIT)
-def _advance(iv, t, out, rhr_out, counts):
+def _advance(iv, ring, t, out, rhr_out, counts):
     """Move the stream's time to `t`: close the epoch and the days that end before it."""
     if iv[_EPOCH] >= 0 and t >= (iv[_EPOCH] + 1) * EPOCH_US:
-        counts[0] = _close_epoch(iv, out, counts[0])
+        counts[0] = _close_epoch(iv, ring, out, counts[0])
     while t >= (iv[_DAY] + 1) * DAY_US - iv[_OFFSET_US] + RESTING_GRACE_US:
-        counts[1] = _close_day(iv, rhr_out, counts[1])
+        counts[1] = _close_day(iv, ring, rhr_out, counts[1])
     if t > iv[_NOW]:
         iv[_NOW] = t
 
@@ -293,17 +300,17 @@ def _beat(iv, rr, t):
 
 
 @njit(**config.JIT)
-def _mark_inactive(iv, epoch_start_us):
+def _mark_inactive(iv, ring, epoch_start_us):
     e = epoch_start_us // EPOCH_US
     d = (epoch_start_us + iv[_OFFSET_US]) // DAY_US
     if iv[_DAY] <= d <= iv[_DAY] + 1:
-        iv[_FLAGS + e % _RING] = 1
+        ring[_FLAGS + e % _RING] = 1
     else:
         iv[_LATE] += 1
 
 
 @njit(**config.JIT)
-def _heart(hr, hr_t0, rr, rr_end, inactive, until, iv, out, rhr_out, counts):
+def _heart(hr, hr_t0, rr, rr_end, inactive, until, iv, ring, out, rhr_out, counts):
     """Walk readings, beats and inactivity marks merged in time order (ties: mark, reading, beat)."""
     n_hr = hr.shape[0]
     n_rr = rr.shape[0]
@@ -317,14 +324,14 @@ def _heart(hr, hr_t0, rr, rr_end, inactive, until, iv, out, rhr_out, counts):
         t_rr = rr_end[j] if j < n_rr else big
         t_in = inactive[k] if k < n_in else big
         if t_in <= t_hr and t_in <= t_rr:
-            _mark_inactive(iv, t_in)  # marks do not move time: they may come before or after their data
+            _mark_inactive(iv, ring, t_in)  # marks do not move time: they may come before or after their data
             k += 1
             continue
         t = t_hr if t_hr <= t_rr else t_rr
         if t < iv[_NOW] or t >= until:
             iv[_LATE] += 1
         else:
-            _advance(iv, t, out, rhr_out, counts)
+            _advance(iv, ring, t, out, rhr_out, counts)
             _open_epoch(iv, t)
             if t_hr <= t_rr:
                 v = np.int64(hr[i])
@@ -343,15 +350,15 @@ def _heart(hr, hr_t0, rr, rr_end, inactive, until, iv, out, rhr_out, counts):
         else:
             j += 1
     if until > iv[_NOW]:
-        _advance(iv, until, out, rhr_out, counts)
+        _advance(iv, ring, until, out, rhr_out, counts)
 
 
 @njit(**config.JIT)
-def _flush(iv, out, rhr_out, counts):
+def _flush(iv, ring, out, rhr_out, counts):
     if iv[_EPOCH] >= 0:
-        counts[0] = _close_epoch(iv, out, counts[0])
-    counts[1] = _close_day(iv, rhr_out, counts[1])
-    counts[1] = _close_day(iv, rhr_out, counts[1])
+        counts[0] = _close_epoch(iv, ring, out, counts[0])
+    counts[1] = _close_day(iv, ring, rhr_out, counts[1])
+    counts[1] = _close_day(iv, ring, rhr_out, counts[1])
     iv[_FLUSHED] = 1
 
 
@@ -431,10 +438,17 @@ def heart_epochs(
     )
     if last >= int(until_us):
         raise ValueError("data at or after until_us")
-    epochs, resting, iv = advance_rows(
-        hr.astype(np.uint8), hr_t0_us, rr.astype(np.uint16), rr_end, marks, int(until_us), state.ints
+    epochs, resting, iv, ring = advance_rows(
+        hr.astype(np.uint8),
+        hr_t0_us,
+        rr.astype(np.uint16),
+        rr_end,
+        marks,
+        int(until_us),
+        state.ints,
+        state.ring,
     )
-    return _typed(epochs, resting), HeartState(iv)
+    return _typed(epochs, resting), HeartState(iv, ring)
 
 
 def advance_rows(
@@ -445,29 +459,32 @@ def advance_rows(
     inactive_epoch_us: np.ndarray,
     until_us: int,
     ints: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ring: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`heart_epochs` without its checks, for the feature path, which holds a valid state and arrays
     that pass them (u8 readings, u16 beats with sorted int64 ends, sorted int64 epoch marks, an explicit
     `until_us`): epoch and resting rows as float64 (columns in dtype order), then the new state."""
     iv = ints.copy()
+    ring = ring.copy()
     out, rhr_out, counts = _buffers(iv, until_us - int(iv[_NOW]), hr_bpm.size + rr_ms.size)
-    _heart(hr_bpm, hr_t0_us, rr_ms, rr_end_us, inactive_epoch_us, until_us, iv, out, rhr_out, counts)
-    return out[: counts[0]], rhr_out[: counts[1]], iv
+    _heart(hr_bpm, hr_t0_us, rr_ms, rr_end_us, inactive_epoch_us, until_us, iv, ring, out, rhr_out, counts)
+    return out[: counts[0]], rhr_out[: counts[1]], iv, ring
 
 
 def heart_flush(state: HeartState) -> tuple[HeartOutput, HeartState]:
     """End of a stream: emit the open epoch and the resting heart rate of the open days."""
-    epochs, resting, iv = flush_rows(state.ints)
-    return _typed(epochs, resting), HeartState(iv)
+    epochs, resting, iv, ring = flush_rows(state.ints, state.ring)
+    return _typed(epochs, resting), HeartState(iv, ring)
 
 
-def flush_rows(ints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flush_rows(ints: np.ndarray, ring: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`heart_flush` as rows, as `advance_rows` returns them."""
     iv = ints.copy()
+    ring = ring.copy()
     out, rhr_out, counts = _buffers(iv, 0, 0)
     if not iv[_FLUSHED]:
-        _flush(iv, out, rhr_out, counts)
-    return out[: counts[0]], rhr_out[: counts[1]], iv
+        _flush(iv, ring, out, rhr_out, counts)
+    return out[: counts[0]], rhr_out[: counts[1]], iv, ring
 
 
 def heart_of_recording(
