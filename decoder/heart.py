@@ -13,10 +13,9 @@ sums, and the floats of a row are computed once, from those sums, when the epoch
 Streaming: a call covers the time span up to `until_us`; the kernel walks HR readings, beats and
 inactivity marks merged in time order, closes an epoch when time passes its end and a day
 `RESTING_GRACE_US` after the day ends (so inactivity marks for its last epochs can still arrive). The
-whole state is an int64 header and an int32 ring of per-epoch day slots, plus a version; data older than where the stream already is is dropped
-and counted (`late`). Any split of a device's data into calls, with the state carried, gives the same rows.
-
-The constants of this module belong in ``decoder/config.py``; they live here until that file is merged.
+whole state is an int64 header and an int32 ring of per-epoch day slots, plus a version; data older than
+where the stream already is is dropped and counted (`late`). Any split of a device's data into calls,
+with the state carried, gives the same rows.
 """
 
 from __future__ import annotations
