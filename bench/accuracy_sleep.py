@@ -3,7 +3,7 @@ gradient-boosting baseline fitted on the same features in the same folds.
 
     python -m bench.accuracy_sleep [--data DIR] [--json out.json] [--plot night.png]
 
-Everything (scaler, emission weights, transition priors) is refitted in each fold without the night
+Everything (boosted-tree emission model, transition priors) is refitted in each fold without the night
 being scored, including the held-out subject's stage-only hypnogram. Needs scikit-learn for the
 baseline only (skipped, and said so, without it); matplotlib for the optional plot.
 """

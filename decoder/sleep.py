@@ -3,7 +3,7 @@
 The data path for one device, one 30-s epoch at a time:
 
     push (time, hr, counts) → ring buffer + night HR histogram → features of the epoch LOOKAHEAD epochs
-    back → multinomial-logistic emission scores → HMM forward step → the epoch SMOOTH_LAG epochs further
+    back → boosted-tree emission scores → HMM forward step → the epoch SMOOTH_LAG epochs further
     back is decided by fixed-lag forward-backward → sleep-onset gate → final stage
 
 so a stage is final ``LAG_EPOCHS`` = FEATURE_LOOKAHEAD + SMOOTH_LAG epochs (10 minutes) after its epoch
@@ -71,6 +71,7 @@ FEATURE_NAMES = (
     "hr_valid_frac21",  # share of epochs with a heart rate over ±10 epochs
 )
 N_FEATURES = len(FEATURE_NAMES)
+PARAMS_VERSION = 2  # of decoder/sleep_params.json; 1 was a logistic model with hinges
 
 # Cole, Kripke et al. 1992 (Sleep 15(5):461), 1-min epochs, mean-activity mode: D = P Σ W_k A_{t+k},
 # k = -4..+2, sleep when D < 1. ActiLife applies it to ActiGraph counts as A = min(counts / 100, 300).
@@ -307,36 +308,42 @@ def _features_at(state, t, n_avail, out):
 
 # --- the streaming stager ----------------------------------------------------------------------------
 @njit(**config.JIT)
-def _expand(feats, mu, sd, knots, out):
-    """Standardised features, then one hinge max(z - knot, 0) per knot: a piecewise-linear additive
-    model, so the logistic emission can bend (e.g. HR far above baseline means wake, a little does not)."""
-    n_f = feats.size
-    n_k = knots.shape[1]
-    for f in range(n_f):
-        z = (feats[f] - mu[f]) / sd[f]
-        out[f] = z
-        for j in range(n_k):
-            out[n_f + f * n_k + j] = max(z - knots[f, j], 0.0)
+def _tree_scores(feats, tree_feature, tree_threshold, tree_value, out):
+    """Sum of boosted-tree outputs per stage. Tree i adds to stage i % N_STAGES; each tree is complete, of
+    depth log2(leaves): node j's children are 2j+1 (feature ≤ threshold) and 2j+2 (above); leaves follow
+    the internal nodes, so leaf = node - internal. A threshold of +inf never splits."""
+    for k in range(N_STAGES):
+        out[k] = 0.0
+    n_int = tree_threshold.shape[1]
+    for i in range(tree_threshold.shape[0]):
+        node = 0
+        while node < n_int:
+            node = 2 * node + (2 if feats[tree_feature[i, node]] > tree_threshold[i, node] else 1)
+        out[i % N_STAGES] += tree_value[i, node - n_int]
 
 
 @njit(**config.JIT)
 def _emit(
-    state, feats, mu, sd, knots, weights, bias, log_a, log_pi, emission_scale, out_stage, out_post, n_out
+    state,
+    feats,
+    tree_feature,
+    tree_threshold,
+    tree_value,
+    log_a,
+    log_pi,
+    emission_scale,
+    out_stage,
+    out_post,
+    n_out,
 ):
     """Push one feature row through the emission model and the HMM forward step; decide what is due."""
     n_states = N_STAGES
     s = int(state[_H_N_FEAT])
     ring_len = SMOOTH_LAG + 1
     slot = s % ring_len
-    # emission: scaled log-softmax of the multinomial-logistic scores (class-balanced fit ≈ likelihood)
-    x = np.empty(weights.shape[1])
-    _expand(feats, mu, sd, knots, x)
+    # emission: scaled log-softmax of the boosted-tree scores (class-balanced fit ≈ likelihood)
     z = np.empty(n_states)
-    for k in range(n_states):
-        acc = bias[k]
-        for f in range(x.size):
-            acc += weights[k, f] * x[f]
-        z[k] = acc
+    _tree_scores(feats, tree_feature, tree_threshold, tree_value, z)
     lse = _logsumexp(z)
     e = np.empty(n_states)
     for k in range(n_states):
@@ -416,11 +423,9 @@ def _stage_epochs(
     hr_bpm,
     counts,
     state,
-    mu,
-    sd,
-    knots,
-    weights,
-    bias,
+    tree_feature,
+    tree_threshold,
+    tree_value,
     log_a,
     log_pi,
     emission_scale,
@@ -457,11 +462,9 @@ def _stage_epochs(
             n_s = _emit(
                 state,
                 feats,
-                mu,
-                sd,
-                knots,
-                weights,
-                bias,
+                tree_feature,
+                tree_threshold,
+                tree_value,
                 log_a,
                 log_pi,
                 emission_scale,
@@ -478,11 +481,9 @@ def _stage_epochs(
             n_s = _emit(
                 state,
                 feats,
-                mu,
-                sd,
-                knots,
-                weights,
-                bias,
+                tree_feature,
+                tree_threshold,
+                tree_value,
                 log_a,
                 log_pi,
                 emission_scale,
@@ -538,13 +539,14 @@ class SleepState:
 
 @dataclass(frozen=True)
 class SleepParams:
-    """Fitted model: feature scaler, multinomial-logistic emission weights, HMM priors."""
+    """Fitted model: boosted-tree emission scores, HMM priors.
 
-    mu: np.ndarray  # (N_FEATURES,)
-    sd: np.ndarray  # (N_FEATURES,)
-    knots: np.ndarray  # (N_FEATURES, n_knots) hinge positions on standardised features
-    weights: np.ndarray  # (N_STAGES, N_FEATURES * (1 + n_knots)): linear terms, then hinges by feature
-    bias: np.ndarray  # (N_STAGES,)
+    Trees are complete binary trees of one depth, flattened: tree i scores stage i % N_STAGES.
+    """
+
+    tree_feature: np.ndarray  # (n_trees, 2**depth - 1) int64 feature index per internal node
+    tree_threshold: np.ndarray  # (n_trees, 2**depth - 1) go right when the feature is above it
+    tree_value: np.ndarray  # (n_trees, 2**depth) leaf outputs (log-odds scale)
     log_a: np.ndarray  # (N_STAGES, N_STAGES) log transition matrix, rows = from
     log_pi: np.ndarray  # (N_STAGES,) log initial distribution
     emission_scale: float  # < 1 tempers emissions of overlapping feature windows
@@ -553,31 +555,41 @@ class SleepParams:
     def from_dict(cls, d: dict) -> SleepParams:
         if list(d["feature_names"]) != list(FEATURE_NAMES):
             raise ValueError("sleep params were fitted on a different feature set")
+        if d.get("version") != PARAMS_VERSION:
+            raise ValueError(f"sleep params version {d.get('version')!r}, this code reads {PARAMS_VERSION}")
         f = np.ascontiguousarray
         p = cls(
-            mu=f(d["mu"], dtype=np.float64),
-            sd=f(d["sd"], dtype=np.float64),
-            knots=f(d["knots"], dtype=np.float64).reshape(N_FEATURES, -1),
-            weights=f(d["weights"], dtype=np.float64),
-            bias=f(d["bias"], dtype=np.float64),
+            tree_feature=f(d["tree_feature"], dtype=np.int64),
+            tree_threshold=f(d["tree_threshold"], dtype=np.float64),
+            tree_value=f(d["tree_value"], dtype=np.float64),
             log_a=np.log(f(d["transitions"], dtype=np.float64)),
             log_pi=np.log(f(d["initial"], dtype=np.float64)),
             emission_scale=float(d["emission_scale"]),
         )
-        n_x = N_FEATURES * (1 + p.knots.shape[1])
-        if p.weights.shape != (N_STAGES, n_x) or p.log_a.shape != (N_STAGES, N_STAGES):
-            raise ValueError("sleep params have the wrong shapes")
+        p.validate()
         return p
+
+    def validate(self) -> None:
+        n_trees, n_int = self.tree_threshold.shape
+        if (
+            self.tree_feature.shape != (n_trees, n_int)
+            or self.tree_value.shape != (n_trees, n_int + 1)
+            or n_trees % N_STAGES
+            or (n_int + 1) & n_int  # leaves must be a power of two
+            or self.log_a.shape != (N_STAGES, N_STAGES)
+            or self.log_pi.shape != (N_STAGES,)
+        ):
+            raise ValueError("sleep params have the wrong shapes")
+        if n_trees and not ((self.tree_feature >= 0) & (self.tree_feature < N_FEATURES)).all():
+            raise ValueError("sleep params name a feature that does not exist")
 
     @classmethod
     def blank(cls) -> SleepParams:
         """Uninformative model: the kernel still computes features (used when fitting)."""
         return cls(
-            np.zeros(N_FEATURES),
-            np.ones(N_FEATURES),
-            np.zeros((N_FEATURES, 0)),
-            np.zeros((N_STAGES, N_FEATURES)),
-            np.zeros(N_STAGES),
+            np.zeros((0, 1), dtype=np.int64),
+            np.zeros((0, 1)),
+            np.zeros((0, 2)),
             np.log(np.full((N_STAGES, N_STAGES), 1.0 / N_STAGES)),
             np.log(np.full(N_STAGES, 1.0 / N_STAGES)),
             1.0,
@@ -642,11 +654,9 @@ def stage_epochs(
         hr_bpm,
         counts,
         state.array,
-        p.mu,
-        p.sd,
-        p.knots,
-        p.weights,
-        p.bias,
+        p.tree_feature,
+        p.tree_threshold,
+        p.tree_value,
         p.log_a,
         p.log_pi,
         float(p.emission_scale),

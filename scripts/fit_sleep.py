@@ -21,7 +21,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import numpy as np  # noqa: E402
-from scipy.optimize import minimize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -29,10 +28,15 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from decoder import sleep  # noqa: E402
 
-L2 = 100.0  # ridge penalty on the weights (class-weighted log-loss summed over epochs)
-N_KNOTS = 3  # hinges per feature, at quantiles of the training features
-KNOT_FAR = 1e6  # a knot no standardised value reaches: pads features with fewer distinct quantiles
-EMISSION_SCALE = 0.2  # overlapping feature windows make successive emissions dependent: temper them
+# Boosted trees (Friedman 2001, multiclass log-loss; Newton leaf values and split gain as in XGBoost,
+# Chen & Guestrin 2016; candidate thresholds at feature quantiles as in LightGBM / HistGradientBoosting).
+N_ROUNDS = 40  # boosting rounds; one tree per stage per round
+TREE_DEPTH = 3  # complete trees of 8 leaves: interactions of up to three features
+LEARNING_RATE = 0.1  # shrinkage of every leaf value
+LEAF_L2 = 1.0  # ridge on leaf values (λ), in units of the class-weighted hessian
+MIN_CHILD_HESSIAN = 5.0  # a split must leave at least this much (weighted) hessian on each side
+N_BINS = 64  # candidate thresholds per feature: the training features' 1/64 … 63/64 quantiles
+EMISSION_SCALE = 0.3  # overlapping feature windows make successive emissions dependent: temper them
 TRANSITION_PSEUDO = 1.0  # Laplace counts per transition
 INITIAL_PSEUDO = 1.0
 
@@ -78,39 +82,96 @@ def load_hypnograms(root: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = L2) -> tuple[np.ndarray, np.ndarray]:
-    """Class-balanced multinomial logistic regression on standardised X; (weights K×F, bias K).
+def _softmax(F: np.ndarray) -> np.ndarray:
+    p = np.exp(F - F.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
 
-    Balanced weights make softmax scores proportional to p(x | stage), i.e. usable as HMM emissions.
+
+def fit_trees(
+    X: np.ndarray,
+    y: np.ndarray,
+    n_rounds: int = N_ROUNDS,
+    depth: int = TREE_DEPTH,
+    learning_rate: float = LEARNING_RATE,
+    leaf_l2: float = LEAF_L2,
+    min_child_hessian: float = MIN_CHILD_HESSIAN,
+    n_bins: int = N_BINS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-balanced gradient-boosted trees for the multiclass log-loss, in the kernel's layout:
+    (tree_feature, tree_threshold, tree_value), tree i scoring stage i % N_STAGES (sleep._tree_scores).
+
+    Balanced class weights make the softmax of the scores proportional to p(x | stage), i.e. usable as
+    HMM emissions. Each tree is grown level by level to `depth` with second-order (Newton) gains over
+    quantile thresholds; a node with no admissible split gets threshold +inf (everything goes left).
+    Plain numpy, deterministic.
     """
-    n, f = X.shape
+    n, n_feat = X.shape
     k = sleep.N_STAGES
     counts = np.bincount(y, minlength=k).astype(np.float64)
     w_class = np.where(counts > 0, n / (k * np.maximum(counts, 1)), 0.0)
     sw = w_class[y]
     onehot = np.zeros((n, k))
     onehot[np.arange(n), y] = 1.0
+    edges = []
+    binned = np.empty((n, n_feat), dtype=np.int64)
+    for f in range(n_feat):
+        q = np.unique(np.quantile(X[:, f], np.arange(1, n_bins) / n_bins))
+        q = q[q < X[:, f].max()]  # a threshold at the maximum sends nothing right
+        edges.append(q)
+        binned[:, f] = np.searchsorted(q, X[:, f], side="left")  # bin b ⇔ q[b-1] < x ≤ q[b]
+    n_int = 2**depth - 1
+    feature = np.zeros((n_rounds * k, n_int), dtype=np.int64)
+    threshold = np.full((n_rounds * k, n_int), np.inf)
+    value = np.zeros((n_rounds * k, n_int + 1))
+    F = np.zeros((n, k))
+    for r in range(n_rounds):
+        p = _softmax(F)
+        for c in range(k):
+            tree = r * k + c
+            g = sw * (p[:, c] - onehot[:, c])
+            h = sw * p[:, c] * (1.0 - p[:, c])
+            level = [np.arange(n)]
+            for d in range(depth):
+                nxt = []
+                for j, rows in enumerate(level):
+                    node = 2**d - 1 + j
+                    right = np.zeros(rows.size, dtype=bool)
+                    split = _best_split(binned[rows], g[rows], h[rows], edges, leaf_l2, min_child_hessian)
+                    if split is not None:
+                        f, b = split
+                        feature[tree, node] = f
+                        threshold[tree, node] = edges[f][b]
+                        right = binned[rows, f] > b
+                    nxt += [rows[~right], rows[right]]
+                level = nxt
+            for leaf, rows in enumerate(level):
+                if rows.size:
+                    v = -learning_rate * g[rows].sum() / (h[rows].sum() + leaf_l2)
+                    value[tree, leaf] = v
+                    F[rows, c] += v
+    return feature, threshold, value
 
-    def loss(theta):
-        W = theta[: k * f].reshape(k, f)
-        b = theta[k * f :]
-        z = X @ W.T + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        val = -(sw * (onehot * logp).sum(axis=1)).sum() + 0.5 * l2 * (W * W).sum()
-        g = (np.exp(logp) - onehot) * sw[:, None]
-        gW = g.T @ X + l2 * W
-        gb = g.sum(axis=0)
-        return val, np.concatenate([gW.ravel(), gb])
 
-    res = minimize(loss, np.zeros(k * f + k), jac=True, method="L-BFGS-B", options={"maxiter": 2000})
-    return res.x[: k * f].reshape(k, f), res.x[k * f :]
-
-
-def expand(Z: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """Standardised features and their hinges, in the kernel's order (sleep._expand)."""
-    hinges = np.maximum(Z[:, :, None] - knots[None, :, :], 0.0).reshape(Z.shape[0], -1)
-    return np.hstack([Z, hinges])
+def _best_split(binned, g, h, edges, leaf_l2, min_child_hessian):
+    """(feature, threshold index) of the largest Newton gain, or None when no split gains."""
+    g_all, h_all = g.sum(), h.sum()
+    parent = g_all * g_all / (h_all + leaf_l2)
+    best_gain, best = 0.0, None
+    for f, q in enumerate(edges):
+        if q.size == 0:
+            continue
+        g_left = np.cumsum(np.bincount(binned[:, f], g, q.size + 1))[:-1]
+        h_left = np.cumsum(np.bincount(binned[:, f], h, q.size + 1))[:-1]
+        g_right, h_right = g_all - g_left, h_all - h_left
+        ok = (h_left >= min_child_hessian) & (h_right >= min_child_hessian)
+        if not ok.any():
+            continue
+        children = g_left * g_left / (h_left + leaf_l2) + g_right * g_right / (h_right + leaf_l2)
+        gain = np.where(ok, children - parent, 0.0)
+        b = int(np.argmax(gain))
+        if gain[b] > best_gain:
+            best_gain, best = gain[b], (f, b)
+    return best
 
 
 def transition_counts(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,39 +190,29 @@ def fit_params(
     hypnograms: dict[str, np.ndarray] | None = None,
     features: list[np.ndarray] | None = None,
     emission_scale: float = EMISSION_SCALE,
-    l2: float = L2,
-    n_knots: int = N_KNOTS,
+    **tree_options,
 ) -> dict:
     """Params (JSON-able dict) fitted on `nights` only; hypnograms of subjects not in `nights` are
-    ignored so a held-out night never leaks in through its stage-only twin."""
+    ignored so a held-out night never leaks in through its stage-only twin. `tree_options` go to
+    `fit_trees`."""
     if features is None:
         features = [sleep.night_features(n.time_s, n.hr_bpm, n.counts) for n in nights]
     X = np.concatenate(features)
     y = np.concatenate([n.stage for n in nights])
-    mu = X.mean(axis=0)
-    sd = X.std(axis=0)
-    sd[sd < 1e-9] = 1.0
-    Z = (X - mu) / sd
-    knots = np.full((Z.shape[1], n_knots), KNOT_FAR)
-    for f in range(Z.shape[1]):
-        q = np.unique(np.quantile(Z[:, f], np.linspace(0, 1, n_knots + 2)[1:-1]))
-        q = q[q < Z[:, f].max()]  # a hinge at the maximum is identically zero
-        knots[f, : q.size] = q
-    W, b = fit_logistic(expand(Z, knots), y, l2)
+    feature, threshold, value = fit_trees(X, y, **tree_options)
     keep = {n.subject for n in nights}
     seqs = [n.stage for n in nights] + [h for s, h in sorted((hypnograms or {}).items()) if s in keep]
     trans, init = transition_counts(seqs)
     trans += TRANSITION_PSEUDO
     init += INITIAL_PSEUDO
     return {
-        "version": 1,
+        "version": sleep.PARAMS_VERSION,
         "feature_names": list(sleep.FEATURE_NAMES),
         "subjects": sorted(keep),
-        "mu": mu.tolist(),
-        "sd": sd.tolist(),
-        "knots": knots.tolist(),
-        "weights": W.tolist(),
-        "bias": b.tolist(),
+        "tree_feature": feature.tolist(),
+        # +inf (no split) as the string "inf": strict JSON has no infinity; numpy reads it back as inf
+        "tree_threshold": [[t if np.isfinite(t) else "inf" for t in row] for row in threshold.tolist()],
+        "tree_value": value.tolist(),
         "transitions": (trans / trans.sum(axis=1, keepdims=True)).tolist(),
         "initial": (init / init.sum()).tolist(),
         "emission_scale": emission_scale,

@@ -97,11 +97,22 @@ def features(time_s: np.ndarray, hr_bpm: np.ndarray, counts: np.ndarray) -> np.n
     return out
 
 
+def tree_output(x: np.ndarray, feature: np.ndarray, threshold: np.ndarray, value: np.ndarray) -> float:
+    """One complete binary tree stored level by level: children of node j are 2j+1 and 2j+2."""
+    node = 0
+    while node < threshold.size:
+        node = 2 * node + (2 if x[feature[node]] > threshold[node] else 1)
+    return float(value[node - threshold.size])
+
+
 def emissions(feats: np.ndarray, params: sleep.SleepParams) -> np.ndarray:
-    """Tempered log-softmax of the logistic scores on standardised features and their hinges."""
-    z = (feats - params.mu) / params.sd
-    hinges = np.maximum(z[:, :, None] - params.knots[None], 0.0).reshape(z.shape[0], -1)
-    scores = np.hstack([z, hinges]) @ params.weights.T + params.bias
+    """Tempered log-softmax of the boosted-tree scores: tree i adds to stage i mod N_STAGES."""
+    scores = np.zeros((feats.shape[0], sleep.N_STAGES))
+    for t, x in enumerate(feats):
+        for i in range(params.tree_threshold.shape[0]):
+            scores[t, i % sleep.N_STAGES] += tree_output(
+                x, params.tree_feature[i], params.tree_threshold[i], params.tree_value[i]
+            )
     scores = scores - scores.max(axis=1, keepdims=True)
     logp = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
     return params.emission_scale * logp

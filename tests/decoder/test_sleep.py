@@ -38,17 +38,19 @@ def nights(draw, max_epochs=160):
     return time_s, hr, counts
 
 
-def random_params(seed: int, n_knots: int = 2) -> sleep.SleepParams:
-    """A random but well-formed model (no exact ties between stages)."""
+def random_params(seed: int, depth: int = 2, n_rounds: int = 3) -> sleep.SleepParams:
+    """A random but well-formed model (no exact ties between stages); thresholds near the features'
+    typical values so that both sides of a split are taken, some +inf (no split)."""
     rng = np.random.default_rng(seed)
     a = rng.dirichlet(np.ones(sleep.N_STAGES), size=sleep.N_STAGES) + 0.9 * np.eye(sleep.N_STAGES)
     a /= a.sum(axis=1, keepdims=True)
+    n_trees, n_int = n_rounds * sleep.N_STAGES, 2**depth - 1
+    threshold = rng.normal(0.5, 1.5, (n_trees, n_int))
+    threshold[rng.random((n_trees, n_int)) < 0.1] = np.inf
     return sleep.SleepParams(
-        mu=rng.normal(0, 1, sleep.N_FEATURES),
-        sd=rng.uniform(0.5, 2, sleep.N_FEATURES),
-        knots=np.sort(rng.normal(0, 1, (sleep.N_FEATURES, n_knots)), axis=1),
-        weights=rng.normal(0, 1, (sleep.N_STAGES, sleep.N_FEATURES * (1 + n_knots))),
-        bias=rng.normal(0, 1, sleep.N_STAGES),
+        tree_feature=rng.integers(0, sleep.N_FEATURES, (n_trees, n_int)),
+        tree_threshold=threshold,
+        tree_value=rng.normal(0, 1, (n_trees, n_int + 1)),
         log_a=np.log(a),
         log_pi=np.log(rng.dirichlet(np.ones(sleep.N_STAGES))),
         emission_scale=float(rng.uniform(0.2, 1.0)),
@@ -202,10 +204,29 @@ def test_stage_night_with_shipped_params_on_an_obvious_night():
 
 def test_shipped_params_load_and_match_the_kernel():
     p = sleep.load_params()
-    assert p.weights.shape[0] == sleep.N_STAGES
+    assert p.tree_threshold.shape[0] % sleep.N_STAGES == 0 and p.tree_value.shape[0] > 0
     np.testing.assert_allclose(np.exp(p.log_a).sum(axis=1), 1.0)
     d = json.loads(sleep.PARAMS_PATH.read_text())
     assert d["lag_epochs"] == sleep.LAG_EPOCHS
+
+
+def test_fitted_trees_learn_a_toy_rule_and_the_kernel_reads_them():
+    """fit_trees on a rule of two features (stage = 2·[f0 > 0] + [f3 > 1]): the kernel's scores, in the
+    fitter's layout, recover it, and the naive tree walk agrees with the kernel's."""
+    from scripts.fit_sleep import fit_trees
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (2000, sleep.N_FEATURES))
+    y = 2 * (X[:, 0] > 0) + (X[:, 3] > 1)
+    feature, threshold, value = fit_trees(X, y, n_rounds=30, depth=2)
+    params = sleep.SleepParams(feature, threshold, value, np.zeros((4, 4)), np.zeros(4), 1.0)
+    scores = np.empty((X.shape[0], sleep.N_STAGES))
+    for t, x in enumerate(X):
+        sleep._tree_scores(x, feature, threshold, value, scores[t])
+    assert np.mean(scores.argmax(axis=1) == y) > 0.95
+    log_softmax = scores[:50] - np.log(np.exp(scores[:50]).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(naive.emissions(X[:50], params), log_softmax, atol=1e-9)
+    assert set(feature[: sleep.N_STAGES, 0].tolist()) <= {0, 3}  # first round: roots split on the rule
 
 
 # --- real data ---------------------------------------------------------------------------------------
