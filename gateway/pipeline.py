@@ -201,19 +201,9 @@ class StoreWriter(StoreThread):
         self._room = self._room or asyncio.Semaphore(self.config.commit_queue)
         super().start()
 
-    async def commit(
-        self,
-        device_id: int,
-        boot_id: int,
-        first_seq: int,
-        last_seq: int,
-        state: bytes,
-        records: list[dict],
-        *,
-        allow_gap: bool = False,
-    ) -> CommitResult:
-        """What `store.commit(...)` returns (or raises), stored in a group on the writer thread, once there
-        is room in the queue; it returns only after the group's transaction has committed."""
+    async def commit(self, item: CommitItem) -> CommitResult:
+        """What `store.commit(...)` returns (or raises) for `item`, stored in a group on the writer thread,
+        once there is room in the queue; it returns only after the group's transaction has committed."""
         room = self._room
         if room is None:
             raise StoreUnavailable("the store writer is not running")
@@ -225,7 +215,6 @@ class StoreWriter(StoreThread):
                 f"overloaded: commit_queue = {self.config.commit_queue} is full",
                 retry_after_ms=self.config.retry_after_ms,
             ) from None
-        item = CommitItem(device_id, boot_id, first_seq, last_seq, state, records, allow_gap)
         future: concurrent.futures.Future[CommitResult] = concurrent.futures.Future()
         entry = (item, future)
         with self._pending_lock:
@@ -443,29 +432,20 @@ class Pipeline:
             assert high_water is not None
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=high_water)
 
-        # decompress, decode, features: on the compute threads; raw arrays stay there
-        computed = await self._run_compute(batch, row.state if row is not None else None)
+        # decompress, decode, features, consent filter, the store's checks: on the compute threads; raw
+        # arrays stay there
+        computed, item = await self._run_compute(
+            batch, row.state if row is not None else None, allowed, allow_gap
+        )
         self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)
         for _, _, reason in computed.frame_errors:
             self.metrics.decode_errors.labels(reason.partition(":")[0]).inc()
 
-        # consent filter on what was computed
-        records = [r for r in computed.records if r["family"] in allowed]
-
         # commit: records + state + high-water in one transaction, on the writer thread
         try:
-            result = await self._store_call(
-                self.writer.commit,
-                device_id,
-                batch.boot_id,
-                batch.first_seq,
-                batch.last_seq,
-                computed.state,
-                records,
-                allow_gap=allow_gap,
-            )
+            result = await self._store_call(self.writer.commit, item)
         except SequenceError as e:
             raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         if result.duplicate:
@@ -481,14 +461,36 @@ class Pipeline:
             ack.frame_errors.add(index=index, seq=seq, reason=reason)
         return ack
 
-    async def _run_compute(self, batch: batch_pb2.Batch, state: bytes | None) -> Computed:
+    def _compute_item(
+        self, batch: batch_pb2.Batch, state: bytes | None, allowed: frozenset[str], allow_gap: bool
+    ) -> tuple[Computed, CommitItem]:
+        """On a compute thread: `compute`, the consent filter, and the store's database-free checks and
+        encoding, so that the single writer does only what needs the database."""
+        computed = compute(batch, state, self.config.max_decompressed_bytes)
+        records = [r for r in computed.records if r["family"] in allowed]
+        item = CommitItem(
+            batch.device_id,
+            batch.boot_id,
+            batch.first_seq,
+            batch.last_seq,
+            computed.state,
+            records,
+            allow_gap,
+        )
+        with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
+            item = self.writer.store.prepare(item)
+        return computed, item
+
+    async def _run_compute(
+        self, batch: batch_pb2.Batch, state: bytes | None, allowed: frozenset[str], allow_gap: bool
+    ) -> tuple[Computed, CommitItem]:
         if self._compute is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         try:
             return await asyncio.wrap_future(
-                self._compute.submit(compute, batch, state, self.config.max_decompressed_bytes)
+                self._compute.submit(self._compute_item, batch, state, allowed, allow_gap)
             )
         except BatchError as e:
             self.metrics.decode_errors.labels(e.code.value).inc()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
 from decoder import features
@@ -81,6 +81,8 @@ class CommitItem:
     state: bytes
     records: list[dict]
     allow_gap: bool = False
+    # What `Store.prepare` made of the item (the store's own type; it checks that it is its own).
+    prepared: Any = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable
@@ -122,6 +124,13 @@ class Store(Protocol):
         ahead raises `SequenceError` unless `allow_gap` (the band says it dropped data itself); one
         that overlaps the high-water always raises. An unseen boot ID starts a new sequence.
         """
+        ...
+
+    def prepare(self, item: CommitItem) -> CommitItem:
+        """The item with its database-free work done ahead (checks, encoding): `ValueError` if it is
+        malformed. Safe on any thread, beside the one using the store: the gateway prepares on its
+        compute threads so that its single writer does only what needs the database. `commit_many` of
+        a prepared item does not redo the work; of an unprepared one, it does it itself."""
         ...
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:

@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -263,6 +264,9 @@ class SqliteStore(Store):
             raise result
         return result
 
+    def prepare(self, item: CommitItem) -> CommitItem:
+        return replace(item, prepared=_Prepared(item.records, _prepare(item)))
+
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`, each inside a SAVEPOINT of its
         own, so an item refused by its checks rolls back only itself. Any sqlite error aborts the group:
@@ -271,7 +275,7 @@ class SqliteStore(Store):
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
         for i, item in enumerate(items):
             try:
-                prepared.append((i, item, _prepare(item)))
+                prepared.append((i, item, _rows(item)))
             except ValueError as e:
                 results[i] = e
         if prepared:
@@ -439,6 +443,22 @@ def _errors() -> Iterator[None]:
         raise StoreError(f"sqlite: {e} ({name})") from e
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """`SqliteStore.prepare`'s work: the records of exactly this list, checked and as rows."""
+
+    records: list[dict]
+    rows: list[tuple]
+
+
+def _rows(item: CommitItem) -> list[tuple]:
+    """The item's rows: prepared ahead for this very records list, or checked and encoded now."""
+    p = item.prepared
+    if isinstance(p, _Prepared) and p.records is item.records:
+        return p.rows
+    return _prepare(item)
+
+
 def _prepare(item: CommitItem) -> list[tuple]:
     """The item's checks that need no database, and its records as rows; `ValueError` if malformed."""
     check_batch(item.device_id, item.boot_id, item.first_seq, item.last_seq)
@@ -484,8 +504,11 @@ def _latest_cursor(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _dumps(values: dict) -> str:
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(values)
 
 
 def _record(row: tuple) -> dict:

@@ -33,6 +33,7 @@ from gateway.pipeline import (
 from gateway.server import run_server
 from gateway.simulator.recorder import fleet_batches, recording_frames
 from gateway.store import SequenceError, SqliteStore, StoreUnavailable, open_store
+from gateway.store.base import CommitItem
 from tests.gateway.gatewaykit import (
     Uploader,
     band,
@@ -591,14 +592,14 @@ def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcom
         try:
             lock = sqlite3.connect(path, isolation_level=None)
             lock.execute("BEGIN IMMEDIATE")
-            first = asyncio.ensure_future(writer.commit(a, 1, 0, 0, b"a0", recs(a, 0)))
+            first = asyncio.ensure_future(writer.commit(CommitItem(a, 1, 0, 0, b"a0", recs(a, 0))))
             await asyncio.sleep(0.2)  # the writer now waits for the lock with the first commit alone
             rest = [
-                asyncio.ensure_future(writer.commit(b, 1, 0, 0, b"b0", recs(b, 0))),
-                asyncio.ensure_future(writer.commit(a, 1, 3, 3, b"gap", recs(a, 3))),
-                asyncio.ensure_future(writer.commit(a, 1, 1, 1, b"a1", recs(a, 1))),
-                asyncio.ensure_future(writer.commit(a, 1, 1, 1, b"again", recs(a, 1))),
-                asyncio.ensure_future(writer.commit(c, 1, 0, 0, b"c0", recs(c, 0))),
+                asyncio.ensure_future(writer.commit(CommitItem(b, 1, 0, 0, b"b0", recs(b, 0)))),
+                asyncio.ensure_future(writer.commit(CommitItem(a, 1, 3, 3, b"gap", recs(a, 3)))),
+                asyncio.ensure_future(writer.commit(CommitItem(a, 1, 1, 1, b"a1", recs(a, 1)))),
+                asyncio.ensure_future(writer.commit(CommitItem(a, 1, 1, 1, b"again", recs(a, 1)))),
+                asyncio.ensure_future(writer.commit(CommitItem(c, 1, 0, 0, b"c0", recs(c, 0)))),
             ]
             await asyncio.sleep(0.2)
             assert not first.done() and not any(f.done() for f in rest)  # nothing answered before its commit
@@ -606,8 +607,8 @@ def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcom
             grouped = await asyncio.gather(first, *rest, return_exceptions=True)
             lock.execute("BEGIN IMMEDIATE")  # now past the busy timeout: the whole group fails
             failed = await asyncio.gather(
-                writer.commit(b, 1, 1, 1, b"b1", recs(b, 1)),
-                writer.commit(c, 1, 1, 1, b"c1", recs(c, 1)),
+                writer.commit(CommitItem(b, 1, 1, 1, b"b1", recs(b, 1))),
+                writer.commit(CommitItem(c, 1, 1, 1, b"c1", recs(c, 1))),
                 return_exceptions=True,
             )
             lock.execute("ROLLBACK")

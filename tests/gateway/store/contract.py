@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -315,6 +316,20 @@ class StoreContract:
         ]
         assert store.device(A) == DeviceRow(A, 7, 1, b"a1")
         assert store.commit(B, 1, 5, 5, b"b5", []).high_water == 5  # B's sequence did not move
+
+    def test_prepared_items_commit_as_unprepared_ones_and_cannot_smuggle(self, store: Store) -> None:
+        """`prepare` does the checks ahead (any thread); what it made is used only for its own records."""
+        bad_record = {**rec(C, "steps", T0), "values": {"x": [1, 2]}}
+        with pytest.raises(ValueError):
+            store.prepare(CommitItem(C, 3, 0, 0, b"bad", [bad_record]))
+        good = store.prepare(CommitItem(A, 7, 0, 1, b"a", minutes(A, 0, 2)))
+        # the same preparation with other records swapped in: checked again, and refused
+        smuggled = replace(good, records=[bad_record], device_id=C)
+        results = store.commit_many([good, smuggled, store.prepare(CommitItem(B, 1, 0, 0, b"b", []))])
+        assert [(r.duplicate, r.high_water) for r in (results[0], results[2])] == [(False, 1), (False, 0)]
+        assert isinstance(results[1], ValueError)
+        assert everything(store) == list(zip(results[0].cursors, minutes(A, 0, 2), strict=True))
+        assert store.device(C) is None
 
     def test_items_of_one_device_see_each_other(self, store: Store) -> None:
         results = store.commit_many(
