@@ -319,7 +319,7 @@ class Pipeline:
         self,
         config: GatewayConfig,
         store: Store,
-        rows_store: Store,
+        open_rows: Callable[[], Store],
         consent: ConsentGate,
         metrics: Metrics,
         on_commit: Callable[[], None] = lambda: None,
@@ -329,9 +329,13 @@ class Pipeline:
         self.metrics = metrics
         self.limits = Limits(config)
         self.writer = StoreWriter(store, config, metrics)
-        # Device rows are read on a store object of their own, so a duplicate is answered even while
-        # the writer is busy (WAL: a read sees every commit that returned before it).
-        self.rows = StoreThread(rows_store, "rows")
+        # Each compute thread reads device rows on a store object of its own (`open_rows()`), in the
+        # same job as the batch's compute: one thread hop less per batch, and a duplicate is still
+        # answered while the writer is busy (WAL: a read sees every commit that returned before it).
+        self._open_rows = open_rows
+        self._rows_local = threading.local()
+        self._rows_opened: list[Store] = []
+        self._rows_lock = threading.Lock()
         self.on_commit = on_commit
         self._compute: concurrent.futures.ThreadPoolExecutor | None = None
         self._computing = 0
@@ -340,7 +344,6 @@ class Pipeline:
         if self._compute is not None:
             return
         self.writer.start()
-        self.rows.start()
         self._compute = concurrent.futures.ThreadPoolExecutor(
             self.config.compute_threads, thread_name_prefix="bandgate-compute"
         )
@@ -349,7 +352,10 @@ class Pipeline:
         compute, self._compute = self._compute, None
         if compute is not None:
             compute.shutdown(wait=True)
-        self.rows.shutdown()
+        with self._rows_lock:
+            opened, self._rows_opened = self._rows_opened, []
+        for store in opened:  # their threads have ended with the executor
+            store.close()
         self.writer.shutdown()
 
     async def purge_expired(self, now_us: int) -> int:
@@ -417,26 +423,13 @@ class Pipeline:
             )
         self.limits.admit(device_id)
 
-        # dedup, on the envelope alone: a duplicate is acked again, never decompressed
+        # On a compute thread: dedup on the envelope (a duplicate is acked again, never decompressed),
+        # then decompress, decode, features, consent filter, the store's checks; raw arrays stay there
         allow_gap = bool(batch.flags & batch_pb2.BATCH_FLAG_DATA_DROPPED_BEFORE)
-        row = await self._store_call(self.rows.call, self.rows.store.device, device_id)
-        same_boot = row is not None and row.boot_id == batch.boot_id
-        high_water = row.last_seq if same_boot and row is not None else None
-        try:
-            duplicate = check_sequence(
-                high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
-            )
-        except SequenceError as e:
-            raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
-        if duplicate:
-            assert high_water is not None
-            return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=high_water)
-
-        # decompress, decode, features, consent filter, the store's checks: on the compute threads; raw
-        # arrays stay there
-        computed, item = await self._run_compute(
-            batch, row.state if row is not None else None, allowed, allow_gap
-        )
+        outcome = await self._run_compute(device_id, batch, allowed, allow_gap)
+        if isinstance(outcome, int):
+            return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
+        computed, item = outcome
         self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)
@@ -461,6 +454,32 @@ class Pipeline:
             ack.frame_errors.add(index=index, seq=seq, reason=reason)
         return ack
 
+    def _rows(self) -> Store:
+        """This compute thread's store object for reading device rows (opened on first use)."""
+        store = getattr(self._rows_local, "store", None)
+        if store is None:
+            store = self._open_rows()
+            store.open()
+            with self._rows_lock:
+                self._rows_opened.append(store)
+            self._rows_local.store = store
+        return store
+
+    def _load_and_compute(
+        self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
+    ) -> int | tuple[Computed, CommitItem]:
+        """On a compute thread: the device's row and the sequence check (`SequenceError`), then, unless
+        the batch is a duplicate (its boot's high-water is returned), `_compute_item` from the row's state."""
+        row = self._rows().device(device_id)
+        same_boot = row is not None and row.boot_id == batch.boot_id
+        high_water = row.last_seq if same_boot and row is not None else None
+        if check_sequence(
+            high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
+        ):
+            assert high_water is not None
+            return high_water
+        return self._compute_item(batch, row.state if row is not None else None, allowed, allow_gap)
+
     def _compute_item(
         self, batch: batch_pb2.Batch, state: bytes | None, allowed: frozenset[str], allow_gap: bool
     ) -> tuple[Computed, CommitItem]:
@@ -482,20 +501,23 @@ class Pipeline:
         return computed, item
 
     async def _run_compute(
-        self, batch: batch_pb2.Batch, state: bytes | None, allowed: frozenset[str], allow_gap: bool
-    ) -> tuple[Computed, CommitItem]:
+        self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
+    ) -> int | tuple[Computed, CommitItem]:
         if self._compute is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         try:
-            return await asyncio.wrap_future(
-                self._compute.submit(self._compute_item, batch, state, allowed, allow_gap)
-            )
+            job = self._compute.submit(self._load_and_compute, device_id, batch, allowed, allow_gap)
+            return await asyncio.wrap_future(job)
+        except SequenceError as e:
+            raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         except BatchError as e:
             self.metrics.decode_errors.labels(e.code.value).inc()
             code = RESOURCE_EXHAUSTED if e.code is BatchErrorCode.TOO_LARGE else INVALID_ARGUMENT
             raise Refused(code, str(e)) from None
+        except (StoreError, ValueError) as e:  # reading the row, or a stored state that does not load
+            raise self._store_refusal(e) from None
         finally:
             self._computing -= 1
             self.metrics.compute_queue.set(self._computing)
@@ -504,18 +526,21 @@ class Pipeline:
         """A store call with its failures mapped: unavailable → UNAVAILABLE (nothing stored, not acked)."""
         try:
             return await fn(*args, **kwargs)
-        except StoreUnavailable as e:
-            log.warning(
-                "store unavailable", extra={"fields": {"event": "store_unavailable", "error": str(e)}}
-            )
-            raise Refused(
-                UNAVAILABLE, "storage unavailable: nothing stored", retry_after_ms=self.config.retry_after_ms
-            ) from None
         except SequenceError:
             raise
         except (StoreError, ValueError) as e:
-            log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": str(e)}})
-            raise Refused(INTERNAL, "the store refused the batch") from None
+            raise self._store_refusal(e) from None
+
+    def _store_refusal(self, e: Exception) -> Refused:
+        if isinstance(e, StoreUnavailable):
+            log.warning(
+                "store unavailable", extra={"fields": {"event": "store_unavailable", "error": str(e)}}
+            )
+            return Refused(
+                UNAVAILABLE, "storage unavailable: nothing stored", retry_after_ms=self.config.retry_after_ms
+            )
+        log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": str(e)}})
+        return Refused(INTERNAL, "the store refused the batch")
 
 
 def _ack(

@@ -276,7 +276,7 @@ class Gateway:
         self._pipeline = Pipeline(
             c,
             store_for_url(c.store),
-            store_for_url(c.store),
+            lambda: store_for_url(c.store),
             self.consent,
             self.metrics,
             on_commit=signal_.notify,
