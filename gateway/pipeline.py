@@ -309,7 +309,8 @@ def compute(batch: batch_pb2.Batch, state: bytes | None, max_decompressed_bytes:
 
 
 class Pipeline:
-    """Turns one batch into one Ack. Owns the compute threads, the store writer and a row reader.
+    """Turns one batch into one Ack. Owns the compute threads (each with a store object for reading device
+    rows) and the store writer.
 
     start/shutdown: start opens the store; shutdown (safe without start, and twice) waits for compute
     and commits in flight, then closes the store.
