@@ -323,20 +323,11 @@ def _tree_scores(feats, tree_feature, tree_threshold, tree_value, out):
 
 
 @njit(**config.JIT)
-def _emit(
-    state,
-    feats,
-    tree_feature,
-    tree_threshold,
-    tree_value,
-    log_a,
-    log_pi,
-    emission_scale,
-    out_stage,
-    out_post,
-    n_out,
-):
-    """Push one feature row through the emission model and the HMM forward step; decide what is due."""
+def _emit(state, feats, model, out_stage, out_post, n_out):
+    """Push one feature row through the emission model and the HMM forward step; decide what is due.
+
+    `model` is `SleepParams.model`: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
+    tree_feature, tree_threshold, tree_value, log_a, log_pi, emission_scale = model
     n_states = N_STAGES
     s = int(state[_H_N_FEAT])
     ring_len = SMOOTH_LAG + 1
@@ -423,12 +414,7 @@ def _stage_epochs(
     hr_bpm,
     counts,
     state,
-    tree_feature,
-    tree_threshold,
-    tree_value,
-    log_a,
-    log_pi,
-    emission_scale,
+    model,
     finish,
     out_feat,
     out_stage,
@@ -459,40 +445,16 @@ def _stage_epochs(
             _features_at(state, t, t_new + 1, feats)
             out_feat[n_f, :] = feats
             n_f += 1
-            n_s = _emit(
-                state,
-                feats,
-                tree_feature,
-                tree_threshold,
-                tree_value,
-                log_a,
-                log_pi,
-                emission_scale,
-                out_stage,
-                out_post,
-                n_s,
-            )
+            n_s = _emit(state, feats, model, out_stage, out_post, n_s)
     if finish:
         n_in = int(state[_H_N_IN])
         for t in range(int(state[_H_N_FEAT]), n_in):
             _features_at(state, t, n_in, feats)
             out_feat[n_f, :] = feats
             n_f += 1
-            n_s = _emit(
-                state,
-                feats,
-                tree_feature,
-                tree_threshold,
-                tree_value,
-                log_a,
-                log_pi,
-                emission_scale,
-                out_stage,
-                out_post,
-                n_s,
-            )
+            n_s = _emit(state, feats, model, out_stage, out_post, n_s)
         while state[_H_N_OUT] < state[_H_N_FEAT]:
-            n_s = _decide(state, log_a, out_stage, out_post, n_s)
+            n_s = _decide(state, model[3], out_stage, out_post, n_s)
     return n_f, n_s
 
 
@@ -550,6 +512,18 @@ class SleepParams:
     log_a: np.ndarray  # (N_STAGES, N_STAGES) log transition matrix, rows = from
     log_pi: np.ndarray  # (N_STAGES,) log initial distribution
     emission_scale: float  # < 1 tempers emissions of overlapping feature windows
+
+    @property
+    def model(self) -> tuple:
+        """What the kernel takes: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
+        return (
+            self.tree_feature,
+            self.tree_threshold,
+            self.tree_value,
+            self.log_a,
+            self.log_pi,
+            float(self.emission_scale),
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> SleepParams:
@@ -654,12 +628,7 @@ def stage_epochs(
         hr_bpm,
         counts,
         state.array,
-        p.tree_feature,
-        p.tree_threshold,
-        p.tree_value,
-        p.log_a,
-        p.log_pi,
-        float(p.emission_scale),
+        p.model,
         bool(finish),
         out_feat,
         out_stage,
