@@ -48,17 +48,7 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         return _simulate_target(args, console)
     with _progress("simulating bands", console) as bar:
         task = bar.add_task("bands", total=args.bands)
-        summary = simulate_to_file(
-            args.out,
-            bands=args.bands,
-            minutes=args.minutes,
-            seed=args.seed,
-            scenario=args.scenario,
-            sample_rate_hz=args.band_hz,
-            frame_seconds=args.frame_seconds,
-            batch_minutes=args.batch_minutes,
-            progress=lambda n: bar.advance(task, n),
-        )
+        summary = simulate_to_file(args.out, **_fleet_options(args), progress=lambda n: bar.advance(task, n))
     console.print(
         f"wrote {summary.batches} batches of {summary.bands} bands to {args.out} "
         f"({summary.samples:,} samples, "
@@ -68,6 +58,19 @@ def _cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _fleet_options(args: argparse.Namespace) -> dict:
+    """The simulated fleet `simulate` describes, the same for --out and --target."""
+    return {
+        "bands": args.bands,
+        "minutes": args.minutes,
+        "seed": args.seed,
+        "scenario": args.scenario,
+        "sample_rate_hz": args.band_hz,
+        "frame_seconds": args.frame_seconds,
+        "batch_minutes": args.batch_minutes,
+    }
+
+
 def _simulate_target(args: argparse.Namespace, console: Console) -> int:
     """Bands as gRPC clients, one stream each, paced by `--speedup` (0: as fast as the gateway acks)."""
     import asyncio
@@ -75,18 +78,7 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
     from gateway.simulator.client import run_fleet
     from gateway.simulator.recorder import fleet_batches
 
-    fleet = [
-        (rec.device_id, batches)
-        for rec, batches in fleet_batches(
-            bands=args.bands,
-            minutes=args.minutes,
-            seed=args.seed,
-            scenario=args.scenario,
-            sample_rate_hz=args.band_hz,
-            frame_seconds=args.frame_seconds,
-            batch_minutes=args.batch_minutes,
-        )
-    ]
+    fleet = [(rec.device_id, batches) for rec, batches in fleet_batches(**_fleet_options(args))]
     interval_s = args.batch_minutes * 60 / args.speedup if args.speedup > 0 else 0.0
     with _progress("batches acked", console) as bar:
         task = bar.add_task("acked", total=sum(len(b) for _, b in fleet))
