@@ -289,7 +289,11 @@ def streams_figures(quick: bool, workdir: Path, devices: int = 10_000) -> dict[s
         gw.stop()
     if done["acked"] != done["due"] or done["failures"]:
         raise RuntimeError(f"streams: not every due batch was acked: {done}")
-    return {"streams_rss_mb": peak, "streams_idle_rss_mb": idle_mb, "streams_open_s": opened["open_s"]}
+    return {
+        "streams_rss_mb": peak,
+        "streams_idle_rss_mb": idle_mb,
+        "streams_open_s": opened["open_s"],
+    }
 
 
 def ready_figures(quick: bool, workdir: Path) -> dict[str, float]:
@@ -441,17 +445,37 @@ async def _streams_load(
     for ch in chans:
         await ch.channel_ready()
     started = time.perf_counter()
+    reopened = 0
+
+    async def open_stream(i: int, batch) -> grpc.aio.StreamStreamCall:
+        """One device's stream; one that grpc core cancels before the gateway accepted it is opened
+        again, as a band reconnects (at most 3 tries)."""
+        nonlocal reopened
+        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
+        for attempt in range(3):
+            call = stub.Upload(metadata=device_metadata(batch.device_id))
+            try:
+                await call.wait_for_connection()
+                return call
+            except grpc.aio.AioRpcError as e:
+                if attempt == 2 or e.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                reopened += 1
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     calls = []
     # Ramp up at `ramp_per_s` streams a second: grpc core cancels calls that wait unaccepted past its
     # pending-request limit, which an instant burst of 10,000 streams exceeds (a fleet reconnects over time).
-    for i, batch in enumerate(batches):
-        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
-        calls.append(stub.Upload(metadata=device_metadata(batch.device_id)))
-        if i % 100 == 99:
-            await asyncio.gather(*(c.wait_for_connection() for c in calls[-100:]))
-            await asyncio.sleep(max(0.0, started + (i + 1) / ramp_per_s - time.perf_counter()))
-    await asyncio.gather(*(c.wait_for_connection() for c in calls))
-    print(json.dumps({"event": "open", "open_s": time.perf_counter() - started}), flush=True)
+    for k in range(0, len(batches), 100):
+        calls += await asyncio.gather(
+            *(open_stream(i, b) for i, b in enumerate(batches[k : k + 100], start=k))
+        )
+        await asyncio.sleep(max(0.0, started + (k + 100) / ramp_per_s - time.perf_counter()))
+    print(
+        json.dumps({"event": "open", "open_s": time.perf_counter() - started, "reopened": reopened}),
+        flush=True,
+    )
     rng = random.Random(1)
     acked = 0
     codes: dict[int, int] = defaultdict(int)
