@@ -99,10 +99,9 @@ class Gateway:
         raise TimeoutError(f"serve not SERVING after {timeout_s} s")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        """VmRSS of the serving process plus its compute worker processes: a sum, so the shared
+        libraries they each map count once per process (an upper bound on what the gateway holds)."""
+        return sum(_rss_kb(pid) for pid in (self.proc.pid, *_children(self.proc.pid))) / 1024
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -112,6 +111,29 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except FileNotFoundError:  # a worker that ended since it was listed
+        return 0
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc/*/stat."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _load(args: list[str], *, stdin: int | None = None) -> subprocess.Popen:

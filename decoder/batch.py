@@ -42,6 +42,9 @@ class BatchError(ValueError):
         self.code = code
         self.reason = reason
 
+    def __reduce__(self) -> tuple:  # crosses from a compute worker process intact
+        return type(self), (self.code, self.reason)
+
 
 def compress_batch(
     container: bytes,

@@ -44,7 +44,8 @@ class GatewayConfig:
     commit_queue: int = 64  # commits queued or running on the single writer thread
     overload_wait_ms: int = 250  # wait this long for room in the commit queue, then RESOURCE_EXHAUSTED
     retry_after_ms: int = 1000  # what an overloaded gateway tells the band
-    compute_threads: int = 2  # decode + features workers (Numba releases the GIL)
+    compute_processes: int = 2  # decode + features worker processes; 0 = compute threads in this process
+    compute_threads: int = 2  # decode + features threads when compute_processes = 0
     subscribe_page: int = 500  # records a subscriber reads per store query
 
     # Retention: records whose period started longer ago than this are deleted (0 = keep everything).
@@ -77,6 +78,7 @@ class GatewayConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in (
+            "compute_processes",
             "rate_batches_per_s",
             "rate_samples_per_s",
             "overload_wait_ms",

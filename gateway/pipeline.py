@@ -37,6 +37,7 @@ from gateway.envelope import open_batch
 from gateway.metrics import Metrics
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult, check_sequence
+from gateway.workers import WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
 
@@ -305,15 +306,47 @@ def compute(batch: batch_pb2.Batch, state: bytes | None, max_decompressed_bytes:
     )
 
 
+def load_and_compute(
+    rows: Store,
+    device_id: int,
+    batch: batch_pb2.Batch,
+    allowed: frozenset[str],
+    allow_gap: bool,
+    max_decompressed_bytes: int,
+) -> int | tuple[Computed, CommitItem]:
+    """A batch's whole compute job, in a worker process or a compute thread: the device's row (read on
+    `rows`, the caller's own store connection) and the sequence check (`SequenceError`); then, unless the
+    batch is a duplicate (its boot's high-water is returned), `compute` from the row's state, the
+    consent filter, and the store's database-free checks and encoding (`Store.prepare`), so that the
+    single writer does only what needs the database."""
+    row = rows.device(device_id)
+    same_boot = row is not None and row.boot_id == batch.boot_id
+    high_water = row.last_seq if same_boot and row is not None else None
+    if check_sequence(
+        high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
+    ):
+        assert high_water is not None
+        return high_water
+    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes)
+    records = [r for r in computed.records if r["family"] in allowed]
+    item = CommitItem(
+        batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, computed.state, records, allow_gap
+    )
+    with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
+        item = rows.prepare(item)
+    return computed, item
+
+
 # the pipeline
 
 
 class Pipeline:
-    """Turns one batch into one Ack. Owns the compute threads (each with a store object for reading device
-    rows) and the store writer.
+    """Turns one batch into one Ack. Owns the compute workers (`config.compute_processes` worker
+    processes, or with 0 that many compute threads in this process, each with a store object for reading
+    device rows) and the store writer.
 
-    start/shutdown: start opens the store; shutdown (safe without start, and twice) waits for compute
-    and commits in flight, then closes the store.
+    start/shutdown: start opens the store, then starts the workers; shutdown (safe without start, and
+    twice) waits for compute and commits in flight, then stops the workers and closes the store.
     """
 
     def __init__(
@@ -339,17 +372,30 @@ class Pipeline:
         self._rows_lock = threading.Lock()
         self.on_commit = on_commit
         self._compute: concurrent.futures.ThreadPoolExecutor | None = None
+        self.workers: WorkerPool | None = None
         self._computing = 0
 
-    def start(self) -> None:
-        if self._compute is not None:
+    async def start(self) -> None:
+        if self._compute is not None or self.workers is not None:
             return
-        self.writer.start()
-        self._compute = concurrent.futures.ThreadPoolExecutor(
-            self.config.compute_threads, thread_name_prefix="bandgate-compute"
-        )
+        await asyncio.to_thread(self.writer.start)  # opens (and migrates) the store before any reader
+        c = self.config
+        if c.compute_processes:
+            workers = WorkerPool(c.compute_processes, c.store, c.max_decompressed_bytes)
+            await workers.start()
+            self.workers = workers
+        else:
+            self._compute = concurrent.futures.ThreadPoolExecutor(
+                c.compute_threads, thread_name_prefix="bandgate-compute"
+            )
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            await workers.shutdown(self.config.shutdown_grace_s)
+        await asyncio.to_thread(self._shutdown_threads)
+
+    def _shutdown_threads(self) -> None:
         compute, self._compute = self._compute, None
         if compute is not None:
             compute.shutdown(wait=True)
@@ -466,51 +512,35 @@ class Pipeline:
             self._rows_local.store = store
         return store
 
-    def _load_and_compute(
+    def _in_thread(
         self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
     ) -> int | tuple[Computed, CommitItem]:
-        """On a compute thread: the device's row and the sequence check (`SequenceError`), then, unless
-        the batch is a duplicate (its boot's high-water is returned), `_compute_item` from the row's state."""
-        row = self._rows().device(device_id)
-        same_boot = row is not None and row.boot_id == batch.boot_id
-        high_water = row.last_seq if same_boot and row is not None else None
-        if check_sequence(
-            high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
-        ):
-            assert high_water is not None
-            return high_water
-        return self._compute_item(batch, row.state if row is not None else None, allowed, allow_gap)
-
-    def _compute_item(
-        self, batch: batch_pb2.Batch, state: bytes | None, allowed: frozenset[str], allow_gap: bool
-    ) -> tuple[Computed, CommitItem]:
-        """On a compute thread: `compute`, the consent filter, and the store's database-free checks and
-        encoding, so that the single writer does only what needs the database."""
-        computed = compute(batch, state, self.config.max_decompressed_bytes)
-        records = [r for r in computed.records if r["family"] in allowed]
-        item = CommitItem(
-            batch.device_id,
-            batch.boot_id,
-            batch.first_seq,
-            batch.last_seq,
-            computed.state,
-            records,
-            allow_gap,
+        return load_and_compute(
+            self._rows(), device_id, batch, allowed, allow_gap, self.config.max_decompressed_bytes
         )
-        with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
-            item = self.writer.store.prepare(item)
-        return computed, item
 
     async def _run_compute(
         self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
     ) -> int | tuple[Computed, CommitItem]:
-        if self._compute is None:
+        workers, threads = self.workers, self._compute
+        if workers is None and threads is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         try:
-            job = self._compute.submit(self._load_and_compute, device_id, batch, allowed, allow_gap)
-            return await asyncio.wrap_future(job)
+            if workers is not None:
+                return await workers.run(device_id, batch.SerializeToString(), allowed, allow_gap)
+            assert threads is not None
+            return await asyncio.wrap_future(
+                threads.submit(self._in_thread, device_id, batch, allowed, allow_gap)
+            )
+        except WorkerLost as e:
+            log.warning("compute worker lost", extra={"fields": {"event": "worker_lost", "error": str(e)}})
+            raise Refused(
+                UNAVAILABLE,
+                "a compute worker stopped: nothing stored",
+                retry_after_ms=self.config.retry_after_ms,
+            ) from None
         except SequenceError as e:
             raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         except BatchError as e:

@@ -281,7 +281,7 @@ class Gateway:
             self.metrics,
             on_commit=signal_.notify,
         )
-        await asyncio.to_thread(self._pipeline.start)  # opens (and migrates) the store before we listen
+        await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
         self._reader = StoreThread(store_for_url(c.store), "reader")
         await asyncio.to_thread(self._reader.start)
         if c.retention_days > 0:
@@ -337,7 +337,7 @@ class Gateway:
             await server.stop(self.config.shutdown_grace_s)
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
-            await asyncio.to_thread(pipeline.shutdown)
+            await pipeline.shutdown()
         reader, self._reader = self._reader, None
         if reader is not None:
             await asyncio.to_thread(reader.shutdown)

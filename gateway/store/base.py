@@ -50,6 +50,9 @@ class SequenceError(StoreError):
             f"expected sequence {expected_seq}"
         )
 
+    def __reduce__(self) -> tuple:  # crosses from a compute worker process intact
+        return type(self), (self.device_id, self.boot_id, self.first_seq, self.last_seq, self.expected_seq)
+
 
 @dataclass(frozen=True)
 class DeviceRow:

@@ -148,6 +148,13 @@ class ServeProcess:
             time.sleep(0.05)
         raise AssertionError(f"serve did not log {event!r}: {self.lines}")
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The compute worker processes it logged as started."""
+        return [
+            int(m.group(1)) for line in self.lines if (m := re.search(r'"worker_started".*"pid":(\d+)', line))
+        ]
+
     def terminate(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
@@ -155,3 +162,21 @@ class ServeProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a container's PID 1 may never reap one)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

@@ -16,7 +16,17 @@ from gateway.pipeline import OK
 from gateway.simulator.client import run_fleet
 from gateway.simulator.recorder import fleet_batches
 from gateway.store import open_store
-from tests.gateway.gatewaykit import REPO, ServeProcess, Uploader, band, processed, same_records, stored
+from tests.gateway.gatewaykit import (
+    REPO,
+    ServeProcess,
+    Uploader,
+    band,
+    processed,
+    running,
+    same_records,
+    stored,
+    wait_until,
+)
 
 
 def test_sigterm_drains_acks_what_is_stored_and_exits_0(tmp_path):
@@ -39,6 +49,8 @@ def test_sigterm_drains_acks_what_is_stored_and_exits_0(tmp_path):
 
     acks, code, details = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert server.proc.wait(timeout=20) == 0
+    workers = server.worker_pids
+    assert len(workers) == 2 and not any(map(running, workers))  # the compute workers went with it
     assert 5 <= len(acks) < len(batches)
     assert all(a.code == OK for a in acks)
     # The server ends the stream with UNAVAILABLE; about one run in six the client sees core's INTERNAL
@@ -83,6 +95,9 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
         while acked < 30:
             await asyncio.sleep(0.01)
         server.kill()
+        # Its compute workers see their sockets close and exit: no orphan keeps computing.
+        orphans = server.worker_pids
+        assert orphans and await asyncio.to_thread(wait_until, lambda: not any(map(running, orphans)))
         server = ServeProcess(tmp_path, db, listen=address)
         return await bands
 

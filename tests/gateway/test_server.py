@@ -423,9 +423,10 @@ def test_health_serving_and_reflection(tmp_path):
     assert "bandgate.v1.IngestService" in services and "bandgate.v1.FeatureService" in services
 
 
-def test_no_sample_values_in_any_sink(tmp_path):
+def test_no_sample_values_in_any_sink(tmp_path, capfd):
     """A sentinel accelerometer pattern goes through good, corrupt and undecodable batches: neither the
-    logs, acks, metrics, store files, stored records nor the feature stream may contain it."""
+    logs (the compute workers' stderr included), acks, metrics, store files, stored records nor the
+    feature stream may contain it."""
     cfg = config(tmp_path)
     device = 0x00000000CAFEF00D
     sentinel = -1717  # a distinctive 12-bit count
@@ -468,6 +469,7 @@ def test_no_sample_values_in_any_sink(tmp_path):
     # ...and no log line, ack, metric, stored record or streamed record shows the values.
     text = "\n".join(captured) + "\n".join(str(a) for a in acks) + metrics_text
     text += "\n".join(str(r) for r in stream) + "\n".join(map(str, stored(cfg.store)))
+    text += "".join(capfd.readouterr())  # what any process wrote to stdout or stderr
     for needle in (
         str(sentinel),
         "1717",

@@ -1,0 +1,299 @@
+"""Compute in worker processes: decompress, decode and features, each process with its own GIL.
+
+Why processes: the kernels release the GIL, but the Python around them (state, records, the store's
+encoding) does not, and with compute threads the serving process spent its time handing the GIL between
+the event loop, the compute threads and the writer (measured: 1.1 of 2 cores used, a quarter of the CPU
+in futex calls). A worker process does a batch's whole compute job (`pipeline.load_and_compute`: read
+the device row on its own store connection, check the sequence, compute, apply consent, encode) and
+sends back what the store writer commits. Raw samples exist only inside a worker.
+
+The wire between the event loop and a worker is a socketpair carrying length-prefixed pickles, read by
+the loop itself (asyncio streams): no helper threads in the serving process. A worker ignores SIGINT and
+SIGTERM (the serving process drains, then closes the socket) and exits when its socket closes, so it
+also ends when the serving process is killed. A worker that dies fails its jobs with `WorkerLost`
+(UNAVAILABLE: the bands resend; nothing was stored for them) and is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("bandgate.workers")
+
+_HEADER = struct.Struct("!I")
+READY_TIMEOUT_S = 60.0  # a worker's start: imports and its store connection (kernels load after)
+RESTART_DELAY_S = 1.0  # after a worker died: bounds a crash loop to one start a second
+
+
+class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
+    """The worker process running a job ended before answering (killed, or crashed)."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    proc: subprocess.Popen
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    listener: asyncio.Task | None = None
+
+
+class WorkerPool:
+    """`processes` worker processes running `pipeline.load_and_compute` for the event loop.
+
+    start/shutdown: start launches the workers and waits until each has imported the feature path and
+    opened its store connection; shutdown closes their sockets (a worker finishes the job it is on) and
+    waits for them to exit, killing one that does not within `grace_s`. Both are safe to repeat.
+    """
+
+    def __init__(self, processes: int, store_url: str, max_decompressed_bytes: int):
+        self.processes = processes
+        self.store_url = store_url
+        self.max_decompressed_bytes = max_decompressed_bytes
+        self._workers: list[_Worker | None] = [None] * processes
+        self._ids = itertools.count()
+        self._next = 0
+        self._closing = False
+        self._restarts: set[asyncio.Task] = set()
+
+    @property
+    def pids(self) -> list[int]:
+        """The live workers' process IDs (for RSS accounting and tests)."""
+        return [w.proc.pid for w in self._workers if w is not None and w.proc.returncode is None]
+
+    async def start(self) -> None:
+        if any(self._workers):
+            return
+        self._closing = False
+        started = await asyncio.gather(
+            *(self._launch(i) for i in range(self.processes)), return_exceptions=True
+        )
+        failed = [e for e in started if isinstance(e, BaseException)]
+        for i, w in enumerate(started):
+            if not isinstance(w, BaseException):
+                self._workers[i] = w
+        if failed:
+            await self.shutdown()
+            raise failed[0]
+
+    async def run(self, *args: Any) -> Any:
+        """`load_and_compute(rows, *args, max_decompressed_bytes)` in a worker: its result, or the
+        exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`."""
+        worker = self._pick()
+        job = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        worker.pending[job] = future
+        try:
+            payload = pickle.dumps((job, args), protocol=pickle.HIGHEST_PROTOCOL)
+            worker.writer.write(_HEADER.pack(len(payload)) + payload)
+            await worker.writer.drain()  # flow control: a busy worker's socket buffer stays bounded
+        except (ConnectionError, RuntimeError) as e:
+            worker.pending.pop(job, None)
+            raise WorkerLost(f"compute worker {worker.index} is gone") from e
+        ok, value = await future
+        if ok:
+            return value
+        raise value
+
+    def _pick(self) -> _Worker:
+        """The live worker with the fewest jobs in flight; ties go round-robin."""
+        live = [
+            w for w in self._workers if w is not None and w.listener is not None and not w.listener.done()
+        ]
+        if not live:
+            raise WorkerLost("no compute worker is running")
+        self._next += 1
+        n = len(live)
+        return min((live[(self._next + k) % n] for k in range(n)), key=lambda w: len(w.pending))
+
+    async def _launch(self, index: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.workers",
+                    str(theirs.fileno()),
+                    self.store_url,
+                    str(self.max_decompressed_bytes),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=False,
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        worker = _Worker(index, proc, reader, writer)
+        try:
+            ok, value = await asyncio.wait_for(_read(reader), READY_TIMEOUT_S)
+            if not ok:
+                raise value
+        except BaseException as e:
+            writer.close()
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            if isinstance(e, (asyncio.IncompleteReadError, TimeoutError)):
+                raise RuntimeError(
+                    f"compute worker {index} did not start (exit code {proc.returncode}); see its log"
+                ) from None
+            raise
+        worker.listener = asyncio.ensure_future(self._listen(worker))
+        log.info(
+            "compute worker started",
+            extra={"fields": {"event": "worker_started", "worker": index, "pid": proc.pid}},
+        )
+        return worker
+
+    async def _listen(self, worker: _Worker) -> None:
+        """Answers from `worker` to their jobs' futures, until its socket closes."""
+        try:
+            while True:
+                job, ok, value = await _read(worker.reader)
+                future = worker.pending.pop(job, None)
+                if future is not None and not future.done():
+                    future.set_result((ok, value))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            lost = WorkerLost(f"compute worker {worker.index} ended before answering")
+            for future in worker.pending.values():
+                if not future.done():
+                    future.set_result((False, lost))
+            worker.pending.clear()
+            if not self._closing:
+                code = await asyncio.to_thread(worker.proc.wait)
+                log.error(
+                    "compute worker ended",
+                    extra={"fields": {"event": "worker_lost", "worker": worker.index, "exit_code": code}},
+                )
+                task = asyncio.ensure_future(self._restart(worker.index))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, index: int) -> None:
+        while not self._closing:
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self._closing:
+                return
+            try:
+                worker = await self._launch(index)
+            except Exception as e:
+                log.error(
+                    "compute worker restart failed",
+                    extra={"fields": {"event": "worker_restart_failed", "worker": index, "error": str(e)}},
+                )
+                continue
+            if self._closing:
+                worker.writer.close()
+                await asyncio.to_thread(worker.proc.wait)
+                return
+            self._workers[index] = worker
+            return
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        workers, self._workers = self._workers, [None] * self.processes
+        for w in workers:
+            if w is not None:
+                w.writer.close()
+        for w in workers:
+            if w is None:
+                continue
+            try:
+                await asyncio.wait_for(asyncio.to_thread(w.proc.wait), grace_s)
+            except TimeoutError:
+                w.proc.kill()
+                await asyncio.to_thread(w.proc.wait)
+            if w.listener is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w.listener
+
+
+async def _read(reader: asyncio.StreamReader) -> Any:
+    (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    return pickle.loads(await reader.readexactly(n))
+
+
+# --- the worker process ------------------------------------------------------------------------------
+
+
+def _portable(e: BaseException) -> BaseException:
+    """`e` if it survives pickling, else a RuntimeError naming its type (never its message: it could
+    quote data)."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"compute failed: {type(e).__name__}")
+
+
+def _send(sock: socket.socket, message: Any) -> None:
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEADER.pack(len(payload)) + payload)
+
+
+def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
+    """The worker's loop: one job at a time until the socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process drains first, then closes us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    try:
+        from gateway.logs import configure_logging
+
+        configure_logging(logging.WARNING)  # the serving process's format, on the stderr it shares
+        from bandgate.v1 import batch_pb2
+        from gateway.pipeline import load_and_compute
+        from gateway.store import store_for_url
+        from gateway.warm import warm
+
+        rows = store_for_url(store_url)
+        rows.open()
+    except Exception as e:
+        _send(sock, (False, _portable(e)))
+        return 1
+    _send(sock, (True, os.getpid()))
+    warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
+    stream = sock.makefile("rb")
+    try:
+        while True:
+            header = stream.read(_HEADER.size)
+            if len(header) < _HEADER.size:
+                return 0
+            (n,) = _HEADER.unpack(header)
+            job, (device_id, batch_bytes, allowed, allow_gap) = pickle.loads(stream.read(n))
+            try:
+                batch = batch_pb2.Batch.FromString(batch_bytes)
+                result = (
+                    job,
+                    True,
+                    load_and_compute(rows, device_id, batch, allowed, allow_gap, max_decompressed_bytes),
+                )
+            except Exception as e:
+                result = (job, False, _portable(e))
+            try:
+                _send(sock, result)
+            except OSError:
+                return 0
+    finally:
+        rows.close()
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,75 @@
+"""Compute worker processes: a worker that dies costs its batches an UNAVAILABLE and nothing else (it is
+replaced, the stream goes on, the resent batches are stored once), and the in-process compute threads
+(`compute_processes = 0`) store exactly what the workers do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import grpc
+import pytest
+
+from gateway.pipeline import OK, UNAVAILABLE
+from gateway.server import run_server
+from tests.gateway.gatewaykit import Uploader, band, config, processed, running, same_records, stored
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_killed_workers_answer_unavailable_are_replaced_and_nothing_is_lost(tmp_path):
+    cfg = config(tmp_path, retry_after_ms=50)
+    device, batches = band(seed=5, minutes=40, batch_minutes=2)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            pool = gw._pipeline.workers
+            first = pool.pids
+            assert len(first) == 2
+            up = Uploader(ch, device)
+            acks = [await up.send(b) for b in batches[:5]]
+            for pid in first:
+                os.kill(pid, signal.SIGKILL)
+            while pool.pids:  # until the gateway has seen both go
+                await asyncio.sleep(0.01)
+            refused = []
+            for b in batches[5:]:
+                while (ack := await up.send(b)).code == UNAVAILABLE:  # a band resends after the hint
+                    refused.append(ack)
+                    await asyncio.sleep(ack.retry_after_ms / 1000)
+                acks.append(ack)
+            assert await up.close() == grpc.StatusCode.OK  # the same stream carried on throughout
+            return first, pool.pids, acks, refused
+
+    first, replaced, acks, refused = run(scenario())
+    assert refused and all("compute worker" in a.reason for a in refused)
+    assert all(a.retry_after_ms > 0 for a in refused)
+    assert len(replaced) == 2 and not set(replaced) & set(first)
+    assert not any(map(running, first))
+    assert [a.code for a in acks] == [OK] * len(batches)
+    assert same_records(stored(cfg.store), processed(batches))
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_compute_threads_and_one_worker_store_what_replay_computes(tmp_path, processes):
+    cfg = config(tmp_path, compute_processes=processes)
+    bands = [band(seed=s, minutes=30, batch_minutes=3) for s in (31, 32, 33)]
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            assert len(gw._pipeline.workers.pids if gw._pipeline.workers else []) == processes
+
+            async def send(device, batches):
+                up = Uploader(ch, device)
+                acks = [await up.send(b) for b in batches]
+                await up.close()
+                return acks
+
+            return await asyncio.gather(*(send(d, bs) for d, bs in bands))
+
+    acks = run(scenario())
+    assert all(a.code == OK for per_band in acks for a in per_band)
+    assert same_records(stored(cfg.store), processed(b for _, bs in bands for b in bs))
