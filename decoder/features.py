@@ -15,6 +15,7 @@ the state being serialised and restored between them.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -111,6 +112,34 @@ class DeviceState:
             )
         except (zstandard.ZstdError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise ValueError(f"not a device state: {type(e).__name__}") from None
+
+
+class StateCache:
+    """The last states this compute worker made, by device, each beside the exact bytes it was stored as.
+
+    A band that syncs its buffer sends batch after batch; loading its state from the stored bytes
+    (decompress, unpack, check) cost about as much as its kernels on a one-minute batch. `load` returns
+    the kept object only when the stored bytes are byte-for-byte the ones it was kept with, so anything
+    else written meanwhile (a commit that failed, another worker's batch, an erase) is loaded from the
+    bytes. Safe because `process` never modifies the state it is given. Not thread-safe: one per worker.
+    """
+
+    def __init__(self, capacity: int = 256):  # ~60 KB a band with heart rate: ~16 MB when full
+        self.capacity = capacity
+        self._kept: OrderedDict[int, tuple[bytes, DeviceState]] = OrderedDict()
+
+    def load(self, device_id: int, data: bytes) -> DeviceState:
+        kept = self._kept.get(device_id)
+        if kept is not None and kept[0] == data:
+            self._kept.move_to_end(device_id)
+            return kept[1]
+        return DeviceState.from_bytes(data)
+
+    def keep(self, device_id: int, data: bytes, state: DeviceState) -> None:
+        self._kept[device_id] = (data, state)
+        self._kept.move_to_end(device_id)
+        while len(self._kept) > self.capacity:
+            self._kept.popitem(last=False)
 
 
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -29,7 +29,7 @@ import zstandard
 
 from bandgate.v1 import batch_pb2, ingest_pb2
 from decoder.batch import BatchDecompressor, BatchError, BatchErrorCode
-from decoder.features import DeviceState, device_key, process
+from decoder.features import DeviceState, StateCache, device_key, process
 from decoder.frames import FrameStatus
 from gateway.config import GatewayConfig
 from gateway.consent import ConsentGate
@@ -285,8 +285,14 @@ def _decompressor(max_bytes: int) -> BatchDecompressor:
     return d
 
 
-def compute(batch: batch_pb2.Batch, state: bytes | None, max_decompressed_bytes: int) -> Computed:
-    """Decompress (bounded), decode, check frames against the envelope, run the feature path."""
+def compute(
+    batch: batch_pb2.Batch,
+    state: bytes | None,
+    max_decompressed_bytes: int,
+    cache: StateCache | None = None,
+) -> Computed:
+    """Decompress (bounded), decode, check frames against the envelope, run the feature path (the
+    previous state through `cache` when given: a worker's own, see `StateCache`)."""
     opened = open_batch(batch, _decompressor(max_decompressed_bytes))
     decoded = opened.decoded
     if opened.frame_errors:
@@ -295,11 +301,19 @@ def compute(batch: batch_pb2.Batch, state: bytes | None, max_decompressed_bytes:
         status = decoded.status.copy()
         status[bad[status[bad] == FrameStatus.OK]] = FrameStatus.MALFORMED
         decoded = replace(decoded, status=status)
-    previous = DeviceState.from_bytes(state) if state else DeviceState(batch.device_id)
+    if not state:
+        previous = DeviceState(batch.device_id)
+    elif cache is not None:
+        previous = cache.load(batch.device_id, state)
+    else:
+        previous = DeviceState.from_bytes(state)
     records, new_state = process(decoded, previous)
+    new_bytes = new_state.to_bytes()
+    if cache is not None:
+        cache.keep(batch.device_id, new_bytes, new_state)
     return Computed(
         records=records,
-        state=new_state.to_bytes(),
+        state=new_bytes,
         frame_errors=[(i, batch.first_seq + i, reason) for i, reason in opened.frame_errors],
         n_samples=decoded.n_samples,
         bytes_out=int(zstandard.get_frame_parameters(batch.payload).content_size),  # checked by open_batch
@@ -313,6 +327,7 @@ def load_and_compute(
     allowed: frozenset[str],
     allow_gap: bool,
     max_decompressed_bytes: int,
+    cache: StateCache | None = None,
 ) -> int | tuple[Computed, CommitItem]:
     """A batch's whole compute job, in a worker process or a compute thread: the device's row (read on
     `rows`, the caller's own store connection) and the sequence check (`SequenceError`); then, unless the
@@ -327,7 +342,7 @@ def load_and_compute(
     ):
         assert high_water is not None
         return high_water
-    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes)
+    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes, cache)
     records = [r for r in computed.records if r["family"] in allowed]
     item = CommitItem(
         batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, computed.state, records, allow_gap
@@ -515,8 +530,11 @@ class Pipeline:
     def _in_thread(
         self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
     ) -> int | tuple[Computed, CommitItem]:
+        cache = getattr(self._rows_local, "cache", None)
+        if cache is None:
+            cache = self._rows_local.cache = StateCache()
         return load_and_compute(
-            self._rows(), device_id, batch, allowed, allow_gap, self.config.max_decompressed_bytes
+            self._rows(), device_id, batch, allowed, allow_gap, self.config.max_decompressed_bytes, cache
         )
 
     async def _run_compute(

@@ -35,6 +35,7 @@ log = logging.getLogger("bandgate.workers")
 _HEADER = struct.Struct("!I")
 READY_TIMEOUT_S = 60.0  # a worker's start: imports and its store connection (kernels load after)
 RESTART_DELAY_S = 1.0  # after a worker died: bounds a crash loop to one start a second
+SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
 
 
 class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
@@ -89,15 +90,15 @@ class WorkerPool:
             await self.shutdown()
             raise failed[0]
 
-    async def run(self, *args: Any) -> Any:
-        """`load_and_compute(rows, *args, max_decompressed_bytes)` in a worker: its result, or the
+    async def run(self, device_id: int, *args: Any) -> Any:
+        """`load_and_compute(rows, device_id, *args, max_decompressed_bytes)` in a worker: its result, or the
         exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`."""
-        worker = self._pick()
+        worker = self._pick(device_id)
         job = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.pending[job] = future
         try:
-            payload = pickle.dumps((job, args), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps((job, (device_id, *args)), protocol=pickle.HIGHEST_PROTOCOL)
             worker.writer.write(_HEADER.pack(len(payload)) + payload)
             await worker.writer.drain()  # flow control: a busy worker's socket buffer stays bounded
         except (ConnectionError, RuntimeError) as e:
@@ -108,16 +109,19 @@ class WorkerPool:
             return value
         raise value
 
-    def _pick(self) -> _Worker:
-        """The live worker with the fewest jobs in flight; ties go round-robin."""
+    def _pick(self, device_id: int) -> _Worker:
+        """The device's own worker (its state is likely in that worker's `StateCache`), unless that one
+        has `SPILL` more jobs waiting than the least busy live worker, or is down."""
         live = [
             w for w in self._workers if w is not None and w.listener is not None and not w.listener.done()
         ]
         if not live:
             raise WorkerLost("no compute worker is running")
-        self._next += 1
-        n = len(live)
-        return min((live[(self._next + k) % n] for k in range(n)), key=lambda w: len(w.pending))
+        least = min(live, key=lambda w: len(w.pending))
+        own = self._workers[_mix(device_id) % self.processes]
+        if own in live and len(own.pending) - len(least.pending) <= SPILL:  # type: ignore[union-attr]
+            return own  # type: ignore[return-value]
+        return least
 
     async def _launch(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
@@ -226,6 +230,14 @@ class WorkerPool:
                     await w.listener
 
 
+def _mix(device_id: int) -> int:
+    """A device ID's bits mixed (splitmix64's finaliser): IDs that differ in a few bits still spread."""
+    z = device_id & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFF_FFFF_FFFF_FFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFF_FFFF_FFFF_FFFF
+    return z ^ (z >> 31)
+
+
 async def _read(reader: asyncio.StreamReader) -> Any:
     (n,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     return pickle.loads(await reader.readexactly(n))
@@ -259,6 +271,7 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
 
         configure_logging(logging.WARNING)  # the serving process's format, on the stderr it shares
         from bandgate.v1 import batch_pb2
+        from decoder.features import StateCache
         from gateway.pipeline import load_and_compute
         from gateway.store import store_for_url
         from gateway.warm import warm
@@ -269,6 +282,7 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         _send(sock, (False, _portable(e)))
         return 1
     _send(sock, (True, os.getpid()))
+    cache = StateCache()
     warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
     stream = sock.makefile("rb")
     try:
@@ -283,7 +297,9 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
                 result = (
                     job,
                     True,
-                    load_and_compute(rows, device_id, batch, allowed, allow_gap, max_decompressed_bytes),
+                    load_and_compute(
+                        rows, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache
+                    ),
                 )
             except Exception as e:
                 result = (job, False, _portable(e))

@@ -12,7 +12,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decoder.features import FAMILIES, DeviceState, device_key, finish, process
+from decoder.features import FAMILIES, DeviceState, StateCache, device_key, finish, process
 from decoder.frames import Frame, decode_frames, encode_container, encode_frame
 from gateway.simulator import simulate_band
 
@@ -191,3 +191,30 @@ def test_night_is_staged_and_split_invariant() -> None:
     assert len(sleep_records) > 300 and {r["values"]["stage"] for r in sleep_records} - {"wake"}
     nights = [r for r in one if r["family"] == "night"]
     assert len(nights) == 1 and 0 < nights[0]["values"]["total_sleep_min"] <= 180
+
+
+def test_state_cache_returns_its_object_only_for_the_exact_bytes_it_kept() -> None:
+    """A worker's cache stands in for `from_bytes` only when the stored bytes are the kept ones; other
+    bytes (a commit that failed, another worker's state) are loaded, and the oldest device goes first."""
+    rec = _band()
+    frames = _frames(rec, [120 * rec.sample_rate_hz, 240 * rec.sample_rate_hz])
+    decoded = [decode_frames(encode_container([encode_frame(f)])) for f in frames]
+    _, s1 = process(decoded[0], DeviceState(rec.device_id))
+    _, s2 = process(decoded[1], s1)
+    b1, b2 = s1.to_bytes(), s2.to_bytes()
+    cache = StateCache(capacity=2)
+    cache.keep(rec.device_id, b2, s2)
+    assert cache.load(rec.device_id, bytes(b2)) is s2  # equal bytes, another object: a hit
+    older = cache.load(rec.device_id, b1)  # the store holds another state: loaded from its bytes
+    assert older is not s1 and older.to_bytes() == b1
+    with pytest.raises(ValueError):
+        cache.load(rec.device_id, b2[:-1])
+    # the records from a kept state equal those from its bytes
+    assert (
+        process(decoded[2], cache.load(rec.device_id, b2))[0]
+        == process(decoded[2], DeviceState.from_bytes(b2))[0]
+    )
+    cache.keep(2, b1, s1)
+    cache.keep(3, b1, s1)  # capacity 2: the device kept first is dropped
+    assert cache.load(rec.device_id, b2) is not s2
+    assert cache.load(3, b1) is s1
