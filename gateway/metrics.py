@@ -32,6 +32,14 @@ class Metrics:
         self.compute_queue = Gauge("bandgate_compute_queue_depth", "Batches decoding or waiting", registry=r)
         self.devices = Gauge("bandgate_devices_connected", "Devices with an open upload stream", registry=r)
         self.subscribers = Gauge("bandgate_subscribers", "Open Subscribe streams", registry=r)
+        self.compute_workers = Gauge(
+            "bandgate_compute_workers", "Compute worker processes running", registry=r
+        )
+        self.worker_restarts = Counter(
+            "bandgate_compute_worker_restarts",
+            "Compute worker processes that ended unexpectedly (each is started again)",
+            registry=r,
+        )
         self._http = None
 
     def start(self, listen: str) -> None:

@@ -1,7 +1,8 @@
 """The path a batch takes, top to bottom (`Pipeline.handle`):
 
-receive → authenticate → consent gate → limits → dedup → decompress, decode, features (compute threads;
-raw arrays end there) → consent filter → commit (the one writer thread) → ack
+receive → authenticate → consent gate → limits → dedup → decompress, decode, features (a compute worker
+process, `gateway/workers.py`, or a compute thread; raw arrays end there) → consent filter → commit (the
+one writer thread) → ack
 
 Every batch gets exactly one Ack. A batch is acked OK only after the `Store.commit_many` that holds it
 returned (group commit: one transaction for the commits waiting together): its records, the device's
@@ -209,7 +210,10 @@ class StoreWriter(StoreThread):
         if room is None:
             raise StoreUnavailable("the store writer is not running")
         try:
-            await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
+            if room.locked():  # wait_for costs a task: only when there is something to wait for
+                await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
+            else:
+                await room.acquire()
         except TimeoutError:
             raise Refused(
                 RESOURCE_EXHAUSTED,
@@ -265,7 +269,7 @@ class StoreWriter(StoreThread):
 
 @dataclass(frozen=True)
 class Computed:
-    """What leaves the compute threads: records and state bytes; raw arrays never do."""
+    """What leaves a compute worker (process or thread): records and state bytes; raw arrays never do."""
 
     records: list[dict]
     state: bytes
@@ -396,13 +400,20 @@ class Pipeline:
         await asyncio.to_thread(self.writer.start)  # opens (and migrates) the store before any reader
         c = self.config
         if c.compute_processes:
-            workers = WorkerPool(c.compute_processes, c.store, c.max_decompressed_bytes)
+            workers = WorkerPool(
+                c.compute_processes, c.store, c.max_decompressed_bytes, self._workers_changed
+            )
             await workers.start()
             self.workers = workers
         else:
             self._compute = concurrent.futures.ThreadPoolExecutor(
                 c.compute_threads, thread_name_prefix="bandgate-compute"
             )
+
+    def _workers_changed(self, running: int, lost: bool) -> None:
+        self.metrics.compute_workers.set(running)
+        if lost:
+            self.metrics.worker_restarts.inc()
 
     async def shutdown(self) -> None:
         workers, self.workers = self.workers, None
@@ -485,7 +496,7 @@ class Pipeline:
             )
         self.limits.admit(device_id)
 
-        # On a compute thread: dedup on the envelope (a duplicate is acked again, never decompressed),
+        # In a compute worker: dedup on the envelope (a duplicate is acked again, never decompressed),
         # then decompress, decode, features, consent filter, the store's checks; raw arrays stay there
         allow_gap = bool(batch.flags & batch_pb2.BATCH_FLAG_DATA_DROPPED_BEFORE)
         outcome = await self._run_compute(device_id, batch, allowed, allow_gap)

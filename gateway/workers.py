@@ -27,6 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,15 @@ class WorkerPool:
     waits for them to exit, killing one that does not within `grace_s`. Both are safe to repeat.
     """
 
-    def __init__(self, processes: int, store_url: str, max_decompressed_bytes: int):
+    def __init__(
+        self,
+        processes: int,
+        store_url: str,
+        max_decompressed_bytes: int,
+        on_change: Callable[[int, bool], None] = lambda live, lost: None,
+    ):
         self.processes = processes
+        self.on_change = on_change  # (workers running, whether one was just lost): for the metrics
         self.store_url = store_url
         self.max_decompressed_bytes = max_decompressed_bytes
         self._workers: list[_Worker | None] = [None] * processes
@@ -89,6 +97,7 @@ class WorkerPool:
         if failed:
             await self.shutdown()
             raise failed[0]
+        self.on_change(len(self.pids), False)
 
     async def run(self, device_id: int, *args: Any) -> Any:
         """`load_and_compute(rows, device_id, *args, max_decompressed_bytes)` in a worker: its result, or the
@@ -137,7 +146,8 @@ class WorkerPool:
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
-                start_new_session=False,
+                # the modules this process imported, from the same places, whatever its working directory
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)},
             )
         finally:
             theirs.close()
@@ -181,6 +191,7 @@ class WorkerPool:
             worker.pending.clear()
             if not self._closing:
                 code = await asyncio.to_thread(worker.proc.wait)
+                self.on_change(len(self.pids), True)
                 log.error(
                     "compute worker ended",
                     extra={"fields": {"event": "worker_lost", "worker": worker.index, "exit_code": code}},
@@ -207,6 +218,7 @@ class WorkerPool:
                 await asyncio.to_thread(worker.proc.wait)
                 return
             self._workers[index] = worker
+            self.on_change(len(self.pids), False)
             return
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
@@ -283,7 +295,10 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         return 1
     _send(sock, (True, os.getpid()))
     cache = StateCache()
-    warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
+    try:
+        warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
+    except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
+        log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
     stream = sock.makefile("rb")
     try:
         while True:

@@ -60,7 +60,9 @@ def test_coefficients_are_agcounts():
     assert np.array_equal(activity.BPF_A, OUTPUT_COEFFICIENTS[0])
     zi = lfilter_zi(INPUT_COEFFICIENTS[0], OUTPUT_COEFFICIENTS[0])
     assert zi[-1] == 0.0  # the dropped ninth state
-    np.testing.assert_allclose(activity.BPF_ZI, zi[:-1], rtol=1e-12, atol=1e-15)
+    # lfilter_zi solves a linear system: its last digits depend on the CPU's BLAS kernels (5e-12
+    # relative on one machine, 0 on another), so the constant is held to 1e-10, not to the bit.
+    np.testing.assert_allclose(activity.BPF_ZI, zi[:-1], rtol=1e-10, atol=1e-15)
     assert activity.COUNTS_SCALE == (3.0 / 4096.0) / (2.6 / 256.0) * 237.5
 
 

@@ -42,9 +42,12 @@ def test_killed_workers_answer_unavailable_are_replaced_and_nothing_is_lost(tmp_
                     await asyncio.sleep(ack.retry_after_ms / 1000)
                 acks.append(ack)
             assert await up.close() == grpc.StatusCode.OK  # the same stream carried on throughout
-            return first, pool.pids, acks, refused
+            metrics = {m.name: m.samples[0].value for m in gw.metrics.registry.collect() if m.samples}
+            return first, pool.pids, acks, refused, metrics
 
-    first, replaced, acks, refused = run(scenario())
+    first, replaced, acks, refused, metrics = run(scenario())
+    assert metrics["bandgate_compute_workers"] == 2
+    assert metrics["bandgate_compute_worker_restarts"] == 2
     assert refused and all("compute worker" in a.reason for a in refused)
     assert all(a.retry_after_ms > 0 for a in refused)
     assert len(replaced) == 2 and not set(replaced) & set(first)
