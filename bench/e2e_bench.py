@@ -6,7 +6,7 @@ share its cores, so these move with the machine's load more than the one-core CP
 
 - throughput: simulated bands cut into batches beforehand (`recording_batches`, written to a batch file);
   the load generator streams each band on its own Upload stream, a batch at a time, as fast as the acks
-  come back. Beside it, in this process, the same batches through `pipeline.compute` and
+  come back. Beside it, in this process, the same batches through `compute.compute` and
   `SqliteStore.commit` without gRPC (one thread).
 - ack latency: the same batches paced at half the measured rate, latency from when a batch was due
   (not when it was sent: a late send counts) to its ack.
@@ -195,10 +195,10 @@ def _warm_gateway(gw: Gateway, workdir: Path) -> None:
 
 
 def _in_process(batches: list, workdir: Path) -> float:
-    """decode + features + store without gRPC: `pipeline.compute` then `SqliteStore.commit`, one thread;
+    """decode + features + store without gRPC: `compute.compute` then `SqliteStore.commit`, one thread;
     returns wall seconds."""
     from decoder import config as decoder_config
-    from gateway.pipeline import compute
+    from gateway.compute import compute
     from gateway.store import open_store
 
     with open_store(f"sqlite:///{workdir / f'inproc-{time.monotonic_ns()}.db'}") as store:

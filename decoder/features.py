@@ -26,10 +26,10 @@ from numba import njit
 
 from decoder import activity, config, heart, sleep, steps
 from decoder.frames import DecodedBatch, FrameStatus
+from decoder.records import FAMILIES as FAMILIES  # re-exported: the record families
+from decoder.records import device_key
 
 STATE_VERSION = 2  # 2: zstd-compressed
-# Every family a record can have (docs/features.md); the store accepts exactly these.
-FAMILIES = ("steps", "activity", "heart", "sleep", "night", "wear", "day")
 ALGO = {
     "steps": "steps/1",
     "activity": "activity/1",
@@ -50,11 +50,6 @@ STAGE_NAMES = ("wake", "light", "deep", "rem")
 _FRAME_OK = int(FrameStatus.OK)
 _HOUR_US = 3_600_000_000
 _DAY_US = 24 * _HOUR_US
-
-
-def device_key(device_id: int) -> str:
-    """How a device is named in records: its 64-bit ID as 16 lower-case hex digits."""
-    return f"{device_id:016x}"
 
 
 @dataclass(frozen=True)

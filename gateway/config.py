@@ -42,7 +42,8 @@ class GatewayConfig:
 
     # Backpressure: bounded queues and how long a batch may wait for room.
     commit_queue: int = 64  # commits queued or running on the single writer thread
-    overload_wait_ms: int = 250  # wait this long for room in the commit queue, then RESOURCE_EXHAUSTED
+    compute_queue: int = 1024  # batches decoding or waiting for a compute worker (bounds memory, not speed)
+    overload_wait_ms: int = 250  # wait this long for room in either queue, then RESOURCE_EXHAUSTED
     retry_after_ms: int = 1000  # what an overloaded gateway tells the band
     compute_processes: int = 2  # decode + features worker processes; 0 = compute threads in this process
     compute_threads: int = 2  # decode + features threads when compute_processes = 0
@@ -70,6 +71,7 @@ class GatewayConfig:
             "max_frames_per_batch",
             "max_decompressed_bytes",
             "commit_queue",
+            "compute_queue",
             "compute_threads",
             "subscribe_page",
             "keepalive_time_ms",

@@ -21,23 +21,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
-import zstandard
 
 from bandgate.v1 import batch_pb2, ingest_pb2
-from decoder.batch import BatchDecompressor, BatchError, BatchErrorCode
-from decoder.features import DeviceState, StateCache, device_key, process
-from decoder.frames import FrameStatus
+from decoder.batch import BatchError, BatchErrorCode
+from decoder.records import device_key
 from gateway.config import GatewayConfig
 from gateway.consent import ConsentGate
-from gateway.envelope import open_batch
 from gateway.metrics import Metrics
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
-from gateway.store.base import CommitItem, CommitResult, check_sequence
+from gateway.store.base import CommitItem, CommitResult
 from gateway.workers import WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
@@ -264,96 +260,16 @@ class StoreWriter(StoreThread):
         room.release()
 
 
-# compute: the only place raw samples exist
-
-
 @dataclass(frozen=True)
 class Computed:
-    """What leaves a compute worker (process or thread): records and state bytes; raw arrays never do."""
+    """What leaves a compute worker (process or thread): records and state bytes; raw arrays never do.
+    Defined here, not beside `compute`, so that unpickling it does not load the kernels."""
 
     records: list[dict]
     state: bytes
     frame_errors: list[tuple[int, int, str]]  # (index, seq, reason)
     n_samples: int
     bytes_out: int
-
-
-_local = threading.local()
-
-
-def _decompressor(max_bytes: int) -> BatchDecompressor:
-    """One decompressor per compute thread (zstandard objects are not thread-safe)."""
-    d = getattr(_local, "decompressor", None)
-    if d is None or d.max_bytes != max_bytes:
-        d = _local.decompressor = BatchDecompressor(max_bytes=max_bytes)
-    return d
-
-
-def compute(
-    batch: batch_pb2.Batch,
-    state: bytes | None,
-    max_decompressed_bytes: int,
-    cache: StateCache | None = None,
-) -> Computed:
-    """Decompress (bounded), decode, check frames against the envelope, run the feature path (the
-    previous state through `cache` when given: a worker's own, see `StateCache`)."""
-    opened = open_batch(batch, _decompressor(max_decompressed_bytes))
-    decoded = opened.decoded
-    if opened.frame_errors:
-        # Frames that contradict the envelope (another device's, say) are bad frames: mask them out.
-        bad = np.array([i for i, _ in opened.frame_errors], np.int64)
-        status = decoded.status.copy()
-        status[bad[status[bad] == FrameStatus.OK]] = FrameStatus.MALFORMED
-        decoded = replace(decoded, status=status)
-    if not state:
-        previous = DeviceState(batch.device_id)
-    elif cache is not None:
-        previous = cache.load(batch.device_id, state)
-    else:
-        previous = DeviceState.from_bytes(state)
-    records, new_state = process(decoded, previous)
-    new_bytes = new_state.to_bytes()
-    if cache is not None:
-        cache.keep(batch.device_id, new_bytes, new_state)
-    return Computed(
-        records=records,
-        state=new_bytes,
-        frame_errors=[(i, batch.first_seq + i, reason) for i, reason in opened.frame_errors],
-        n_samples=decoded.n_samples,
-        bytes_out=int(zstandard.get_frame_parameters(batch.payload).content_size),  # checked by open_batch
-    )
-
-
-def load_and_compute(
-    rows: Store,
-    device_id: int,
-    batch: batch_pb2.Batch,
-    allowed: frozenset[str],
-    allow_gap: bool,
-    max_decompressed_bytes: int,
-    cache: StateCache | None = None,
-) -> int | tuple[Computed, CommitItem]:
-    """A batch's whole compute job, in a worker process or a compute thread: the device's row (read on
-    `rows`, the caller's own store connection) and the sequence check (`SequenceError`); then, unless the
-    batch is a duplicate (its boot's high-water is returned), `compute` from the row's state, the
-    consent filter, and the store's database-free checks and encoding (`Store.prepare`), so that the
-    single writer does only what needs the database."""
-    row = rows.device(device_id)
-    same_boot = row is not None and row.boot_id == batch.boot_id
-    high_water = row.last_seq if same_boot and row is not None else None
-    if check_sequence(
-        high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
-    ):
-        assert high_water is not None
-        return high_water
-    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes, cache)
-    records = [r for r in computed.records if r["family"] in allowed]
-    item = CommitItem(
-        batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, computed.state, records, allow_gap
-    )
-    with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
-        item = rows.prepare(item)
-    return computed, item
 
 
 # the pipeline
@@ -393,6 +309,7 @@ class Pipeline:
         self._compute: concurrent.futures.ThreadPoolExecutor | None = None
         self.workers: WorkerPool | None = None
         self._computing = 0
+        self._compute_room = asyncio.Semaphore(config.compute_queue)
 
     async def start(self) -> None:
         if self._compute is not None or self.workers is not None:
@@ -541,6 +458,9 @@ class Pipeline:
     def _in_thread(
         self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
     ) -> int | tuple[Computed, CommitItem]:
+        from decoder.features import StateCache  # thread mode only: the kernels load in this process
+        from gateway.compute import load_and_compute
+
         cache = getattr(self._rows_local, "cache", None)
         if cache is None:
             cache = self._rows_local.cache = StateCache()
@@ -554,6 +474,20 @@ class Pipeline:
         workers, threads = self.workers, self._compute
         if workers is None and threads is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")
+        # Bounded: every batch waiting here holds its payload. One batch a stream is in flight, so this
+        # fills only when more streams send at once than the workers keep up with.
+        room = self._compute_room
+        try:
+            if room.locked():  # wait_for costs a task: only when there is something to wait for
+                await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
+            else:
+                await room.acquire()
+        except TimeoutError:
+            raise Refused(
+                RESOURCE_EXHAUSTED,
+                f"overloaded: compute_queue = {self.config.compute_queue} is full",
+                retry_after_ms=self.config.retry_after_ms,
+            ) from None
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         try:
@@ -581,6 +515,7 @@ class Pipeline:
         finally:
             self._computing -= 1
             self.metrics.compute_queue.set(self._computing)
+            room.release()
 
     async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A store call with its failures mapped: unavailable → UNAVAILABLE (nothing stored, not acked)."""

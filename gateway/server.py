@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bandgate.v1 import features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from decoder.features import device_key
+from decoder.records import device_key
 from gateway.auth import Authenticator, AuthError, InsecureLoopbackAuthenticator
 from gateway.config import GatewayConfig
 from gateway.consent import AllowAll, ConsentGate

@@ -2,7 +2,7 @@
 
 `bandgate warm` runs this at image build time with NUMBA_CACHE_DIR set, so a container's first batch
 does not pay ~45 s of JIT compilation. Half an hour of a simulated band, from 08:40 local time, goes
-through `pipeline.compute` (the server's own path: decompress, decode, features): the night window
+through `compute.compute` (the server's own path: decompress, decode, features): the night window
 closes at 09:00, so the sleep stager runs too and every kernel and signature is compiled.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from decoder import config as decoder_config
-from gateway.pipeline import compute
+from gateway.compute import compute
 from gateway.simulator import simulate_band
 from gateway.simulator.recorder import recording_batches
 from gateway.simulator.signals import DEFAULT_START_US

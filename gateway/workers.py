@@ -284,7 +284,7 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         configure_logging(logging.WARNING)  # the serving process's format, on the stderr it shares
         from bandgate.v1 import batch_pb2
         from decoder.features import StateCache
-        from gateway.pipeline import load_and_compute
+        from gateway.compute import load_and_compute
         from gateway.store import store_for_url
         from gateway.warm import warm
 

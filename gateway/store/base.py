@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
-from decoder import features
+from decoder import records
 
 RECORD_KEYS = frozenset({"family", "device", "start_us", "duration_s", "algo", "values"})
-FAMILIES = frozenset(features.FAMILIES)
+FAMILIES = frozenset(records.FAMILIES)
 MAX_VALUE_STR = 64  # a value is a number or a short label; anything longer is not a feature
 MAX_VALUES = 64  # keys in one record's `values`
 U32 = 2**32

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from decoder.features import device_key
+from decoder.records import device_key
 from gateway.store.base import (
     U64,
     CommitItem,

@@ -94,6 +94,9 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
         bands = asyncio.ensure_future(run_fleet(address, fleet, on_ack=count, give_up_after_s=30))
         while acked < 30:
             await asyncio.sleep(0.01)
+        # The serving process never loaded the kernels (its compute is in the workers): Numba and LLVM
+        # would cost it ~60 MB with every stream it holds.
+        assert "llvmlite" not in open(f"/proc/{server.proc.pid}/maps").read()
         server.kill()
         # Its compute workers see their sockets close and exit: no orphan keeps computing.
         orphans = server.worker_pids

@@ -11,7 +11,7 @@ import signal
 import grpc
 import pytest
 
-from gateway.pipeline import OK, UNAVAILABLE
+from gateway.pipeline import OK, RESOURCE_EXHAUSTED, UNAVAILABLE
 from gateway.server import run_server
 from tests.gateway.gatewaykit import Uploader, band, config, processed, running, same_records, stored
 
@@ -76,3 +76,35 @@ def test_compute_threads_and_one_worker_store_what_replay_computes(tmp_path, pro
     acks = run(scenario())
     assert all(a.code == OK for per_band in acks for a in per_band)
     assert same_records(stored(cfg.store), processed(b for _, bs in bands for b in bs))
+
+
+def test_full_compute_queue_is_resource_exhausted_naming_the_limit_and_streams_carry_on(tmp_path):
+    """The workers are stopped (SIGSTOP), so the one compute slot stays taken: the next batch waits
+    `overload_wait_ms`, is refused naming the limit with the retry hint, and nothing is lost."""
+    cfg = config(tmp_path, compute_queue=1, overload_wait_ms=50, retry_after_ms=321)
+    a_device, a_batches = band(seed=41, minutes=10, batch_minutes=5)
+    b_device, b_batches = band(seed=42, minutes=10, batch_minutes=5)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            pids = gw._pipeline.workers.pids
+            up_a, up_b = Uploader(ch, a_device), Uploader(ch, b_device)
+            try:
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+                held = asyncio.ensure_future(up_a.send(a_batches[0]))
+                while gw.metrics.compute_queue._value.get() < 1:  # A's batch holds the only slot
+                    await asyncio.sleep(0.01)
+                refused = await up_b.send(b_batches[0])
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+            acks_a = [await held] + [await up_a.send(b) for b in a_batches[1:]]
+            acks_b = [await up_b.send(b) for b in b_batches]  # B resends, on the same stream
+            return refused, acks_a, acks_b
+
+    refused, acks_a, acks_b = run(scenario())
+    assert refused.code == RESOURCE_EXHAUSTED and "compute_queue = 1" in refused.reason
+    assert refused.retry_after_ms == 321
+    assert [a.code for a in acks_a + acks_b] == [OK] * (len(a_batches) + len(b_batches))
+    assert same_records(stored(cfg.store), processed([*a_batches, *b_batches]))

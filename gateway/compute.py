@@ -1,0 +1,101 @@
+"""A batch's compute job: decompress (bounded), decode, features, consent filter, the store's encoding.
+
+The only place raw samples exist. It runs in a compute worker process (`gateway/workers.py`) or, with
+`compute_processes = 0`, on a compute thread of the serving process; the serving process itself never
+imports this module otherwise, and so never loads the kernels (or Numba).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import replace
+
+import numpy as np
+import zstandard
+
+from bandgate.v1 import batch_pb2
+from decoder.batch import BatchDecompressor
+from decoder.features import DeviceState, StateCache, process
+from decoder.frames import FrameStatus
+from gateway.envelope import open_batch
+from gateway.pipeline import Computed
+from gateway.store import Store
+from gateway.store.base import CommitItem, check_sequence
+
+_local = threading.local()
+
+
+def _decompressor(max_bytes: int) -> BatchDecompressor:
+    """One decompressor per compute thread (zstandard objects are not thread-safe)."""
+    d = getattr(_local, "decompressor", None)
+    if d is None or d.max_bytes != max_bytes:
+        d = _local.decompressor = BatchDecompressor(max_bytes=max_bytes)
+    return d
+
+
+def compute(
+    batch: batch_pb2.Batch,
+    state: bytes | None,
+    max_decompressed_bytes: int,
+    cache: StateCache | None = None,
+) -> Computed:
+    """Decompress (bounded), decode, check frames against the envelope, run the feature path (the
+    previous state through `cache` when given: a worker's own, see `StateCache`)."""
+    opened = open_batch(batch, _decompressor(max_decompressed_bytes))
+    decoded = opened.decoded
+    if opened.frame_errors:
+        # Frames that contradict the envelope (another device's, say) are bad frames: mask them out.
+        bad = np.array([i for i, _ in opened.frame_errors], np.int64)
+        status = decoded.status.copy()
+        status[bad[status[bad] == FrameStatus.OK]] = FrameStatus.MALFORMED
+        decoded = replace(decoded, status=status)
+    if not state:
+        previous = DeviceState(batch.device_id)
+    elif cache is not None:
+        previous = cache.load(batch.device_id, state)
+    else:
+        previous = DeviceState.from_bytes(state)
+    records, new_state = process(decoded, previous)
+    new_bytes = new_state.to_bytes()
+    if cache is not None:
+        cache.keep(batch.device_id, new_bytes, new_state)
+    return Computed(
+        records=records,
+        state=new_bytes,
+        frame_errors=[(i, batch.first_seq + i, reason) for i, reason in opened.frame_errors],
+        n_samples=decoded.n_samples,
+        bytes_out=int(zstandard.get_frame_parameters(batch.payload).content_size),  # checked by open_batch
+    )
+
+
+def load_and_compute(
+    rows: Store,
+    device_id: int,
+    batch: batch_pb2.Batch,
+    allowed: frozenset[str],
+    allow_gap: bool,
+    max_decompressed_bytes: int,
+    cache: StateCache | None = None,
+) -> int | tuple[Computed, CommitItem]:
+    """A batch's whole compute job, in a worker process or a compute thread: the device's row (read on
+    `rows`, the caller's own store connection) and the sequence check (`SequenceError`); then, unless the
+    batch is a duplicate (its boot's high-water is returned), `compute` from the row's state, the
+    consent filter, and the store's database-free checks and encoding (`Store.prepare`), so that the
+    single writer does only what needs the database."""
+    row = rows.device(device_id)
+    same_boot = row is not None and row.boot_id == batch.boot_id
+    high_water = row.last_seq if same_boot and row is not None else None
+    if check_sequence(
+        high_water, device_id, batch.boot_id, batch.first_seq, batch.last_seq, allow_gap=allow_gap
+    ):
+        assert high_water is not None
+        return high_water
+    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes, cache)
+    records = [r for r in computed.records if r["family"] in allowed]
+    item = CommitItem(
+        batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, computed.state, records, allow_gap
+    )
+    with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
+        item = rows.prepare(item)
+    return computed, item
