@@ -132,6 +132,20 @@ class Limits:
             self._samples[device_id].take(n)
 
 
+async def take_room(room: asyncio.Semaphore, config: GatewayConfig, limit: str) -> None:
+    """A place in a bounded queue: at once if there is one, else within `overload_wait_ms`, else the
+    batch is refused with RESOURCE_EXHAUSTED naming `limit` and the retry hint."""
+    try:
+        if room.locked():  # wait_for costs a task: only when there is something to wait for
+            await asyncio.wait_for(room.acquire(), config.overload_wait_ms / 1000)
+        else:
+            await room.acquire()
+    except TimeoutError:
+        raise Refused(
+            RESOURCE_EXHAUSTED, f"overloaded: {limit} is full", retry_after_ms=config.retry_after_ms
+        ) from None
+
+
 # store threads
 
 
@@ -205,17 +219,7 @@ class StoreWriter(StoreThread):
         room = self._room
         if room is None:
             raise StoreUnavailable("the store writer is not running")
-        try:
-            if room.locked():  # wait_for costs a task: only when there is something to wait for
-                await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
-            else:
-                await room.acquire()
-        except TimeoutError:
-            raise Refused(
-                RESOURCE_EXHAUSTED,
-                f"overloaded: commit_queue = {self.config.commit_queue} is full",
-                retry_after_ms=self.config.retry_after_ms,
-            ) from None
+        await take_room(room, self.config, f"commit_queue = {self.config.commit_queue}")
         future: concurrent.futures.Future[CommitResult] = concurrent.futures.Future()
         entry = (item, future)
         with self._pending_lock:
@@ -477,17 +481,7 @@ class Pipeline:
         # Bounded: every batch waiting here holds its payload. One batch a stream is in flight, so this
         # fills only when more streams send at once than the workers keep up with.
         room = self._compute_room
-        try:
-            if room.locked():  # wait_for costs a task: only when there is something to wait for
-                await asyncio.wait_for(room.acquire(), self.config.overload_wait_ms / 1000)
-            else:
-                await room.acquire()
-        except TimeoutError:
-            raise Refused(
-                RESOURCE_EXHAUSTED,
-                f"overloaded: compute_queue = {self.config.compute_queue} is full",
-                retry_after_ms=self.config.retry_after_ms,
-            ) from None
+        await take_room(room, self.config, f"compute_queue = {self.config.compute_queue}")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         try:
