@@ -506,6 +506,10 @@ class Pipeline:
             raise Refused(code, str(e)) from None
         except (StoreError, ValueError) as e:  # reading the row, or a stored state that does not load
             raise self._store_refusal(e) from None
+        except Exception as e:  # a bug: this batch is answered, the stream and the gateway go on
+            fields = {"event": "compute_failed", "error": type(e).__name__}
+            log.error("compute failed", extra={"fields": fields})
+            raise Refused(INTERNAL, "the batch could not be processed") from None
         finally:
             self._computing -= 1
             self.metrics.compute_queue.set(self._computing)

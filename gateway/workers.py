@@ -74,7 +74,6 @@ class WorkerPool:
         self.max_decompressed_bytes = max_decompressed_bytes
         self._workers: list[_Worker | None] = [None] * processes
         self._ids = itertools.count()
-        self._next = 0
         self._closing = False
         self._restarts: set[asyncio.Task] = set()
 
@@ -258,14 +257,21 @@ async def _read(reader: asyncio.StreamReader) -> Any:
 # --- the worker process ------------------------------------------------------------------------------
 
 
+# Exceptions that cross back as they are: the serving process maps these to answers, and unpickling
+# one must not import anything heavy there (a Numba error would load Numba into the serving process).
+_PORTABLE_MODULES = frozenset({"builtins", "gateway.store.base", "decoder.batch"})
+
+
 def _portable(e: BaseException) -> BaseException:
-    """`e` if it survives pickling, else a RuntimeError naming its type (never its message: it could
-    quote data)."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"compute failed: {type(e).__name__}")
+    """`e` if the serving process knows its type and it survives pickling, else a RuntimeError naming
+    its type (never its message: it could quote data)."""
+    if type(e).__module__ in _PORTABLE_MODULES:
+        try:
+            pickle.loads(pickle.dumps(e))
+            return e
+        except Exception:
+            pass
+    return RuntimeError(f"compute failed: {type(e).__name__}")
 
 
 def _send(sock: socket.socket, message: Any) -> None:

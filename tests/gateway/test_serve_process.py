@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -96,7 +97,7 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
             await asyncio.sleep(0.01)
         # The serving process never loaded the kernels (its compute is in the workers): Numba and LLVM
         # would cost it ~60 MB with every stream it holds.
-        assert "llvmlite" not in open(f"/proc/{server.proc.pid}/maps").read()
+        assert "llvmlite" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
         server.kill()
         # Its compute workers see their sockets close and exit: no orphan keeps computing.
         orphans = server.worker_pids

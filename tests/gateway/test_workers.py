@@ -108,3 +108,28 @@ def test_full_compute_queue_is_resource_exhausted_naming_the_limit_and_streams_c
     assert refused.retry_after_ms == 321
     assert [a.code for a in acks_a + acks_b] == [OK] * (len(a_batches) + len(b_batches))
     assert same_records(stored(cfg.store), processed([*a_batches, *b_batches]))
+
+
+def test_only_known_exceptions_cross_back_and_unknown_ones_keep_no_message():
+    """What a worker raises reaches the serving process as itself when it is one the gateway answers
+    (sequence, batch, store and builtin errors); anything else becomes a RuntimeError naming only its
+    type, so no message (which could quote data) and no heavy module (Numba) crosses."""
+    import pickle
+
+    import numba
+
+    from decoder.batch import BatchError, BatchErrorCode
+    from gateway.store import SequenceError, StoreUnavailable
+    from gateway.workers import _portable
+
+    known_errors = (
+        SequenceError(7, 1, 5, 9, 3),
+        BatchError(BatchErrorCode.TOO_LARGE, "over"),
+        StoreUnavailable("x"),
+    )
+    for known in known_errors:
+        back = pickle.loads(pickle.dumps(_portable(known)))
+        assert type(back) is type(known) and str(back) == str(known)
+    assert pickle.loads(pickle.dumps(_portable(SequenceError(7, 1, 5, 9, 3)))).expected_seq == 3
+    unknown = _portable(numba.core.errors.TypingError("value 1717 does not type"))
+    assert type(unknown) is RuntimeError and "1717" not in str(unknown) and "TypingError" in str(unknown)
