@@ -31,6 +31,8 @@ def test_precedence_file_env_flags(tmp_path):
         ({"overrides": {"listen": "nowhere"}}, "listen"),
         ({"overrides": {"store": "bandgate.db"}}, "store"),
         ({"environ": {"BANDGATE_RATE_SAMPLES_PER_S": "-1"}}, "rate_samples_per_s"),
+        ({"environ": {"BANDGATE_COMPUTE_PROCESSES": "-1"}}, "compute_processes"),
+        ({"environ": {"BANDGATE_COMPUTE_QUEUE": "0"}}, "compute_queue"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, named):
