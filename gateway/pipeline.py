@@ -34,7 +34,7 @@ from gateway.consent import ConsentGate
 from gateway.metrics import Metrics
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult
-from gateway.workers import WorkerLost, WorkerPool
+from gateway.workers import PoisonBatch, WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
 
@@ -486,7 +486,8 @@ class Pipeline:
         self.metrics.compute_queue.set(self._computing)
         try:
             if workers is not None:
-                return await workers.run(device_id, batch.SerializeToString(), allowed, allow_gap)
+                key = (device_id, batch.boot_id, batch.first_seq)
+                return await workers.run(key, device_id, batch.SerializeToString(), allowed, allow_gap)
             assert threads is not None
             return await asyncio.wrap_future(
                 threads.submit(self._in_thread, device_id, batch, allowed, allow_gap)
@@ -498,6 +499,9 @@ class Pipeline:
                 "a compute worker stopped: nothing stored",
                 retry_after_ms=self.config.retry_after_ms,
             ) from None
+        except PoisonBatch as e:
+            log.error("batch not retried", extra={"fields": {"event": "poison_batch", "error": str(e)}})
+            raise Refused(INTERNAL, f"not processed: {e}") from None
         except SequenceError as e:
             raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         except BatchError as e:
@@ -532,7 +536,9 @@ class Pipeline:
             return Refused(
                 UNAVAILABLE, "storage unavailable: nothing stored", retry_after_ms=self.config.retry_after_ms
             )
-        log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": str(e)}})
+        # Store messages are ours; another error (a state that does not load) is logged by type only.
+        error = str(e) if isinstance(e, StoreError) else type(e).__name__
+        log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": error}})
         return Refused(INTERNAL, "the store refused the batch")
 
 

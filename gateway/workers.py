@@ -27,7 +27,8 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +38,16 @@ _HEADER = struct.Struct("!I")
 READY_TIMEOUT_S = 60.0  # a worker's start: imports and its store connection (kernels load after)
 RESTART_DELAY_S = 1.0  # after a worker died: bounds a crash loop to one start a second
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
+POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
+POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
 
 
 class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
     """The worker process running a job ended before answering (killed, or crashed)."""
+
+
+class PoisonBatch(Exception):  # noqa: N818 - names the batch, answered INTERNAL and not retried
+    """This batch was in flight on `POISON_LOSSES` workers that ended: it is not sent to another one."""
 
 
 @dataclass(eq=False)
@@ -49,8 +56,9 @@ class _Worker:
     proc: subprocess.Popen
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    pending: dict[int, asyncio.Future] = field(default_factory=dict)
+    pending: dict[int, tuple[asyncio.Future, Hashable]] = field(default_factory=dict)
     listener: asyncio.Task | None = None
+    dead: bool = False  # set as soon as its socket ends, before it is reaped
 
 
 class WorkerPool:
@@ -76,11 +84,12 @@ class WorkerPool:
         self._ids = itertools.count()
         self._closing = False
         self._restarts: set[asyncio.Task] = set()
+        self._lost: OrderedDict[Hashable, int] = OrderedDict()  # batch key -> workers lost with it
 
     @property
     def pids(self) -> list[int]:
         """The live workers' process IDs (for RSS accounting and tests)."""
-        return [w.proc.pid for w in self._workers if w is not None and w.proc.returncode is None]
+        return [w.proc.pid for w in self._workers if w is not None and not w.dead]
 
     async def start(self) -> None:
         if any(self._workers):
@@ -98,15 +107,19 @@ class WorkerPool:
             raise failed[0]
         self.on_change(len(self.pids), False)
 
-    async def run(self, device_id: int, *args: Any) -> Any:
+    async def run(self, key: Hashable, device_id: int, *args: Any) -> Any:
         """`load_and_compute(rows, device_id, *args, max_decompressed_bytes)` in a worker: its result, or the
-        exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`."""
+        exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`.
+        `key` names the batch (device, boot, first sequence number): a batch that was in flight on
+        `POISON_LOSSES` workers that died raises `PoisonBatch` instead of killing a third."""
+        if self._lost.get(key, 0) >= POISON_LOSSES:
+            raise PoisonBatch(f"this batch was in flight on {POISON_LOSSES} compute workers that ended")
         worker = self._pick(device_id)
         job = next(self._ids)
+        payload = pickle.dumps((job, (device_id, *args)), protocol=pickle.HIGHEST_PROTOCOL)
         future = asyncio.get_running_loop().create_future()
-        worker.pending[job] = future
+        worker.pending[job] = (future, key)
         try:
-            payload = pickle.dumps((job, (device_id, *args)), protocol=pickle.HIGHEST_PROTOCOL)
             worker.writer.write(_HEADER.pack(len(payload)) + payload)
             await worker.writer.drain()  # flow control: a busy worker's socket buffer stays bounded
         except (ConnectionError, RuntimeError) as e:
@@ -120,9 +133,7 @@ class WorkerPool:
     def _pick(self, device_id: int) -> _Worker:
         """The device's own worker (its state is likely in that worker's `StateCache`), unless that one
         has `SPILL` more jobs waiting than the least busy live worker, or is down."""
-        live = [
-            w for w in self._workers if w is not None and w.listener is not None and not w.listener.done()
-        ]
+        live = [w for w in self._workers if w is not None and w.listener is not None and not w.dead]
         if not live:
             raise WorkerLost("no compute worker is running")
         least = min(live, key=lambda w: len(w.pending))
@@ -147,10 +158,20 @@ class WorkerPool:
                 stdin=subprocess.DEVNULL,
                 # the modules this process imported, from the same places, whatever its working directory
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)},
+                start_new_session=True,  # a terminal's Ctrl-C reaches the serving process only: it drains
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
+        except BaseException:
+            ours.close()
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            raise
         worker = _Worker(index, proc, reader, writer)
         try:
             ok, value = await asyncio.wait_for(_read(reader), READY_TIMEOUT_S)
@@ -173,22 +194,34 @@ class WorkerPool:
         return worker
 
     async def _listen(self, worker: _Worker) -> None:
-        """Answers from `worker` to their jobs' futures, until its socket closes."""
+        """Answers from `worker` to their jobs' futures, until its socket ends or carries something that is
+        not an answer; then the worker is done with: its jobs fail with `WorkerLost`, it is killed if it is
+        still running, and (unless the pool is closing) started again."""
         try:
             while True:
                 job, ok, value = await _read(worker.reader)
-                future = worker.pending.pop(job, None)
-                if future is not None and not future.done():
-                    future.set_result((ok, value))
-        except (asyncio.IncompleteReadError, ConnectionError):
+                entry = worker.pending.pop(job, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result((ok, value))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # end of stream, or an answer that does not unpickle: the worker is lost
             pass
         finally:
+            worker.dead = True  # before any await: `_pick` sends it nothing more
+            worker.writer.close()
             lost = WorkerLost(f"compute worker {worker.index} ended before answering")
-            for future in worker.pending.values():
+            for future, key in worker.pending.values():
                 if not future.done():
                     future.set_result((False, lost))
+                if not self._closing:
+                    self._lost[key] = self._lost.pop(key, 0) + 1
+                    while len(self._lost) > POISON_KEPT:
+                        self._lost.popitem(last=False)
             worker.pending.clear()
             if not self._closing:
+                if worker.proc.poll() is None:  # alive but not answering as it should
+                    worker.proc.kill()
                 code = await asyncio.to_thread(worker.proc.wait)
                 self.on_change(len(self.pids), True)
                 log.error(
@@ -222,8 +255,10 @@ class WorkerPool:
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         self._closing = True
-        for task in list(self._restarts):
+        restarts = list(self._restarts)
+        for task in restarts:
             task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         workers, self._workers = self._workers, [None] * self.processes
         for w in workers:
             if w is not None:
@@ -328,6 +363,8 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
                 _send(sock, result)
             except OSError:
                 return 0
+            except Exception as e:  # an answer that does not pickle: the job fails, the worker goes on
+                _send(sock, (job, False, RuntimeError(f"compute failed: answer {type(e).__name__}")))
     finally:
         rows.close()
 

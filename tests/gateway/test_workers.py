@@ -11,7 +11,7 @@ import signal
 import grpc
 import pytest
 
-from gateway.pipeline import OK, RESOURCE_EXHAUSTED, UNAVAILABLE
+from gateway.pipeline import ALREADY_EXISTS, INTERNAL, OK, RESOURCE_EXHAUSTED, UNAVAILABLE
 from gateway.server import run_server
 from tests.gateway.gatewaykit import Uploader, band, config, processed, running, same_records, stored
 
@@ -20,7 +20,26 @@ def run(coro, timeout: float = 60):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def test_killed_workers_answer_unavailable_are_replaced_and_nothing_is_lost(tmp_path):
+async def kill_with_a_batch_in_flight(gw, up: Uploader, batch) -> object:
+    """Stop every worker, send `batch` so that it is in flight on one, kill them all, return its ack, and
+    wait until both workers are running again."""
+    pool = gw._pipeline.workers
+    pids = pool.pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    sent = asyncio.ensure_future(up.send(batch))
+    while gw.metrics.compute_queue._value.get() < 1:  # its job is written to a stopped worker's socket
+        await asyncio.sleep(0.01)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    ack = await sent
+    while len(pool.pids) < 2:
+        await asyncio.sleep(0.05)
+    assert not set(pool.pids) & set(pids)
+    return ack
+
+
+def test_a_worker_killed_mid_batch_answers_unavailable_is_replaced_and_nothing_is_lost(tmp_path):
     cfg = config(tmp_path, retry_after_ms=50)
     device, batches = band(seed=5, minutes=40, batch_minutes=2)
 
@@ -31,11 +50,8 @@ def test_killed_workers_answer_unavailable_are_replaced_and_nothing_is_lost(tmp_
             assert len(first) == 2
             up = Uploader(ch, device)
             acks = [await up.send(b) for b in batches[:5]]
-            for pid in first:
-                os.kill(pid, signal.SIGKILL)
-            while pool.pids:  # until the gateway has seen both go
-                await asyncio.sleep(0.01)
-            refused = []
+            lost = await kill_with_a_batch_in_flight(gw, up, batches[5])
+            refused = [lost]
             for b in batches[5:]:
                 while (ack := await up.send(b)).code == UNAVAILABLE:  # a band resends after the hint
                     refused.append(ack)
@@ -46,14 +62,40 @@ def test_killed_workers_answer_unavailable_are_replaced_and_nothing_is_lost(tmp_
             return first, pool.pids, acks, refused, metrics
 
     first, replaced, acks, refused, metrics = run(scenario())
+    assert refused[0].code == UNAVAILABLE and "compute worker" in refused[0].reason
+    assert all(a.code == UNAVAILABLE and a.retry_after_ms > 0 for a in refused)
     assert metrics["bandgate_compute_workers"] == 2
     assert metrics["bandgate_compute_worker_restarts"] == 2
-    assert refused and all("compute worker" in a.reason for a in refused)
-    assert all(a.retry_after_ms > 0 for a in refused)
     assert len(replaced) == 2 and not set(replaced) & set(first)
     assert not any(map(running, first))
     assert [a.code for a in acks] == [OK] * len(batches)
     assert same_records(stored(cfg.store), processed(batches))
+
+
+def test_a_batch_lost_with_two_workers_is_refused_not_retried_and_the_gateway_goes_on(tmp_path):
+    """A batch that (as far as the gateway can tell) kills the worker computing it is answered INTERNAL
+    after the second time, instead of being resent to kill workers forever."""
+    cfg = config(tmp_path, retry_after_ms=50)
+    device, batches = band(seed=6, minutes=20, batch_minutes=2)
+    other, other_batches = band(seed=8, minutes=20, batch_minutes=2)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            first = await up.send(batches[0])
+            losses = [await kill_with_a_batch_in_flight(gw, up, batches[1]) for _ in range(2)]
+            refused = await up.send(batches[1])
+            again = await up.send(batches[0])  # the same stream still answers
+            up_other = Uploader(ch, other)
+            others = [await up_other.send(b) for b in other_batches]
+            return first, losses, refused, again, others
+
+    first, losses, refused, again, others = run(scenario())
+    assert first.code == OK and [a.code for a in losses] == [UNAVAILABLE] * 2
+    assert refused.code == INTERNAL and "2 compute workers" in refused.reason
+    assert again.code == ALREADY_EXISTS
+    assert [a.code for a in others] == [OK] * len(other_batches)
+    assert same_records(stored(cfg.store), processed([batches[0], *other_batches]))
 
 
 @pytest.mark.parametrize("processes", [0, 1])
