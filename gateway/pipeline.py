@@ -484,14 +484,33 @@ class Pipeline:
         await take_room(room, self.config, f"compute_queue = {self.config.compute_queue}")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
+        released = False
+
+        def release() -> None:
+            """When the compute job is over, not when this handler stops waiting for it (a cancelled
+            stream's job still runs to its end and holds its place in the queue until then)."""
+            nonlocal released
+            if not released:
+                released = True
+                self._computing -= 1
+                self.metrics.compute_queue.set(self._computing)
+                room.release()
+
         try:
             if workers is not None:
                 key = (device_id, batch.boot_id, batch.first_seq)
-                return await workers.run(key, device_id, batch.SerializeToString(), allowed, allow_gap)
+                return await workers.run(
+                    key, device_id, batch.SerializeToString(), allowed, allow_gap, on_done=release
+                )
             assert threads is not None
-            return await asyncio.wrap_future(
-                threads.submit(self._in_thread, device_id, batch, allowed, allow_gap)
-            )
+            try:
+                job = threads.submit(self._in_thread, device_id, batch, allowed, allow_gap)
+            except BaseException:
+                release()
+                raise
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(release))
+            return await asyncio.wrap_future(job)
         except WorkerLost as e:
             log.warning("compute worker lost", extra={"fields": {"event": "worker_lost", "error": str(e)}})
             raise Refused(
@@ -514,10 +533,6 @@ class Pipeline:
             fields = {"event": "compute_failed", "error": type(e).__name__}
             log.error("compute failed", extra={"fields": fields})
             raise Refused(INTERNAL, "the batch could not be processed") from None
-        finally:
-            self._computing -= 1
-            self.metrics.compute_queue.set(self._computing)
-            room.release()
 
     async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A store call with its failures mapped: unavailable → UNAVAILABLE (nothing stored, not acked)."""

@@ -107,25 +107,37 @@ class WorkerPool:
             raise failed[0]
         self.on_change(len(self.pids), False)
 
-    async def run(self, key: Hashable, device_id: int, *args: Any) -> Any:
+    async def run(
+        self, key: Hashable, device_id: int, *args: Any, on_done: Callable[[], None] = lambda: None
+    ) -> Any:
         """`load_and_compute(rows, device_id, *args, max_decompressed_bytes)` in a worker: its result, or the
         exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`.
+
         `key` names the batch (device, boot, first sequence number): a batch that was in flight on
-        `POISON_LOSSES` workers that died raises `PoisonBatch` instead of killing a third."""
-        if self._lost.get(key, 0) >= POISON_LOSSES:
-            raise PoisonBatch(f"this batch was in flight on {POISON_LOSSES} compute workers that ended")
-        worker = self._pick(device_id)
-        job = next(self._ids)
-        payload = pickle.dumps((job, (device_id, *args)), protocol=pickle.HIGHEST_PROTOCOL)
+        `POISON_LOSSES` workers that died raises `PoisonBatch` instead of killing a third. `on_done` is
+        called exactly once, when the job is over: answered, lost with its worker, or never sent. A caller
+        cancelled while its job runs does not end the job, so `on_done` still waits for it (what a
+        bounded queue needs to stay true)."""
+        try:
+            if self._lost.get(key, 0) >= POISON_LOSSES:
+                raise PoisonBatch(f"this batch was in flight on {POISON_LOSSES} compute workers that ended")
+            worker = self._pick(device_id)
+            job = next(self._ids)
+            payload = pickle.dumps((job, (device_id, *args)), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:
+            on_done()
+            raise
         future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: on_done())
         worker.pending[job] = (future, key)
         try:
             worker.writer.write(_HEADER.pack(len(payload)) + payload)
             await worker.writer.drain()  # flow control: a busy worker's socket buffer stays bounded
         except (ConnectionError, RuntimeError) as e:
             worker.pending.pop(job, None)
+            future.cancel()
             raise WorkerLost(f"compute worker {worker.index} is gone") from e
-        ok, value = await future
+        ok, value = await asyncio.shield(future)
         if ok:
             return value
         raise value

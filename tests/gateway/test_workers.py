@@ -175,3 +175,51 @@ def test_only_known_exceptions_cross_back_and_unknown_ones_keep_no_message():
     assert pickle.loads(pickle.dumps(_portable(SequenceError(7, 1, 5, 9, 3)))).expected_seq == 3
     unknown = _portable(numba.core.errors.TypingError("value 1717 does not type"))
     assert type(unknown) is RuntimeError and "1717" not in str(unknown) and "TypingError" in str(unknown)
+
+
+def test_a_job_whose_caller_is_cancelled_runs_to_its_end_before_it_counts_as_done(tmp_path):
+    """`WorkerPool.run`'s `on_done` (what frees a place in `compute_queue`) waits for the job itself: a
+    handler cancelled while its batch is being computed does not free the place while the worker still
+    works on it."""
+    from gateway.pipeline import ALL_FAMILIES
+    from gateway.store import open_store
+    from gateway.workers import WorkerPool
+
+    url = f"sqlite:///{tmp_path}/gw.db"
+    with open_store(url):  # the schema exists before a worker reads device rows
+        pass
+    device, batches = band(seed=61, minutes=5, batch_minutes=5)
+
+    async def scenario():
+        pool = WorkerPool(1, url, 64 << 20)
+        await pool.start()
+        done = []
+        try:
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                payload = batches[0].SerializeToString()
+                job = asyncio.ensure_future(
+                    pool.run("k", device, payload, ALL_FAMILIES, False, on_done=lambda: done.append(1))
+                )
+                await asyncio.sleep(0.2)  # written to the stopped worker's socket
+                job.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await job
+                await asyncio.sleep(0.2)
+                while_stopped = list(done)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            for _ in range(500):  # the worker answers the job nobody waits for any more
+                if done:
+                    break
+                await asyncio.sleep(0.01)
+            # and the next job is answered normally
+            _, item = await pool.run("k2", device, payload, ALL_FAMILIES, False)
+            return while_stopped, list(done), item
+        finally:
+            await pool.shutdown()
+
+    while_stopped, after, item = run(scenario())
+    assert while_stopped == [] and after == [1]
+    assert item.records == processed(batches[:1])
