@@ -170,7 +170,10 @@ class WorkerPool:
                 stdin=subprocess.DEVNULL,
                 # the modules this process imported, from the same places, whatever its working directory
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)},
-                start_new_session=True,  # a terminal's Ctrl-C reaches the serving process only: it drains
+                # Their own process group, so a terminal's Ctrl-C reaches only the serving process (which
+                # drains); not their own session, which the kernel's autogroup scheduling would treat as
+                # another desktop task (measured: +35 % CPU per batch in the serving process).
+                process_group=0,
             )
         except BaseException:
             ours.close()
