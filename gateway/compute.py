@@ -98,4 +98,6 @@ def load_and_compute(
     )
     with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
         item = rows.prepare(item)
-    return computed, item
+    # The consented records only: the answer crosses to the serving process once, and the records that
+    # consent dropped have no business there.
+    return replace(computed, records=records), item
