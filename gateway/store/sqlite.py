@@ -12,7 +12,6 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -21,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
+
+import orjson
 
 from decoder.records import device_key
 from gateway.store.base import (
@@ -504,11 +505,11 @@ def _latest_cursor(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def _dumps(values: dict) -> str:
-    return _ENCODER.encode(values)
+    """Compact JSON, UTF-8, floats in their shortest round-trip form (as `json.dumps` writes them, 7x
+    faster: every record of every batch passes here). `check_records` has refused NaN, infinities and
+    ints beyond int64, which orjson would write as null or refuse."""
+    return orjson.dumps(values).decode()
 
 
 def _record(row: tuple) -> dict:
@@ -519,7 +520,7 @@ def _record(row: tuple) -> dict:
         "start_us": start_us,
         "duration_s": duration_s,
         "algo": algo,
-        "values": json.loads(values_json),
+        "values": orjson.loads(values_json),
     }
 
 

@@ -143,6 +143,32 @@ class StoreContract:
         got = everything(store)[-1][1]["values"]
         assert type(got["hr_bpm"]) is float and got["flag"] is True and got["label"] == "résumé"
 
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        values=st.dictionaries(
+            st.text(max_size=12),
+            st.one_of(
+                st.floats(allow_nan=False, allow_infinity=False),
+                st.integers(-(2**63), 2**63 - 1),
+                st.booleans(),
+                st.text(max_size=64),
+            ),
+            max_size=64,
+        )
+    )
+    def test_every_admitted_value_comes_back_exactly(self, harness: Harness, values: dict) -> None:
+        """Whatever `check_records` admits is read back equal and of the same type: extreme and tiny
+        floats, -0.0, int64 bounds, bools, and non-ASCII labels, through the store's own encoding."""
+        with harness.fresh_database()() as store:
+            store.commit(A, 1, 0, 0, b"s", [{**rec(A, "steps", T0), "values": values}])
+            ((_, got),) = everything(store)
+        back = got["values"]
+        assert list(back) == list(values)
+        for k, v in values.items():
+            assert type(back[k]) is type(v) and back[k] == v
+            if isinstance(v, float):
+                assert np.copysign(1.0, back[k]) == np.copysign(1.0, v)  # -0.0 stays negative
+
     def test_commit_without_records_moves_state_and_high_water(self, store: Store) -> None:
         assert store.commit(A, 7, 0, 4, b"one", []) == CommitResult(False, 4, ())
         assert store.commit(A, 7, 5, 5, b"two", []) == CommitResult(False, 5, ())
