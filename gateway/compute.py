@@ -98,6 +98,7 @@ def load_and_compute(
     )
     with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
         item = rows.prepare(item)
-    # The consented records only: the answer crosses to the serving process once, and the records that
-    # consent dropped have no business there.
-    return replace(computed, records=records), item
+    # The answer crosses to the serving process, which needs the item (the consented records, in the
+    # store's encoded form once prepared), not the records as dicts: unpickling those was ~40 % of the
+    # answer's cost there. The records consent dropped never leave this process.
+    return replace(computed, records=[]), item

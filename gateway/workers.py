@@ -3,7 +3,7 @@
 Why processes: the kernels release the GIL, but the Python around them (state, records, the store's
 encoding) does not, and with compute threads the serving process spent its time handing the GIL between
 the event loop, the compute threads and the writer (measured: 1.1 of 2 cores used, a quarter of the CPU
-in futex calls). A worker process does a batch's whole compute job (`pipeline.load_and_compute`: read
+in futex calls). A worker process does a batch's whole compute job (`compute.load_and_compute`: read
 the device row on its own store connection, check the sequence, compute, apply consent, encode) and
 sends back what the store writer commits. Raw samples exist only inside a worker.
 
@@ -62,7 +62,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """`processes` worker processes running `pipeline.load_and_compute` for the event loop.
+    """`processes` worker processes running `compute.load_and_compute` for the event loop.
 
     start/shutdown: start launches the workers and waits until each has imported the feature path and
     opened its store connection; shutdown closes their sockets (a worker finishes the job it is on) and

@@ -266,7 +266,9 @@ class SqliteStore(Store):
         return result
 
     def prepare(self, item: CommitItem) -> CommitItem:
-        return replace(item, prepared=_Prepared(item.records, _prepare(item)))
+        rows = _encode(item)
+        token: list[dict] = []  # the prepared item's records: empty, the rows stand for them
+        return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows))
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`, each inside a SAVEPOINT of its
@@ -446,25 +448,38 @@ def _errors() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """`SqliteStore.prepare`'s work: the records of exactly this list, checked and as rows."""
+    """`SqliteStore.prepare`'s work: one device's records, checked and encoded as rows. The prepared
+    item's `records` is `token`, an empty list; an item whose records or device were changed after
+    `prepare` is encoded again from what it holds, so nothing unchecked reaches the database."""
 
-    records: list[dict]
+    token: list[dict]
+    device_id: int
     rows: list[tuple]
 
 
 def _rows(item: CommitItem) -> list[tuple]:
-    """The item's rows: prepared ahead for this very records list, or checked and encoded now."""
+    """The item's rows: prepared ahead for exactly this item, or checked and encoded now."""
     p = item.prepared
-    if isinstance(p, _Prepared) and p.records is item.records:
+    if (
+        isinstance(p, _Prepared)
+        and p.token is item.records
+        and not item.records
+        and p.device_id == item.device_id
+    ):
+        _check_item(item)  # the IDs and state may have been replaced since: cheap, so checked again
         return p.rows
-    return _prepare(item)
+    return _encode(item)
 
 
-def _prepare(item: CommitItem) -> list[tuple]:
-    """The item's checks that need no database, and its records as rows; `ValueError` if malformed."""
+def _check_item(item: CommitItem) -> None:
     check_batch(item.device_id, item.boot_id, item.first_seq, item.last_seq)
     if not isinstance(item.state, bytes):
         raise ValueError("state must be bytes")
+
+
+def _encode(item: CommitItem) -> list[tuple]:
+    """The item's checks that need no database, and its records as rows; `ValueError` if malformed."""
+    _check_item(item)
     device = device_key(item.device_id)
     check_records(device, item.records)
     return [
@@ -484,19 +499,24 @@ def _apply(conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us
         high_water, item.device_id, item.boot_id, item.first_seq, item.last_seq, allow_gap=item.allow_gap
     ):
         assert high_water is not None
-        return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(item.records))
+        return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows))
     before = _latest_cursor(conn)
-    conn.executemany(_INSERT_RECORD, rows)
-    inserted = {
-        (family, start_us): cursor
-        for cursor, family, start_us in conn.execute(
-            "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
-        )
-    }
+    inserted = conn.executemany(_INSERT_RECORD, rows).rowcount
+    if inserted == len(rows) and _latest_cursor(conn) == before + inserted:
+        # Every row went in, each taking the next cursor (this transaction is the only writer), so there
+        # is no need to ask which cursor each got: the common case, as keys repeat only on a replay.
+        cursors: tuple[int | None, ...] = tuple(range(before + 1, before + inserted + 1))
+    else:
+        cursor_of = {
+            (family, start_us): cursor
+            for cursor, family, start_us in conn.execute(
+                "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
+            )
+        }
+        # pop: a key repeated within the batch is inserted once, for its first occurrence
+        cursors = tuple(cursor_of.pop((row[1], row[2]), None) for row in rows)
     conn.execute(_UPSERT_BOOT, (device, item.boot_id, item.last_seq, now_us))
     conn.execute(_UPSERT_DEVICE, (device, item.boot_id, item.state, now_us))
-    # pop: a key repeated within the batch is inserted once, for its first occurrence
-    cursors = tuple(inserted.pop((r["family"], r["start_us"]), None) for r in item.records)
     return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors)
 
 

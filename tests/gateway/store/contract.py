@@ -356,6 +356,15 @@ class StoreContract:
         assert isinstance(results[1], ValueError)
         assert everything(store) == list(zip(results[0].cursors, minutes(A, 0, 2), strict=True))
         assert store.device(C) is None
+        # swapped to another device with the records left as prepared: encoded again from what the item
+        # holds (no records), never written under the other device with the first device's rows
+        moved = store.prepare(CommitItem(A, 7, 2, 2, b"a2", minutes(A, 2, 1)))
+        (result,) = store.commit_many([replace(moved, device_id=B)])
+        assert result.cursors == () and store.device(B) == DeviceRow(B, 7, 2, b"a2")
+        assert [r for _, r in everything(store)] == minutes(A, 0, 2)
+        # an ID swapped to one outside its wire type is refused even on a prepared item
+        (bad,) = store.commit_many([replace(moved, boot_id=-1)])
+        assert isinstance(bad, ValueError)
 
     def test_items_of_one_device_see_each_other(self, store: Store) -> None:
         results = store.commit_many(
