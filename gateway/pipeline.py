@@ -423,18 +423,21 @@ class Pipeline:
         outcome = await self._run_compute(device_id, batch, allowed, allow_gap)
         if isinstance(outcome, int):
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
-        computed, item = outcome
+        computed, committed = outcome
         self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)
         for _, _, reason in computed.frame_errors:
             self.metrics.decode_errors.labels(reason.partition(":")[0]).inc()
 
-        # commit: records + state + high-water in one transaction, on the writer thread
-        try:
-            result = await self._store_call(self.writer.commit, item)
-        except SequenceError as e:
-            raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
+        # commit: records + state + high-water in one transaction; a worker process has committed already
+        if isinstance(committed, CommitResult):
+            result = committed
+        else:  # a compute thread's item, for the writer thread
+            try:
+                result = await self._store_call(self.writer.commit, committed)
+            except SequenceError as e:
+                raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         if result.duplicate:
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=result.high_water)
         stored = sum(c is not None for c in result.cursors)
@@ -474,7 +477,7 @@ class Pipeline:
 
     async def _run_compute(
         self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
-    ) -> int | tuple[Computed, CommitItem]:
+    ) -> int | tuple[Computed, CommitItem | CommitResult]:
         workers, threads = self.workers, self._compute
         if workers is None and threads is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")

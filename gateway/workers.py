@@ -17,6 +17,7 @@ also ends when the serving process is killed. A worker that dies fails its jobs 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -40,6 +41,7 @@ RESTART_DELAY_S = 1.0  # after a worker died: bounds a crash loop to one start a
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
 POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
 POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
+GROUP_MAX = 8  # batches a worker computes before it commits them: bounds the first one's wait
 
 
 class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
@@ -329,8 +331,51 @@ def _send(sock: socket.socket, message: Any) -> None:
     sock.sendall(_HEADER.pack(len(payload)) + payload)
 
 
+class _Inbox:
+    """The worker's end of the socket, as whole jobs: `take` waits for the first job of a group, `more`
+    takes only jobs that have already arrived, so a busy worker commits what it computed as one group
+    and an idle one answers a lone batch at once."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+        self.ready: collections.deque[Any] = collections.deque()
+        self.closed = False
+
+    def take(self) -> Any | None:
+        """The next job, waiting for it; None once the socket has closed."""
+        while not self.ready and not self.closed:
+            self._receive(block=True)
+        return self.ready.popleft() if self.ready else None
+
+    def more(self) -> Any | None:
+        """The next job if it has arrived already, else None."""
+        if not self.ready and not self.closed:
+            self._receive(block=False)
+        return self.ready.popleft() if self.ready else None
+
+    def _receive(self, *, block: bool) -> None:
+        try:
+            chunk = self.sock.recv(1 << 20, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.closed = True
+            return
+        self.buf += chunk
+        at = 0
+        while len(self.buf) - at >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(self.buf, at)
+            end = at + _HEADER.size + n
+            if len(self.buf) < end:
+                break
+            self.ready.append(pickle.loads(memoryview(self.buf)[at + _HEADER.size : end]))
+            at = end
+        del self.buf[:at]
+
+
 def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
-    """The worker's loop: one job at a time until the socket closes."""
+    """The worker's loop: compute the jobs that have arrived, commit them as one group, answer them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process drains first, then closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
@@ -338,14 +383,13 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         from gateway.logs import configure_logging
 
         configure_logging(logging.WARNING)  # the serving process's format, on the stderr it shares
-        from bandgate.v1 import batch_pb2
         from decoder.features import StateCache
-        from gateway.compute import load_and_compute
+        from gateway.compute import load_and_compute  # noqa: F401 - the kernels' module, before warm()
         from gateway.store import store_for_url
         from gateway.warm import warm
 
-        rows = store_for_url(store_url)
-        rows.open()
+        store = store_for_url(store_url)
+        store.open()
     except Exception as e:
         _send(sock, (False, _portable(e)))
         return 1
@@ -355,33 +399,62 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
     except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
         log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
-    stream = sock.makefile("rb")
+    inbox = _Inbox(sock)
     try:
-        while True:
-            header = stream.read(_HEADER.size)
-            if len(header) < _HEADER.size:
-                return 0
-            (n,) = _HEADER.unpack(header)
-            job, (device_id, batch_bytes, allowed, allow_gap) = pickle.loads(stream.read(n))
-            try:
-                batch = batch_pb2.Batch.FromString(batch_bytes)
-                result = (
-                    job,
-                    True,
-                    load_and_compute(
-                        rows, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache
-                    ),
-                )
-            except Exception as e:
-                result = (job, False, _portable(e))
-            try:
-                _send(sock, result)
-            except OSError:
-                return 0
-            except Exception as e:  # an answer that does not pickle: the job fails, the worker goes on
-                _send(sock, (job, False, RuntimeError(f"compute failed: answer {type(e).__name__}")))
+        while (job := inbox.take()) is not None:
+            answers: list[tuple[int, bool, Any]] = []
+            while job is not None:
+                answers.append(_compute(job, store, cache, max_decompressed_bytes))
+                job = inbox.more() if len(answers) < GROUP_MAX else None
+            _commit(store, answers)
+            for answer in answers:
+                try:
+                    _send(sock, answer)
+                except OSError:
+                    return 0
+                except Exception as e:  # an answer that does not pickle: the job fails, the worker goes on
+                    _send(
+                        sock, (answer[0], False, RuntimeError(f"compute failed: answer {type(e).__name__}"))
+                    )
+        return 0
     finally:
-        rows.close()
+        store.close()
+
+
+def _compute(job: Any, store: Any, cache: Any, max_decompressed_bytes: int) -> tuple[int, bool, Any]:
+    """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
+    (job, False, the exception)."""
+    from bandgate.v1 import batch_pb2
+    from gateway.compute import load_and_compute
+
+    job_id, (device_id, batch_bytes, allowed, allow_gap) = job
+    try:
+        batch = batch_pb2.Batch.FromString(batch_bytes)
+        outcome = load_and_compute(store, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache)
+        return job_id, True, outcome
+    except Exception as e:
+        return job_id, False, _portable(e)
+
+
+def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
+    """Commit the group's computed items in one transaction (`Store.commit_many`: one fsync), and put
+    each item's outcome in its answer: (Computed, CommitResult), or the exception that refused it."""
+    from gateway.store.base import CommitItem
+
+    slots = [i for i, (_, ok, value) in enumerate(answers) if ok and isinstance(value, tuple)]
+    if not slots:
+        return
+    items: list[CommitItem] = [answers[i][2][1] for i in slots]
+    try:
+        results: list[Any] = store.commit_many(items)
+    except Exception as e:  # a bug, not a store state (commit_many answers those per item)
+        results = [e] * len(items)
+    for i, result in zip(slots, results, strict=True):
+        job, _, (computed, _) = answers[i]
+        if isinstance(result, Exception):
+            answers[i] = (job, False, _portable(result))
+        else:
+            answers[i] = (job, True, (computed, result))
 
 
 if __name__ == "__main__":

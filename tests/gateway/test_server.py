@@ -313,10 +313,21 @@ def test_message_size_limit_ends_only_that_stream(tmp_path):
     assert other_ack.code == OK
 
 
-def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path):
+@pytest.mark.parametrize(
+    "mode, limit",
+    [
+        # compute worker processes commit what they computed: the batch holds its compute_queue place
+        ({"compute_queue": 1}, "compute_queue = 1"),
+        # compute threads hand their items to the writer thread and its commit_queue
+        ({"compute_processes": 0, "commit_queue": 1}, "commit_queue = 1"),
+    ],
+    ids=["processes", "threads"],
+)
+def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path, mode, limit):
     """A lock held by another process: the first batch's commit waits, then UNAVAILABLE (nothing stored,
-    no acked_seq); meanwhile the commit queue (1) is full and another device gets RESOURCE_EXHAUSTED."""
-    cfg = config(tmp_path, commit_queue=1, overload_wait_ms=100, retry_after_ms=321)
+    no acked_seq); meanwhile the queue it holds a place in (1) is full and another device gets
+    RESOURCE_EXHAUSTED naming that limit."""
+    cfg = config(tmp_path, overload_wait_ms=100, retry_after_ms=321, **mode)
     cfg = cfg.replace(store=cfg.store + "?busy_timeout_ms=1500")
     device, batches = band()
     other, others = band(seed=8)
@@ -336,7 +347,7 @@ def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path):
             return overloaded, unavailable, retried
 
     overloaded, unavailable, retried = run(scenario())
-    assert overloaded.code == RESOURCE_EXHAUSTED and "commit_queue = 1" in overloaded.reason
+    assert overloaded.code == RESOURCE_EXHAUSTED and limit in overloaded.reason
     assert overloaded.retry_after_ms == 321
     assert unavailable.code == UNAVAILABLE and not unavailable.has_acked_seq
     assert retried.code == OK
