@@ -41,7 +41,7 @@ class GatewayConfig:
     rate_burst_samples: float = 600_000.0
 
     # Backpressure: bounded queues and how long a batch may wait for room.
-    commit_queue: int = 64  # commits queued or running on the single writer thread
+    commit_queue: int = 64  # commits queued on the writer thread (compute_processes = 0 only)
     compute_queue: int = 1024  # batches decoding or waiting for a compute worker (bounds memory, not speed)
     overload_wait_ms: int = 250  # wait this long for room in either queue, then RESOURCE_EXHAUSTED
     retry_after_ms: int = 1000  # what an overloaded gateway tells the band

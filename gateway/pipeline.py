@@ -1,8 +1,8 @@
 """The path a batch takes, top to bottom (`Pipeline.handle`):
 
 receive → authenticate → consent gate → limits → dedup → decompress, decode, features (a compute worker
-process, `gateway/workers.py`, or a compute thread; raw arrays end there) → consent filter → commit (the
-one writer thread) → ack
+process, `gateway/workers.py`, or a compute thread; raw arrays end there) → consent filter → commit (in
+that worker process, or on the one writer thread for compute threads) → ack
 
 Every batch gets exactly one Ack. A batch is acked OK only after the `Store.commit_many` that holds it
 returned (group commit: one transaction for the commits waiting together): its records, the device's
@@ -281,8 +281,9 @@ class Computed:
 
 class Pipeline:
     """Turns one batch into one Ack. Owns the compute workers (`config.compute_processes` worker
-    processes, or with 0 that many compute threads in this process, each with a store object for reading
-    device rows) and the store writer.
+    processes, which commit what they compute, or with 0 that many compute threads in this process,
+    each with a store object for reading device rows) and the store writer thread (the compute threads'
+    commits, and retention).
 
     start/shutdown: start opens the store, then starts the workers; shutdown (safe without start, and
     twice) waits for compute and commits in flight, then stops the workers and closes the store.

@@ -3,9 +3,11 @@
 Why processes: the kernels release the GIL, but the Python around them (state, records, the store's
 encoding) does not, and with compute threads the serving process spent its time handing the GIL between
 the event loop, the compute threads and the writer (measured: 1.1 of 2 cores used, a quarter of the CPU
-in futex calls). A worker process does a batch's whole compute job (`compute.load_and_compute`: read
-the device row on its own store connection, check the sequence, compute, apply consent, encode) and
-sends back what the store writer commits. Raw samples exist only inside a worker.
+in futex calls). A worker process does a batch's whole job (`compute.load_and_compute`: read the device
+row on its own store connection, check the sequence, compute, apply consent, encode) and commits it on
+that connection, with the other batches it computed meanwhile (group commit: `GROUP_MAX`), before it
+answers: a writer thread in the serving process cost twice its SQLite time there in GIL hand-offs.
+Raw samples exist only inside a worker.
 
 The wire between the event loop and a worker is a socketpair carrying length-prefixed pickles, read by
 the loop itself (asyncio streams): no helper threads in the serving process. A worker ignores SIGINT and
