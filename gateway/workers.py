@@ -403,11 +403,19 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
     inbox = _Inbox(sock)
     try:
-        while (job := inbox.take()) is not None:
+        held = None
+        while (job := held or inbox.take()) is not None:
+            held = None
             answers: list[tuple[int, bool, Any]] = []
+            devices: set[int] = set()
             while job is not None:
+                devices.add(job[1][0])
                 answers.append(_compute(job, store, cache, max_decompressed_bytes))
                 job = inbox.more() if len(answers) < GROUP_MAX else None
+                if job is not None and job[1][0] in devices:
+                    # Its device has a batch in this group, not committed yet: computed now, it would start
+                    # from the row before that batch. It opens the next group instead.
+                    held, job = job, None
             _commit(store, answers)
             for answer in answers:
                 try:

@@ -225,3 +225,47 @@ def test_a_job_whose_caller_is_cancelled_runs_to_its_end_before_it_counts_as_don
     assert again == batches[0].last_seq
     with open_store(url) as store:
         assert [r for _, r in store.read_since(0)] == processed(batches[:1])
+
+
+def test_a_worker_commits_the_batches_that_arrived_together_as_one_group(tmp_path):
+    """Jobs that reach a busy worker together are computed, then committed in one `commit_many`, each
+    answered with its own outcome; a device's next batch waits for the group holding its previous one,
+    so it is computed from that batch's state, and a gap is still refused."""
+    from gateway.pipeline import ALL_FAMILIES
+    from gateway.store import SequenceError, open_store
+    from gateway.store.base import CommitResult
+    from gateway.workers import WorkerPool
+
+    url = f"sqlite:///{tmp_path}/gw.db"
+    with open_store(url):
+        pass
+    a, a_batches = band(seed=71, minutes=20, batch_minutes=5)
+    b, b_batches = band(seed=72, minutes=20, batch_minutes=5)
+    sent = [(a, a_batches[0]), (b, b_batches[0]), (a, a_batches[1]), (b, b_batches[2])]
+
+    async def scenario():
+        pool = WorkerPool(1, url, 64 << 20)
+        await pool.start()
+        try:
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGSTOP)  # the jobs wait in its socket, then arrive together
+            try:
+                jobs = [
+                    asyncio.ensure_future(
+                        pool.run((d, x.boot_id, x.first_seq), d, x.SerializeToString(), ALL_FAMILIES, False)
+                    )
+                    for d, x in sent
+                ]
+                await asyncio.sleep(0.3)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            await pool.shutdown()
+
+    *stored_ok, gap = run(scenario())
+    assert isinstance(gap, SequenceError) and gap.expected_seq == b_batches[0].last_seq + 1
+    for (_, result), (_, x) in zip(stored_ok, sent, strict=False):
+        assert isinstance(result, CommitResult) and not result.duplicate and result.high_water == x.last_seq
+    # a's second batch continued from its first one's state: the records of a band sending both in turn
+    assert same_records(stored(url), processed(a_batches[:2]) + processed(b_batches[:1]))
