@@ -131,14 +131,14 @@ class Store(Protocol):
 
     def prepare(self, item: CommitItem) -> CommitItem:
         """The item with its database-free work done ahead (checks, encoding): `ValueError` if it is
-        malformed. Safe on any thread, beside the one using the store: the gateway prepares on its
-        compute workers so that its single writer does only what needs the database. `commit_many` of
-        a prepared item does not redo the work; of an unprepared one, it does it itself.
+        malformed. Safe on any thread, beside the one using the store: the gateway prepares where the
+        records were made (a compute worker or thread), so that a writer does only what needs the
+        database. `commit_many` of a prepared item does not redo the work; of an unprepared one, it
+        does it itself.
 
         The prepared item carries its records in the store's encoded form only (`records` is empty,
-        `prepared` holds them): that is what crosses from a compute worker process to the writer, at
-        half the bytes. An item whose records or device are replaced after `prepare` is checked and
-        encoded again from what it then holds."""
+        `prepared` holds them), so what travels to a writer is half the bytes. An item whose records
+        or device are replaced after `prepare` is checked and encoded again from what it then holds."""
         ...
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
