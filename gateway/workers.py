@@ -385,8 +385,9 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         from gateway.logs import configure_logging
 
         configure_logging(logging.WARNING)  # the serving process's format, on the stderr it shares
+        from bandgate.v1 import batch_pb2
         from decoder.features import StateCache
-        from gateway.compute import load_and_compute  # noqa: F401 - the kernels' module, before warm()
+        from gateway.compute import load_and_compute
         from gateway.store import store_for_url
         from gateway.warm import warm
 
@@ -401,6 +402,20 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
     except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
         log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
+
+    def compute(job: Any) -> tuple[int, bool, Any]:
+        """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
+        (job, False, the exception)."""
+        job_id, (device_id, batch_bytes, allowed, allow_gap) = job
+        try:
+            batch = batch_pb2.Batch.FromString(batch_bytes)
+            outcome = load_and_compute(
+                store, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache
+            )
+            return job_id, True, outcome
+        except Exception as e:
+            return job_id, False, _portable(e)
+
     inbox = _Inbox(sock)
     try:
         held = None
@@ -410,7 +425,7 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
             devices: set[int] = set()
             while job is not None:
                 devices.add(job[1][0])
-                answers.append(_compute(job, store, cache, max_decompressed_bytes))
+                answers.append(compute(job))
                 job = inbox.more() if len(answers) < GROUP_MAX else None
                 if job is not None and job[1][0] in devices:
                     # Its device has a batch in this group, not committed yet: computed now, it would start
@@ -431,30 +446,13 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         store.close()
 
 
-def _compute(job: Any, store: Any, cache: Any, max_decompressed_bytes: int) -> tuple[int, bool, Any]:
-    """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
-    (job, False, the exception)."""
-    from bandgate.v1 import batch_pb2
-    from gateway.compute import load_and_compute
-
-    job_id, (device_id, batch_bytes, allowed, allow_gap) = job
-    try:
-        batch = batch_pb2.Batch.FromString(batch_bytes)
-        outcome = load_and_compute(store, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache)
-        return job_id, True, outcome
-    except Exception as e:
-        return job_id, False, _portable(e)
-
-
 def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
     """Commit the group's computed items in one transaction (`Store.commit_many`: one fsync), and put
     each item's outcome in its answer: (Computed, CommitResult), or the exception that refused it."""
-    from gateway.store.base import CommitItem
-
     slots = [i for i, (_, ok, value) in enumerate(answers) if ok and isinstance(value, tuple)]
     if not slots:
         return
-    items: list[CommitItem] = [answers[i][2][1] for i in slots]
+    items = [answers[i][2][1] for i in slots]
     try:
         results: list[Any] = store.commit_many(items)
     except Exception as e:  # a bug, not a store state (commit_many answers those per item)
