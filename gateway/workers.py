@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -461,8 +462,8 @@ def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
         job, _, (computed, _) = answers[i]
         if isinstance(result, Exception):
             answers[i] = (job, False, _portable(result))
-        else:
-            answers[i] = (job, True, (computed, result))
+        else:  # stored: the state stays here, the serving process needs only the counts and errors
+            answers[i] = (job, True, (dataclasses.replace(computed, state=b""), result))
 
 
 if __name__ == "__main__":
