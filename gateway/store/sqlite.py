@@ -271,9 +271,10 @@ class SqliteStore(Store):
         return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows))
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
-        """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`, each inside a SAVEPOINT of its
-        own, so an item refused by its checks rolls back only itself. Any sqlite error aborts the group:
-        after an I/O error or a full disk SQLite may already have rolled back the whole transaction."""
+        """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`. An item refused by its sequence
+        check is refused before it writes anything, so it needs no savepoint of its own. Any sqlite
+        error aborts the group: after an I/O error or a full disk SQLite may already have rolled back the
+        whole transaction."""
         results: list[CommitResult | Exception | None] = [None] * len(items)
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
         for i, item in enumerate(items):
@@ -285,14 +286,12 @@ class SqliteStore(Store):
             now_us = time.time_ns() // 1000
             try:
                 with self._write() as conn:
+                    latest = _latest_cursor(conn)
                     for i, item, rows in prepared:
-                        conn.execute("SAVEPOINT item")
                         try:
-                            results[i] = _apply(conn, item, rows, now_us)
+                            results[i], latest = _apply(conn, item, rows, now_us, latest)
                         except SequenceError as e:
-                            conn.execute("ROLLBACK TO item")
                             results[i] = e
-                        conn.execute("RELEASE item")
             except StoreError as e:  # nothing of the group was written
                 for i, _, _ in prepared:
                     results[i] = e
@@ -488,8 +487,12 @@ def _encode(item: CommitItem) -> list[tuple]:
     ]
 
 
-def _apply(conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us: int) -> CommitResult:
-    """The sequence check and the writes of one item, inside the caller's transaction."""
+def _apply(
+    conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us: int, latest: int
+) -> tuple[CommitResult, int]:
+    """The sequence check, then the writes of one item, inside the caller's transaction; `latest` is
+    the newest cursor before it, and the newest after it is returned beside the result. Nothing is
+    written before the check, so a `SequenceError` leaves the transaction as it found it."""
     device = device_key(item.device_id)
     found = conn.execute(
         "SELECT last_seq FROM boots WHERE device = ? AND boot_id = ?", (device, item.boot_id)
@@ -499,25 +502,27 @@ def _apply(conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us
         high_water, item.device_id, item.boot_id, item.first_seq, item.last_seq, allow_gap=item.allow_gap
     ):
         assert high_water is not None
-        return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows))
-    before = _latest_cursor(conn)
+        return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows)), latest
     inserted = conn.executemany(_INSERT_RECORD, rows).rowcount
-    if inserted == len(rows) and _latest_cursor(conn) == before + inserted:
-        # Every row went in, each taking the next cursor (this transaction is the only writer), so there
-        # is no need to ask which cursor each got: the common case, as keys repeat only on a replay.
-        cursors: tuple[int | None, ...] = tuple(range(before + 1, before + inserted + 1))
+    if inserted == len(rows):
+        # Every row went in, each taking the next cursor (AUTOINCREMENT, and this transaction is the
+        # only writer), so there is no need to ask which cursor each got: the common case, as keys
+        # repeat only on a replay.
+        cursors: tuple[int | None, ...] = tuple(range(latest + 1, latest + inserted + 1))
+        latest += inserted
     else:
         cursor_of = {
             (family, start_us): cursor
             for cursor, family, start_us in conn.execute(
-                "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (before,)
+                "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (latest,)
             )
         }
         # pop: a key repeated within the batch is inserted once, for its first occurrence
         cursors = tuple(cursor_of.pop((row[1], row[2]), None) for row in rows)
+        latest = _latest_cursor(conn)
     conn.execute(_UPSERT_BOOT, (device, item.boot_id, item.last_seq, now_us))
     conn.execute(_UPSERT_DEVICE, (device, item.boot_id, item.state, now_us))
-    return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors)
+    return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors), latest
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:

@@ -388,11 +388,17 @@ class StoreContract:
                 CommitItem(A, 7, 0, 9, b"first", minutes(A, 0, 2)),
                 CommitItem(A, 7, 0, 9, b"again", minutes(A, 0, 2)),  # the band resent it at once
                 CommitItem(A, 7, 10, 10, b"next", [*minutes(A, 1, 1), *minutes(A, 2, 1)]),
+                CommitItem(B, 1, 0, 0, b"b", minutes(B, 0, 2)),  # after an item with a repeated key
             ]
         )
         assert results[1] == CommitResult(duplicate=True, high_water=9, cursors=(None, None))
         assert results[2].cursors[0] is None and results[2].cursors[1] > results[0].cursors[1]
-        assert [r for _, r in everything(store)] == minutes(A, 0, 3)
+        assert everything(store) == [
+            *zip(results[0].cursors, minutes(A, 0, 2), strict=True),
+            (results[2].cursors[1], minutes(A, 2, 1)[0]),
+            *zip(results[3].cursors, minutes(B, 0, 2), strict=True),
+        ]
+        assert store.latest_cursor() == results[3].cursors[-1]
         assert store.device(A) == DeviceRow(A, 7, 10, b"next")
 
     def test_locked_group_is_all_or_nothing(self, harness: Harness, store: Store) -> None:
