@@ -401,9 +401,9 @@ class _Layout:
         self.duration_s = duration_s
         self.algo = ALGO[family]
         self.names = [name for name, _, _ in fields]
-        self.float_cols = [col for _, col, digits in fields if digits is not None]
+        self.float_cols = np.array([col for _, col, digits in fields if digits is not None], np.int64)
         self.scale = np.array([10.0**digits for _, _, digits in fields if digits is not None])
-        self.int_cols = [col for _, col, digits in fields if digits is None]
+        self.int_cols = np.array([col for _, col, digits in fields if digits is None], np.int64)
         n_float = len(self.float_cols)
         order, fi, ii = [], 0, n_float
         for _, _, digits in fields:
@@ -418,9 +418,10 @@ class _Layout:
     def columns(self, rows: np.ndarray) -> list[list]:
         if not rows.shape[0]:
             return [[] for _ in self.order]
-        f = rows[:, self.float_cols].astype(np.float32).astype(np.float64)
-        f = np.rint(f * self.scale) / self.scale
-        cols = f.T.tolist() + rows[:, self.int_cols].astype(np.int64).T.tolist()
+        # one signature (C-contiguous float64), so no batch ever waits for a new specialisation
+        rows = np.ascontiguousarray(rows, np.float64)
+        f, i = _round_columns(rows, self.float_cols, self.scale, self.int_cols)
+        cols = f.tolist() + i.tolist()
         return [cols[k] for k in self.order]
 
     def records(self, device: str, starts: list, columns: list[list]) -> list[dict]:
@@ -437,6 +438,25 @@ class _Layout:
             }
             for start, *row in zip(starts, *columns, strict=True)
         ]
+
+
+@njit(**config.JIT)
+def _round_columns(rows, float_cols, scale, int_cols):
+    """`_Layout.columns`' arithmetic in one call (a batch's few rows made numpy's per-call cost most of
+    it): float columns through float32, rounded as `np.round` does; integer columns as int64. Both
+    column-major, as the records are built column by column."""
+    n = rows.shape[0]
+    f = np.empty((float_cols.size, n))
+    for k in range(float_cols.size):
+        c = float_cols[k]
+        for r in range(n):
+            f[k, r] = np.rint(np.float64(np.float32(rows[r, c])) * scale[k]) / scale[k]
+    i = np.empty((int_cols.size, n), np.int64)
+    for k in range(int_cols.size):
+        c = int_cols[k]
+        for r in range(n):
+            i[k, r] = np.int64(rows[r, c])
+    return f, i
 
 
 # Columns of the kernels' rows (the dtype field order of each family's output).
