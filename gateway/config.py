@@ -47,6 +47,9 @@ class GatewayConfig:
     retry_after_ms: int = 1000  # what an overloaded gateway tells the band
     compute_processes: int = 2  # decode + features worker processes; 0 = compute threads in this process
     compute_threads: int = 2  # decode + features threads when compute_processes = 0
+    # A compute worker holding batches that answers none of them for this long is killed and replaced
+    # (its batches UNAVAILABLE, resent by the bands); 0 = never. Threads cannot be killed: none there.
+    compute_deadline_s: float = 30.0
     subscribe_page: int = 500  # records a subscriber reads per store query
 
     # Retention: records whose period started longer ago than this are deleted (0 = keep everything).
@@ -88,6 +91,7 @@ class GatewayConfig:
             "max_connection_idle_ms",
             "retention_days",
             "shutdown_grace_s",
+            "compute_deadline_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

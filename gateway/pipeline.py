@@ -323,7 +323,11 @@ class Pipeline:
         c = self.config
         if c.compute_processes:
             workers = WorkerPool(
-                c.compute_processes, c.store, c.max_decompressed_bytes, self._workers_changed
+                c.compute_processes,
+                c.store,
+                c.max_decompressed_bytes,
+                self._workers_changed,
+                deadline_s=c.compute_deadline_s,
             )
             await workers.start()
             self.workers = workers

@@ -13,7 +13,11 @@ The wire between the event loop and a worker is a socketpair carrying length-pre
 the loop itself (asyncio streams): no helper threads in the serving process. A worker ignores SIGINT and
 SIGTERM (the serving process drains, then closes the socket) and exits when its socket closes, so it
 also ends when the serving process is killed. A worker that dies fails its jobs with `WorkerLost`
-(UNAVAILABLE: the bands resend; nothing was stored for them) and is started again.
+(UNAVAILABLE: the bands resend; nothing was stored for them) and is started again, after a delay that
+doubles while its starts keep failing or its processes keep dying young. A worker that holds jobs and
+answers none of them for `deadline_s` (a kernel that never returns, a process stopped or swapped out)
+is killed, with the same outcome: its batches are answered, and a batch that was on two such workers is
+refused for good (`PoisonBatch`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -40,7 +45,11 @@ log = logging.getLogger("bandgate.workers")
 
 _HEADER = struct.Struct("!I")
 READY_TIMEOUT_S = 60.0  # a worker's start: imports and its store connection (kernels load after)
-RESTART_DELAY_S = 1.0  # after a worker died: bounds a crash loop to one start a second
+RESTART_DELAY_S = 1.0  # after a worker died: the first restart waits this long ...
+RESTART_MAX_S = 30.0  # ... each failed one twice as long as the last, up to this
+STABLE_S = 60.0  # a worker that lived this long before it died is restarted after RESTART_DELAY_S again
+WARM_TIMEOUT_S = 120.0  # a worker's first answer may wait for its kernels to load (cold cache: compile)
+WARM_JOB = -1  # the job number of the note a worker sends once its kernels are loaded
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
 POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
 POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
@@ -64,6 +73,10 @@ class _Worker:
     pending: dict[int, tuple[asyncio.Future, Hashable]] = field(default_factory=dict)
     listener: asyncio.Task | None = None
     dead: bool = False  # set as soon as its socket ends, before it is reaped
+    started: float = field(default_factory=time.monotonic)
+    warm: bool = False  # its kernels are loaded (it said so)
+    progress: float = 0.0  # when it last answered, or went from idle to busy (monotonic s)
+    killed_stuck: bool = False
 
 
 class WorkerPool:
@@ -72,6 +85,10 @@ class WorkerPool:
     start/shutdown: start launches the workers and waits until each has imported the feature path and
     opened its store connection; shutdown closes their sockets (a worker finishes the job it is on) and
     waits for them to exit, killing one that does not within `grace_s`. Both are safe to repeat.
+
+    `deadline_s` (0: none) is how long a worker holding jobs may go without answering one before it is
+    killed as stuck (`WARM_TIMEOUT_S` at least, until its kernels are loaded). `restart_delay_s` and
+    `restart_max_s` set the back-off of restarts.
     """
 
     def __init__(
@@ -80,15 +97,24 @@ class WorkerPool:
         store_url: str,
         max_decompressed_bytes: int,
         on_change: Callable[[int, bool], None] = lambda live, lost: None,
+        *,
+        deadline_s: float = 0.0,
+        restart_delay_s: float = RESTART_DELAY_S,
+        restart_max_s: float = RESTART_MAX_S,
     ):
         self.processes = processes
         self.on_change = on_change  # (workers running, whether one was just lost): for the metrics
         self.store_url = store_url
         self.max_decompressed_bytes = max_decompressed_bytes
+        self.deadline_s = deadline_s
+        self.restart_delay_s = restart_delay_s
+        self.restart_max_s = restart_max_s
         self._workers: list[_Worker | None] = [None] * processes
         self._ids = itertools.count()
         self._closing = False
         self._restarts: set[asyncio.Task] = set()
+        self._failures = [0] * processes  # failed starts and early deaths in a row, per worker slot
+        self._watchdog: asyncio.Task | None = None
         self._lost: OrderedDict[Hashable, int] = OrderedDict()  # batch key -> workers lost with it
 
     @property
@@ -111,6 +137,8 @@ class WorkerPool:
             await self.shutdown()
             raise failed[0]
         self.on_change(len(self.pids), False)
+        if self.deadline_s > 0:
+            self._watchdog = asyncio.ensure_future(self._watch())
 
     async def run(
         self, key: Hashable, device_id: int, *args: Any, on_done: Callable[[], None] = lambda: None
@@ -134,6 +162,8 @@ class WorkerPool:
             raise
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: on_done())
+        if not worker.pending:  # idle until now: the deadline counts from here
+            worker.progress = time.monotonic()
         worker.pending[job] = (future, key)
         try:
             worker.writer.write(_HEADER.pack(len(payload)) + payload)
@@ -220,6 +250,10 @@ class WorkerPool:
         try:
             while True:
                 job, ok, value = await _read(worker.reader)
+                worker.progress = time.monotonic()
+                if job == WARM_JOB:
+                    worker.warm = True
+                    continue
                 entry = worker.pending.pop(job, None)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result((ok, value))
@@ -243,27 +277,38 @@ class WorkerPool:
                 if worker.proc.poll() is None:  # alive but not answering as it should
                     worker.proc.kill()
                 code = await asyncio.to_thread(worker.proc.wait)
+                # A worker that dies young is a crash loop in the making: its restart waits longer.
+                young = time.monotonic() - worker.started < STABLE_S
+                self._failures[worker.index] = self._failures[worker.index] + 1 if young else 0
                 self.on_change(len(self.pids), True)
-                log.error(
-                    "compute worker ended",
-                    extra={"fields": {"event": "worker_lost", "worker": worker.index, "exit_code": code}},
-                )
+                fields = {"event": "worker_lost", "worker": worker.index, "exit_code": code}
+                if worker.killed_stuck:
+                    fields["reason"] = f"no answer within {self.deadline_s:g} s"
+                log.error("compute worker ended", extra={"fields": fields})
                 task = asyncio.ensure_future(self._restart(worker.index))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
 
+    def restart_delay(self, index: int) -> float:
+        """How long the next start of worker slot `index` waits: `restart_delay_s`, doubled for each
+        failure in a row after the first (a start that failed, a worker that died within `STABLE_S`),
+        up to `restart_max_s`."""
+        doublings = min(max(self._failures[index] - 1, 0), 16)
+        return min(self.restart_max_s, self.restart_delay_s * 2**doublings)
+
     async def _restart(self, index: int) -> None:
+        delay = self.restart_delay(index)
         while not self._closing:
-            await asyncio.sleep(RESTART_DELAY_S)
+            await asyncio.sleep(delay)
             if self._closing:
                 return
             try:
                 worker = await self._launch(index)
             except Exception as e:
-                log.error(
-                    "compute worker restart failed",
-                    extra={"fields": {"event": "worker_restart_failed", "worker": index, "error": str(e)}},
-                )
+                self._failures[index] += 1
+                delay = self.restart_delay(index)
+                fields = {"event": "worker_restart_failed", "worker": index, "error": str(e)}
+                log.error("compute worker restart failed", extra={"fields": {**fields, "retry_s": delay}})
                 continue
             if self._closing:
                 worker.writer.close()
@@ -273,8 +318,40 @@ class WorkerPool:
             self.on_change(len(self.pids), False)
             return
 
+    async def _watch(self) -> None:
+        """Kill a worker that holds jobs and has answered none of them for `deadline_s` (until its
+        kernels are loaded, `WARM_TIMEOUT_S` at least). Its listener then fails its jobs and restarts
+        it, as for any worker that died."""
+        period = min(1.0, self.deadline_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self._kill_stuck(time.monotonic())
+
+    def _kill_stuck(self, now: float) -> None:
+        for w in self._workers:
+            if w is None or w.dead or not w.pending or w.killed_stuck:
+                continue
+            limit = self.deadline_s if w.warm else max(self.deadline_s, WARM_TIMEOUT_S)
+            if now - w.progress > limit:
+                w.killed_stuck = True
+                fields = {
+                    "event": "worker_stuck",
+                    "worker": w.index,
+                    "pid": w.proc.pid,
+                    "jobs": len(w.pending),
+                    "silent_s": round(now - w.progress, 1),
+                }
+                log.error("compute worker stuck: killed", extra={"fields": fields})
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+
     async def shutdown(self, grace_s: float = 10.0) -> None:
         self._closing = True
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
         restarts = list(self._restarts)
         for task in restarts:
             task.cancel()
@@ -403,6 +480,11 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
         warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
     except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
         log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
+    try:
+        _send(sock, (WARM_JOB, True, None))  # from now on the serving process's deadline applies in full
+    except OSError:  # the serving process closed us while we warmed up
+        store.close()
+        return 0
 
     def compute(job: Any) -> tuple[int, bool, Any]:
         """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or

@@ -269,3 +269,90 @@ def test_a_worker_commits_the_batches_that_arrived_together_as_one_group(tmp_pat
         assert isinstance(result, CommitResult) and not result.duplicate and result.high_water == x.last_seq
     # a's second batch continued from its first one's state: the records of a band sending both in turn
     assert same_records(stored(url), processed(a_batches[:2]) + processed(b_batches[:1]))
+
+
+def _seed_on_worker(index: int, processes: int = 2, start: int = 300) -> int:
+    """A simulator seed whose band's device is routed to worker `index` first (`workers._mix`)."""
+    from gateway.simulator.recorder import band_device_id
+    from gateway.workers import _mix
+
+    return next(s for s in range(start, start + 64) if _mix(band_device_id(s, 0)) % processes == index)
+
+
+def test_a_stuck_worker_is_killed_at_the_deadline_its_batch_answered_and_the_others_go_on(tmp_path):
+    """A worker that holds a batch and answers nothing for `compute_deadline_s` (here: stopped with
+    SIGSTOP, as a kernel that never returned would look) is killed and replaced; its batch is answered
+    UNAVAILABLE and stored once when resent; the other worker's bands never notice."""
+    cfg = config(tmp_path, retry_after_ms=50, compute_deadline_s=1.0)
+    device, batches = band(seed=_seed_on_worker(0), minutes=10, batch_minutes=2)
+    other, other_batches = band(seed=_seed_on_worker(1), minutes=10, batch_minutes=2)
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            pool = gw._pipeline.workers
+            while not all(w.warm for w in pool._workers):  # both have loaded their kernels
+                await asyncio.sleep(0.05)
+            stuck, spared = (w.proc.pid for w in pool._workers)
+            up, up_other = Uploader(ch, device), Uploader(ch, other)
+            acks = [await up.send(batches[0])]
+            os.kill(stuck, signal.SIGSTOP)
+            started = asyncio.get_running_loop().time()
+            lost = asyncio.ensure_future(up.send(batches[1]))
+            others = [await up_other.send(b) for b in other_batches]  # while the first one hangs
+            lost_ack = await lost
+            waited = asyncio.get_running_loop().time() - started
+            for b in batches[1:]:
+                while (ack := await up.send(b)).code == UNAVAILABLE:
+                    await asyncio.sleep(ack.retry_after_ms / 1000)
+                acks.append(ack)
+            while len(pool.pids) < 2:  # its replacement
+                await asyncio.sleep(0.05)
+            metrics = {m.name: m.samples[0].value for m in gw.metrics.registry.collect() if m.samples}
+            return stuck, spared, pool.pids, acks, others, lost_ack, waited, metrics
+
+    stuck, spared, pids, acks, others, lost_ack, waited, metrics = run(scenario())
+    assert lost_ack.code == UNAVAILABLE and "compute worker" in lost_ack.reason
+    assert 1.0 <= waited < 10.0
+    assert not running(stuck) and spared in pids and len(pids) == 2
+    assert metrics["bandgate_compute_worker_restarts"] == 1
+    assert [a.code for a in others] == [OK] * len(other_batches)
+    assert [a.code for a in acks] == [OK] * len(batches)
+    assert same_records(stored(cfg.store), processed(batches) + processed(other_batches))
+
+
+def test_restarts_back_off_while_a_worker_cannot_start_and_resume_when_it_can(tmp_path, caplog):
+    """A worker slot whose starts keep failing (here its store's directory is gone) waits twice as long
+    after each failure, up to the cap, and is running again once a start succeeds."""
+    import logging
+
+    from gateway.store import open_store
+    from gateway.workers import WorkerPool
+
+    home = tmp_path / "db"
+    home.mkdir()
+    url = f"sqlite:///{home}/gw.db"
+    with open_store(url):
+        pass
+
+    async def scenario():
+        pool = WorkerPool(1, url, 64 << 20, restart_delay_s=0.1, restart_max_s=0.4)
+        await pool.start()
+        try:
+            (pid,) = pool.pids
+            home.rename(tmp_path / "away")  # the next starts cannot open the store
+            os.kill(pid, signal.SIGKILL)
+            while len([r for r in caplog.records if r.msg == "compute worker restart failed"]) < 4:
+                await asyncio.sleep(0.05)
+            (tmp_path / "away").rename(home)
+            while not pool.pids:
+                await asyncio.sleep(0.05)
+            return pid, pool.pids, running(pool.pids[0])
+        finally:
+            await pool.shutdown()
+
+    with caplog.at_level(logging.ERROR, logger="bandgate.workers"):
+        killed, (restarted,), was_running = run(scenario())
+    failed = [r.fields for r in caplog.records if r.msg == "compute worker restart failed"]
+    assert [f["retry_s"] for f in failed[:4]] == [0.2, 0.4, 0.4, 0.4]
+    assert all("SQLITE_CANTOPEN" in f["error"] for f in failed)  # the reason reaches the log
+    assert restarted != killed and was_running
