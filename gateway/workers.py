@@ -53,7 +53,8 @@ WARM_JOB = -1  # the job number of the note a worker sends once its kernels are 
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
 POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
 POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
-GROUP_MAX = 8  # batches a worker computes before it commits them: bounds the first one's wait
+GROUP_MAX = 32  # batches a worker computes before it commits them (one transaction, one fsync) ...
+GROUP_MAX_S = 0.025  # ... or as many as it computed in this long: bounds the first one's wait
 
 
 class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
@@ -506,10 +507,12 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
             held = None
             answers: list[tuple[int, bool, Any]] = []
             devices: set[int] = set()
+            until = time.monotonic() + GROUP_MAX_S
             while job is not None:
                 devices.add(job[1][0])
                 answers.append(compute(job))
-                job = inbox.more() if len(answers) < GROUP_MAX else None
+                more = len(answers) < GROUP_MAX and time.monotonic() < until
+                job = inbox.more() if more else None
                 if job is not None and job[1][0] in devices:
                     # Its device has a batch in this group, not committed yet: computed now, it would start
                     # from the row before that batch. It opens the next group instead.
