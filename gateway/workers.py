@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -47,14 +48,17 @@ _HEADER = struct.Struct("!I")
 READY_TIMEOUT_S = 60.0  # a worker's start: imports and its store connection (kernels load after)
 RESTART_DELAY_S = 1.0  # after a worker died: the first restart waits this long ...
 RESTART_MAX_S = 30.0  # ... each failed one twice as long as the last, up to this
-STABLE_S = 60.0  # a worker that lived this long before it died is restarted after RESTART_DELAY_S again
+STABLE_S = 60.0  # a worker that ran this long after its kernels loaded is restarted after RESTART_DELAY_S
 WARM_TIMEOUT_S = 120.0  # a worker's first answer may wait for its kernels to load (cold cache: compile)
 WARM_JOB = -1  # the job number of the note a worker sends once its kernels are loaded
+_NOT_COMPUTING = -1  # in a worker's job marker: between jobs, or committing
+_MARKER = struct.Struct("<q")
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
 POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
 POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
+GROUP_MIN = 8  # a group closes at GROUP_MAX_S only once it holds this many
 GROUP_MAX = 32  # batches a worker computes before it commits them (one transaction, one fsync) ...
-GROUP_MAX_S = 0.025  # ... or as many as it computed in this long: bounds the first one's wait
+GROUP_MAX_S = 0.025  # ... or as many as it computed in this long (GROUP_MIN at least): the first's wait
 
 
 class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers UNAVAILABLE to
@@ -76,8 +80,14 @@ class _Worker:
     dead: bool = False  # set as soon as its socket ends, before it is reaped
     started: float = field(default_factory=time.monotonic)
     warm: bool = False  # its kernels are loaded (it said so)
+    warmed: float = 0.0  # when it said so (monotonic s)
     progress: float = 0.0  # when it last answered, or went from idle to busy (monotonic s)
     killed_stuck: bool = False
+    marker: mmap.mmap | None = None  # the job it is computing, which it writes there (8 bytes, shared)
+
+    def computing(self) -> int:
+        """The job this worker is computing now, or `_NOT_COMPUTING`."""
+        return _MARKER.unpack_from(self.marker)[0] if self.marker is not None else _NOT_COMPUTING
 
 
 class WorkerPool:
@@ -127,6 +137,7 @@ class WorkerPool:
         if any(self._workers):
             return
         self._closing = False
+        self._failures = [0] * self.processes
         started = await asyncio.gather(
             *(self._launch(i) for i in range(self.processes)), return_exceptions=True
         )
@@ -192,6 +203,7 @@ class WorkerPool:
 
     async def _launch(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
+        marker_fd, marker = _job_marker()
         try:
             proc = subprocess.Popen(
                 [
@@ -201,8 +213,9 @@ class WorkerPool:
                     str(theirs.fileno()),
                     self.store_url,
                     str(self.max_decompressed_bytes),
+                    str(marker_fd),
                 ],
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), marker_fd),
                 stdin=subprocess.DEVNULL,
                 # the modules this process imported, from the same places, whatever its working directory
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)},
@@ -213,23 +226,27 @@ class WorkerPool:
             )
         except BaseException:
             ours.close()
+            marker.close()
             raise
         finally:
             theirs.close()
+            os.close(marker_fd)
         try:
             reader, writer = await asyncio.open_connection(sock=ours, limit=1 << 20)
         except BaseException:
             ours.close()
+            marker.close()
             proc.kill()
             await asyncio.to_thread(proc.wait)
             raise
-        worker = _Worker(index, proc, reader, writer)
+        worker = _Worker(index, proc, reader, writer, marker=marker)
         try:
             ok, value = await asyncio.wait_for(_read(reader), READY_TIMEOUT_S)
             if not ok:
                 raise value
         except BaseException as e:
             writer.close()
+            marker.close()
             proc.kill()
             await asyncio.to_thread(proc.wait)
             if isinstance(e, (asyncio.IncompleteReadError, TimeoutError)):
@@ -253,7 +270,7 @@ class WorkerPool:
                 job, ok, value = await _read(worker.reader)
                 worker.progress = time.monotonic()
                 if job == WARM_JOB:
-                    worker.warm = True
+                    worker.warm, worker.warmed = True, worker.progress
                     continue
                 entry = worker.pending.pop(job, None)
                 if entry is not None and not entry[0].done():
@@ -265,11 +282,18 @@ class WorkerPool:
         finally:
             worker.dead = True  # before any await: `_pick` sends it nothing more
             worker.writer.close()
+            # The job it was computing when it died or was killed is the one to blame; the others
+            # waited behind it. Dying between jobs or in a commit blames every job it held.
+            culprit = worker.computing()
+            if worker.marker is not None:
+                worker.marker.close()
+                worker.marker = None
+            blamed = [culprit] if culprit in worker.pending else list(worker.pending)
             lost = WorkerLost(f"compute worker {worker.index} ended before answering")
-            for future, key in worker.pending.values():
+            for job_id, (future, key) in worker.pending.items():
                 if not future.done():
                     future.set_result((False, lost))
-                if not self._closing:
+                if not self._closing and job_id in blamed:
                     self._lost[key] = self._lost.pop(key, 0) + 1
                     while len(self._lost) > POISON_KEPT:
                         self._lost.popitem(last=False)
@@ -278,8 +302,9 @@ class WorkerPool:
                 if worker.proc.poll() is None:  # alive but not answering as it should
                     worker.proc.kill()
                 code = await asyncio.to_thread(worker.proc.wait)
-                # A worker that dies young is a crash loop in the making: its restart waits longer.
-                young = time.monotonic() - worker.started < STABLE_S
+                # A worker that dies young (or before its kernels loaded) is a crash loop in the making:
+                # its restart waits longer.
+                young = not worker.warm or time.monotonic() - worker.warmed < STABLE_S
                 self._failures[worker.index] = self._failures[worker.index] + 1 if young else 0
                 self.on_change(len(self.pids), True)
                 fields = {"event": "worker_lost", "worker": worker.index, "exit_code": code}
@@ -326,7 +351,11 @@ class WorkerPool:
         period = min(1.0, self.deadline_s / 4)
         while True:
             await asyncio.sleep(period)
-            self._kill_stuck(time.monotonic())
+            try:
+                self._kill_stuck(time.monotonic())
+            except Exception as e:  # a bug here must not end the watch unnoticed
+                fields = {"event": "watchdog_failed", "error": repr(e)}
+                log.error("worker watchdog failed", extra={"fields": fields})
 
     def _kill_stuck(self, now: float) -> None:
         for w in self._workers:
@@ -351,7 +380,7 @@ class WorkerPool:
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watchdog
         restarts = list(self._restarts)
         for task in restarts:
@@ -455,11 +484,29 @@ class _Inbox:
         del self.buf[:at]
 
 
-def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
+def _job_marker() -> tuple[int, mmap.mmap]:
+    """8 shared bytes where a worker keeps the number of the job it is computing: an fd to pass to the
+    worker and the serving process's own mapping of it (which outlives the fd)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("bandgate-worker-job", os.MFD_CLOEXEC)
+    else:  # not Linux: an unlinked temporary file does the same
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    os.ftruncate(fd, _MARKER.size)
+    marker = mmap.mmap(fd, _MARKER.size)
+    _MARKER.pack_into(marker, 0, _NOT_COMPUTING)
+    return fd, marker
+
+
+def _serve(fd: int, store_url: str, max_decompressed_bytes: int, marker_fd: int) -> int:
     """The worker's loop: compute the jobs that have arrived, commit them as one group, answer them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process drains first, then closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
+    marker = mmap.mmap(marker_fd, _MARKER.size)
+    os.close(marker_fd)
     try:
         from gateway.logs import configure_logging
 
@@ -479,18 +526,19 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
     cache = StateCache()
     try:
         warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
-    except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
-        log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
-    try:
-        _send(sock, (WARM_JOB, True, None))  # from now on the serving process's deadline applies in full
+        # from now on the serving process's deadline applies in full
+        _send(sock, (WARM_JOB, True, None))
     except OSError:  # the serving process closed us while we warmed up
         store.close()
         return 0
+    except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
+        log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
 
     def compute(job: Any) -> tuple[int, bool, Any]:
         """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
         (job, False, the exception)."""
         job_id, (device_id, batch_bytes, allowed, allow_gap) = job
+        _MARKER.pack_into(marker, 0, job_id)  # the serving process blames this job if we never answer
         try:
             batch = batch_pb2.Batch.FromString(batch_bytes)
             outcome = load_and_compute(
@@ -511,12 +559,13 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int) -> int:
             while job is not None:
                 devices.add(job[1][0])
                 answers.append(compute(job))
-                more = len(answers) < GROUP_MAX and time.monotonic() < until
+                more = len(answers) < GROUP_MIN or (len(answers) < GROUP_MAX and time.monotonic() < until)
                 job = inbox.more() if more else None
                 if job is not None and job[1][0] in devices:
                     # Its device has a batch in this group, not committed yet: computed now, it would start
                     # from the row before that batch. It opens the next group instead.
                     held, job = job, None
+            _MARKER.pack_into(marker, 0, _NOT_COMPUTING)
             _commit(store, answers)
             for answer in answers:
                 try:
@@ -552,4 +601,4 @@ def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
