@@ -292,6 +292,8 @@ class SqliteStore(Store):
                             results[i], latest = _apply(conn, item, rows, now_us, latest)
                         except SequenceError as e:
                             results[i] = e
+                    if _latest_cursor(conn) != latest:  # one check a group that the cursors were right
+                        raise StoreError("sqlite: record cursors out of step; the group is rolled back")
             except StoreError as e:  # nothing of the group was written
                 for i, _, _ in prepared:
                     results[i] = e
