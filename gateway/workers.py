@@ -16,8 +16,9 @@ also ends when the serving process is killed. A worker that dies fails its jobs 
 (UNAVAILABLE: the bands resend; nothing was stored for them) and is started again, after a delay that
 doubles while its starts keep failing or its processes keep dying young. A worker that holds jobs and
 answers none of them for `deadline_s` (a kernel that never returns, a process stopped or swapped out)
-is killed, with the same outcome: its batches are answered, and a batch that was on two such workers is
-refused for good (`PoisonBatch`).
+is killed, with the same outcome. A batch that two lost workers were computing when they ended is
+refused for good (`PoisonBatch`); each worker keeps the number of the job it computes in 8 bytes it
+shares with the serving process, so the batches that only waited behind that one are not blamed.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ WARM_JOB = -1  # the job number of the note a worker sends once its kernels are 
 _NOT_COMPUTING = -1  # in a worker's job marker: between jobs, or committing
 _MARKER = struct.Struct("<q")
 SPILL = 2  # jobs a device's own worker may have waiting beyond the least busy one before it spills
-POISON_LOSSES = 2  # a batch in flight on this many workers that died is refused, not retried again
+POISON_LOSSES = 2  # a batch this many lost workers were computing (or held) is refused, not retried
 POISON_KEPT = 1024  # batches remembered as lost with a worker (oldest forgotten first)
 GROUP_MIN = 8  # a group closes at GROUP_MAX_S only once it holds this many
 GROUP_MAX = 32  # batches a worker computes before it commits them (one transaction, one fsync) ...
@@ -66,7 +67,7 @@ class WorkerLost(Exception):  # noqa: N818 - names the event the gateway answers
 
 
 class PoisonBatch(Exception):  # noqa: N818 - names the batch, answered INTERNAL and not retried
-    """This batch was in flight on `POISON_LOSSES` workers that ended: it is not sent to another one."""
+    """`POISON_LOSSES` workers ended while computing this batch: it is not sent to another one."""
 
 
 @dataclass(eq=False)
@@ -78,7 +79,6 @@ class _Worker:
     pending: dict[int, tuple[asyncio.Future, Hashable]] = field(default_factory=dict)
     listener: asyncio.Task | None = None
     dead: bool = False  # set as soon as its socket ends, before it is reaped
-    started: float = field(default_factory=time.monotonic)
     warm: bool = False  # its kernels are loaded (it said so)
     warmed: float = 0.0  # when it said so (monotonic s)
     progress: float = 0.0  # when it last answered, or went from idle to busy (monotonic s)
@@ -158,8 +158,9 @@ class WorkerPool:
         """`load_and_compute(rows, device_id, *args, max_decompressed_bytes)` in a worker: its result, or the
         exception it raised (`SequenceError`, `BatchError`, `StoreError`, `ValueError`), or `WorkerLost`.
 
-        `key` names the batch (device, boot, first sequence number): a batch that was in flight on
-        `POISON_LOSSES` workers that died raises `PoisonBatch` instead of killing a third. `on_done` is
+        `key` names the batch (device, boot, first sequence number): a batch that `POISON_LOSSES`
+        workers were computing when they ended (or held, when one ended between jobs) raises
+        `PoisonBatch` instead of killing a third. `on_done` is
         called exactly once, when the job is over: answered, lost with its worker, or never sent. A caller
         cancelled while its job runs does not end the job, so `on_done` still waits for it (what a
         bounded queue needs to stay true)."""
