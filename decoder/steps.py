@@ -424,18 +424,16 @@ def _close_second(st, out, counts, scratch):
         n_dec += int(st[off_blocks + ((slot - b) % k) * stride + nlag])
     # The ring is written backwards, so newest first it is contiguous and the lag loops run forwards in
     # memory (they vectorise): the window's values, then the nlag before them (zeros before the stream).
-    m = n_dec + nlag
-    rev = scratch[0, :m]
     newest = int(st[_HIST_POS]) + 1
     if newest == hist_len:
         newest = 0
-    first = min(m, hist_len - newest)
-    rev[:first] = st[off_hist + newest : off_hist + newest + first]
-    rev[first:] = st[off_hist : off_hist + m - first]
     base = off_blocks + slot * stride
     e = 0.0
-    for i in range(n_new):
-        e += rev[i] * rev[i]
+    for i in range(n_new):  # the new second's values, newest first, read from the ring where they are
+        j = newest + i
+        if j >= hist_len:
+            j -= hist_len
+        e += st[off_hist + j] * st[off_hist + j]
     st[base] = e
     st[base + nlag] = n_new
     st[base + nlag + 1] = 0.0
@@ -444,6 +442,12 @@ def _close_second(st, out, counts, scratch):
         e0 += st[off_blocks + ((slot - b) % k) * stride]
     cadence = 0.0
     if n_dec >= 2 and e0 >= st[_MIN_RMS_G] ** 2 * n_dec:
+        # Only a window energetic enough to be gait needs the window in one piece: most seconds are not.
+        m = n_dec + nlag
+        rev = scratch[0, :m]
+        first = min(m, hist_len - newest)
+        rev[:first] = st[off_hist + newest : off_hist + newest + first]
+        rev[first:] = st[off_hist : off_hist + m - first]
         blk = scratch[1, :nlag]
         at = 0  # where block b's values start in rev (newest block first)
         for b in range(n_blocks):
