@@ -79,11 +79,14 @@ class _Worker:
     pending: dict[int, tuple[asyncio.Future, Hashable]] = field(default_factory=dict)
     listener: asyncio.Task | None = None
     dead: bool = False  # set as soon as its socket ends, before it is reaped
-    warm: bool = False  # its kernels are loaded (it said so)
-    warmed: float = 0.0  # when it said so (monotonic s)
+    warmed: float | None = None  # when it said its kernels are loaded (monotonic s)
     progress: float = 0.0  # when it last answered, or went from idle to busy (monotonic s)
     killed_stuck: bool = False
     marker: mmap.mmap | None = None  # the job it is computing, which it writes there (8 bytes, shared)
+
+    @property
+    def warm(self) -> bool:
+        return self.warmed is not None
 
     def computing(self) -> int:
         """The job this worker is computing now, or `_NOT_COMPUTING`."""
@@ -271,7 +274,7 @@ class WorkerPool:
                 job, ok, value = await _read(worker.reader)
                 worker.progress = time.monotonic()
                 if job == WARM_JOB:
-                    worker.warm, worker.warmed = True, worker.progress
+                    worker.warmed = worker.progress
                     continue
                 entry = worker.pending.pop(job, None)
                 if entry is not None and not entry[0].done():
@@ -305,7 +308,7 @@ class WorkerPool:
                 code = await asyncio.to_thread(worker.proc.wait)
                 # A worker that dies young (or before its kernels loaded) is a crash loop in the making:
                 # its restart waits longer.
-                young = not worker.warm or time.monotonic() - worker.warmed < STABLE_S
+                young = worker.warmed is None or time.monotonic() - worker.warmed < STABLE_S
                 self._failures[worker.index] = self._failures[worker.index] + 1 if young else 0
                 self.on_change(len(self.pids), True)
                 fields = {"event": "worker_lost", "worker": worker.index, "exit_code": code}
