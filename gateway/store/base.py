@@ -9,7 +9,7 @@ implementation, so SQLite and any later sink accept and refuse exactly the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -86,6 +86,98 @@ class CommitItem:
     allow_gap: bool = False
     # What `Store.prepare` made of the item (the store's own type; it checks that it is its own).
     prepared: Any = field(default=None, compare=False, repr=False)
+
+
+PRINCIPAL_KINDS = frozenset({"device", "relay", "consumer"})
+PRINCIPAL_STATES = frozenset({"active", "revoked"})
+OPERATIONS = frozenset({"subscribe", "export", "admin"})
+ADMIN_FAMILY = "*"  # the family column of an admin grant: admin carries no data by itself
+
+
+@dataclass(frozen=True)
+class PrincipalRow:
+    """A registered device, relay or consumer (`name`: a device's 16 hex digits, or a relay's or
+    consumer's name)."""
+
+    kind: str
+    name: str
+    state: str  # active | revoked
+    created_us: int
+    updated_us: int
+    last_seen_us: int | None = None
+
+
+@dataclass(frozen=True)
+class CredentialRow:
+    """One credential of a principal: a certificate (`id` "x509:<sha256 of DER>") or a bearer token
+    (`id` "token:<sha256 of the token>": the token itself is never stored)."""
+
+    id: str
+    kind: str
+    name: str
+    serial: str  # a certificate's serial number in hex; "" for a token
+    not_after_us: int  # 0: no expiry
+    state: str
+    created_us: int
+
+    def __repr__(self) -> str:  # the id of a token credential is a digest, but keep logs to the identity
+        return f"CredentialRow({self.kind}:{self.name}, serial={self.serial or '-'}, state={self.state})"
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    """`consumer` may do `operation` on `family` (ADMIN_FAMILY for admin), for every device (`devices`
+    empty) or only those listed (16-hex device names)."""
+
+    consumer: str
+    family: str
+    operation: str
+    devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    """Everything the registry holds, read in one transaction, at `version`."""
+
+    version: int
+    principals: tuple[PrincipalRow, ...]
+    credentials: tuple[CredentialRow, ...]
+    bindings: tuple[tuple[str, str], ...]  # (relay name, device name)
+    grants: tuple[GrantRow, ...]
+
+
+@dataclass(frozen=True)
+class RegistryOp:
+    """One change of the registry, applied by `Store.registry_apply`. `op` is one of:
+
+    - "principal": insert or update (`kind`, `name`) with `state`;
+    - "credential": insert `credential`;
+    - "credential_state": set the state of credential `name` (its id) to `state`;
+    - "revoke": set principal (`kind`, `name`) and all its credentials to "revoked";
+    - "bind" / "unbind": relay `name` speaks / no longer speaks for device `device`;
+    - "grant" / "ungrant": put / delete `grant` (ungrant matches consumer, family and operation);
+    - "seen": set the principal's last_seen_us to `time_us` (no version bump: not a policy change).
+    """
+
+    op: str
+    kind: str = ""
+    name: str = ""
+    state: str = "active"
+    device: str = ""
+    credential: CredentialRow | None = None
+    grant: GrantRow | None = None
+    time_us: int = 0
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One audit entry as stored: `entry` is canonical JSON, `mac` the hex HMAC chaining it to the entry
+    before (gateway/security/audit.py makes both; the store only keeps them, append-only)."""
+
+    seq: int
+    time_us: int
+    entry: str
+    mac: str
 
 
 @runtime_checkable
@@ -174,12 +266,86 @@ class Store(Protocol):
         """Delete records that start before `start_us` (retention); returns the number deleted."""
         ...
 
+    # registry and audit (gateway/security): who may connect, for which devices, and what was done
+
+    def registry_snapshot(self) -> RegistrySnapshot:
+        """The whole registry, consistent, with its version."""
+        ...
+
+    def registry_version(self) -> int:
+        """A number that grows with every policy change (not with "seen"): a cache compares it."""
+        ...
+
+    def registry_apply(self, ops: Sequence[RegistryOp], audit: Sequence[AuditRow] = ()) -> int:
+        """Apply `ops` and append `audit` in one transaction; returns the registry version after it.
+        `ValueError` for a malformed op (unknown kind, state, operation, family); an audit row whose
+        seq is not the next one raises `StoreError` and nothing is written."""
+        ...
+
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        """Up to `limit` audit rows with seq above `after_seq`, in order."""
+        ...
+
+    def audit_last(self) -> AuditRow | None:
+        """The newest audit row, None if the log is empty."""
+        ...
+
     def __enter__(self) -> Self:
         self.open()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_principal(kind: str, name: str) -> None:
+    """Refuse a principal the registry cannot hold: a device is named by 16 lower-case hex digits, a
+    relay or consumer by 1-63 of [a-z0-9._-] starting with a letter or digit."""
+    if kind not in PRINCIPAL_KINDS:
+        raise ValueError(f"unknown principal kind {kind!r}; known {sorted(PRINCIPAL_KINDS)}")
+    if kind == "device":
+        if len(name) != 16 or not set(name) <= _HEX:
+            raise ValueError("a device is named by 16 lower-case hex digits")
+    elif not (0 < len(name) <= 63 and set(name) <= _NAME_OK and name[0] not in "._-"):
+        raise ValueError(f"a {kind} name is 1-63 characters of [a-z0-9._-], starting with a letter or digit")
+
+
+def check_registry_op(op: RegistryOp) -> None:
+    """Refuse a registry change that no store may apply (the same rules for every store)."""
+    if op.op in ("principal", "revoke", "seen"):
+        check_principal(op.kind, op.name)
+        if op.state not in PRINCIPAL_STATES:
+            raise ValueError(f"unknown state {op.state!r}")
+    elif op.op == "credential":
+        c = op.credential
+        if c is None or not c.id.startswith(("x509:", "token:")) or c.state not in PRINCIPAL_STATES:
+            raise ValueError("a credential op needs a credential with an x509: or token: id and a state")
+        check_principal(c.kind, c.name)
+    elif op.op == "credential_state":
+        if not op.name.startswith(("x509:", "token:")) or op.state not in PRINCIPAL_STATES:
+            raise ValueError("credential_state needs a credential id and a state")
+    elif op.op in ("bind", "unbind"):
+        check_principal("relay", op.name)
+        check_principal("device", op.device)
+    elif op.op in ("grant", "ungrant"):
+        g = op.grant
+        if g is None:
+            raise ValueError(f"{op.op} needs a grant")
+        check_principal("consumer", g.consumer)
+        if g.operation not in OPERATIONS:
+            raise ValueError(f"unknown operation {g.operation!r}; known {sorted(OPERATIONS)}")
+        if (g.operation == "admin") != (g.family == ADMIN_FAMILY):
+            raise ValueError(f"the admin operation, and only it, has the family {ADMIN_FAMILY!r}")
+        if g.family != ADMIN_FAMILY and g.family not in FAMILIES:
+            raise ValueError(f"unknown family {g.family!r}; known {sorted(FAMILIES)}")
+        for d in g.devices:
+            check_principal("device", d)
+    else:
+        raise ValueError(f"unknown registry op {op.op!r}")
 
 
 def check_sequence(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,9 +26,15 @@ import orjson
 from decoder.records import device_key
 from gateway.store.base import (
     U64,
+    AuditRow,
     CommitItem,
     CommitResult,
+    CredentialRow,
     DeviceRow,
+    GrantRow,
+    PrincipalRow,
+    RegistryOp,
+    RegistrySnapshot,
     SchemaVersionError,
     SequenceError,
     Store,
@@ -36,6 +42,7 @@ from gateway.store.base import (
     StoreUnavailable,
     check_batch,
     check_records,
+    check_registry_op,
     check_sequence,
 )
 
@@ -75,6 +82,53 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX records_device ON records (device)",  # (device, cursor): subscribe and erase by device
         "CREATE INDEX records_start ON records (start_us)",  # retention
+    ),
+    (
+        # The registry (gateway/security): who may connect, for which devices, with which grants.
+        """CREATE TABLE principals (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_us INTEGER NOT NULL,
+            updated_us INTEGER NOT NULL,
+            last_seen_us INTEGER,
+            PRIMARY KEY (kind, name)
+        ) WITHOUT ROWID""",
+        # A token credential's id is its SHA-256: the token itself is never stored.
+        """CREATE TABLE credentials (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            serial TEXT NOT NULL,
+            not_after_us INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            created_us INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX credentials_principal ON credentials (kind, name)",
+        """CREATE TABLE bindings (
+            relay TEXT NOT NULL,
+            device TEXT NOT NULL,
+            created_us INTEGER NOT NULL,
+            PRIMARY KEY (relay, device)
+        ) WITHOUT ROWID""",
+        # devices: '' for every device, else space-separated device names
+        """CREATE TABLE grants (
+            consumer TEXT NOT NULL,
+            family TEXT NOT NULL,
+            operation TEXT NOT NULL,
+            devices TEXT NOT NULL,
+            created_us INTEGER NOT NULL,
+            PRIMARY KEY (consumer, family, operation)
+        ) WITHOUT ROWID""",
+        "CREATE TABLE registry_version (version INTEGER NOT NULL)",
+        "INSERT INTO registry_version (version) VALUES (0)",
+        # Append-only, hash-chained: seq is given by the audit log, never by SQLite, so a gap shows.
+        """CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            time_us INTEGER NOT NULL,
+            entry TEXT NOT NULL,
+            mac TEXT NOT NULL
+        )""",
     ),
 )
 
@@ -412,6 +466,90 @@ class SqliteStore(Store):
             if n < PURGE_CHUNK:
                 return total
 
+    # registry and audit
+
+    def registry_snapshot(self) -> RegistrySnapshot:
+        conn = self._connection()
+        with _errors():
+            conn.execute("BEGIN")
+            try:
+                (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+                principals = tuple(
+                    PrincipalRow(*row)
+                    for row in conn.execute(
+                        "SELECT kind, name, state, created_us, updated_us, last_seen_us FROM principals "
+                        "ORDER BY kind, name"
+                    )
+                )
+                credentials = tuple(
+                    CredentialRow(*row)
+                    for row in conn.execute(
+                        "SELECT id, kind, name, serial, not_after_us, state, created_us FROM credentials "
+                        "ORDER BY kind, name, created_us"
+                    )
+                )
+                bindings = tuple(
+                    (r, d)
+                    for r, d in conn.execute("SELECT relay, device FROM bindings ORDER BY relay, device")
+                )
+                grants = tuple(
+                    GrantRow(c, f, o, tuple(devices.split()))
+                    for c, f, o, devices in conn.execute(
+                        "SELECT consumer, family, operation, devices FROM grants "
+                        "ORDER BY consumer, family, operation"
+                    )
+                )
+            finally:
+                with suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        return RegistrySnapshot(int(version), principals, credentials, bindings, grants)
+
+    def registry_version(self) -> int:
+        with _errors():
+            return int(self._connection().execute("SELECT version FROM registry_version").fetchone()[0])
+
+    def registry_apply(self, ops: Sequence[RegistryOp], audit: Sequence[AuditRow] = ()) -> int:
+        for op in ops:
+            check_registry_op(op)
+        now_us = time.time_ns() // 1000
+        with self._write() as conn:
+            if audit:
+                last = conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or 0
+                if [row.seq for row in audit] != list(range(last + 1, last + 1 + len(audit))):
+                    raise StoreError(f"audit rows must continue the log at seq {last + 1}")
+                conn.executemany(
+                    "INSERT INTO audit (seq, time_us, entry, mac) VALUES (?, ?, ?, ?)",
+                    [(r.seq, r.time_us, r.entry, r.mac) for r in audit],
+                )
+            changed = False
+            for op in ops:
+                changed |= _apply_registry_op(conn, op, now_us)
+            if changed:
+                conn.execute("UPDATE registry_version SET version = version + 1")
+            (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+        return int(version)
+
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        with _errors():
+            return [
+                AuditRow(*row)
+                for row in self._connection().execute(
+                    "SELECT seq, time_us, entry, mac FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+            ]
+
+    def audit_last(self) -> AuditRow | None:
+        with _errors():
+            row = (
+                self._connection()
+                .execute("SELECT seq, time_us, entry, mac FROM audit ORDER BY seq DESC LIMIT 1")
+                .fetchone()
+            )
+        return None if row is None else AuditRow(*row)
+
     def _checkpoint(self) -> None:
         with suppress(sqlite3.Error):
             self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
@@ -525,6 +663,64 @@ def _apply(
     conn.execute(_UPSERT_BOOT, (device, item.boot_id, item.last_seq, now_us))
     conn.execute(_UPSERT_DEVICE, (device, item.boot_id, item.state, now_us))
     return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors), latest
+
+
+def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) -> bool:
+    """One checked registry op inside the caller's transaction; whether it changed policy."""
+    if op.op == "principal":
+        conn.execute(
+            "INSERT INTO principals (kind, name, state, created_us, updated_us) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (kind, name) DO UPDATE SET state = excluded.state, updated_us = excluded.updated_us",
+            (op.kind, op.name, op.state, now_us, now_us),
+        )
+    elif op.op == "credential":
+        c = op.credential
+        assert c is not None
+        conn.execute(
+            "INSERT INTO credentials (id, kind, name, serial, not_after_us, state, created_us) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            (c.id, c.kind, c.name, c.serial, c.not_after_us, c.state, c.created_us or now_us),
+        )
+    elif op.op == "credential_state":
+        conn.execute("UPDATE credentials SET state = ? WHERE id = ?", (op.state, op.name))
+    elif op.op == "revoke":
+        conn.execute(
+            "UPDATE principals SET state = 'revoked', updated_us = ? WHERE kind = ? AND name = ?",
+            (now_us, op.kind, op.name),
+        )
+        conn.execute(
+            "UPDATE credentials SET state = 'revoked' WHERE kind = ? AND name = ?", (op.kind, op.name)
+        )
+    elif op.op == "bind":
+        conn.execute(
+            "INSERT INTO bindings (relay, device, created_us) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (op.name, op.device, now_us),
+        )
+    elif op.op == "unbind":
+        conn.execute("DELETE FROM bindings WHERE relay = ? AND device = ?", (op.name, op.device))
+    elif op.op == "grant":
+        g = op.grant
+        assert g is not None
+        conn.execute(
+            "INSERT INTO grants (consumer, family, operation, devices, created_us) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (consumer, family, operation) DO UPDATE SET devices = excluded.devices",
+            (g.consumer, g.family, g.operation, " ".join(sorted(set(g.devices))), now_us),
+        )
+    elif op.op == "ungrant":
+        g = op.grant
+        assert g is not None
+        conn.execute(
+            "DELETE FROM grants WHERE consumer = ? AND family = ? AND operation = ?",
+            (g.consumer, g.family, g.operation),
+        )
+    elif op.op == "seen":
+        conn.execute(
+            "UPDATE principals SET last_seen_us = max(coalesce(last_seen_us, 0), ?) "
+            "WHERE kind = ? AND name = ?",
+            (op.time_us, op.kind, op.name),
+        )
+        return False
+    return True
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:
