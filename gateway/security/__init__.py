@@ -1,0 +1,1 @@
+"""Identity, registry, grants and audit: who may do what."""
