@@ -14,7 +14,8 @@ itself, so every assertion can fail.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Protocol
@@ -35,7 +36,16 @@ from gateway.store import (
     StoreError,
     StoreUnavailable,
 )
-from gateway.store.base import FAMILIES, CommitItem
+from gateway.store.base import (
+    ADMIN_FAMILY,
+    FAMILIES,
+    AuditRow,
+    CommitItem,
+    CredentialRow,
+    GrantRow,
+    RegistryOp,
+    RegistrySnapshot,
+)
 
 A = 0xF123_4567_89AB_CDEF  # above 2**63: a u64 that does not fit a signed 64-bit column
 B = 0x0000_0000_0000_0042
@@ -96,7 +106,286 @@ def everything(store: Store) -> list[tuple[int, dict]]:
     return store.read_since(0, limit=1_000_000)
 
 
-class StoreContract:
+# the registry and the audit table
+
+DEV1 = device_key(A)
+DEV2 = device_key(B)
+DEV3 = device_key(C)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def principal_op(kind: str, name: str, state: str = "active") -> RegistryOp:
+    return RegistryOp("principal", kind=kind, name=name, state=state)
+
+
+def credential(cid: str, kind: str, name: str, state: str = "active", serial: str = "") -> CredentialRow:
+    return CredentialRow(cid, kind, name, serial, T0 + 365 * 24 * 3600 * 10**6, state, T0)
+
+
+def audit_run(first: int, n: int) -> list[AuditRow]:
+    """Rows `first`..`first + n - 1` as the audit log would make them (the store does not look inside;
+    the non-ASCII text checks that an entry comes back exactly)."""
+    return [
+        AuditRow(s, T0 + s, f'{{"seq":{s},"actor":"consumer:opérateur"}}', f"{s:064x}")
+        for s in range(first, first + n)
+    ]
+
+
+def grants_of(snapshot: RegistrySnapshot) -> set[tuple[str, str, str, frozenset[str]]]:
+    return {(g.consumer, g.family, g.operation, frozenset(g.devices)) for g in snapshot.grants}
+
+
+def principals_of(snapshot: RegistrySnapshot) -> dict[tuple[str, str], str]:
+    return {(p.kind, p.name): p.state for p in snapshot.principals}
+
+
+def credentials_of(snapshot: RegistrySnapshot) -> dict[str, str]:
+    return {c.id: c.state for c in snapshot.credentials}
+
+
+class RegistryContract:
+    """The registry (principals, credentials, bindings, grants) and the append-only audit table. Mixed
+    into `StoreContract`, which provides the `store` fixture."""
+
+    def _seed(self, store: Store) -> tuple[list[RegistryOp], list[AuditRow]]:
+        """A registry with one of everything, and the two audit rows that recorded it."""
+        ops = [
+            principal_op("device", DEV1),
+            principal_op("relay", "phone-1"),
+            principal_op("consumer", "clinic"),
+            RegistryOp("credential", credential=credential("x509:aa", "device", DEV1, serial="0a")),
+            RegistryOp("credential", credential=credential("token:bb", "consumer", "clinic")),
+            RegistryOp("bind", name="phone-1", device=DEV1),
+            RegistryOp("grant", grant=GrantRow("clinic", "steps", "subscribe", (DEV1,))),
+        ]
+        rows = audit_run(1, 2)
+        store.registry_apply(ops, rows)
+        return ops, rows
+
+    def test_an_empty_registry(self, store: Store) -> None:
+        assert store.registry_snapshot() == RegistrySnapshot(0, (), (), (), ())
+        assert store.registry_version() == 0
+        assert store.audit_last() is None
+        assert store.audit_rows() == []
+
+    def test_each_op_is_reflected_in_the_snapshot(self, store: Store) -> None:
+        before = now_us()
+        self._seed(store)
+        after = now_us()
+        snap = store.registry_snapshot()
+        assert principals_of(snap) == {
+            ("device", DEV1): "active",
+            ("relay", "phone-1"): "active",
+            ("consumer", "clinic"): "active",
+        }
+        for p in snap.principals:
+            assert before <= p.created_us == p.updated_us <= after
+            assert p.last_seen_us is None
+        assert sorted(snap.credentials, key=lambda c: c.id) == [
+            credential("token:bb", "consumer", "clinic"),
+            credential("x509:aa", "device", DEV1, serial="0a"),
+        ]
+        assert snap.bindings == (("phone-1", DEV1),)
+        assert grants_of(snap) == {("clinic", "steps", "subscribe", frozenset({DEV1}))}
+
+        store.registry_apply(
+            [
+                principal_op("consumer", "clinic", "revoked"),  # an update: the row stays, its state changes
+                RegistryOp("credential_state", name="x509:aa", state="revoked"),
+                RegistryOp("unbind", name="phone-1", device=DEV1),
+                RegistryOp("bind", name="phone-1", device=DEV2),
+                RegistryOp("grant", grant=GrantRow("clinic", ADMIN_FAMILY, "admin")),
+            ]
+        )
+        again = store.registry_snapshot()
+        assert principals_of(again) == {**principals_of(snap), ("consumer", "clinic"): "revoked"}
+        clinic = next(p for p in again.principals if p.name == "clinic")
+        assert before <= clinic.created_us <= after and clinic.updated_us >= after
+        assert credentials_of(again) == {"x509:aa": "revoked", "token:bb": "active"}
+        assert again.bindings == (("phone-1", DEV2),)
+        assert grants_of(again) == {
+            ("clinic", "steps", "subscribe", frozenset({DEV1})),
+            ("clinic", ADMIN_FAMILY, "admin", frozenset()),
+        }
+
+    def test_version_grows_with_policy_and_not_with_seen(self, store: Store) -> None:
+        self._seed(store)
+        v1 = store.registry_version()
+        assert v1 > 0 and store.registry_snapshot().version == v1
+        seen_at = T0 + 123
+        assert store.registry_apply([RegistryOp("seen", kind="device", name=DEV1, time_us=seen_at)]) == v1
+        assert store.registry_apply([], audit_run(3, 1)) == v1  # an audit entry alone is not policy
+        assert store.registry_version() == v1
+        snap = store.registry_snapshot()
+        assert snap.version == v1
+        last_seen = {p.name: p.last_seen_us for p in snap.principals}
+        assert last_seen == {DEV1: seen_at, "phone-1": None, "clinic": None}
+        versions = [v1]
+        for op in [
+            principal_op("consumer", "lab"),
+            RegistryOp("grant", grant=GrantRow("lab", "heart", "export")),
+            RegistryOp("ungrant", grant=GrantRow("lab", "heart", "export")),
+            RegistryOp("revoke", kind="consumer", name="lab"),
+        ]:
+            returned = store.registry_apply([op])
+            assert returned == store.registry_version() == store.registry_snapshot().version
+            versions.append(returned)
+        assert versions == sorted(set(versions))  # strictly growing
+
+    def test_revoke_revokes_the_principal_and_every_credential_of_it(self, store: Store) -> None:
+        self._seed(store)
+        store.registry_apply(
+            [
+                RegistryOp("credential", credential=credential("x509:cc", "device", DEV1, serial="0c")),
+                principal_op("device", DEV2),
+                RegistryOp("credential", credential=credential("x509:dd", "device", DEV2, serial="0d")),
+            ]
+        )
+        v = store.registry_version()
+        assert store.registry_apply([RegistryOp("revoke", kind="device", name=DEV1)]) > v
+        snap = store.registry_snapshot()
+        assert principals_of(snap) == {
+            ("device", DEV1): "revoked",
+            ("device", DEV2): "active",
+            ("relay", "phone-1"): "active",
+            ("consumer", "clinic"): "active",
+        }
+        assert credentials_of(snap) == {
+            "x509:aa": "revoked",
+            "x509:cc": "revoked",
+            "x509:dd": "active",
+            "token:bb": "active",
+        }
+
+    def test_a_grant_is_replaced_not_added_to(self, store: Store) -> None:
+        self._seed(store)
+        other = GrantRow("clinic", "sleep", "export", (DEV3,))
+        store.registry_apply([RegistryOp("grant", grant=other)])
+        replacing = GrantRow("clinic", "steps", "subscribe", (DEV3, DEV2))
+        store.registry_apply([RegistryOp("grant", grant=replacing)])
+        assert grants_of(store.registry_snapshot()) == {
+            ("clinic", "steps", "subscribe", frozenset({DEV2, DEV3})),
+            ("clinic", "sleep", "export", frozenset({DEV3})),
+        }
+        store.registry_apply([RegistryOp("grant", grant=GrantRow("clinic", "steps", "subscribe"))])
+        assert grants_of(store.registry_snapshot()) == {
+            ("clinic", "steps", "subscribe", frozenset()),  # every device now
+            ("clinic", "sleep", "export", frozenset({DEV3})),
+        }
+
+    def test_ungrant_deletes_only_its_grant(self, store: Store) -> None:
+        self._seed(store)
+        store.registry_apply(
+            [
+                RegistryOp("grant", grant=GrantRow("clinic", "steps", "export")),
+                RegistryOp("grant", grant=GrantRow("clinic", "heart", "subscribe")),
+                RegistryOp("grant", grant=GrantRow("lab", "steps", "subscribe")),
+            ]
+        )
+        # the devices of an ungrant do not matter: it names consumer, family and operation
+        store.registry_apply([RegistryOp("ungrant", grant=GrantRow("clinic", "steps", "subscribe", (DEV2,)))])
+        assert grants_of(store.registry_snapshot()) == {
+            ("clinic", "steps", "export", frozenset()),
+            ("clinic", "heart", "subscribe", frozenset()),
+            ("lab", "steps", "subscribe", frozenset()),
+        }
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            RegistryOp("delete", kind="device", name=DEV1),  # unknown op
+            RegistryOp("principal", kind="robot", name="r2"),  # unknown principal kind
+            RegistryOp("principal", kind="device", name="F123456789ABCDEF"),  # upper-case hex
+            RegistryOp("principal", kind="device", name=DEV1[:-1]),
+            RegistryOp("principal", kind="consumer", name="-dash-first"),
+            RegistryOp("principal", kind="consumer", name="clinic", state="paused"),  # unknown state
+            RegistryOp("bind", name="phone-1", device="not-a-device"),
+            RegistryOp("credential", credential=credential("sha:ee", "device", DEV1)),
+            RegistryOp("credential"),
+            RegistryOp("credential_state", name="x509:aa", state="lost"),
+            RegistryOp("grant"),
+            RegistryOp("grant", grant=GrantRow("clinic", "steps", "admin")),  # admin with a family
+            RegistryOp("grant", grant=GrantRow("clinic", ADMIN_FAMILY, "subscribe")),
+            RegistryOp("grant", grant=GrantRow("clinic", "raw", "subscribe")),  # unknown family
+            RegistryOp("grant", grant=GrantRow("clinic", "steps", "write")),  # unknown operation
+            RegistryOp("grant", grant=GrantRow("clinic", "steps", "subscribe", (DEV2, "xyz"))),
+            RegistryOp("ungrant", grant=GrantRow("clinic", "steps", "delete")),
+        ],
+        ids=lambda op: op.op,
+    )
+    def test_a_malformed_op_is_refused_and_nothing_is_written(self, store: Store, bad: RegistryOp) -> None:
+        self._seed(store)
+        before, rows = store.registry_snapshot(), store.audit_rows()
+        valid = RegistryOp("grant", grant=GrantRow("clinic", "heart", "subscribe"))
+        with pytest.raises(ValueError):
+            store.registry_apply([valid, bad], audit_run(3, 1))
+        assert store.registry_snapshot() == before
+        assert store.audit_rows() == rows
+
+    @pytest.mark.parametrize("seqs", [[4], [3, 5], [3, 3], [2], [1, 2, 3]], ids=str)
+    def test_audit_rows_must_continue_the_log(self, store: Store, seqs: Sequence[int]) -> None:
+        self._seed(store)  # rows 1 and 2
+        before, rows = store.registry_snapshot(), store.audit_rows()
+        bad = [row for s in seqs for row in audit_run(s, 1)]
+        with pytest.raises(StoreError):
+            store.registry_apply([principal_op("consumer", "lab")], bad)
+        assert store.registry_snapshot() == before  # neither the op...
+        assert store.audit_rows() == rows  # ...nor any row, not even the ones that did continue
+        assert store.registry_apply([principal_op("consumer", "lab")], audit_run(3, 2)) > before.version
+        assert store.audit_rows() == audit_run(1, 4)
+
+    def test_the_first_audit_row_is_seq_1(self, store: Store) -> None:
+        with pytest.raises(StoreError):
+            store.registry_apply([], audit_run(2, 1))
+        assert store.audit_last() is None
+        store.registry_apply([], audit_run(1, 1))
+        assert store.audit_rows() == audit_run(1, 1)
+
+    def test_a_policy_change_and_its_audit_rows_are_stored_together(
+        self, harness: Harness, store: Store
+    ) -> None:
+        self._seed(store)
+        before, rows = store.registry_snapshot(), store.audit_rows()
+        change = [RegistryOp("revoke", kind="consumer", name="clinic")]
+        with harness.exclusive_lock(), pytest.raises(StoreUnavailable):
+            store.registry_apply(change, audit_run(3, 1))
+        assert store.registry_snapshot() == before
+        assert store.audit_rows() == rows
+        version = store.registry_apply(change, audit_run(3, 1))  # the retry
+        assert version > before.version
+        assert principals_of(store.registry_snapshot())[("consumer", "clinic")] == "revoked"
+        assert store.audit_rows() == audit_run(1, 3)
+
+    def test_audit_rows_page_in_order(self, store: Store) -> None:
+        written: list[AuditRow] = []
+        for n in (1, 7, 3, 14):
+            batch = audit_run(len(written) + 1, n)
+            store.registry_apply([], batch)
+            written += batch
+        for limit in (1, 4, 25, 1000):
+            paged: list[AuditRow] = []
+            while page := store.audit_rows(paged[-1].seq if paged else 0, limit):
+                assert len(page) <= limit
+                paged += page
+            assert paged == written
+        assert store.audit_rows(10, 5) == written[10:15]
+        assert store.audit_rows(len(written)) == []
+        assert store.audit_last() == written[-1]
+
+    def test_registry_and_audit_survive_reopening(self, harness: Harness) -> None:
+        with harness.new_store() as s:
+            self._seed(s)
+            snap, rows = s.registry_snapshot(), s.audit_rows()
+        with harness.new_store() as s:
+            assert s.registry_snapshot() == snap
+            assert s.audit_rows() == rows == audit_run(1, 2)
+            assert s.audit_last() == rows[-1]
+
+
+class StoreContract(RegistryContract):
     """Tests every store implementation runs; `harness` comes from the subclass."""
 
     @pytest.fixture
