@@ -75,20 +75,47 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
     """Bands as gRPC clients, one stream each, paced by `--speedup` (0: as fast as the gateway acks)."""
     import asyncio
 
+    import grpc
+
+    from gateway.security.client import channel_from_args, enrol_device
     from gateway.simulator.client import run_fleet
     from gateway.simulator.recorder import fleet_batches
 
     fleet = [(rec.device_id, batches) for rec, batches in fleet_batches(**_fleet_options(args))]
     interval_s = args.batch_minutes * 60 / args.speedup if args.speedup > 0 else 0.0
+
+    async def enrol() -> dict:
+        """Each band registered with the operator credential, its certificate from the gateway's CA."""
+        if args.insecure:
+            return {}
+        async with channel_from_args(args, "operator") as channel:
+            return {
+                device_id: (await enrol_device(channel, device_id)).credentials() for device_id, _ in fleet
+            }
+
+    try:
+        credentials = asyncio.run(enrol())
+    except FileNotFoundError as e:
+        return _fail(f"simulate: {e}")
+    except grpc.aio.AioRpcError as e:
+        return _fail(f"simulate: registering the bands: {e.code().name}: {e.details()}")
     with _progress("batches acked", console) as bar:
         task = bar.add_task("acked", total=sum(len(b) for _, b in fleet))
         stats = asyncio.run(
-            run_fleet(args.target, fleet, interval_s=interval_s, on_ack=lambda _: bar.advance(task, 1))
+            run_fleet(
+                args.target,
+                fleet,
+                interval_s=interval_s,
+                on_ack=lambda _: bar.advance(task, 1),
+                credentials=credentials or None,
+            )
         )
     refused: dict[str, int] = {}
     for s in stats:
         for code, n in s.refused.items():
             refused[code] = refused.get(code, 0) + n
+    for s in stats:
+        console.print(f"device {s.device_id:016x}")
     console.print(
         f"{len(stats)} bands: {sum(s.batches for s in stats)} batches, "
         f"{sum(s.stored for s in stats)} stored, "
@@ -101,20 +128,30 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from gateway.config import ConfigError, load_config
     from gateway.logs import configure_logging
+    from gateway.security.audit import AuditError
     from gateway.server import serve
     from gateway.store import StoreError
 
     try:
         config = load_config(
             file=args.config,
-            overrides={"listen": args.listen, "store": args.store, "metrics_listen": args.metrics_listen},
+            overrides={
+                "listen": args.listen,
+                "store": args.store,
+                "metrics_listen": args.metrics_listen,
+                "state_dir": args.state_dir,
+                "token_listen": args.token_listen,
+                "health_listen": args.health_listen,
+                "insecure": True if args.insecure else None,
+                "auto_register": True if args.auto_register else None,
+            },
         )
     except ConfigError as e:
         return _fail(f"serve: {e}")
     configure_logging()
     try:
         return serve(config)
-    except (StoreError, ValueError, OSError, RuntimeError) as e:  # a store, URL or port it cannot use
+    except (StoreError, AuditError, ValueError, OSError, RuntimeError) as e:  # a store, URL, port or key
         return _fail(f"serve: {e}")
 
 
@@ -133,7 +170,7 @@ def _cmd_health(args: argparse.Namespace, console: Console) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with grpc.insecure_channel(args.target) as channel:  # the plaintext loopback health listener
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
@@ -152,6 +189,7 @@ def _cmd_tail(args: argparse.Namespace, console: Console) -> int:
     import grpc
 
     from bandgate.v1 import features_pb2, features_pb2_grpc
+    from gateway.security.client import channel_from_args
 
     async def tail() -> int:
         request = features_pb2.SubscribeRequest(
@@ -160,7 +198,7 @@ def _cmd_tail(args: argparse.Namespace, console: Console) -> int:
             from_cursor=args.from_cursor,
             no_follow=args.no_follow,
         )
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        async with channel_from_args(args, "consumer") as channel:
             async for rec in features_pb2_grpc.FeatureServiceStub(channel).Subscribe(request):
                 values = {k: getattr(v, v.WhichOneof("kind")) for k, v in rec.values.items()}
                 line = {
@@ -180,6 +218,10 @@ def _cmd_tail(args: argparse.Namespace, console: Console) -> int:
         return asyncio.run(tail())
     except grpc.aio.AioRpcError as e:
         return _fail(f"tail: {e.code().name}: {e.details()}")
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # a credential file that is missing or unreadable
+        return _fail(f"tail: {e}")
     except KeyboardInterrupt:
         return 0
 
@@ -240,7 +282,20 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a cursor is >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.security import admin_cli, audit_cli, pki_cli
+    from gateway.security.client import add_client_arguments
+
     parser = argparse.ArgumentParser(prog="bandgate", description="Edge telemetry gateway for smart bands.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -249,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="batch file to write (format: docs/wire-format.md, 'Batch files')"
     )
     sim.add_argument("--target", help="gateway HOST:PORT: every band uploads over its own stream")
+    sim.add_argument("--state-dir", help="state dir of the local operator credential (default: as serve)")
+    sim.add_argument("--cert", type=Path, help="admin client certificate (PEM) to register the bands with")
+    sim.add_argument("--key", type=Path, help="its private key (PEM)")
+    sim.add_argument("--ca", type=Path, help="CA bundle that signed the gateway's certificate (PEM)")
+    sim.add_argument("--insecure", action="store_true", help="plaintext, for `serve --insecure`")
     sim.add_argument(
         "--speedup",
         type=float,
@@ -269,13 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--store", help="store URL (default sqlite:///bandgate.db)")
     srv.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: off)")
     srv.add_argument("--config", type=Path, help="TOML file of settings (gateway/config.py names them)")
+    srv.add_argument(
+        "--state-dir", help="credentials and keys (default $BANDGATE_STATE_DIR or ~/.local/share/bandgate)"
+    )
+    srv.add_argument(
+        "--token-listen", help="HOST:PORT for bearer-token clients over TLS (default 127.0.0.1:50052)"
+    )
+    srv.add_argument(
+        "--health-listen", help="loopback HOST:PORT for plaintext gRPC health (default 127.0.0.1:50050)"
+    )
+    srv.add_argument(
+        "--insecure", action="store_true", help="plaintext on a loopback address: development only"
+    )
+    srv.add_argument(
+        "--auto-register",
+        action="store_true",
+        help="register unknown devices whose certificate the CA signed",
+    )
     srv.set_defaults(run=_cmd_serve)
 
     tl = sub.add_parser("tail", help="follow stored feature records (jsonl, with cursors)")
-    tl.add_argument("--target", required=True, help="gateway HOST:PORT")
-    tl.add_argument("--family", action="append", help="a family to receive (repeatable; default all)")
+    add_client_arguments(tl)
+    tl.add_argument("--family", action="append", help="a family to receive (repeatable; default all granted)")
     tl.add_argument("--device", help="one device (16 hex digits)")
-    tl.add_argument("--from", dest="from_cursor", type=int, default=0, help="resume after this cursor")
+    tl.add_argument(
+        "--from", dest="from_cursor", type=_not_negative, default=0, help="resume after this cursor (>= 0)"
+    )
     tl.add_argument("--no-follow", action="store_true", help="stop after catching up")
     tl.set_defaults(run=_cmd_tail)
 
@@ -283,7 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     wrm.set_defaults(run=_cmd_warm)
 
     hlt = sub.add_parser("health", help="gRPC health check of a gateway; exit 0 when SERVING")
-    hlt.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT")
+    hlt.add_argument(
+        "--target",
+        default="127.0.0.1:50050",
+        help="the gateway's plaintext health HOST:PORT (its health_listen)",
+    )
     hlt.add_argument("--service", default="", help="service name (default: the whole server)")
     hlt.add_argument("--timeout", type=_positive(float), default=3.0, help="seconds")
     hlt.set_defaults(run=_cmd_health)
@@ -304,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", action="store_true", help="per-epoch input (epoch,time_s,hr_bpm,counts): sleep only"
     )
     rep.set_defaults(run=_cmd_replay)
+
+    pki_cli.add_parser(sub)
+    admin_cli.add_parser(sub)
+    audit_cli.add_parser(sub)
 
     dct = sub.add_parser("dict", help="zstd dictionaries")
     dsub = dct.add_subparsers(dest="dict_command", required=True)

@@ -27,9 +27,23 @@ class ConfigError(ValueError):
 class GatewayConfig:
     """Every knob of `bandgate serve`. Limits are per batch or per device unless said otherwise."""
 
-    listen: str = "127.0.0.1:50051"
+    listen: str = "127.0.0.1:50051"  # mutual TLS: bands, relays and consumers with certificates
     store: str = "sqlite:///bandgate.db"
     metrics_listen: str = ""  # host:port for Prometheus; empty = no metrics endpoint
+
+    # Identity and transport (docs/security.md). Credentials and keys live in `state_dir` (empty: the
+    # default, $BANDGATE_STATE_DIR or $XDG_DATA_HOME/bandgate); with no tls_* files given, the first start
+    # creates a development CA, a server certificate and the local operator and consumer credentials there.
+    state_dir: str = ""
+    token_listen: str = "127.0.0.1:50052"  # server-authenticated TLS for bearer tokens; empty = off
+    health_listen: str = "127.0.0.1:50050"  # plaintext gRPC health for probes, loopback only; empty = off
+    tls_cert: str = ""  # server certificate chain (PEM); reloaded when the file changes
+    tls_key: str = ""
+    tls_ca: str = ""  # CA bundle trusted for client certificates; reloaded when the file changes
+    ca_key: str = ""  # key of the CA in tls_ca that may sign CSRs (registration, renewal); empty = none
+    cert_days: int = 365  # validity of certificates the gateway signs
+    auto_register: bool = False  # accept (and register) an unknown device whose certificate the CA signed
+    insecure: bool = False  # plaintext, identities claimed in metadata: development, loopback only
 
     # Limits, checked before any decompression (each error names its limit).
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages end the stream
@@ -67,6 +81,31 @@ class GatewayConfig:
         _address("listen", self.listen)
         if self.metrics_listen:
             _address("metrics_listen", self.metrics_listen)
+        host, _ = _address("listen", self.listen)
+        if self.insecure:
+            from gateway.auth import is_loopback_host
+
+            if not is_loopback_host(host):
+                raise ConfigError(
+                    f"insecure: plaintext is served on a loopback address only, not {self.listen}; "
+                    "drop --insecure to serve TLS"
+                )
+        if self.health_listen:
+            from gateway.auth import is_loopback_host
+
+            if not is_loopback_host(_address("health_listen", self.health_listen)[0]):
+                raise ConfigError(
+                    f"health_listen: plaintext health is for loopback only, not {self.health_listen}"
+                )
+        if self.token_listen:
+            _address("token_listen", self.token_listen)
+        tls = [self.tls_cert, self.tls_key, self.tls_ca]
+        if any(tls) and not all(tls):
+            raise ConfigError(
+                "tls_cert, tls_key and tls_ca go together (or none: the state dir's development CA)"
+            )
+        if self.ca_key and not self.tls_ca:
+            raise ConfigError("ca_key needs tls_ca (the CA it belongs to)")
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
         for name in (
@@ -79,6 +118,7 @@ class GatewayConfig:
             "subscribe_page",
             "keepalive_time_ms",
             "keepalive_timeout_ms",
+            "cert_days",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

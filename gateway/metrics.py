@@ -40,6 +40,20 @@ class Metrics:
             "Compute worker processes that ended unexpectedly (each is started again)",
             registry=r,
         )
+        self.auth_refused = Counter(
+            "bandgate_auth_refused",
+            "Calls refused by identification or authorisation, by status",
+            ["code"],
+            registry=r,
+        )
+        self.auth_throttled = Counter(
+            "bandgate_auth_throttled",
+            "Calls refused RESOURCE_EXHAUSTED because their peer or credential was refused too often",
+            registry=r,
+        )
+        self.token_lookups = Counter(
+            "bandgate_token_lookups", "Bearer tokens hashed and looked up", registry=r
+        )
         self._http = None
 
     def start(self, listen: str) -> None:

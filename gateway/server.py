@@ -20,13 +20,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bandgate.v1 import features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from decoder.records import device_key
-from gateway.auth import Authenticator, AuthError, InsecureLoopbackAuthenticator
+from bandgate.v1 import admin_pb2, features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from gateway.auth import Authenticator, InsecureLoopbackAuthenticator, TlsAuthenticator, claimed_device
 from gateway.config import GatewayConfig
 from gateway.consent import AllowAll, ConsentGate
 from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
+from gateway.security import setup as security_setup
+from gateway.security.admin import AdminService, IdentityService, add_services
+from gateway.security.policy import Policy, Principal
+from gateway.security.registry import Refusal, Registry
+from gateway.security.tls import ReloadingCredentials
 from gateway.store import store_for_url
 
 log = logging.getLogger("bandgate.server")
@@ -34,6 +38,8 @@ log = logging.getLogger("bandgate.server")
 SERVICE_NAMES = (
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
 )
 
 
@@ -65,23 +71,51 @@ class CommitSignal:
             await _first(self._event, stop)
 
 
+class _Stream:
+    """One open upload stream: who sent it, for which device, and why it must end (set once)."""
+
+    __slots__ = ("device", "principal", "reason", "status", "stop")
+
+    def __init__(self, principal: Principal, device: str):
+        self.principal = principal
+        self.device = device
+        self.stop = asyncio.Event()
+        self.status = grpc.StatusCode.OK
+        self.reason = ""
+
+    def end(self, status: grpc.StatusCode, reason: str) -> None:
+        if not self.stop.is_set():
+            self.status, self.reason = status, reason
+            self.stop.set()
+
+
 class _LiveStreams:
     """The one live upload stream of each device: opening a stream supersedes the previous one."""
 
     def __init__(self) -> None:
-        self._live: dict[int, asyncio.Event] = {}
+        self._live: dict[str, _Stream] = {}
 
-    def open(self, device_id: int) -> asyncio.Event:
-        """The new stream's `superseded` event; sets the previous stream's."""
-        previous = self._live.get(device_id)
+    def open(self, principal: Principal, device: str) -> _Stream:
+        """The new stream; ends the previous one of the same device."""
+        previous = self._live.get(device)
         if previous is not None:
-            previous.set()
-        self._live[device_id] = superseded = asyncio.Event()
-        return superseded
+            previous.end(grpc.StatusCode.ABORTED, "superseded by a newer stream for the same device")
+        self._live[device] = stream = _Stream(principal, device)
+        return stream
 
-    def close(self, device_id: int, superseded: asyncio.Event) -> None:
-        if self._live.get(device_id) is superseded:
-            del self._live[device_id]
+    def close(self, stream: _Stream) -> None:
+        if self._live.get(stream.device) is stream:
+            del self._live[stream.device]
+
+    def recheck(self, policy: Policy) -> int:
+        """End every stream whose principal may no longer upload for its device; how many ended."""
+        ended = 0
+        for stream in list(self._live.values()):
+            decision = policy.may_upload(stream.principal, stream.device)
+            if not decision:
+                stream.end(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+                ended += 1
+        return ended
 
     def __len__(self) -> int:
         return len(self._live)
@@ -92,10 +126,16 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
     control) instead of queueing its batches here."""
 
     def __init__(
-        self, pipeline: Pipeline, authenticator: Authenticator, metrics: Metrics, draining: asyncio.Event
+        self,
+        pipeline: Pipeline,
+        authenticator: Authenticator,
+        registry: Registry,
+        metrics: Metrics,
+        draining: asyncio.Event,
     ):
         self.pipeline = pipeline
         self.authenticator = authenticator
+        self.registry = registry
         self.metrics = metrics
         self.draining = draining
         self.streams = _LiveStreams()
@@ -104,6 +144,7 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        registry.listeners.append(self.streams.recheck)
 
     async def wait_idle(self, timeout_s: float) -> None:
         """Until every upload handler has ended, or `timeout_s`."""
@@ -122,22 +163,40 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
             if not self._active:
                 self._idle.set()
 
+    async def _open(self, context: grpc.aio.ServicerContext) -> tuple[Principal, str]:
+        """identify → authorise: the principal and the one device this stream is for."""
+        principal = await self.authenticator.authenticate(context)
+        metadata = tuple(context.invocation_metadata() or ())
+        device = principal.name if principal.kind == "device" else claimed_device(metadata)
+        if device is None:
+            raise self.registry.refuse(
+                context.peer(),
+                principal.key,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a relay names the device of each stream in bandgate-device-id metadata",
+            )
+        policy = self.registry.policy
+        if policy is not None:
+            self.registry.check(context.peer(), principal, policy.may_upload(principal, device))
+        return principal, device
+
     async def _upload(self, context: grpc.aio.ServicerContext) -> None:
         try:
-            device_id = self.authenticator.authenticate(
-                context.peer(), tuple(context.invocation_metadata() or ())
-            )
-        except AuthError as e:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            principal, device = await self._open(context)
+        except Refusal as e:
+            await context.abort(e.code, e.reason)
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        device = device_key(device_id)
-        superseded = self.streams.open(device_id)
+        device_id = int(device, 16)
+        stream = self.streams.open(principal, device)
         self.metrics.devices.set(len(self.streams))
-        log.info("stream opened", extra={"fields": {"event": "stream_open", "device": device}})
+        log.info(
+            "stream opened",
+            extra={"fields": {"event": "stream_open", "device": device, "principal": principal.key}},
+        )
         batches = 0
         # One watcher for the stream's life, not one per batch: tasks are most of the loop's own cost.
-        stop = asyncio.ensure_future(_first(superseded, self.draining))
+        stop = asyncio.ensure_future(_first(stream.stop, self.draining))
         try:
             while True:
                 read = asyncio.ensure_future(context.read())
@@ -150,20 +209,32 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 batch = read.result()
                 if batch is grpc.aio.EOF:
                     return
+                # authorise every batch: a revocation or an unbinding applies from the next batch on
+                if batch.device_id != device_id:
+                    reason = f"batch names device {batch.device_id:016x}, the stream is for {device}"
+                    self.registry.refuse(
+                        context.peer(), principal.key, grpc.StatusCode.PERMISSION_DENIED, reason
+                    )
+                    stream.end(grpc.StatusCode.PERMISSION_DENIED, reason + "; nothing of it was stored")
+                    break
+                policy = self.registry.policy
+                if policy is not None and not (decision := policy.may_upload(principal, device)):
+                    stream.end(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+                    break
                 await context.write(await self.pipeline.handle(device_id, batch))
                 batches += 1
-                if superseded.is_set() or self.draining.is_set():
+                if stream.stop.is_set() or self.draining.is_set():
                     break
         finally:
             stop.cancel()
-            self.streams.close(device_id, superseded)
+            self.streams.close(stream)
             self.metrics.devices.set(len(self.streams))
             log.info(
                 "stream closed",
                 extra={"fields": {"event": "stream_close", "device": device, "batches": batches}},
             )
-        if superseded.is_set():
-            await context.abort(grpc.StatusCode.ABORTED, "superseded by a newer stream for the same device")
+        if stream.stop.is_set():
+            await context.abort(stream.status, stream.reason)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; reconnect")
 
 
@@ -189,7 +260,12 @@ def feature_record(cursor: int, record: dict) -> features_pb2.FeatureRecord:
 
 class FeatureService(features_pb2_grpc.FeatureServiceServicer):
     """Subscribe: records after a cursor, in commit order, then live. Cursors increase in commit order
-    and a commit becomes visible all at once, so paging by the last cursor sent has no gaps or repeats."""
+    and a commit becomes visible all at once, so paging by the last cursor sent has no gaps or repeats.
+
+    Only granted families leave: default deny, a request naming an ungranted family is refused naming
+    it, and a request with no families gets every family the caller holds subscribe on. Grants are read
+    again whenever the registry changes, so a grant or a revocation applies to an open subscription
+    (records already passed by its cursor are not sent again)."""
 
     def __init__(
         self,
@@ -198,12 +274,42 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         config: GatewayConfig,
         metrics: Metrics,
         draining: asyncio.Event,
+        authenticator: Authenticator,
+        registry: Registry,
     ):
         self.reader = reader
         self.signal = signal_
         self.config = config
         self.metrics = metrics
         self.draining = draining
+        self.authenticator = authenticator
+        self.registry = registry
+
+    def _granted(
+        self, peer: str, principal: Principal, requested: set[str]
+    ) -> dict[str, frozenset[str] | None]:
+        """The families this subscription reads now (family → devices, None for all); `Refusal` if the
+        caller asks for a family it does not hold, or holds none."""
+        policy = self.registry.policy
+        held = policy.families(principal, "subscribe") if policy is not None else {}
+        if requested:
+            missing = requested - held.keys()
+            if missing:
+                raise self.registry.refuse(
+                    peer,
+                    principal.key,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal.key} holds no subscribe grant for {', '.join(sorted(missing))}",
+                )
+            return {f: held[f] for f in requested}
+        if not held:
+            raise self.registry.refuse(
+                peer,
+                principal.key,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.key} holds no subscribe grant",
+            )
+        return held
 
     async def Subscribe(  # noqa: N802 - the gRPC method name
         self, request: features_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
@@ -217,19 +323,38 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         device = request.device.lower() or None
         if device is not None and (len(device) != 16 or any(c not in "0123456789abcdef" for c in device)):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device must be 16 hex digits")
-        families = set(request.families) or None
+        peer = context.peer()
+        requested = set(request.families)
+        try:
+            principal = await self.authenticator.authenticate(context)
+            granted = self._granted(peer, principal, requested)
+        except Refusal as e:
+            await context.abort(e.code, e.reason)
+        version = self.registry.policy.version if self.registry.policy is not None else 0
         cursor = request.from_cursor
         page = self.config.subscribe_page
         self.metrics.subscribers.inc()
         try:
             while not self.draining.is_set():
                 seen = self.signal.version
+                policy = self.registry.policy
+                if policy is not None and policy.version != version:
+                    version = policy.version
+                    try:
+                        granted = self._granted(peer, principal, requested)
+                    except Refusal as e:
+                        await context.abort(e.code, e.reason)
+                narrowed = any(d is not None for d in granted.values())
                 rows = await self.reader.call(
-                    self.reader.store.read_since, cursor, families=families, device=device, limit=page
+                    self.reader.store.read_since, cursor, families=set(granted), device=device, limit=page
                 )
                 for row_cursor, record in rows:
-                    yield feature_record(row_cursor, record)
                     cursor = row_cursor
+                    if narrowed:
+                        devices = granted.get(record["family"])
+                        if devices is not None and record["device"] not in devices:
+                            continue
+                    yield feature_record(row_cursor, record)
                 if len(rows) == page:
                     continue
                 if request.no_follow:
@@ -241,7 +366,10 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
 
 class Gateway:
     """The assembled service. start/shutdown contract: start binds and opens everything (a second start is
-    a no-op); shutdown drains (see the module docstring) and is safe without start, and twice."""
+    a no-op); shutdown drains (see the module docstring) and is safe without start, and twice.
+
+    Listeners: `address` (mutual TLS; plaintext with `insecure`), `token_address` (server-authenticated
+    TLS for bearer tokens) and `health_address` (plaintext gRPC health, loopback only)."""
 
     def __init__(
         self,
@@ -255,22 +383,30 @@ class Gateway:
         self.consent = consent or AllowAll()
         self.metrics = Metrics()
         self.address: str | None = None
+        self.token_address: str | None = None
+        self.health_address: str | None = None
+        self.security: security_setup.SecuritySetup | None = None
+        self.registry: Registry | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._pipeline: Pipeline | None = None
         self._reader: StoreThread | None = None
+        self._registry_thread: StoreThread | None = None
         self._health: Any = None
         self._draining: asyncio.Event | None = None
         self._ingest: IngestService | None = None
         self._retention: asyncio.Future | None = None
 
     async def start(self) -> str:
-        """Open the store, bind, serve; returns the bound HOST:PORT."""
+        """Open the store, bind, serve; returns the bound HOST:PORT of the main listener."""
         if self._server is not None:
             assert self.address is not None
             return self.address
         c = self.config
-        if self.authenticator is None:
-            self.authenticator = InsecureLoopbackAuthenticator()
+        # credentials first: a gateway that cannot serve TLS must not have started anything
+        self.security = security = await asyncio.to_thread(security_setup.prepare, c)
+        for line in security.created:
+            log.info("created", extra={"fields": {"event": "state_created", "what": line}})
         self._draining = asyncio.Event()
         signal_ = CommitSignal()
         self._pipeline = Pipeline(
@@ -284,6 +420,25 @@ class Gateway:
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
         self._reader = StoreThread(store_for_url(c.store), "reader")
         await asyncio.to_thread(self._reader.start)
+        self._registry_thread = StoreThread(store_for_url(c.store), "registry")
+        await asyncio.to_thread(self._registry_thread.start)
+        self.registry = registry = Registry(
+            self._registry_thread,
+            audit_key=security.state.audit_key,
+            audit_head=security.state.audit_head,
+            auto_register=c.auto_register,
+            metrics=self.metrics,
+        )
+        await registry.start()
+        registered = (
+            {(p.kind, p.name) for p in registry.policy.principals.values()} if registry.policy else set()
+        )
+        events, ops = security_setup.bootstrap_ops(security, registered)
+        if ops:
+            await registry.apply(events, ops)
+        registry.listeners.append(lambda _policy: signal_.notify())  # subscriptions re-read their grants
+        if self.authenticator is None:
+            self.authenticator = InsecureLoopbackAuthenticator() if c.insecure else TlsAuthenticator(registry)
         if c.retention_days > 0:
             self._retention = asyncio.ensure_future(self._retain())
         options = [
@@ -299,19 +454,49 @@ class Gateway:
         if c.max_connection_idle_ms:
             options.append(("grpc.max_connection_idle_ms", c.max_connection_idle_ms))
         server = grpc.aio.server(options=options)
-        self._ingest = IngestService(self._pipeline, self.authenticator, self.metrics, self._draining)
+        self._ingest = IngestService(
+            self._pipeline, self.authenticator, registry, self.metrics, self._draining
+        )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self._ingest, server)
         features_pb2_grpc.add_FeatureServiceServicer_to_server(
-            FeatureService(self._reader, signal_, c, self.metrics, self._draining), server
+            FeatureService(
+                self._reader, signal_, c, self.metrics, self._draining, self.authenticator, registry
+            ),
+            server,
+        )
+        add_services(
+            server,
+            AdminService(self.authenticator, registry, security, c),
+            IdentityService(self.authenticator, registry, security, c),
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        port = server.add_insecure_port(c.listen)
-        host = c.listen.rpartition(":")[0]
-        self.address = f"{host}:{port}"
+        if c.insecure:
+            log.warning(
+                "serving PLAINTEXT on a loopback address (--insecure): development only",
+                extra={"fields": {"event": "insecure", "listen": c.listen}},
+            )
+            port = server.add_insecure_port(c.listen)
+        else:
+            assert security.tls is not None
+            mtls = ReloadingCredentials(security.tls, require_client_auth=True)
+            port = server.add_secure_port(c.listen, mtls.server_credentials())
+            if c.token_listen:
+                tls_only = ReloadingCredentials(security.tls, require_client_auth=False)
+                token_port = server.add_secure_port(c.token_listen, tls_only.server_credentials())
+                self.token_address = f"{c.token_listen.rpartition(':')[0]}:{token_port}"
+        self.address = f"{c.listen.rpartition(':')[0]}:{port}"
+        if c.health_listen:
+            # Probes have no client certificate: a plaintext server of its own, health only, loopback only.
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+            health_port = health_server.add_insecure_port(c.health_listen)
+            self.health_address = f"{c.health_listen.rpartition(':')[0]}:{health_port}"
+            await health_server.start()
+            self._health_server = health_server
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
@@ -319,7 +504,17 @@ class Gateway:
         self.metrics.start(c.metrics_listen)
         log.info(
             "gateway serving",
-            extra={"fields": {"event": "serving", "address": self.address, "store": _safe_url(c.store)}},
+            extra={
+                "fields": {
+                    "event": "serving",
+                    "address": self.address,
+                    "token_address": self.token_address or "",
+                    "health_address": self.health_address or "",
+                    "tls": not c.insecure,
+                    "state_dir": str(security.state.root),
+                    "store": _safe_url(c.store),
+                }
+            },
         )
         return self.address
 
@@ -335,12 +530,20 @@ class Gateway:
             if self._ingest is not None:
                 await self._ingest.wait_idle(self.config.shutdown_grace_s)
             await server.stop(self.config.shutdown_grace_s)
+        health_server, self._health_server = self._health_server, None
+        if health_server is not None:
+            await health_server.stop(0)
+        registry, self.registry = self.registry, None
+        if registry is not None:
+            await registry.shutdown()
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             await pipeline.shutdown()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            await asyncio.to_thread(reader.shutdown)
+        for attr in ("_reader", "_registry_thread"):
+            thread = getattr(self, attr)
+            setattr(self, attr, None)
+            if thread is not None:
+                await asyncio.to_thread(thread.shutdown)
         self.metrics.shutdown()
         if server is not None:
             log.info("gateway stopped", extra={"fields": {"event": "stopped"}})

@@ -11,7 +11,8 @@ per stream anyway). Acks decide what happens to the batch at the head of the que
 | FAILED_PRECONDITION | sends it again flagged DATA_DROPPED_BEFORE (the gateway lost what came before) |
 | anything else | drops it and counts it as refused (it can never be accepted) |
 
-A broken stream (gateway restart, ABORTED, UNAVAILABLE) is reopened with backoff and the queue resent.
+A broken stream (gateway restart, ABORTED, UNAVAILABLE) is reopened with backoff and the queue resent; a
+stream refused as a whole (PERMISSION_DENIED, UNAUTHENTICATED) ends the band, its batches counted refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -36,6 +37,7 @@ from gateway.pipeline import (
 )
 
 RETRYABLE = frozenset({RESOURCE_EXHAUSTED, UNAVAILABLE})
+FINAL = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 
 
 @dataclass
@@ -62,8 +64,10 @@ class BandClient:
         max_backoff_s: float = 2.0,
         give_up_after_s: float = 120.0,
         on_ack: Callable[[int], None] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         self.target = target
+        self.credentials = credentials  # the band's own certificate (mutual TLS); None: plaintext
         self.device_id = device_id
         self.max_backoff_s = max_backoff_s
         self.give_up_after_s = give_up_after_s
@@ -81,7 +85,12 @@ class BandClient:
         last_progress = time.monotonic()
         while upcoming or queue:
             try:
-                async with grpc.aio.insecure_channel(self.target) as channel:
+                channel = (
+                    grpc.aio.secure_channel(self.target, self.credentials)
+                    if self.credentials is not None
+                    else grpc.aio.insecure_channel(self.target)
+                )
+                async with channel:
                     call = ingest_pb2_grpc.IngestServiceStub(channel).Upload(
                         metadata=device_metadata(self.device_id)
                     )
@@ -108,7 +117,13 @@ class BandClient:
                             await asyncio.sleep(max(ack.retry_after_ms, 20) / 1000)
                     await call.done_writing()
                     await call.code()
-            except (grpc.aio.AioRpcError, ConnectionError):
+            except (grpc.aio.AioRpcError, ConnectionError) as e:
+                if isinstance(e, grpc.aio.AioRpcError) and e.code() in FINAL:
+                    # refused as a whole (revoked, unbound, not registered): resending cannot help
+                    self.stats.refused[e.code().name] = (
+                        self.stats.refused.get(e.code().name, 0) + len(queue) + len(upcoming)
+                    )
+                    break
                 if time.monotonic() - last_progress > self.give_up_after_s:
                     raise
                 self.stats.reconnects += 1
@@ -148,10 +163,18 @@ async def run_fleet(
     interval_s: float = 0.0,
     on_ack: Callable[[int], None] | None = None,
     give_up_after_s: float = 120.0,
+    credentials: Mapping[int, grpc.ChannelCredentials] | None = None,
 ) -> list[BandStats]:
-    """Every band of `fleet` (device ID, batches) as its own client, concurrently."""
+    """Every band of `fleet` (device ID, batches) as its own client, concurrently; `credentials` maps each
+    device to its certificate (mutual TLS), None for a plaintext gateway."""
     clients = [
-        BandClient(target, device_id, on_ack=on_ack, give_up_after_s=give_up_after_s)
+        BandClient(
+            target,
+            device_id,
+            on_ack=on_ack,
+            give_up_after_s=give_up_after_s,
+            credentials=None if credentials is None else credentials[device_id],
+        )
         for device_id, _ in fleet
     ]
     return list(

@@ -21,6 +21,7 @@ from decoder.frames import Frame, encode_container, encode_frame
 from gateway.auth import device_metadata
 from gateway.config import GatewayConfig
 from gateway.replay import replay_batches
+from gateway.security.client import ClientIdentity, enrol_device, local_identity
 from gateway.simulator.recorder import fleet_batches
 from gateway.store import open_store
 
@@ -29,7 +30,49 @@ SERVE = (sys.executable, "-m", "gateway.cli", "serve")
 
 
 def config(tmp_path: Path, **changes) -> GatewayConfig:
-    return GatewayConfig(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/gw.db", **changes)
+    """A development (`insecure`, plaintext loopback) gateway: for tests of the batch path itself. Tests of
+    what a real deployment does use `tls_config`."""
+    return tls_config(tmp_path, **{"insecure": True, **changes})
+
+
+def tls_config(tmp_path: Path, **changes) -> GatewayConfig:
+    """A TLS gateway as `bandgate serve` runs by default, on ephemeral ports, its state dir in tmp_path."""
+    values = dict(
+        listen="127.0.0.1:0",
+        store=f"sqlite:///{tmp_path}/gw.db",
+        state_dir=str(tmp_path / "state"),
+        token_listen="127.0.0.1:0",
+        health_listen="127.0.0.1:0",
+    )
+    values.update(changes)
+    return GatewayConfig(**values)
+
+
+class Credentials:
+    """Clients of a TLS gateway whose state dir is `state_dir`: the local operator and consumer, and bands
+    enrolled through the admin API (a key made here, a CSR the gateway's CA signs), one per device."""
+
+    def __init__(self, state_dir: Path | str, address: str):
+        self.state_dir = Path(state_dir)
+        self.address = address
+        self._bands: dict[int, ClientIdentity] = {}
+
+    def channel(self, role: str = "operator", address: str | None = None) -> grpc.aio.Channel:
+        identity = local_identity(role, self.state_dir)
+        return grpc.aio.secure_channel(address or self.address, identity.credentials())
+
+    async def band(self, device_id: int) -> ClientIdentity:
+        if device_id not in self._bands:
+            async with self.channel("operator") as ch:
+                self._bands[device_id] = await enrol_device(ch, device_id)
+        return self._bands[device_id]
+
+    async def band_channel(self, device_id: int, address: str | None = None) -> grpc.aio.Channel:
+        identity = await self.band(device_id)
+        return grpc.aio.secure_channel(address or self.address, identity.credentials())
+
+    async def fleet_credentials(self, device_ids: Iterable[int]) -> dict[int, grpc.ChannelCredentials]:
+        return {d: (await self.band(d)).credentials() for d in device_ids}
 
 
 @functools.cache
@@ -124,16 +167,38 @@ class ServeProcess:
 
     def __init__(self, tmp_path: Path, db: Path, listen: str = "127.0.0.1:0", extra: tuple[str, ...] = ()):
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        self.state_dir = tmp_path / "state"
         env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [*SERVE, "--listen", listen, "--store", f"sqlite:///{db}", *extra],
+                [
+                    *SERVE,
+                    "--listen",
+                    listen,
+                    "--store",
+                    f"sqlite:///{db}",
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--token-listen",
+                    "127.0.0.1:0",
+                    "--health-listen",
+                    "127.0.0.1:0",
+                    *extra,
+                ],
                 cwd=tmp_path,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 env=env,
             )
         self.address = self._wait_for("serving", 30)
+        self.health_address = self._field("health_address")
+        self.credentials = Credentials(self.state_dir, self.address)
+
+    def _field(self, name: str) -> str:
+        for line in self.lines:
+            if '"event":"serving"' in line:
+                return re.search(rf'"{name}":"([^"]*)"', line).group(1)
+        raise AssertionError(f"no {name} in the serving line")
 
     @property
     def lines(self) -> list[str]:

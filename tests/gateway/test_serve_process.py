@@ -1,5 +1,6 @@
-"""`bandgate serve` as a process: SIGTERM drains and exits 0; kill -9 and a restart lose and double
-nothing; a simulated fleet through the CLI stores exactly what replay computes from the same batches."""
+"""`bandgate serve` as a process, over mutual TLS as it runs by default: SIGTERM drains and exits 0; kill -9
+and a restart lose and double nothing; a simulated fleet through the CLI stores exactly what replay
+computes from the same batches."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_sigterm_drains_acks_what_is_stored_and_exits_0(tmp_path):
 
     async def scenario():
         acks = []
-        async with grpc.aio.insecure_channel(server.address) as ch:
+        async with await server.credentials.band_channel(device) as ch:
             up = Uploader(ch, device)
             try:
                 for i, b in enumerate(batches):
@@ -67,7 +68,7 @@ def test_sigterm_drains_acks_what_is_stored_and_exits_0(tmp_path):
     rest = [b for b in batches if b.first_seq > acks[-1].acked_seq]
 
     async def resend():
-        async with grpc.aio.insecure_channel(restarted.address) as ch:
+        async with await restarted.credentials.band_channel(device) as ch:
             up = Uploader(ch, device)
             out = [await up.send(b) for b in rest]
             await up.close()
@@ -92,7 +93,10 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
 
     async def scenario():
         nonlocal server
-        bands = asyncio.ensure_future(run_fleet(address, fleet, on_ack=count, give_up_after_s=30))
+        credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
+        bands = asyncio.ensure_future(
+            run_fleet(address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
+        )
         while acked < 30:
             await asyncio.sleep(0.01)
         # The serving process never loaded the kernels (its compute is in the workers): Numba and LLVM
@@ -124,7 +128,7 @@ def test_fifty_bands_through_serve_equal_replay_of_the_simulator_file(tmp_path):
     server = ServeProcess(tmp_path, db)
     try:
         sim = subprocess.run(
-            [*cli, "simulate", "--target", server.address, *common],
+            [*cli, "simulate", "--target", server.address, "--state-dir", str(server.state_dir), *common],
             env=env,
             capture_output=True,
             text=True,
@@ -132,8 +136,20 @@ def test_fifty_bands_through_serve_equal_replay_of_the_simulator_file(tmp_path):
         )
         assert sim.returncode == 0, sim.stderr
         assert "250 stored" in sim.stdout, sim.stdout
+        # each device it streamed as, as 16 lower-case hex digits
+        assert len([line for line in sim.stdout.splitlines() if line.startswith("device ")]) == 50
         tail = subprocess.run(
-            [*cli, "tail", "--target", server.address, "--no-follow", "--family", "steps"],
+            [
+                *cli,
+                "tail",
+                "--target",
+                server.address,
+                "--state-dir",
+                str(server.state_dir),
+                "--no-follow",
+                "--family",
+                "steps",
+            ],
             env=env,
             capture_output=True,
             text=True,

@@ -184,6 +184,8 @@ def test_bad_zstd_is_invalid_argument_and_the_stream_goes_on(tmp_path):
 
 
 def test_device_mismatch_refused(tmp_path):
+    """A frame naming another device inside a batch is that frame's error; a batch whose envelope names
+    another device ends the stream with PERMISSION_DENIED, nothing of it stored."""
     cfg = config(tmp_path)
     device, _ = band()
     other = 0xFEDCBA9876543210
@@ -194,12 +196,12 @@ def test_device_mismatch_refused(tmp_path):
     async def scenario():
         async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
             up = Uploader(ch, device)
-            wrong_envelope = await up.send(envelope(encode(frames_of(other, 2)), frames_of(other, 1)[0]))
             wrong_frame = await up.send(envelope(encode([mixed[0], intruder, mixed[2]]), mixed[0]))
-            return wrong_envelope, wrong_frame
+            await up.call.write(envelope(encode(frames_of(other, 2)), frames_of(other, 1)[0]))
+            return wrong_frame, await up.call.code(), await up.call.details()
 
-    wrong_envelope, wrong_frame = run(scenario())
-    assert wrong_envelope.code == PERMISSION_DENIED and "authenticated as" in wrong_envelope.reason
+    wrong_frame, code, details = run(scenario())
+    assert code == grpc.StatusCode.PERMISSION_DENIED and f"batch names device {other:016x}" in details
     assert wrong_frame.code == OK and [e.index for e in wrong_frame.frame_errors] == [1]
     assert "contradicts the envelope" in wrong_frame.frame_errors[0].reason
     assert high_water(cfg.store, other) is None

@@ -1,0 +1,316 @@
+"""The live registry of one gateway process: the current `Policy`, every change to it (audited, in one
+store transaction with its audit entry), and the identification of callers at the start of each RPC.
+
+Changes made here take effect at once: `apply` rebuilds the policy and calls the listeners (the server
+ends streams that lost their right, subscriptions re-read their grants). Changes made by another process
+on the same store are seen within `poll_s` by comparing the registry version.
+
+Refusals are rate-limited per peer address and per credential before anything is looked up, aggregated
+into audit entries, and answered with a reason that names only the caller's own identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, load_key
+from gateway.security.pki import PkiError, cert_info
+from gateway.security.policy import Decision, Policy, Principal, token_id
+from gateway.store.base import CredentialRow, RegistryOp
+
+log = logging.getLogger("bandgate.security")
+
+FLUSH_S = 2.0  # last-seen times and refusal counts are written this often, never per RPC
+
+
+class Throttle:
+    """Refusals per key (a peer address, a credential): `rate` a second up to `burst`, and a key that has
+    used them up is refused before its next request is even looked at. Bounded memory: the stalest keys
+    go first."""
+
+    def __init__(self, rate: float = 5.0, burst: float = 20.0, max_keys: int = 65_536):
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._level: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def _refilled(self, key: str, now: float) -> float | None:
+        entry = self._level.get(key)
+        if entry is None:
+            return None
+        level, stamp = entry
+        return min(self.burst, level + (now - stamp) * self.rate)
+
+    def blocked(self, key: str) -> bool:
+        level = self._refilled(key, time.monotonic())
+        return level is not None and level < 1.0
+
+    def fail(self, key: str) -> None:
+        now = time.monotonic()
+        level = self._refilled(key, now)
+        self._level[key] = ((self.burst if level is None else level) - 1.0, now)
+        self._level.move_to_end(key)
+        while len(self._level) > self.max_keys:
+            self._level.popitem(last=False)
+
+
+def peer_host(peer: str) -> str:
+    """`ipv4:1.2.3.4:5678` → `ipv4:1.2.3.4`: the address without the port, which a client picks anew."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return kind
+
+
+class Refusal(Exception):  # noqa: N818 - an answer, not a bug
+    """Identification refused: `code` and a reason safe to send back."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Registry:
+    """Policy, changes and identification for one gateway process (see the module docstring).
+
+    start/shutdown: start loads the registry on `thread` (a StoreThread of its own) and starts the poll
+    and flush loop; shutdown flushes what is buffered; safe without start, and twice."""
+
+    def __init__(
+        self,
+        thread: Any,  # gateway.pipeline.StoreThread: one store object on its own thread
+        *,
+        audit_key: Path,
+        audit_head: Path,
+        auto_register: bool = False,
+        poll_s: float = 0.5,
+        metrics: Any = None,
+    ):
+        self.thread = thread
+        self.audit_key = audit_key
+        self.audit_head = audit_head
+        self.auto_register = auto_register
+        self.poll_s = poll_s
+        self.metrics = metrics
+        self.policy: Policy | None = None
+        self.listeners: list[Callable[[Policy], None]] = []
+        self.peer_throttle = Throttle()
+        self.credential_throttle = Throttle()
+        self.refusals = RefusalCounter()
+        self._audit: AuditLog | None = None
+        self._seen: dict[tuple[str, str], int] = {}
+        self._known_certs: dict[bytes, tuple[Any, str, str]] = {}  # pem → (identity, credential id, serial)
+        self._loop: asyncio.Future | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._loop is not None:
+            return
+        key = load_key(self.audit_key)
+
+        def open_audit() -> AuditLog:
+            audit = AuditLog(self.thread.store, key, self.audit_head)
+            audit.open()
+            return audit
+
+        self._audit = await self.thread.call(open_audit)
+        self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
+        self._loop = asyncio.ensure_future(self._background())
+
+    async def shutdown(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await loop
+        with contextlib.suppress(Exception):
+            await self._flush()
+
+    def _install(self, policy: Policy) -> None:
+        changed = self.policy is not None and self.policy.version != policy.version
+        self.policy = policy
+        if changed:
+            for listener in list(self.listeners):
+                try:
+                    listener(policy)
+                except Exception as e:  # a listener's bug must not stop the others
+                    log.error("policy listener failed", extra={"fields": {"error": type(e).__name__}})
+
+    # changes
+
+    async def apply(self, events: Sequence[AuditEvent], ops: Sequence[RegistryOp] = ()) -> Policy:
+        """Store `ops` with their audit `events` in one transaction, then serve the new policy."""
+        assert self._audit is not None, "registry not started"
+        async with self._lock:
+            await self.thread.call(self._audit.record, list(events), list(ops))
+            snapshot = await self.thread.call(self.thread.store.registry_snapshot)
+            self._install(Policy(snapshot))
+        assert self.policy is not None
+        return self.policy
+
+    async def _background(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                version = await self.thread.call(self.thread.store.registry_version)
+                if self.policy is None or version != self.policy.version:
+                    async with self._lock:
+                        self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
+                if time.monotonic() - last_flush >= FLUSH_S:
+                    last_flush = time.monotonic()
+                    await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the store may be busy: try again next round
+                log.warning(
+                    "registry poll failed",
+                    extra={"fields": {"event": "registry_poll_failed", "error": type(e).__name__}},
+                )
+
+    async def _flush(self) -> None:
+        seen, self._seen = self._seen, {}
+        events = self.refusals.drain()
+        if seen:
+            ops = [RegistryOp("seen", kind=k, name=n, time_us=t) for (k, n), t in seen.items()]
+            await self.thread.call(self.thread.store.registry_apply, ops)
+        if events:
+            assert self._audit is not None
+            async with self._lock:
+                await self.thread.call(self._audit.record, events, [])
+
+    def seen(self, principal: Principal) -> None:
+        self._seen[(principal.kind, principal.name)] = time.time_ns() // 1000
+
+    # identification
+
+    def refuse(self, peer: str, principal_key: str | None, code: grpc.StatusCode, reason: str) -> Refusal:
+        """Count a refusal against the peer (and the credential), for the throttle and the audit log."""
+        self.peer_throttle.fail(peer_host(peer))
+        if principal_key is not None:
+            self.credential_throttle.fail(principal_key)
+        self.refusals.note(peer_host(peer), reason)
+        if self.metrics is not None:
+            self.metrics.auth_refused.labels(code.name).inc()
+        return Refusal(code, reason)
+
+    def _throttled(self) -> Refusal:
+        if self.metrics is not None:
+            self.metrics.auth_throttled.inc()
+        return Refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "too many refused requests from this peer; slow down"
+        )
+
+    async def identify_certificate(self, peer: str, pem: bytes) -> Principal:
+        """The principal a verified client certificate proves (grpc checked the chain and validity at the
+        handshake); `Refusal` if the registry does not let it act."""
+        known = self._known_certs.get(pem)
+        if known is None:
+            try:
+                info = cert_info(pem)
+            except PkiError as e:
+                raise self.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, f"certificate: {e}") from None
+            if info.identity is None:
+                raise self.refuse(
+                    peer, None, grpc.StatusCode.UNAUTHENTICATED, "the certificate names no bandgate identity"
+                )
+            known = (info.identity, "x509:" + info.fingerprint, f"{info.serial:x}", info)
+            if len(self._known_certs) > 10_000:
+                self._known_certs.clear()
+            self._known_certs[pem] = known
+        identity, credential, serial, info = known
+        key = f"{identity.kind}:{identity.name}"
+        if self.credential_throttle.blocked(key):
+            raise self._throttled()
+        assert self.policy is not None
+        decision = self.policy.check_credential(identity.kind, identity.name, credential)
+        if (
+            not decision
+            and self.policy.principal(identity.kind, identity.name) is None
+            and self.auto_register
+            and identity.kind == "device"
+        ):
+            await self.register_certificate(identity.kind, identity.name, info, actor="auto-registration")
+            decision = self.policy.check_credential(identity.kind, identity.name, credential)
+        if not decision:
+            raise self.refuse(peer, key, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+        if credential not in self.policy.credentials:
+            await self.register_certificate(
+                identity.kind, identity.name, info, actor=key, new_principal=False
+            )
+        return Principal(identity.kind, identity.name, credential, serial)
+
+    async def register_certificate(
+        self, kind: str, name: str, info: Any, *, actor: str, new_principal: bool = True, action: str = ""
+    ) -> None:
+        """Record a certificate as a credential of (kind, name), registering the principal if asked."""
+        cred = CredentialRow(
+            id="x509:" + info.fingerprint,
+            kind=kind,
+            name=name,
+            serial=f"{info.serial:x}",
+            not_after_us=int(info.not_after.timestamp() * 1_000_000),
+            state="active",
+            created_us=time.time_ns() // 1000,
+        )
+        ops = [RegistryOp("credential", credential=cred)]
+        events = [
+            AuditEvent(
+                action or "credential.recorded", actor, f"{kind}:{name}", details={"serial": cred.serial}
+            )
+        ]
+        if new_principal:
+            ops.insert(0, RegistryOp("principal", kind=kind, name=name, state="active"))
+            events.insert(0, AuditEvent("principal.registered", actor, f"{kind}:{name}"))
+        await self.apply(events, ops)
+
+    def identify_token(self, peer: str, metadata: Sequence[tuple[str, Any]]) -> Principal:
+        """The principal a bearer token proves (`authorization: Bearer <token>`); throttled per peer address
+        before the token is even hashed."""
+        host = peer_host(peer)
+        if self.peer_throttle.blocked(host):
+            raise self._throttled()
+        tokens = [v for k, v in metadata if k == "authorization"]
+        if len(tokens) != 1 or not isinstance(tokens[0], str) or not tokens[0].startswith("Bearer "):
+            raise self.refuse(
+                peer,
+                None,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this listener needs 'authorization: Bearer <token>'",
+            )
+        if self.metrics is not None:
+            self.metrics.token_lookups.inc()
+        credential = token_id(tokens[0][7:].strip())
+        assert self.policy is not None
+        owner = self.policy.token_owner(credential)
+        if owner is None:
+            raise self.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+        decision = self.policy.check_credential(owner.kind, owner.name, credential)
+        if not decision:
+            raise self.refuse(
+                peer, owner.kind + ":" + owner.name, grpc.StatusCode.PERMISSION_DENIED, decision.reason
+            )
+        return Principal(owner.kind, owner.name, credential)
+
+    def check(self, peer: str, principal: Principal, decision: Decision) -> None:
+        """Raise a counted PERMISSION_DENIED `Refusal` unless `decision` allows."""
+        if not decision:
+            raise self.refuse(peer, principal.key, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+
+async def abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:
+    await context.abort(refusal.code, refusal.reason)
+
+
+__all__ = ["Refusal", "Registry", "Throttle", "abort", "peer_host"]
