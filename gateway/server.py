@@ -286,12 +286,12 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         self.registry = registry
 
     def _granted(
-        self, peer: str, principal: Principal, requested: set[str]
+        self, peer: str, principal: Principal, requested: set[str], operation: str = "subscribe"
     ) -> dict[str, frozenset[str] | None]:
-        """The families this subscription reads now (family → devices, None for all); `Refusal` if the
-        caller asks for a family it does not hold, or holds none."""
+        """The families this call reads now (family → devices, None for all); `Refusal` if the caller asks
+        for a family it does not hold `operation` on, or holds none."""
         policy = self.registry.policy
-        held = policy.families(principal, "subscribe") if policy is not None else {}
+        held = policy.families(principal, operation) if policy is not None else {}
         if requested:
             missing = requested - held.keys()
             if missing:
@@ -299,7 +299,7 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
                     peer,
                     principal.key,
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"{principal.key} holds no subscribe grant for {', '.join(sorted(missing))}",
+                    f"{principal.key} holds no {operation} grant for {', '.join(sorted(missing))}",
                 )
             return {f: held[f] for f in requested}
         if not held:
@@ -307,24 +307,57 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
                 peer,
                 principal.key,
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{principal.key} holds no subscribe grant",
+                f"{principal.key} holds no {operation} grant",
             )
         return held
 
-    async def Subscribe(  # noqa: N802 - the gRPC method name
-        self, request: features_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[features_pb2.FeatureRecord]:
-        unknown = set(request.families) - ALL_FAMILIES
+    async def _check_request(
+        self, families: Any, device: str, context: grpc.aio.ServicerContext
+    ) -> tuple[set[str], str | None]:
+        unknown = set(families) - ALL_FAMILIES
         if unknown:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown families {sorted(unknown)}; known {sorted(ALL_FAMILIES)}",
             )
-        device = request.device.lower() or None
+        device = device.lower() or None
         if device is not None and (len(device) != 16 or any(c not in "0123456789abcdef" for c in device)):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device must be 16 hex digits")
+        return set(families), device
+
+    async def Export(  # noqa: N802 - the gRPC method name
+        self, request: features_pb2.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[features_pb2.FeatureRecord]:
+        requested, device = await self._check_request(request.families, request.device, context)
+        if device is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "export names one device (16 hex digits)")
+        try:
+            principal = await self.authenticator.authenticate(context)
+            granted = self._granted(context.peer(), principal, requested, "export")
+        except Refusal as e:
+            await context.abort(e.code, e.reason)
+        families = {f for f, devices in granted.items() if devices is None or device in devices}
+        if not families:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{principal.key} holds no export grant for this device"
+            )
+        cursor = 0
+        page = self.config.subscribe_page
+        while True:
+            rows = await self.reader.call(
+                self.reader.store.read_since, cursor, families=families, device=device, limit=page
+            )
+            for row_cursor, record in rows:
+                yield feature_record(row_cursor, record)
+                cursor = row_cursor
+            if len(rows) < page:
+                return
+
+    async def Subscribe(  # noqa: N802 - the gRPC method name
+        self, request: features_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[features_pb2.FeatureRecord]:
+        requested, device = await self._check_request(request.families, request.device, context)
         peer = context.peer()
-        requested = set(request.families)
         try:
             principal = await self.authenticator.authenticate(context)
             granted = self._granted(peer, principal, requested)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ndgate/v1/features.proto\x12\x0b\x62\x61ndgate.v1\"\\\n\x10SubscribeRequest\x12\x10\n\x08\x66\x61milies\x18\x01 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_cursor\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\"D\n\x05Value\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x11\n\x07integer\x18\x03 \x01(\x12H\x00\x42\x06\n\x04kind\"\xee\x01\n\rFeatureRecord\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08start_us\x18\x04 \x01(\x03\x12\x12\n\nduration_s\x18\x05 \x01(\r\x12\x0c\n\x04\x61lgo\x18\x06 \x01(\t\x12\x36\n\x06values\x18\x07 \x03(\x0b\x32&.bandgate.v1.FeatureRecord.ValuesEntry\x1a\x41\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.bandgate.v1.Value:\x02\x38\x01\x32Z\n\x0e\x46\x65\x61tureService\x12H\n\tSubscribe\x12\x1d.bandgate.v1.SubscribeRequest\x1a\x1a.bandgate.v1.FeatureRecord0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62\x61ndgate/v1/features.proto\x12\x0b\x62\x61ndgate.v1\"1\n\rExportRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x10\n\x08\x66\x61milies\x18\x02 \x03(\t\"\\\n\x10SubscribeRequest\x12\x10\n\x08\x66\x61milies\x18\x01 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x66rom_cursor\x18\x03 \x01(\x04\x12\x11\n\tno_follow\x18\x04 \x01(\x08\"D\n\x05Value\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\x11\n\x07integer\x18\x03 \x01(\x12H\x00\x42\x06\n\x04kind\"\xee\x01\n\rFeatureRecord\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x10\n\x08start_us\x18\x04 \x01(\x03\x12\x12\n\nduration_s\x18\x05 \x01(\r\x12\x0c\n\x04\x61lgo\x18\x06 \x01(\t\x12\x36\n\x06values\x18\x07 \x03(\x0b\x32&.bandgate.v1.FeatureRecord.ValuesEntry\x1a\x41\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.bandgate.v1.Value:\x02\x38\x01\x32\x9e\x01\n\x0e\x46\x65\x61tureService\x12H\n\tSubscribe\x12\x1d.bandgate.v1.SubscribeRequest\x1a\x1a.bandgate.v1.FeatureRecord0\x01\x12\x42\n\x06\x45xport\x12\x1a.bandgate.v1.ExportRequest\x1a\x1a.bandgate.v1.FeatureRecord0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FEATURERECORD_VALUESENTRY']._loaded_options = None
   _globals['_FEATURERECORD_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=43
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=135
-  _globals['_VALUE']._serialized_start=137
-  _globals['_VALUE']._serialized_end=205
-  _globals['_FEATURERECORD']._serialized_start=208
-  _globals['_FEATURERECORD']._serialized_end=446
-  _globals['_FEATURERECORD_VALUESENTRY']._serialized_start=381
-  _globals['_FEATURERECORD_VALUESENTRY']._serialized_end=446
-  _globals['_FEATURESERVICE']._serialized_start=448
-  _globals['_FEATURESERVICE']._serialized_end=538
+  _globals['_EXPORTREQUEST']._serialized_start=43
+  _globals['_EXPORTREQUEST']._serialized_end=92
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=94
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=186
+  _globals['_VALUE']._serialized_start=188
+  _globals['_VALUE']._serialized_end=256
+  _globals['_FEATURERECORD']._serialized_start=259
+  _globals['_FEATURERECORD']._serialized_end=497
+  _globals['_FEATURERECORD_VALUESENTRY']._serialized_start=432
+  _globals['_FEATURERECORD_VALUESENTRY']._serialized_end=497
+  _globals['_FEATURESERVICE']._serialized_start=500
+  _globals['_FEATURESERVICE']._serialized_end=658
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExportRequest(_message.Message):
+    __slots__ = ("device", "families")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FAMILIES_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    families: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device: _Optional[str] = ..., families: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SubscribeRequest(_message.Message):
     __slots__ = ("families", "device", "from_cursor", "no_follow")
     FAMILIES_FIELD_NUMBER: _ClassVar[int]

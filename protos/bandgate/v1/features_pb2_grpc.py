@@ -39,6 +39,11 @@ class FeatureServiceStub:
                 request_serializer=bandgate_dot_v1_dot_features__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=bandgate_dot_v1_dot_features__pb2.FeatureRecord.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/bandgate.v1.FeatureService/Export',
+                request_serializer=bandgate_dot_v1_dot_features__pb2.ExportRequest.SerializeToString,
+                response_deserializer=bandgate_dot_v1_dot_features__pb2.FeatureRecord.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -51,12 +56,24 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Every stored record of one device, in commit order, of the families the caller holds export on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
                     request_deserializer=bandgate_dot_v1_dot_features__pb2.SubscribeRequest.FromString,
+                    response_serializer=bandgate_dot_v1_dot_features__pb2.FeatureRecord.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=bandgate_dot_v1_dot_features__pb2.ExportRequest.FromString,
                     response_serializer=bandgate_dot_v1_dot_features__pb2.FeatureRecord.SerializeToString,
             ),
     }
@@ -86,6 +103,33 @@ class FeatureService:
             target,
             '/bandgate.v1.FeatureService/Subscribe',
             bandgate_dot_v1_dot_features__pb2.SubscribeRequest.SerializeToString,
+            bandgate_dot_v1_dot_features__pb2.FeatureRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/bandgate.v1.FeatureService/Export',
+            bandgate_dot_v1_dot_features__pb2.ExportRequest.SerializeToString,
             bandgate_dot_v1_dot_features__pb2.FeatureRecord.FromString,
             options,
             channel_credentials,
