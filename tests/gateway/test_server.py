@@ -35,6 +35,7 @@ from gateway.simulator.recorder import fleet_batches, recording_frames
 from gateway.store import SequenceError, SqliteStore, StoreUnavailable, open_store
 from gateway.store.base import CommitItem
 from tests.gateway.gatewaykit import (
+    Credentials,
     Uploader,
     band,
     config,
@@ -45,6 +46,7 @@ from tests.gateway.gatewaykit import (
     processed,
     same_records,
     stored,
+    tls_config,
 )
 
 
@@ -144,7 +146,7 @@ def test_gap_refused_naming_expected_seq_then_accepted_with_dropped_flag(tmp_pat
 
 
 def test_corrupt_frame_listed_in_ack_and_the_others_stored(tmp_path):
-    cfg = config(tmp_path)
+    cfg = tls_config(tmp_path)  # over mutual TLS, as a band sends
     device = 0x0123456789ABCDEF
     frames = frames_of(device, 6)
     encoded = encode(frames)
@@ -153,7 +155,10 @@ def test_corrupt_frame_listed_in_ack_and_the_others_stored(tmp_path):
     encoded[2] = bytes(bad)
 
     async def scenario():
-        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        async with (
+            run_server(cfg) as gw,
+            await Credentials(cfg.state_dir, gw.address).band_channel(device) as ch,
+        ):
             return await Uploader(ch, device).send(envelope(encoded, frames[0]))
 
     ack = run(scenario())
@@ -437,10 +442,10 @@ def test_health_serving_and_reflection(tmp_path):
 
 
 def test_no_sample_values_in_any_sink(tmp_path, capfd):
-    """A sentinel accelerometer pattern goes through good, corrupt and undecodable batches: neither the
-    logs (the compute workers' stderr included), acks, metrics, store files, stored records nor the
-    feature stream may contain it."""
-    cfg = config(tmp_path)
+    """A sentinel accelerometer pattern goes through good, corrupt and undecodable batches over mutual TLS:
+    neither the logs (the compute workers' stderr included), acks, metrics, store files, stored records,
+    the feature stream nor the audit log may contain it."""
+    cfg = tls_config(tmp_path)
     device = 0x00000000CAFEF00D
     sentinel = -1717  # a distinctive 12-bit count
     accel = np.full((3000, 3), sentinel, np.int16)
@@ -462,11 +467,14 @@ def test_no_sample_values_in_any_sink(tmp_path, capfd):
     logger.setLevel(logging.DEBUG)
 
     async def scenario():
-        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
-            up = Uploader(ch, device)
-            acks = [await up.send(b) for b in (undecodable, lying, good, good)]
-            stub = features_pb2_grpc.FeatureServiceStub(ch)
-            stream = [r async for r in stub.Subscribe(features_pb2.SubscribeRequest(no_follow=True))]
+        async with run_server(cfg) as gw:
+            credentials = Credentials(cfg.state_dir, gw.address)
+            async with await credentials.band_channel(device) as ch:
+                up = Uploader(ch, device)
+                acks = [await up.send(b) for b in (undecodable, lying, good, good)]
+            async with credentials.channel("consumer") as ch:
+                stub = features_pb2_grpc.FeatureServiceStub(ch)
+                stream = [r async for r in stub.Subscribe(features_pb2.SubscribeRequest(no_follow=True))]
             return acks, stream, generate_latest(gw.metrics.registry).decode()
 
     try:
@@ -477,11 +485,13 @@ def test_no_sample_values_in_any_sink(tmp_path, capfd):
     assert len(captured) >= 4 and stream and "bandgate_samples" in metrics_text
     # Every sink: the store's files (database and WAL) never hold the raw pattern...
     raw = np.array([sentinel, 1717, sentinel, 1717], "<i2").tobytes()
-    for path in tmp_path.glob("gw.db*"):
+    for path in [*tmp_path.glob("gw.db*"), *(tmp_path / "state").iterdir()]:
         assert raw not in path.read_bytes(), path.name
     # ...and no log line, ack, metric, stored record or streamed record shows the values.
     text = "\n".join(captured) + "\n".join(str(a) for a in acks) + metrics_text
     text += "\n".join(str(r) for r in stream) + "\n".join(map(str, stored(cfg.store)))
+    with open_store(cfg.store) as store:
+        text += "\n".join(row.entry for row in store.audit_rows(0, limit=10**6))
     text += "".join(capfd.readouterr())  # what any process wrote to stdout or stderr
     for needle in (
         str(sentinel),
