@@ -291,7 +291,13 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         """The families this call reads now (family → devices, None for all); `Refusal` if the caller asks
         for a family it does not hold `operation` on, or holds none."""
         policy = self.registry.policy
-        held = policy.families(principal, operation) if policy is not None else {}
+        if policy is None:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "the registry is not loaded yet")
+        if not principal.insecure:
+            self.registry.check(
+                peer, principal, policy.check_credential(principal.kind, principal.name, principal.credential)
+            )
+        held = policy.families(principal, operation)
         if requested:
             missing = requested - held.keys()
             if missing:
