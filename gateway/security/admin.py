@@ -259,8 +259,9 @@ class AdminService(_Service, admin_pb2_grpc.AdminServiceServicer):
     async def List(  # noqa: N802
         self, request: admin_pb2.ListRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListResponse:
-        await self._caller(context, admin=True)
-        policy = self.policy
+        caller = await self._caller(context, admin=True)
+        # an admin read is an admin action too: who looked at the registry is on record
+        policy = await self.registry.apply([AuditEvent("registry.listed", caller.key, request.kind or "*")])
         reply = admin_pb2.ListResponse()
         for kind, name in sorted(policy.principals):
             if not request.kind or request.kind == kind:

@@ -200,7 +200,7 @@ class Registry:
         self.peer_throttle.fail(peer_host(peer))
         if principal_key is not None:
             self.credential_throttle.fail(principal_key)
-        self.refusals.note(peer_host(peer), reason)
+        self.refusals.note("peer:" + peer_host(peer), reason)
         if self.metrics is not None:
             self.metrics.auth_refused.labels(code.name).inc()
         return Refusal(code, reason)
