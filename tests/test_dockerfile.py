@@ -4,10 +4,17 @@ run in a fresh virtual environment, and the gateway it starts must answer its HE
 What is emulated, and how:
 - The image's paths map into tmp_path (/opt/venv, /src, /data, the Numba cache dir).
 - COPY copies the named paths from the repository, so a file the image would lack is lacking here too.
-- `python -m venv` gets `--system-site-packages` (and loses the venv's own old setuptools) and `pip
-  install` gets `--no-build-isolation`: the dependencies (pinned in pyproject.toml) and the build backend
-  resolve from this machine, offline, while the project itself is built and installed fresh from the
-  copy, not from the editable checkout.
+- `python -m venv` and `pip install` run as written (the venv keeps the old setuptools it is born with,
+  as the image's does), so pip builds the project in an isolated environment with the build backend
+  pyproject.toml's `[build-system] requires` names (setuptools>=77), fetched from the package index as
+  `docker build` would; the test asserts that it did and that the wheel's generator satisfies that
+  requirement. Nothing this machine or the test's environment happens to have can stand in for it.
+- The new venv is given, by a `.pth` file, the site directories of the environment running this test:
+  the runtime dependencies pinned in pyproject.toml resolve from what `pip install -e ".[dev]"` put
+  there, offline and fast, instead of being downloaded again (`--system-site-packages` would not do:
+  from a venv it reaches the base interpreter's site-packages, whatever the machine has there). The
+  `.pth` lists paths only, so those directories' own `.pth` files (the editable checkout's among them)
+  are not run, and the project itself is built and installed fresh from the copy.
 - RUN lines of the runtime stage before USER are the root-only system setup (user, directories): the
   directories are made here. RUN lines after USER (the warm-up) run as written.
 """
@@ -20,12 +27,15 @@ import re
 import shlex
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
@@ -137,14 +147,8 @@ class Image:
     def run(self, command: str, timeout: float) -> subprocess.CompletedProcess:
         command = self.map(command)
         venv = re.search(r"python -m venv (\S+)", command)
-        if venv:  # the venv's own old setuptools would shadow the machine's build backend
-            python = shlex.quote(sys.executable)
-            command = command.replace(
-                venv.group(0),
-                f"{python} -m venv --system-site-packages {venv.group(1)}"
-                f" && {venv.group(1)}/bin/python -m pip uninstall -q -y setuptools",
-            )
-        command = command.replace("pip install", "pip install --no-build-isolation --quiet")
+        if venv:
+            command = command.replace(venv.group(0), f"{shlex.quote(sys.executable)} -m venv {venv.group(1)}")
         done = subprocess.run(
             ["bash", "-ec", command],
             cwd=self.workdir,
@@ -154,6 +158,8 @@ class Image:
             timeout=timeout,
         )
         assert done.returncode == 0, f"RUN {command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        if venv:
+            lend_dependencies(Path(venv.group(1)))
         return done
 
     def copy(self, rest: str) -> None:
@@ -174,6 +180,24 @@ class Image:
                 shutil.copy2(src, target / src.name)
 
 
+def lend_dependencies(venv: Path) -> None:
+    """Let `venv` import what this test's environment has installed, after its own packages."""
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    (own,) = venv.glob("lib/python*/site-packages")
+    (own / "_test_dependencies.pth").write_text("".join(f"{d}\n" for d in dirs if os.path.isdir(d)))
+
+
+def build_backend(venv: Path) -> tuple[str, Requirement]:
+    """The setuptools version that built the installed project, and the one pyproject.toml requires."""
+    (wheel,) = venv.glob("lib/python*/site-packages/bandgate-*.dist-info/WHEEL")
+    # setuptools >= 70.1 writes its own bdist_wheel and names itself; older ones left it to `wheel`
+    built_by = re.search(r"^Generator: setuptools \((.+)\)$", wheel.read_text(), re.M)
+    assert built_by, f"not built by a setuptools that writes its own wheels:\n{wheel.read_text()}"
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    (required,) = [r for r in map(Requirement, requires) if r.name == "setuptools"]
+    return built_by.group(1), required
+
+
 def build(image: Image) -> None:
     s = stages(DOCKERFILE.read_text())
     for word, rest in s["builder"]:
@@ -185,7 +209,9 @@ def build(image: Image) -> None:
         elif word == "COPY":
             image.copy(rest)
         elif word == "RUN":
-            image.run(rest, timeout=600)
+            done = image.run(rest, timeout=600)
+            if "pip install" in rest:  # the build backend came from pyproject.toml, not from this machine
+                assert "Installing build dependencies" in done.stdout, f"not isolated:\n{done.stdout[-3000:]}"
     # the runtime stage: the builder's venv stays where it is (COPY --from keeps the path)
     user = False
     for word, rest in s["runtime"]:
@@ -227,6 +253,9 @@ def test_image_commands_install_warm_serve_and_report_serving(tmp_path: Path) ->
     # the project came from the copy, not from the editable checkout on this machine
     where = image.run('python -c "import decoder, gateway; print(decoder.__file__, gateway.__file__)"', 60)
     assert all(Path(p).is_relative_to(venv) for p in where.stdout.split()), where.stdout
+    # ... and was built by the setuptools pyproject.toml asks for, whatever this machine has installed
+    built_by, required = build_backend(venv)
+    assert required.specifier.contains(built_by), f"built by setuptools {built_by}, needs {required}"
     warmed = cache_files(image)
     assert any(name.endswith(".nbc") for name in warmed), "warm-up left no compiled kernels"
 
