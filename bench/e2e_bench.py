@@ -12,23 +12,31 @@ share its cores, so these move with the machine's load more than the one-core CP
 - ack latency: the same batches paced at half the measured rate, latency from when a batch was due
   (not when it was sent: a late send counts) to its ack.
 - streams: 10,000 devices hold an Upload stream open, multiplexed over a few channels, each sending a
-  1-minute batch once per cadence; the gateway's VmRSS from /proc.
+  1-minute batch once per cadence; the gateway's VmRSS from /proc (here plaintext; over TLS through
+  relays in `bench.tls_bench`).
 - ready: from launching `serve` to gRPC health SERVING, with the Numba cache warm and cold.
+
+These figures run `serve --insecure` (plaintext, devices named in metadata), the baseline they were
+measured on before the gateway served mutual TLS by default; `bench.tls_bench` measures the TLS path
+beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,30 +62,59 @@ def _unpin(pid: int) -> None:
 
 
 class Gateway:
-    """`bandgate serve` as a subprocess on a free loopback port, its log in a file."""
+    """`bandgate serve` as a subprocess on a free loopback port, its log in a file.
 
-    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None):
+    `insecure` (the default here): plaintext with identities claimed in metadata (`serve --insecure`), the
+    baseline every figure before the identity issue was measured on. Otherwise mutual TLS, as `serve` runs
+    by default, with the development CA and local credentials its first start makes in `state_dir`.
+    Readiness is polled on the plaintext loopback health listener in both modes. `restart` stops it
+    (SIGTERM) and starts it again on the same port, state dir and store."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        insecure: bool = True,
+        state_dir: Path | None = None,
+    ):
+        self.workdir = workdir
+        self.insecure = insecure
+        self.env = env or os.environ.copy()
         self.address = f"127.0.0.1:{_free_port()}"
-        self.log = workdir / f"serve-{time.monotonic_ns()}.log"
+        self.health_address = f"127.0.0.1:{_free_port()}"
+        self.state_dir = state_dir or workdir / f"state-{time.monotonic_ns()}"
+        self.store = f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}"
+        self.launch()
+
+    def launch(self) -> None:
+        """Start `serve` (again, after `stop`: the same port, state dir and store)."""
+        self.log = self.workdir / f"serve-{time.monotonic_ns()}.log"
+        args = [
+            sys.executable, "-m", "gateway.cli", "serve",
+            "--listen", self.address,
+            "--store", self.store,
+            "--state-dir", str(self.state_dir),
+            "--health-listen", self.health_address,
+            "--token-listen", f"127.0.0.1:{_free_port()}",
+        ]  # fmt: skip
+        if self.insecure:
+            args.append("--insecure")
         with open(self.log, "w") as err:
             self.launched = time.perf_counter()
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway.cli",
-                    "serve",
-                    "--listen",
-                    self.address,
-                    "--store",
-                    f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}",
-                ],
-                cwd=workdir,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=env or os.environ.copy(),
+                args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=err, env=self.env
             )
         _unpin(self.proc.pid)
+
+    def restart(self) -> float:
+        """SIGTERM, wait for the exit, start again on the same port, state dir and store; returns the
+        seconds the old process took to drain and exit."""
+        started = time.perf_counter()
+        self.stop()
+        stopped = time.perf_counter() - started
+        self.launch()
+        return stopped
 
     def wait_serving(self, timeout_s: float = 60.0) -> float:
         """Seconds from launch to health SERVING (polled every 10 ms)."""
@@ -85,7 +122,7 @@ class Gateway:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.perf_counter() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        with grpc.insecure_channel(self.health_address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
@@ -103,6 +140,18 @@ class Gateway:
         """VmRSS of the serving process plus its compute worker processes: a sum, so the shared
         libraries they each map count once per process (an upper bound on what the gateway holds)."""
         return sum(_rss_kb(pid) for pid in (self.proc.pid, *_children(self.proc.pid))) / 1024
+
+    def serving_rss_kb(self) -> int:
+        """VmRSS of the serving process alone (gRPC, TLS and the streams live there, not in the workers)."""
+        return _rss_kb(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the workers and the serving process: for a gateway whose drain is not measured and
+        would wait for workers compiling kernels (a cold Numba cache: ~20 s)."""
+        for pid in (*_children(self.proc.pid), self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -178,7 +227,7 @@ def _fleet_file(path: Path, recordings: list, *, batch_minutes: int, fleet: int)
     return order, sum(rec.accel.shape[0] for rec in recordings)
 
 
-def _warm_gateway(gw: Gateway, workdir: Path) -> None:
+def _warm_gateway(gw: Gateway, workdir: Path, credentials: Path | None = None) -> None:
     """Before timing, one band through the gateway whose night window closes (gateway/warm.py's input),
     so every kernel is loaded from the Numba cache and none is loaded inside a timed run."""
     from dataclasses import replace
@@ -191,8 +240,11 @@ def _warm_gateway(gw: Gateway, workdir: Path) -> None:
     rec = simulate_band(1, 30, scenario="night", start_us=DEFAULT_START_US - 20 * 60_000_000)
     path = workdir / f"warm-{time.monotonic_ns()}.bgb"
     with open(path, "wb") as f:
-        write_batches(f, recording_batches(replace(rec, device_id=0xAAAA_0000_0000_0001), batch_frames=10))
-    _stream(gw, path, channels=1)
+        write_batches(f, recording_batches(replace(rec, device_id=WARM_DEVICE), batch_frames=10))
+    _stream(gw, path, channels=1, credentials=credentials)
+
+
+WARM_DEVICE = 0xAAAA_0000_0000_0001  # the band _warm_gateway sends (a TLS gateway must have enrolled it)
 
 
 def _in_process(batches: list, workdir: Path) -> float:
@@ -213,20 +265,16 @@ def _in_process(batches: list, workdir: Path) -> float:
         return time.perf_counter() - started
 
 
-def _stream(gw: Gateway, batch_file: Path, *, channels: int, rate: float = 0.0) -> dict:
-    proc = _load(
-        [
-            "stream",
-            "--target",
-            gw.address,
-            "--file",
-            str(batch_file),
-            "--channels",
-            str(channels),
-            "--rate",
-            str(rate),
-        ]
-    )
+def _stream(
+    gw: Gateway, batch_file: Path, *, channels: int, rate: float = 0.0, credentials: Path | None = None
+) -> dict:
+    """Stream a batch file through `gw` (see `_stream_load`); with `credentials` (a TLS gateway) each
+    band on a connection of its own with its own certificate from that file, whatever `channels` says."""
+    args = ["stream", "--target", gw.address, "--file", str(batch_file)]
+    args += ["--channels", str(channels), "--rate", str(rate)]
+    if credentials is not None:
+        args += ["--credentials", str(credentials)]
+    proc = _load(args)
     out, _ = proc.communicate(timeout=600)
     if proc.returncode:
         raise RuntimeError(f"load generator failed ({proc.returncode})")
@@ -288,22 +336,40 @@ def throughput_figures(quick: bool, workdir: Path) -> dict[str, float]:
 
 
 def streams_figures(quick: bool, workdir: Path, devices: int = 10_000) -> dict[str, float]:
-    """streams_rss_mb: the gateway's peak VmRSS with `devices` streams open, each sending a 1-minute batch
-    every 10 minutes (phases spread over the cadence), sampled over a window of the cadence: all of it
-    in a full run, 20 s in --quick (the count and the cadence stay; about 330 devices send in 20 s)."""
-    cadence_s, window_s = 600.0, (20.0 if quick else 600.0)
+    """streams_plain_rss_mb: `streams_run` on a plaintext gateway (`serve --insecure`), the streams over 16
+    connections (the figure `streams_rss_mb` was until the gateway served TLS; that key is now the relays
+    over mutual TLS of `bench.tls_bench.relay_streams_figures`)."""
     gw = Gateway(workdir)
     try:
         gw.wait_serving()
         _warm_gateway(gw, workdir)
-        idle_mb = gw.rss_mb()
-        proc = _load(
-            ["streams", "--target", gw.address, "--devices", str(devices), "--channels", "16",
-             "--cadence", str(cadence_s), "--window", str(window_s)],
-            stdin=subprocess.PIPE,
-        )  # fmt: skip
+        found = streams_run(gw, quick, devices, ["--channels", "16"])
+    finally:
+        gw.stop()
+    return {
+        "streams_plain_rss_mb": found["peak_mb"],
+        "streams_plain_idle_rss_mb": found["idle_mb"],
+        "streams_plain_open_s": found["open_s"],
+    }
+
+
+def streams_run(gw: Gateway, quick: bool, devices: int, load_args: list[str]) -> dict[str, float]:
+    """The peak VmRSS of `gw` (serving process plus workers) with `devices` streams open, each sending a
+    1-minute batch every 10 minutes (phases spread over the cadence), sampled over a window of the
+    cadence: all of it in a full run, 20 s in --quick (the count and the cadence stay; about 330 devices
+    send in 20 s). `load_args` say how the streams reach the gateway (`--channels`, `--relays`)."""
+    cadence_s, window_s = 600.0, (20.0 if quick else 600.0)
+    idle_mb = gw.rss_mb()
+    proc = _load(
+        ["streams", "--target", gw.address, "--devices", str(devices),
+         "--cadence", str(cadence_s), "--window", str(window_s), *load_args],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
         assert proc.stdout is not None and proc.stdin is not None
-        opened = json.loads(proc.stdout.readline())  # every stream is open
+        opened = json.loads(proc.stdout.readline() or "null")  # every stream is open
+        if opened is None:
+            raise RuntimeError("stream load generator died before its streams were open")
         os.set_blocking(proc.stdout.fileno(), False)
         peak, done = 0.0, None
         while done is None:
@@ -319,14 +385,12 @@ def streams_figures(quick: bool, workdir: Path, devices: int = 10_000) -> dict[s
         proc.stdin.close()
         proc.wait(timeout=60)
     finally:
-        gw.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if done["acked"] != done["due"] or done["failures"]:
         raise RuntimeError(f"streams: not every due batch was acked: {done}")
-    return {
-        "streams_rss_mb": peak,
-        "streams_idle_rss_mb": idle_mb,
-        "streams_open_s": opened["open_s"],
-    }
+    return {"peak_mb": peak, "idle_mb": idle_mb, "open_s": opened["open_s"]}
 
 
 def ready_figures(quick: bool, workdir: Path) -> dict[str, float]:
@@ -346,18 +410,28 @@ def ready_figures(quick: bool, workdir: Path) -> dict[str, float]:
             try:
                 cold.append(gw.wait_serving())
             finally:
-                gw.stop()
+                gw.kill()
     # the median: a start-up is one wall-clock event, and the best of a few would flatter it
     return {"serve_ready_s": float(np.median(warm)), "serve_ready_cold_s": float(np.median(cold))}
 
 
 def e2e_figures(quick: bool) -> dict[str, float]:
+    """Every gateway group in turn. `--quick` leaves out the plaintext streams figure (`streams_plain_*`,
+    full runs only: 40 s in --quick), and its plaintext reconnect run stops after the connections' memory
+    (`plain_conn_rss_kb`; the plaintext storm, `reconnect_plain_*`, in full runs only), so that the
+    identity and TLS figures keep --quick near 3 minutes."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bandgate-e2e-") as tmp:
         workdir = Path(tmp)
+        from bench import tls_bench
+
         for name, group in (
             ("e2e", throughput_figures),
-            ("streams", streams_figures),
+            ("tls_e2e", tls_bench.tls_throughput_figures),
+            ("streams", tls_bench.relay_streams_figures),
+            *((("streams_plain", streams_figures),) if not quick else ()),
+            ("reconnect", tls_bench.reconnect_figures),
+            ("reconnect_plain", tls_bench.plain_reconnect_figures),
             ("ready", ready_figures),
         ):
             started = time.perf_counter()
@@ -369,11 +443,16 @@ def e2e_figures(quick: bool) -> dict[str, float]:
 # --- the load generator (its own process) ------------------------------------------------------------
 
 
-async def _stream_load(target: str, file: str, channels: int, rate: float) -> dict:
-    """Each device of the batch file on its own Upload stream, over `channels` connections round-robin."""
+async def _stream_load(
+    target: str, file: str, channels: int, rate: float, credentials: str | None = None
+) -> dict:
+    """Each device of the batch file on its own Upload stream, over `channels` plaintext connections
+    round-robin; with `credentials` (a TLS gateway), each device on a connection of its own made with
+    its own certificate (`bench.tls_bench.write_credentials`)."""
     import grpc
 
     from bandgate.v1 import ingest_pb2_grpc
+    from bench.tls_bench import read_credentials
     from gateway.auth import device_metadata
     from gateway.batchfile import read_batches
     from gateway.pipeline import OK
@@ -387,14 +466,20 @@ async def _stream_load(target: str, file: str, channels: int, rate: float) -> di
     # A local subchannel pool each, so each channel is a connection of its own, as each band's (or
     # phone's) is: channels to one target otherwise share one TCP connection.
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)]
-    chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    if credentials:
+        creds = read_credentials(credentials)
+        chans = [grpc.aio.secure_channel(target, creds[f"{d:016x}"], options=options) for d in devices]
+        metadata: Callable[[int], tuple] = lambda _device: ()  # noqa: E731 - the certificate names it
+    else:
+        chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+        metadata = device_metadata
     for ch in chans:
         await ch.channel_ready()
 
     async def band(i: int, device_id: int, started: float) -> None:
         nonlocal samples
-        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
-        call = stub.Upload(metadata=device_metadata(device_id))
+        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % len(chans)])
+        call = stub.Upload(metadata=metadata(device_id))
         due = started
         for batch in per_device[device_id]:
             n = batch.frame_count * FRAME_SAMPLES
@@ -458,23 +543,45 @@ def _device_batches(devices: int, seed: int = 7) -> list:
 
 
 async def _streams_load(
-    target: str, devices: int, channels: int, cadence_s: float, window_s: float, ramp_per_s: float = 1000.0
+    target: str,
+    devices: int,
+    channels: int,
+    cadence_s: float,
+    window_s: float,
+    ramp_per_s: float = 1000.0,
+    relays: str | None = None,
 ) -> None:
     """Open `devices` Upload streams, then each sends its batch at a random moment of one cadence; print
     {"event": "open"} when all are open and {"event": "acked"} when all are acked; hold the streams open
-    until stdin closes."""
+    until stdin closes.
+
+    Plaintext: the streams round-robin over `channels` connections. `relays` (a TLS gateway): a file of
+    relay certificates (`bench.tls_bench.write_credentials`), relay k bound to devices k·n … k·n + n − 1
+    of `_device_batches` (n = devices / relays); each relay is one mutual-TLS connection carrying its
+    devices' streams, each naming its device in `bandgate-device-id` metadata."""
     import grpc
 
     from bandgate.v1 import ingest_pb2_grpc
+    from bench.tls_bench import read_credentials
     from gateway.auth import device_metadata
     from gateway.pipeline import OK
 
     batches = _device_batches(devices)
     # a local subchannel pool each: otherwise channels to one target share one TCP connection
-    chans = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(channels)
-    ]
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    if relays:
+        creds = read_credentials(relays)
+        chans = [grpc.aio.secure_channel(target, c, options=options) for c in creds.values()]
+        per_relay = -(-devices // len(chans))
+
+        def channel_of(i: int) -> grpc.aio.Channel:
+            return chans[i // per_relay]
+    else:
+        chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+
+        def channel_of(i: int) -> grpc.aio.Channel:
+            return chans[i % channels]
+
     for ch in chans:
         await ch.channel_ready()
     started = time.perf_counter()
@@ -484,7 +591,7 @@ async def _streams_load(
         """One device's stream; one that grpc core cancels before the gateway accepted it is opened
         again, as a band reconnects (at most 3 tries)."""
         nonlocal reopened
-        stub = ingest_pb2_grpc.IngestServiceStub(chans[i % channels])
+        stub = ingest_pb2_grpc.IngestServiceStub(channel_of(i))
         for attempt in range(3):
             call = stub.Upload(metadata=device_metadata(batch.device_id))
             try:
@@ -562,17 +669,24 @@ def _load_main(argv: list[str]) -> int:
     s.add_argument("--file", required=True)
     s.add_argument("--channels", type=int, default=4)
     s.add_argument("--rate", type=float, default=0.0, help="samples/s of the whole fleet; 0: as fast as acks")
+    s.add_argument("--credentials", help="band certificates (TLS gateway): one connection and cert a band")
     m = sub.add_parser("streams")
     m.add_argument("--target", required=True)
     m.add_argument("--devices", type=int, default=10_000)
     m.add_argument("--channels", type=int, default=16)
     m.add_argument("--cadence", type=float, default=600.0)
     m.add_argument("--window", type=float, default=600.0, help="seconds of the cadence to observe")
+    m.add_argument("--relays", help="relay certificates (TLS gateway): each relay one connection")
     args = parser.parse_args(argv)
     if args.mode == "stream":
-        print(json.dumps(asyncio.run(_stream_load(args.target, args.file, args.channels, args.rate))))
+        result = _stream_load(args.target, args.file, args.channels, args.rate, args.credentials)
+        print(json.dumps(asyncio.run(result)))
     else:
-        asyncio.run(_streams_load(args.target, args.devices, args.channels, args.cadence, args.window))
+        asyncio.run(
+            _streams_load(
+                args.target, args.devices, args.channels, args.cadence, args.window, relays=args.relays
+            )
+        )
     return 0
 
 
