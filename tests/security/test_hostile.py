@@ -10,8 +10,6 @@ gRPC client), so its sending does not take turns with the gateway and the bands 
 
 from __future__ import annotations
 
-import pytest
-
 import asyncio
 import collections
 import json
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 
 from bandgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2
 from gateway.envelope import build_batch
