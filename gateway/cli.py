@@ -142,6 +142,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 "state_dir": args.state_dir,
                 "token_listen": args.token_listen,
                 "health_listen": args.health_listen,
+                "server_names": args.server_names,
                 "insecure": True if args.insecure else None,
                 "auto_register": True if args.auto_register else None,
             },
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--health-listen", help="loopback HOST:PORT for plaintext gRPC health (default 127.0.0.1:50050)"
+    )
+    srv.add_argument(
+        "--server-names",
+        help="extra DNS names/IPs, comma-separated, for the development server certificate",
     )
     srv.add_argument(
         "--insecure", action="store_true", help="plaintext on a loopback address: development only"

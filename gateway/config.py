@@ -7,6 +7,7 @@ that names the setting instead of surfacing later as a confusing failure under l
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -37,6 +38,9 @@ class GatewayConfig:
     state_dir: str = ""
     token_listen: str = "127.0.0.1:50052"  # server-authenticated TLS for bearer tokens; empty = off
     health_listen: str = "127.0.0.1:50050"  # plaintext gRPC health for probes, loopback only; empty = off
+    # Extra DNS names or IPs (comma-separated) the development server certificate must carry: the names
+    # clients dial (a load balancer's, a container's published host). Ignored with tls_* files given.
+    server_names: str = ""
     tls_cert: str = ""  # server certificate chain (PEM); reloaded when the file changes
     tls_key: str = ""
     tls_ca: str = ""  # CA bundle trusted for client certificates; reloaded when the file changes
@@ -99,6 +103,9 @@ class GatewayConfig:
                 )
         if self.token_listen:
             _address("token_listen", self.token_listen)
+        for name in self.server_hosts():
+            if any(c.isspace() or c in "/:@" for c in name) and not _is_ip(name):
+                raise ConfigError(f"server_names: {name!r} is neither a DNS name nor an IP address")
         tls = [self.tls_cert, self.tls_key, self.tls_ca]
         if any(tls) and not all(tls):
             raise ConfigError(
@@ -141,6 +148,10 @@ class GatewayConfig:
             raise ConfigError(f"rate_burst_samples must be >= 1, got {self.rate_burst_samples}")
         return self
 
+    def server_hosts(self) -> list[str]:
+        """server_names as a list, blanks dropped."""
+        return [n.strip() for n in self.server_names.split(",") if n.strip()]
+
     def replace(self, **changes: Any) -> GatewayConfig:
         return dataclasses.replace(self, **changes)
 
@@ -150,6 +161,14 @@ def _address(name: str, value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"{name}: {value!r} is not HOST:PORT")
     return host, int(port)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def split_address(value: str) -> tuple[str, int]:

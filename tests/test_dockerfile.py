@@ -37,6 +37,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from tests.gateway.gatewaykit import Credentials
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -103,16 +105,21 @@ def test_dockerfile_shape() -> None:
     assert "bandgate warm" in runtime[warm][1], "the cache is warmed as the runtime user"
     assert any(w == "VOLUME" and "/data" in r for w, r in runtime)
     (health,) = [r for w, r in runtime if w == "HEALTHCHECK"]
-    assert exec_form(health.partition("CMD")[2].strip())[:2] == ["bandgate", "health"]
+    probe = exec_form(health.partition("CMD")[2].strip())
+    assert probe == ["bandgate", "health", "--target", "127.0.0.1:50050"]
     (cmd,) = [r for w, r in runtime if w == "CMD"]
-    assert exec_form(cmd) == [
-        "bandgate",
-        "serve",
-        "--listen",
-        "0.0.0.0:50051",
-        "--store",
-        "sqlite:////data/bandgate.db",
-    ]
+    argv = exec_form(cmd)
+    assert argv[:2] == ["bandgate", "serve"] and "--insecure" not in argv, "the image serves TLS"
+    flags = dict(zip(argv[2::2], argv[3::2], strict=True))
+    assert flags == {
+        "--listen": "0.0.0.0:50051",  # mutual TLS, published
+        "--token-listen": "0.0.0.0:50052",  # bearer tokens over TLS, published
+        "--health-listen": "127.0.0.1:50050",  # plaintext health for the HEALTHCHECK, container loopback only
+        "--store": "sqlite:////data/bandgate.db",
+    }
+    (exposed,) = [r.split() for w, r in runtime if w == "EXPOSE"]
+    assert sorted(exposed) == ["50051", "50052"], "health is not published"
+    assert env.get("BANDGATE_STATE_DIR", "").startswith("/data/"), "keys and CA live on the volume"
 
 
 class Image:
@@ -233,12 +240,14 @@ def cache_files(image: Image) -> set[str]:
     return {p.name for p in Path(image.env["NUMBA_CACHE_DIR"]).rglob("*") if p.is_file()}
 
 
-def wait_for_address(log: Path, proc: subprocess.Popen, timeout: float) -> str:
+def wait_for_address(log: Path, proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The TLS and health addresses of the gateway's "serving" log line."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        m = re.search(r'"event":"serving".*?"address":"([^"]+)"', log.read_text())
+        serving = r'"event":"serving".*?"address":"([^"]+)".*?"health_address":"([^"]+)"'
+        m = re.search(serving, log.read_text())
         if m:
-            return m.group(1)
+            return m.group(1), m.group(2)
         time.sleep(0.05)
     raise AssertionError(f"serve did not start: {log.read_text()[-3000:]}")
 
@@ -260,15 +269,17 @@ def test_image_commands_install_warm_serve_and_report_serving(tmp_path: Path) ->
     assert any(name.endswith(".nbc") for name in warmed), "warm-up left no compiled kernels"
 
     (cmd,) = [r for w, r in runtime if w == "CMD"]
-    argv = [image.map(a).replace("0.0.0.0:50051", "127.0.0.1:0") for a in exec_form(cmd)]
+    ports = {"0.0.0.0:50051": "127.0.0.1:0", "0.0.0.0:50052": "127.0.0.1:0", "127.0.0.1:50050": "127.0.0.1:0"}
+    argv = [ports.get(a, image.map(a)) for a in exec_form(cmd)]
     log = tmp_path / "serve.log"
     with open(log, "w") as err:
         started = time.monotonic()
         proc = subprocess.Popen(argv, cwd=image.workdir, env=image.env, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        address = wait_for_address(log, proc, 60)
+        address, health_address = wait_for_address(log, proc, 60)
         (health,) = [r for w, r in runtime if w == "HEALTHCHECK"]
-        check = [a.replace("127.0.0.1:50051", address) for a in exec_form(health.partition("CMD")[2].strip())]
+        probe = exec_form(health.partition("CMD")[2].strip())
+        check = [a.replace("127.0.0.1:50050", health_address) for a in probe]
         deadline = time.monotonic() + 20
         while True:
             done = subprocess.run(check, env=image.env, capture_output=True, text=True, timeout=30)
@@ -283,7 +294,16 @@ def test_image_commands_install_warm_serve_and_report_serving(tmp_path: Path) ->
         from gateway.simulator.recorder import fleet_batches
 
         fleet = [(r.device_id, b) for r, b in fleet_batches(bands=1, minutes=20, seed=3, batch_minutes=10)]
-        (stats,) = asyncio.run(asyncio.wait_for(run_fleet(address, fleet, give_up_after_s=30), 60))
+        # the first start put its CA and the operator credential in the state dir on the volume
+        state = Path(image.env["BANDGATE_STATE_DIR"])
+        assert state.is_relative_to(image.paths["/data"]), state
+        assert (state / "ca.key").stat().st_mode & 0o777 == 0o600
+
+        async def upload() -> list:
+            creds = await Credentials(state, address).fleet_credentials([d for d, _ in fleet])
+            return await run_fleet(address, fleet, give_up_after_s=30, credentials=creds)
+
+        (stats,) = asyncio.run(asyncio.wait_for(upload(), 60))
         assert stats.stored == len(fleet[0][1]) and not stats.refused
         assert cache_files(image) == warmed, "serve compiled kernels the warm-up missed"
         assert (image.paths["/data"] / "bandgate.db").exists()

@@ -65,7 +65,7 @@ def prepare(config: GatewayConfig) -> SecuritySetup:
             if config.ca_key:
                 ca = CertificateAuthority.load(Path(config.tls_ca), Path(config.ca_key))
         return SecuritySetup(state, tls, ca, local=False, created=tuple(created))
-    hosts = [split_address(a)[0] for a in (config.listen, config.token_listen) if a]
+    hosts = [split_address(a)[0] for a in (config.listen, config.token_listen) if a] + config.server_hosts()
     state, made = ensure_local_state(root, hosts)
     created += made
     tls = TlsFiles(state.server_cert, state.server_key, state.ca_cert)

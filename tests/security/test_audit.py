@@ -584,8 +584,15 @@ def test_drained_refusals_are_recorded(site: Site) -> None:
         store.close()
     ((_, _, entry, _),) = site.rows()
     assert json.loads(entry) | {"time_us": 0} == {
-        "v": 1, "seq": 1, "time_us": 0, "actor": "peer:ipv4:10.9.9.9", "action": "rpc.refused",
-        "subject": "", "reason": "unknown certificate", "count": 3, "details": {},
+        "v": 1,
+        "seq": 1,
+        "time_us": 0,
+        "actor": "peer:ipv4:10.9.9.9",
+        "action": "rpc.refused",
+        "subject": "",
+        "reason": "unknown certificate",
+        "count": 3,
+        "details": {},
     }
     assert site.verify().ok
 

@@ -263,8 +263,9 @@ def test_sign_csr_refuses_keys_other_than_p256(ca, make_key):
 
 def test_sign_csr_refuses_garbage_and_private_keys(ca):
     with pytest.raises(PkiError):
-        ca.sign_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
-                    identity=DEVICE)
+        ca.sign_csr(
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", identity=DEVICE
+        )
     secret = key_pem(new_key())
     with pytest.raises(PkiError) as refused:
         ca.sign_csr(secret, identity=DEVICE)
@@ -368,9 +369,11 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 def _server_sans(state: LocalState) -> x509.SubjectAlternativeName:
-    return _cert(state.server_cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value
+    return (
+        _cert(state.server_cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
 
 
 def test_ensure_local_state_creates_everything_once(tmp_path):
@@ -506,8 +509,21 @@ def test_cli_issue_devices_and_refuse_overwrite(tmp_path, capsys):
     out.mkdir()
     assert _cli("init", "--state-dir", str(st)) == 0
     capsys.readouterr()
-    assert _cli("issue", "device", "00000000000000FF", "0000000000000100", "--state-dir", str(st),
-                "--out-dir", str(out), "--days", "7") == 0
+    assert (
+        _cli(
+            "issue",
+            "device",
+            "00000000000000FF",
+            "0000000000000100",
+            "--state-dir",
+            str(st),
+            "--out-dir",
+            str(out),
+            "--days",
+            "7",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "BEGIN" not in printed
     ca_cert = _cert((st / "ca.pem").read_bytes())
@@ -524,8 +540,10 @@ def test_cli_issue_devices_and_refuse_overwrite(tmp_path, capsys):
 
     assert _cli("issue", "relay", "phone-1", "--state-dir", str(st), "--out-dir", str(out)) == 0
     assert cert_info((out / "phone-1.pem").read_bytes()).identity == Identity("relay", "phone-1")
-    assert _cli("issue", "server", "gw.example.com", "10.0.0.5", "--state-dir", str(st),
-                "--out-dir", str(out)) == 0
+    assert (
+        _cli("issue", "server", "gw.example.com", "10.0.0.5", "--state-dir", str(st), "--out-dir", str(out))
+        == 0
+    )
     assert cert_info((out / "gw.example.com.pem").read_bytes()).subject == "CN=gw.example.com"
 
 
@@ -594,12 +612,22 @@ def test_cli_show_prints_a_cert_and_refuses_a_key(tmp_path, capsys, ca):
 # --- TLS -----------------------------------------------------------------------------------------
 
 
-def _handshake(tmp_path: Path, ca_pem: bytes, server: tuple[bytes, bytes], client: tuple[bytes, bytes],
-               server_hostname: str = "localhost"):
+def _handshake(
+    tmp_path: Path,
+    ca_pem: bytes,
+    server: tuple[bytes, bytes],
+    client: tuple[bytes, bytes],
+    server_hostname: str = "localhost",
+):
     """One mutual-TLS connection over loopback; returns (server peer DER or error, client reply or error)."""
     files = {}
-    for label, data in (("ca.pem", ca_pem), ("s.pem", server[0]), ("s.key", server[1]),
-                        ("c.pem", client[0]), ("c.key", client[1])):
+    for label, data in (
+        ("ca.pem", ca_pem),
+        ("s.pem", server[0]),
+        ("s.key", server[1]),
+        ("c.pem", client[0]),
+        ("c.key", client[1]),
+    ):
         files[label] = tmp_path / label
         files[label].write_bytes(data)
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files["ca.pem"]))
@@ -626,9 +654,10 @@ def _handshake(tmp_path: Path, ca_pem: bytes, server: tuple[bytes, bytes], clien
         thread = threading.Thread(target=serve)
         thread.start()
         try:
-            with socket.create_connection(listener.getsockname(), timeout=10) as raw, client_ctx.wrap_socket(
-                raw, server_hostname=server_hostname
-            ) as tls:
+            with (
+                socket.create_connection(listener.getsockname(), timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
+            ):
                 client_result: object = tls.recv(2)
         except (ssl.SSLError, OSError) as e:
             client_result = e
