@@ -51,3 +51,28 @@ def test_serve_refuses_to_start_on_bad_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("BANDGATE_COMPUTE_THREADS", "0")
     assert main(["serve", "--store", f"sqlite:///{tmp_path}/x.db"]) == 2
     assert "compute_threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["gw.example.com/x", "user@host", "has space", "host:443"])
+def test_server_names_refuse_what_is_no_name(bad):
+    with pytest.raises(ConfigError, match="server_names"):
+        load_config(environ={"BANDGATE_SERVER_NAMES": f"ok.example.com,{bad}"})
+
+
+def test_server_names_reach_the_development_server_certificate(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    from gateway.security.setup import prepare
+
+    config = load_config(
+        environ={"BANDGATE_SERVER_NAMES": " gw.example.com, 192.0.2.9 ,"},
+        overrides={"state_dir": str(tmp_path / "state")},
+    )
+    assert config.server_hosts() == ["gw.example.com", "192.0.2.9"]
+    setup = prepare(config)
+    cert = x509.load_pem_x509_certificate(setup.state.server_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "gw.example.com" in san.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("192.0.2.9") in san.get_values_for_type(x509.IPAddress)
