@@ -169,9 +169,9 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
         metadata = tuple(context.invocation_metadata() or ())
         device = principal.name if principal.kind == "device" else claimed_device(metadata)
         if device is None:
-            raise self.registry.refuse(
+            raise self.registry.refuse_principal(
                 context.peer(),
-                principal.key,
+                principal,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a relay names the device of each stream in bandgate-device-id metadata",
             )
@@ -212,8 +212,8 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 # authorise every batch: a revocation or an unbinding applies from the next batch on
                 if batch.device_id != device_id:
                     reason = f"batch names device {batch.device_id:016x}, the stream is for {device}"
-                    self.registry.refuse(
-                        context.peer(), principal.key, grpc.StatusCode.PERMISSION_DENIED, reason
+                    self.registry.refuse_principal(
+                        context.peer(), principal, grpc.StatusCode.PERMISSION_DENIED, reason
                     )
                     stream.end(grpc.StatusCode.PERMISSION_DENIED, reason + "; nothing of it was stored")
                     break
@@ -301,17 +301,17 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         if requested:
             missing = requested - held.keys()
             if missing:
-                raise self.registry.refuse(
+                raise self.registry.refuse_principal(
                     peer,
-                    principal.key,
+                    principal,
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{principal.key} holds no {operation} grant for {', '.join(sorted(missing))}",
                 )
             return {f: held[f] for f in requested}
         if not held:
-            raise self.registry.refuse(
+            raise self.registry.refuse_principal(
                 peer,
-                principal.key,
+                principal,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{principal.key} holds no {operation} grant",
             )

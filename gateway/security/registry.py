@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -195,9 +196,22 @@ class Registry:
 
     # identification
 
-    def refuse(self, peer: str, principal_key: str | None, code: grpc.StatusCode, reason: str) -> Refusal:
-        """Count a refusal against the peer (and the credential), for the throttle and the audit log."""
-        self.peer_throttle.fail(peer_host(peer))
+    def refuse(
+        self,
+        peer: str,
+        principal_key: str | None,
+        code: grpc.StatusCode,
+        reason: str,
+        *,
+        charge_peer: bool = True,
+    ) -> Refusal:
+        """Count a refusal against the credential and, for callers that proved nothing at the handshake
+        (the token listener), against the peer address, for the throttles and the audit log.
+
+        A certificate caller is charged by its certificate only: phones behind one NAT share an address,
+        and one band with a revoked certificate must not lock its neighbours' relays out."""
+        if charge_peer:
+            self.peer_throttle.fail(peer_host(peer))
         if principal_key is not None:
             self.credential_throttle.fail(principal_key)
         self.refusals.note("peer:" + peer_host(peer), reason)
@@ -217,13 +231,22 @@ class Registry:
         handshake); `Refusal` if the registry does not let it act."""
         known = self._known_certs.get(pem)
         if known is None:
+            pem_key = "pem:" + hashlib.sha256(pem).hexdigest()[:32]
+            if self.credential_throttle.blocked(pem_key):
+                raise self._throttled()
             try:
                 info = cert_info(pem)
             except PkiError as e:
-                raise self.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, f"certificate: {e}") from None
+                raise self.refuse(
+                    peer, pem_key, grpc.StatusCode.UNAUTHENTICATED, f"certificate: {e}", charge_peer=False
+                ) from None
             if info.identity is None:
                 raise self.refuse(
-                    peer, None, grpc.StatusCode.UNAUTHENTICATED, "the certificate names no bandgate identity"
+                    peer,
+                    pem_key,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "the certificate names no bandgate identity",
+                    charge_peer=False,
                 )
             known = (info.identity, "x509:" + info.fingerprint, f"{info.serial:x}", info)
             if len(self._known_certs) > 10_000:
@@ -244,7 +267,9 @@ class Registry:
             await self.register_certificate(identity.kind, identity.name, info, actor="auto-registration")
             decision = self.policy.check_credential(identity.kind, identity.name, credential)
         if not decision:
-            raise self.refuse(peer, key, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+            raise self.refuse(
+                peer, key, grpc.StatusCode.PERMISSION_DENIED, decision.reason, charge_peer=False
+            )
         if credential not in self.policy.credentials:
             await self.register_certificate(
                 identity.kind, identity.name, info, actor=key, new_principal=False
@@ -303,10 +328,17 @@ class Registry:
             )
         return Principal(owner.kind, owner.name, credential)
 
+    def refuse_principal(
+        self, peer: str, principal: Principal, code: grpc.StatusCode, reason: str
+    ) -> Refusal:
+        """`refuse` for an identified caller: the peer address is charged only for a token caller."""
+        by_certificate = principal.credential.startswith("x509:")
+        return self.refuse(peer, principal.key, code, reason, charge_peer=not by_certificate)
+
     def check(self, peer: str, principal: Principal, decision: Decision) -> None:
         """Raise a counted PERMISSION_DENIED `Refusal` unless `decision` allows."""
         if not decision:
-            raise self.refuse(peer, principal.key, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+            raise self.refuse_principal(peer, principal, grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
 
 async def abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> None:

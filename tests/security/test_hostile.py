@@ -309,6 +309,50 @@ def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills
     assert valid_again == (grpc.StatusCode.OK, "relay:phone-1")
 
 
+def test_refusals_of_a_certificate_caller_charge_its_certificate_not_its_address(tmp_path):
+    """A revoked band that keeps reconnecting is throttled by its certificate: a token relay behind the
+    same address (phones share NAT addresses) is not locked out by it, and another band streams on."""
+    cfg = tls_config(tmp_path)
+    revoked, other = 0x0C0C_0000_0000_0002, 0x0C0C_0000_0000_0003
+    batches = band_batches(other, 2)
+
+    async def scenario():
+        async with run_server(cfg) as gw:
+            creds = Credentials(cfg.state_dir, gw.address)
+            await creds.band(revoked)
+            async with creds.channel("operator") as op:
+                admin = admin_pb2_grpc.AdminServiceStub(op)
+                reply = await admin.Register(
+                    admin_pb2.RegisterRequest(kind="relay", name="phone-9", issue_token=True)
+                )
+                await admin.Revoke(admin_pb2.RevokeRequest(kind="device", name=f"{revoked:016x}"))
+            codes = collections.Counter()
+            async with await creds.band_channel(revoked) as ch:
+                ident = admin_pb2_grpc.IdentityServiceStub(ch)
+                for _ in range(60):
+                    try:
+                        await ident.WhoAmI(admin_pb2.WhoAmIRequest(), timeout=5)
+                        codes[grpc.StatusCode.OK] += 1
+                    except grpc.aio.AioRpcError as e:
+                        codes[e.code()] += 1
+            ca = grpc.ssl_channel_credentials(local_ca(cfg.state_dir))
+            async with grpc.aio.secure_channel(gw.token_address, ca) as ch:
+                me = await admin_pb2_grpc.IdentityServiceStub(ch).WhoAmI(
+                    admin_pb2.WhoAmIRequest(), metadata=bearer(reply.token), timeout=5
+                )
+            async with await creds.band_channel(other) as ch:
+                up = Uploader(ch, other)
+                acks = [(await up.send(b)).code for b in batches]
+                await up.close()
+            return codes, f"{me.kind}:{me.name}", acks
+
+    codes, relay, acks = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert codes[grpc.StatusCode.PERMISSION_DENIED] >= 1 and codes[RESOURCE_EXHAUSTED] >= 1, codes
+    assert grpc.StatusCode.OK not in codes
+    assert relay == "relay:phone-9"  # the same loopback address, not throttled by the band's refusals
+    assert acks == [ACK_OK] * 2
+
+
 if __name__ == "__main__":  # the attacker process (see Attacker)
     address, ca, seconds, in_flight = sys.argv[1:5]
     out = asyncio.run(attack(address, Path(ca).read_bytes(), float(seconds), int(in_flight)))
