@@ -331,6 +331,31 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device must be 16 hex digits")
         return set(families), device
 
+    def _for_device(
+        self,
+        peer: str,
+        principal: Principal,
+        granted: dict[str, frozenset[str] | None],
+        requested: set[str],
+        device: str | None,
+        operation: str,
+    ) -> dict[str, frozenset[str] | None]:
+        """`granted` narrowed to the one device a request names: a family named in the request whose grant
+        does not reach that device, or no family at all, is PERMISSION_DENIED (as for an ungranted family)."""
+        if device is None:
+            return granted
+        reach = {f: d for f, d in granted.items() if d is None or device in d}
+        missing = requested - reach.keys()
+        if missing or not reach:
+            what = f" for {', '.join(sorted(missing))}" if missing else ""
+            raise self.registry.refuse_principal(
+                peer,
+                principal,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal.key} holds no {operation} grant{what} for this device",
+            )
+        return reach
+
     async def Export(  # noqa: N802 - the gRPC method name
         self, request: features_pb2.ExportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[features_pb2.FeatureRecord]:
@@ -340,13 +365,9 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         try:
             principal = await self.authenticator.authenticate(context)
             granted = self._granted(context.peer(), principal, requested, "export")
+            families = set(self._for_device(context.peer(), principal, granted, requested, device, "export"))
         except Refusal as e:
             await context.abort(e.code, e.reason)
-        families = {f for f, devices in granted.items() if devices is None or device in devices}
-        if not families:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"{principal.key} holds no export grant for this device"
-            )
         cursor = 0
         page = self.config.subscribe_page
         while True:
@@ -367,6 +388,7 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
         try:
             principal = await self.authenticator.authenticate(context)
             granted = self._granted(peer, principal, requested)
+            granted = self._for_device(peer, principal, granted, requested, device, "subscribe")
         except Refusal as e:
             await context.abort(e.code, e.reason)
         version = self.registry.policy.version if self.registry.policy is not None else 0
@@ -381,6 +403,7 @@ class FeatureService(features_pb2_grpc.FeatureServiceServicer):
                     version = policy.version
                     try:
                         granted = self._granted(peer, principal, requested)
+                        granted = self._for_device(peer, principal, granted, requested, device, "subscribe")
                     except Refusal as e:
                         await context.abort(e.code, e.reason)
                 narrowed = any(d is not None for d in granted.values())

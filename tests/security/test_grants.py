@@ -289,7 +289,7 @@ def test_unknown_family_is_invalid_argument_even_for_a_caller_holding_everything
 
 def test_device_narrowed_grant_shows_only_its_devices(tmp_path):
     """Subscribe and export on steps narrowed to band A: A's steps records and nothing of B, whether the
-    request names the family or not; exporting B is refused."""
+    request names the family or not; subscribing to or exporting B by name is refused."""
     url = tls_config(tmp_path).store
 
     async def scenario():
@@ -303,6 +303,7 @@ def test_device_narrowed_grant_shows_only_its_devices(tmp_path):
                     "all granted": await subscribe(ch),
                     "device A": await subscribe(ch, ["steps"], device=A),
                     "device B": await subscribe(ch, ["steps"], device=B),
+                    "device B all": await subscribe(ch, device=B),
                     "heart": await subscribe(ch, ["heart"]),
                     "export A": await export(ch, A, ["steps"]),
                     "export A all": await export(ch, A),
@@ -315,7 +316,11 @@ def test_device_narrowed_grant_shows_only_its_devices(tmp_path):
     assert a_steps and store_rows(url, {"steps"}, B)  # B has steps records the grant must hide
     for name in ("named", "all granted", "device A", "export A", "export A all"):
         assert got[name].code == OK and got[name].rows == a_steps, f"{name}: {got[name]}"
-    assert not got["device B"].rows, f"B's records leaked: {got['device B']}"
+    # naming a device the grant does not reach is refused, as naming an ungranted family is
+    for name in ("device B", "device B all"):
+        assert got[name].code == DENIED and not got[name].rows, f"B's records leaked: {got[name]}"
+    assert got["device B"].details == "consumer:narrow holds no subscribe grant for steps for this device"
+    assert got["device B all"].details == "consumer:narrow holds no subscribe grant for this device"
     assert got["heart"].code == DENIED
     assert got["heart"].details == "consumer:narrow holds no subscribe grant for heart"
     for name in ("export B", "export B all"):
