@@ -1,0 +1,1 @@
+"""Privacy at rest and in policy: consent, erasure, export, and the keys that seal stored features."""
