@@ -633,18 +633,44 @@ def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
     return records, replace(state, next_us=-1, families={})
 
 
-def _open(state: DeviceState, run: _Run) -> DeviceState:
-    """Start every family that supports the run's format at the run's first sample."""
+# The kernels (state entries) each record family needs: its own, and the inputs it is computed from
+# (sleep stages from activity counts and heart rate; resting heart rate from inactive epochs).
+_NEEDS = {
+    "activity": ("activity",),
+    "wear": ("activity",),
+    "steps": ("steps",),
+    "heart": ("heart",),
+    "day": ("heart", "activity"),
+    "sleep": ("sleep", "activity", "heart"),
+    "night": ("sleep", "activity", "heart"),
+}
+ALL_FAMILIES = frozenset(FAMILIES)
+
+
+def kernels_for(families: frozenset[str]) -> frozenset[str]:
+    """The state entries `process` keeps for `families` (consent): nothing else is computed or kept."""
+    return frozenset(k for f in families for k in _NEEDS[f])
+
+
+def _open_kernels(run: _Run, kernels: frozenset[str]) -> dict[str, dict]:
+    """New states, at the run's first sample, for each of `kernels` that supports the run's format."""
     families: dict[str, dict] = {}
     rate_hz = run.sample_rate_mhz / 1000
-    if rate_hz == int(rate_hz) and int(rate_hz) in activity.SAMPLE_RATES_HZ:
+    whole = rate_hz == int(rate_hz)
+    if "activity" in kernels and whole and int(rate_hz) in activity.SAMPLE_RATES_HZ:
         families["activity"] = activity.new_activity_state(
             int(rate_hz), run.start_us, range_g=run.accel_range_g, bits=run.accel_bits
         ).to_arrays()
-    if rate_hz == int(rate_hz) and int(rate_hz) % steps.FS_DEC == 0 and rate_hz <= 8 * steps.FS_DEC:
+    if "steps" in kernels and whole and int(rate_hz) % steps.FS_DEC == 0 and rate_hz <= 8 * steps.FS_DEC:
         g_per_count = 2.0 * run.accel_range_g / 2**run.accel_bits
         families["steps"] = {"values": steps.new_state(int(rate_hz), run.start_us, g_per_count).to_array()}
-    families["heart"] = heart.new_heart_state(run.start_us, run.utc_offset_min).to_arrays()
+    if "heart" in kernels:
+        families["heart"] = heart.new_heart_state(run.start_us, run.utc_offset_min).to_arrays()
+    return families
+
+
+def _open(state: DeviceState, run: _Run, kernels: frozenset[str]) -> DeviceState:
+    """Start every kernel of `kernels` that supports the run's format at the run's first sample."""
     return replace(
         state,
         next_us=run.start_us,
@@ -652,24 +678,41 @@ def _open(state: DeviceState, run: _Run) -> DeviceState:
         accel_range_g=run.accel_range_g,
         accel_bits=run.accel_bits,
         utc_offset_min=run.utc_offset_min,
-        families=families,
+        families=_open_kernels(run, kernels),
     )
 
 
-def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], DeviceState]:
-    """Feature records that the good frames of `decoded` complete, and the device's new state.
+def _consented(fam: dict[str, dict], run: _Run, kernels: frozenset[str]) -> dict[str, dict]:
+    """`fam` with the kernels consent no longer needs dropped (their arrays leave the state now) and the
+    ones it newly needs started at this run's first sample."""
+    keep = {k: v for k, v in fam.items() if k in kernels or (k == "hr_buffer" and "sleep" in kernels)}
+    missing = kernels - keep.keys() - {"sleep"}  # a night starts by itself when its window opens
+    if missing:
+        keep.update(_open_kernels(run, frozenset(missing)))
+    return keep
 
-    `state` is not modified: a batch that fails later (say, the store refuses it) can be processed
-    again from the same state.
+
+def process(
+    decoded: DecodedBatch, state: DeviceState, families: frozenset[str] = ALL_FAMILIES
+) -> tuple[list[dict], DeviceState]:
+    """Feature records of `families` that the good frames of `decoded` complete, and the device's new
+    state.
+
+    `families` is what the device's owner consents to now: only the kernels those families need run
+    (`kernels_for`), the state keeps only theirs, and records of other families are never returned
+    (an input another family needs, such as activity for sleep, is computed and dropped). A family
+    consented again later starts afresh at the next batch. `state` is not modified: a batch that fails
+    later (say, the store refuses it) can be processed again from the same state.
     """
     device = device_key(state.device_id)
+    kernels = kernels_for(families)
     records: list[dict] = []
     for run in _runs(decoded):
         if not _same_stream(state, run):
             flushed, state = _flush(state)
             records += flushed
-            state = _open(state, run)
-        fam = dict(state.families)
+            state = _open(state, run, kernels)
+        fam = _consented(state.families, run, kernels)
         inactive = np.zeros(0, np.int64)
         act_epochs = None
         hr_epochs = None
@@ -695,14 +738,14 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
         # later. Heart rates wait in the state until activity brings their epoch, so the join does not
         # depend on where batches end.
         buffer = fam.get("hr_buffer", {"epoch_us": np.zeros(0, np.int64), "hr": np.zeros(0)})
-        if hr_epochs is not None and hr_epochs.size:
+        if "sleep" in kernels and hr_epochs is not None and hr_epochs.size:
             buffer = {
                 "epoch_us": np.concatenate([buffer["epoch_us"], hr_epochs[:, 0].astype(np.int64)]),
                 "hr": np.concatenate(
                     [buffer["hr"], hr_epochs[:, _H["hr_mean_bpm"]].astype(np.float32).astype(np.float64)]
                 ),
             }
-        if act_epochs is not None and act_epochs.size:
+        if "sleep" in kernels and act_epochs is not None and act_epochs.size:
             epoch_us = act_epochs[:, 0].astype(np.int64)
             hr, done = _join_hr(buffer["epoch_us"], buffer["hr"], epoch_us)
             buffer = {"epoch_us": buffer["epoch_us"][done:], "hr": buffer["hr"][done:]}
@@ -719,12 +762,15 @@ def process(decoded: DecodedBatch, state: DeviceState) -> tuple[list[dict], Devi
                 fam.pop("sleep", None)
             else:
                 fam["sleep"] = night
-        fam["hr_buffer"] = buffer
+        if "sleep" in kernels:
+            fam["hr_buffer"] = buffer
         if "steps" in fam:
             _, minutes, _, values = steps.advance_rows(run.x, run.y, run.z, fam["steps"]["values"])
             fam["steps"] = {"values": values}
             records += _step_records(device, minutes)
         state = replace(state, next_us=run.end_us, utc_offset_min=run.utc_offset_min, families=fam)
+    if families != ALL_FAMILIES:
+        records = [r for r in records if r["family"] in families]
     return records, state
 
 

@@ -1,4 +1,5 @@
-"""A batch's compute job: decompress (bounded), decode, features, consent filter, the store's encoding.
+"""A batch's compute job: decompress (bounded), decode, features of the consented families, the store's
+encoding.
 
 The only place raw samples exist. It runs in a compute worker process (`gateway/workers.py`) or, with
 `compute_processes = 0`, on a compute thread of the serving process; the serving process itself never
@@ -16,7 +17,7 @@ import zstandard
 
 from bandgate.v1 import batch_pb2
 from decoder.batch import BatchDecompressor
-from decoder.features import DeviceState, StateCache, process
+from decoder.features import ALL_FAMILIES, DeviceState, StateCache, process
 from decoder.frames import FrameStatus
 from gateway.envelope import open_batch
 from gateway.pipeline import Computed
@@ -39,9 +40,11 @@ def compute(
     state: bytes | None,
     max_decompressed_bytes: int,
     cache: StateCache | None = None,
+    families: frozenset[str] = ALL_FAMILIES,
 ) -> Computed:
-    """Decompress (bounded), decode, check frames against the envelope, run the feature path (the
-    previous state through `cache` when given: a worker's own, see `StateCache`)."""
+    """Decompress (bounded), decode, check frames against the envelope, run the feature path for the
+    consented `families` (the previous state through `cache` when given: a worker's own, see
+    `StateCache`)."""
     opened = open_batch(batch, _decompressor(max_decompressed_bytes))
     decoded = opened.decoded
     if opened.frame_errors:
@@ -56,7 +59,7 @@ def compute(
         previous = cache.load(batch.device_id, state)
     else:
         previous = DeviceState.from_bytes(state)
-    records, new_state = process(decoded, previous)
+    records, new_state = process(decoded, previous, families)
     new_bytes = new_state.to_bytes()
     if cache is not None:
         cache.keep(batch.device_id, new_bytes, new_state)
@@ -80,9 +83,9 @@ def load_and_compute(
 ) -> int | tuple[Computed, CommitItem]:
     """A batch's whole compute job, in a worker process or a compute thread: the device's row (read on
     `rows`, the caller's own store connection) and the sequence check (`SequenceError`); then, unless the
-    batch is a duplicate (its boot's high-water is returned), `compute` from the row's state, the
-    consent filter, and the store's database-free checks and encoding (`Store.prepare`), so that the
-    single writer does only what needs the database."""
+    batch is a duplicate (its boot's high-water is returned), `compute` from the row's state for the
+    consented families (`allowed`), and the store's database-free checks and encoding (`Store.prepare`),
+    so that the single writer does only what needs the database."""
     row = rows.device(device_id)
     same_boot = row is not None and row.boot_id == batch.boot_id
     high_water = row.last_seq if same_boot and row is not None else None
@@ -91,14 +94,20 @@ def load_and_compute(
     ):
         assert high_water is not None
         return high_water
-    computed = compute(batch, row.state if row is not None else None, max_decompressed_bytes, cache)
-    records = [r for r in computed.records if r["family"] in allowed]
+    previous = row.state if row is not None else None
+    computed = compute(batch, previous, max_decompressed_bytes, cache, allowed)
     item = CommitItem(
-        batch.device_id, batch.boot_id, batch.first_seq, batch.last_seq, computed.state, records, allow_gap
+        batch.device_id,
+        batch.boot_id,
+        batch.first_seq,
+        batch.last_seq,
+        computed.state,
+        computed.records,
+        allow_gap,
     )
     with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
         item = rows.prepare(item)
     # The answer crosses to the serving process, which needs the item (the consented records, in the
     # store's encoded form once prepared), not the records as dicts: unpickling those was ~40 % of the
-    # answer's cost there. The records consent dropped never leave this process.
+    # answer's cost there. Records of families without consent were never made.
     return replace(computed, records=[]), item

@@ -9,10 +9,19 @@ import msgpack
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from decoder.features import FAMILIES, DeviceState, StateCache, device_key, finish, process
+from decoder.features import (
+    ALL_FAMILIES,
+    FAMILIES,
+    DeviceState,
+    StateCache,
+    device_key,
+    finish,
+    kernels_for,
+    process,
+)
 from decoder.frames import Frame, decode_frames, encode_container, encode_frame
 from gateway.simulator import simulate_band
 
@@ -218,3 +227,76 @@ def test_state_cache_returns_its_object_only_for_the_exact_bytes_it_kept() -> No
     cache.keep(3, b1, s1)  # capacity 2: the device kept first is dropped
     assert cache.load(rec.device_id, b2) is not s2
     assert cache.load(3, b1) is s1
+
+
+# --- consent: only the consented families are computed, kept and returned ---------------------------------
+
+
+@functools.cache
+def _night_and_morning():
+    """3 h from 21:00 local: every family has records (sleep and night need activity and heart)."""
+    rec = simulate_band(5, 3 * 60, scenario="night", start_us=1_767_646_800_000_000)
+    return rec, _frames(rec, [s * 60 * rec.sample_rate_hz for s in range(1, 180)])
+
+
+def _run_consent(frames: list[Frame], device_id: int, consent: list[frozenset[str]]) -> tuple[list, list]:
+    """One batch per entry of `consent`, processed under that consent; the records and each state."""
+    cuts = np.linspace(0, len(frames), len(consent) + 1).astype(int)
+    state = DeviceState(device_id)
+    records: list[dict] = []
+    states = []
+    for (a, b), families in zip(itertools.pairwise(cuts), consent, strict=True):
+        decoded = decode_frames(encode_container(encode_frame(f) for f in frames[a:b]))
+        out, state = process(decoded, DeviceState.from_bytes(state.to_bytes()), families)
+        assert {r["family"] for r in out} <= families, "a record of a family without consent"
+        records += out
+        states.append(state)
+    return records, states
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sets(st.sampled_from(FAMILIES), min_size=1))
+@example({"heart"})  # heart without activity: its inactive epochs are unknown, its records the same
+@example({"night"})
+@example({"wear"})
+def test_consented_families_are_exactly_the_unconsented_runs_records_of_those_families(families) -> None:
+    rec, frames = _night_and_morning()
+    everything, _ = _run_consent(frames, rec.device_id, [ALL_FAMILIES] * 4)
+    assert {r["family"] for r in everything} >= {"activity", "heart", "sleep", "steps", "wear"}
+    consented = frozenset(families)
+    got, states = _run_consent(frames, rec.device_id, [consented] * 4)
+    want = [r for r in everything if r["family"] in consented]
+    assert _key_sorted(got) == _key_sorted(want)
+    for state in states:  # nothing kept for a kernel no consented family needs
+        kept = set(state.families) - {"hr_buffer"}
+        assert kept <= kernels_for(consented), (consented, kept)
+        assert ("hr_buffer" in state.families) <= ("sleep" in kernels_for(consented))
+
+
+def test_withdrawal_mid_stream_drops_the_family_and_its_arrays_and_the_rest_go_on() -> None:
+    rec, frames = _night_and_morning()
+    everything, _ = _run_consent(frames, rec.device_id, [ALL_FAMILIES] * 6)
+    no_heart = ALL_FAMILIES - {"heart", "day"}  # sleep goes on: it needs heart rate, computed and dropped
+    no_activity = frozenset({"steps"})
+    records, states = _run_consent(
+        frames, rec.device_id, [ALL_FAMILIES, ALL_FAMILIES, no_heart, no_heart, no_activity, no_activity]
+    )
+    # what each batch may return is asserted in _run_consent; the families still consented are unharmed
+    assert _key_sorted([r for r in records if r["family"] == "steps"]) == _key_sorted(
+        [r for r in everything if r["family"] == "steps"]
+    )
+    assert [r for r in records if r["family"] == "sleep"], "sleep goes on while heart is withdrawn"
+    assert "heart" in states[2].families  # an input sleep still needs
+    assert set(states[4].families) == {"steps"}  # activity, heart, the night and its buffer are gone
+    assert set(states[5].families) == {"steps"}
+
+
+def test_a_family_consented_again_starts_afresh_at_the_next_batch() -> None:
+    rec, frames = _night_and_morning()
+    steps_only = frozenset({"steps"})
+    records, states = _run_consent(frames, rec.device_id, [ALL_FAMILIES, steps_only, ALL_FAMILIES])
+    cut = frames[len(frames) * 2 // 3].start_us
+    activity = [r for r in records if r["family"] == "activity"]
+    assert activity and "activity" in states[2].families
+    later = [r["start_us"] for r in activity if r["start_us"] >= frames[len(frames) // 3].start_us]
+    assert later and min(later) >= cut - 60_000_000  # nothing for the withdrawn stretch
