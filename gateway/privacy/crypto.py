@@ -45,6 +45,7 @@ __all__ = [
     "UnwrapError",
     "device_pseudonym",
     "new_key",
+    "new_key_id",
     "normalize_device",
     "normalize_ownership",
     "token_key_id",
@@ -102,6 +103,12 @@ class UnwrapError(CryptoError):
 def new_key() -> bytes:
     """KEY_BYTES from the operating system's CSPRNG: a data key, a KEK or a pseudonym key."""
     return os.urandom(KEY_BYTES)
+
+
+def new_key_id() -> int:
+    """A random 32-bit data key id: a key recreated after an erasure never shares the destroyed key's id
+    (but for a 2**-32 chance, which GCM's tag still catches)."""
+    return int.from_bytes(os.urandom(4), "big")
 
 
 def normalize_device(device_id: str | int) -> str:
