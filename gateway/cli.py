@@ -294,6 +294,7 @@ def _not_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.privacy import stats_cli
     from gateway.security import admin_cli, audit_cli, pki_cli
     from gateway.security.client import add_client_arguments
 
@@ -396,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     pki_cli.add_parser(sub)
     admin_cli.add_parser(sub)
     audit_cli.add_parser(sub)
+    stats_cli.add_parser(sub)
 
     dct = sub.add_parser("dict", help="zstd dictionaries")
     dsub = dct.add_subparsers(dest="dict_command", required=True)
