@@ -136,14 +136,81 @@ class GrantRow:
 
 
 @dataclass(frozen=True)
+class OwnershipRow:
+    """Who a device's data belongs to now: an ownership starts at registration or at a transfer (a resold
+    band), and a device's data keys, consent and profile belong to one ownership."""
+
+    device: str
+    ownership: str
+    started_us: int
+
+
+@dataclass(frozen=True)
+class ConsentRow:
+    """One consent decision: `granted` or withdrawn, for one family of one device's ownership, by `actor`
+    (the owner's credential, or an operator). The store keeps every decision; a snapshot holds the
+    latest per (device, ownership, family)."""
+
+    device: str
+    ownership: str
+    family: str
+    granted: bool
+    time_us: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class GuardianRow:
+    """A guardian's consent for a minor's ownership: who (a reference, never a free-text name) and when."""
+
+    device: str
+    ownership: str
+    guardian: str
+    time_us: int
+    actor: str
+
+
+@dataclass(frozen=True)
+class SealedRow:
+    """A sealed (encrypted) personal value of an ownership: a profile version, or a TOTP secret with the
+    last time step used (`version`). The store never sees what is inside."""
+
+    device: str
+    ownership: str
+    version: int
+    sealed: bytes
+    time_us: int
+
+    def __repr__(self) -> str:
+        return f"SealedRow({self.device}/{self.ownership} v{self.version}, {len(self.sealed)} bytes)"
+
+
+@dataclass(frozen=True)
 class RegistrySnapshot:
-    """Everything the registry holds, read in one transaction, at `version`."""
+    """Everything the registry holds, read in one transaction, at `version`: identities and grants
+    (gateway/security), and each device's current ownership with its latest consent, guardian, profile
+    and TOTP (gateway/privacy)."""
 
     version: int
     principals: tuple[PrincipalRow, ...]
     credentials: tuple[CredentialRow, ...]
     bindings: tuple[tuple[str, str], ...]  # (relay name, device name)
     grants: tuple[GrantRow, ...]
+    ownerships: tuple[OwnershipRow, ...] = ()  # current ownerships only
+    consents: tuple[ConsentRow, ...] = ()  # latest per family, of current ownerships
+    guardians: tuple[GuardianRow, ...] = ()  # of current ownerships
+    profiles: tuple[SealedRow, ...] = ()  # latest version, of current ownerships
+    totp: tuple[SealedRow, ...] = ()  # of current ownerships; version = last time step used
+
+
+@dataclass(frozen=True)
+class PrivacyHistory:
+    """Everything kept about one ownership of a device besides its features: for export."""
+
+    ownership: OwnershipRow | None
+    consents: tuple[ConsentRow, ...]
+    guardians: tuple[GuardianRow, ...]
+    profiles: tuple[SealedRow, ...]
 
 
 @dataclass(frozen=True)
@@ -156,7 +223,13 @@ class RegistryOp:
     - "revoke": set principal (`kind`, `name`) and all its credentials to "revoked";
     - "bind" / "unbind": relay `name` speaks / no longer speaks for device `device`;
     - "grant" / "ungrant": put / delete `grant` (ungrant matches consumer, family and operation);
-    - "seen": set the principal's last_seen_us to `time_us` (no version bump: not a policy change).
+    - "seen": set the principal's last_seen_us to `time_us` (no version bump: not a policy change);
+    - "ownership": device `device` starts ownership `ownership` (the previous one ends);
+    - "consent": `actor` grants (`granted`) or withdraws consent for `family` of (`device`, `ownership`);
+    - "guardian" / "unguardian": record / remove guardian `name`'s consent for (`device`, `ownership`);
+    - "profile": a new profile version `version` (`sealed`) of (`device`, `ownership`);
+    - "totp": put (`sealed` non-empty) or delete the TOTP secret of (`device`, `ownership`);
+    - "totp_used": time step `version` of that secret was used (no version bump; never moves back).
     """
 
     op: str
@@ -167,6 +240,20 @@ class RegistryOp:
     credential: CredentialRow | None = None
     grant: GrantRow | None = None
     time_us: int = 0
+    ownership: str = ""
+    family: str = ""
+    granted: bool = False
+    version: int = 0
+    sealed: bytes = b""
+    actor: str = ""
+
+    def __repr__(self) -> str:  # sealed bytes are opaque, but keep them out of logs anyway
+        fields = (
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if v not in ("", None, 0, False, b"") and k != "sealed" and (k != "state" or self.op != "consent")
+        )
+        return f"RegistryOp({', '.join(fields)}{', sealed' if self.sealed else ''})"
 
 
 @dataclass(frozen=True)
@@ -286,6 +373,11 @@ class Store(Protocol):
         """Up to `limit` audit rows with seq above `after_seq`, in order."""
         ...
 
+    def privacy_history(self, device: str) -> PrivacyHistory:
+        """The current ownership of `device` (16 hex) and every consent decision, guardian record and
+        profile version kept for it, oldest first: what an export holds besides the features."""
+        ...
+
     def audit_last(self) -> AuditRow | None:
         """The newest audit row, None if the log is empty."""
         ...
@@ -344,8 +436,38 @@ def check_registry_op(op: RegistryOp) -> None:
             raise ValueError(f"unknown family {g.family!r}; known {sorted(FAMILIES)}")
         for d in g.devices:
             check_principal("device", d)
+    elif op.op in PRIVACY_OPS:
+        check_principal("device", op.device)
+        _check_ownership(op.ownership)
+        if op.op == "consent":
+            if op.family not in FAMILIES:
+                raise ValueError(f"unknown family {op.family!r}; known {sorted(FAMILIES)}")
+            if not op.actor:
+                raise ValueError("a consent decision names its actor")
+        elif op.op in ("guardian", "unguardian"):
+            _check_reference("guardian", op.name)
+        elif op.op == "profile":
+            if op.version <= 0 or not op.sealed:
+                raise ValueError("a profile op needs a positive version and a sealed profile")
+        elif op.op == "totp_used" and op.version <= 0:
+            raise ValueError("totp_used needs the time step used")
     else:
         raise ValueError(f"unknown registry op {op.op!r}")
+
+
+PRIVACY_OPS = frozenset({"ownership", "consent", "guardian", "unguardian", "profile", "totp", "totp_used"})
+
+
+def _check_ownership(ownership: str) -> None:
+    if not (0 < len(ownership) <= 64 and set(ownership) <= _NAME_OK):
+        raise ValueError("an ownership is 1-64 characters of [a-z0-9._-]")
+
+
+def _check_reference(what: str, name: str) -> None:
+    if not (0 < len(name) <= 63 and set(name) <= _NAME_OK and name[0] not in "._-"):
+        raise ValueError(
+            f"a {what} is named by 1-63 characters of [a-z0-9._-], starting with a letter or digit"
+        )
 
 
 def check_sequence(

@@ -29,18 +29,24 @@ from gateway.store.base import (
     AuditRow,
     CommitItem,
     CommitResult,
+    ConsentRow,
     CredentialRow,
     DeviceRow,
     GrantRow,
+    GuardianRow,
+    OwnershipRow,
     PrincipalRow,
+    PrivacyHistory,
     RegistryOp,
     RegistrySnapshot,
     SchemaVersionError,
+    SealedRow,
     SequenceError,
     Store,
     StoreError,
     StoreUnavailable,
     check_batch,
+    check_principal,
     check_records,
     check_registry_op,
     check_sequence,
@@ -129,6 +135,54 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             entry TEXT NOT NULL,
             mac TEXT NOT NULL
         )""",
+    ),
+    (
+        # The privacy control plane (gateway/privacy): whose a device's data is now, what its owner
+        # consents to, a minor's guardian, and the owner's profile and TOTP secret, sealed with the
+        # ownership's data key (the store never sees them in clear).
+        """CREATE TABLE ownerships (
+            device TEXT NOT NULL,
+            ownership TEXT NOT NULL,
+            started_us INTEGER NOT NULL,
+            ended_us INTEGER,
+            PRIMARY KEY (device, ownership)
+        ) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX ownerships_current ON ownerships (device) WHERE ended_us IS NULL",
+        # every decision is kept (export shows them); the latest per family is in force
+        """CREATE TABLE consent (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            ownership TEXT NOT NULL,
+            family TEXT NOT NULL,
+            granted INTEGER NOT NULL,
+            time_us INTEGER NOT NULL,
+            actor TEXT NOT NULL
+        )""",
+        "CREATE INDEX consent_device ON consent (device, ownership, family, seq)",
+        """CREATE TABLE guardians (
+            device TEXT NOT NULL,
+            ownership TEXT NOT NULL,
+            guardian TEXT NOT NULL,
+            time_us INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            PRIMARY KEY (device, ownership, guardian)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE profiles (
+            device TEXT NOT NULL,
+            ownership TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            sealed BLOB NOT NULL,
+            time_us INTEGER NOT NULL,
+            PRIMARY KEY (device, ownership, version)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE totp (
+            device TEXT NOT NULL,
+            ownership TEXT NOT NULL,
+            sealed BLOB NOT NULL,
+            last_step INTEGER NOT NULL,
+            time_us INTEGER NOT NULL,
+            PRIMARY KEY (device, ownership)
+        ) WITHOUT ROWID""",
     ),
 )
 
@@ -499,10 +553,11 @@ class SqliteStore(Store):
                         "ORDER BY consumer, family, operation"
                     )
                 )
+                privacy = _privacy_snapshot(conn)
             finally:
                 with suppress(sqlite3.Error):
                     conn.execute("COMMIT")
-        return RegistrySnapshot(int(version), principals, credentials, bindings, grants)
+        return RegistrySnapshot(int(version), principals, credentials, bindings, grants, *privacy)
 
     def registry_version(self) -> int:
         with _errors():
@@ -528,6 +583,49 @@ class SqliteStore(Store):
                 conn.execute("UPDATE registry_version SET version = version + 1")
             (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
         return int(version)
+
+    def privacy_history(self, device: str) -> PrivacyHistory:
+        check_principal("device", device)
+        conn = self._connection()
+        with _errors():
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT device, ownership, started_us FROM ownerships "
+                    "WHERE device = ? AND ended_us IS NULL",
+                    (device,),
+                ).fetchone()
+                if row is None:
+                    return PrivacyHistory(None, (), (), ())
+                key = (device, row[1])
+                consents = tuple(
+                    ConsentRow(d, o, f, bool(g), t, a)
+                    for d, o, f, g, t, a in conn.execute(
+                        "SELECT device, ownership, family, granted, time_us, actor FROM consent "
+                        "WHERE device = ? AND ownership = ? ORDER BY seq",
+                        key,
+                    )
+                )
+                guardians = tuple(
+                    GuardianRow(*r)
+                    for r in conn.execute(
+                        "SELECT device, ownership, guardian, time_us, actor FROM guardians "
+                        "WHERE device = ? AND ownership = ? ORDER BY time_us, guardian",
+                        key,
+                    )
+                )
+                profiles = tuple(
+                    SealedRow(*r)
+                    for r in conn.execute(
+                        "SELECT device, ownership, version, sealed, time_us FROM profiles "
+                        "WHERE device = ? AND ownership = ? ORDER BY version",
+                        key,
+                    )
+                )
+            finally:
+                with suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        return PrivacyHistory(OwnershipRow(*row), consents, guardians, profiles)
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
         if limit <= 0:
@@ -720,7 +818,104 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
             (op.time_us, op.kind, op.name),
         )
         return False
+    elif op.op == "ownership":
+        conn.execute(
+            "UPDATE ownerships SET ended_us = ? WHERE device = ? AND ended_us IS NULL AND ownership != ?",
+            (now_us, op.device, op.ownership),
+        )
+        conn.execute(
+            "INSERT INTO ownerships (device, ownership, started_us) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (op.device, op.ownership, now_us),
+        )
+    elif op.op == "consent":
+        conn.execute(
+            "INSERT INTO consent (device, ownership, family, granted, time_us, actor) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (op.device, op.ownership, op.family, int(op.granted), op.time_us or now_us, op.actor),
+        )
+    elif op.op == "guardian":
+        conn.execute(
+            "INSERT INTO guardians (device, ownership, guardian, time_us, actor) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (op.device, op.ownership, op.name, op.time_us or now_us, op.actor),
+        )
+    elif op.op == "unguardian":
+        conn.execute(
+            "DELETE FROM guardians WHERE device = ? AND ownership = ? AND guardian = ?",
+            (op.device, op.ownership, op.name),
+        )
+    elif op.op == "profile":
+        conn.execute(
+            "INSERT INTO profiles (device, ownership, version, sealed, time_us) VALUES (?, ?, ?, ?, ?)",
+            (op.device, op.ownership, op.version, op.sealed, op.time_us or now_us),
+        )
+    elif op.op == "totp":
+        if op.sealed:
+            conn.execute(
+                "INSERT INTO totp (device, ownership, sealed, last_step, time_us) VALUES (?, ?, ?, 0, ?) "
+                "ON CONFLICT (device, ownership) DO UPDATE SET sealed = excluded.sealed, last_step = 0, "
+                "time_us = excluded.time_us",
+                (op.device, op.ownership, op.sealed, now_us),
+            )
+        else:
+            conn.execute("DELETE FROM totp WHERE device = ? AND ownership = ?", (op.device, op.ownership))
+    elif op.op == "totp_used":
+        conn.execute(
+            "UPDATE totp SET last_step = max(last_step, ?) WHERE device = ? AND ownership = ?",
+            (op.version, op.device, op.ownership),
+        )
+        return False
     return True
+
+
+def _privacy_snapshot(
+    conn: sqlite3.Connection,
+) -> tuple[
+    tuple[OwnershipRow, ...],
+    tuple[ConsentRow, ...],
+    tuple[GuardianRow, ...],
+    tuple[SealedRow, ...],
+    tuple[SealedRow, ...],
+]:
+    """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP."""
+    current = "JOIN ownerships o ON o.device = x.device AND o.ownership = x.ownership AND o.ended_us IS NULL"
+    ownerships = tuple(
+        OwnershipRow(*r)
+        for r in conn.execute(
+            "SELECT device, ownership, started_us FROM ownerships WHERE ended_us IS NULL ORDER BY device"
+        )
+    )
+    consents = tuple(
+        ConsentRow(d, o, f, bool(g), t, a)
+        for d, o, f, g, t, a in conn.execute(
+            "SELECT x.device, x.ownership, x.family, x.granted, x.time_us, x.actor FROM consent x "
+            f"{current} WHERE x.seq = (SELECT max(seq) FROM consent y WHERE y.device = x.device "
+            "AND y.ownership = x.ownership AND y.family = x.family) ORDER BY x.device, x.family"
+        )
+    )
+    guardians = tuple(
+        GuardianRow(*r)
+        for r in conn.execute(
+            "SELECT x.device, x.ownership, x.guardian, x.time_us, x.actor FROM guardians x "
+            f"{current} ORDER BY x.device, x.guardian"
+        )
+    )
+    profiles = tuple(
+        SealedRow(*r)
+        for r in conn.execute(
+            "SELECT x.device, x.ownership, x.version, x.sealed, x.time_us FROM profiles x "
+            f"{current} WHERE x.version = (SELECT max(version) FROM profiles y WHERE y.device = x.device "
+            "AND y.ownership = x.ownership) ORDER BY x.device"
+        )
+    )
+    totp = tuple(
+        SealedRow(*r)
+        for r in conn.execute(
+            f"SELECT x.device, x.ownership, x.last_step, x.sealed, x.time_us FROM totp x {current} "
+            "ORDER BY x.device"
+        )
+    )
+    return ownerships, consents, guardians, profiles, totp
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:

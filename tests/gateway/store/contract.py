@@ -43,8 +43,11 @@ from gateway.store.base import (
     CommitItem,
     CredentialRow,
     GrantRow,
+    OwnershipRow,
+    PrivacyHistory,
     RegistryOp,
     RegistrySnapshot,
+    SealedRow,
 )
 
 A = 0xF123_4567_89AB_CDEF  # above 2**63: a u64 that does not fit a signed 64-bit column
@@ -385,7 +388,108 @@ class RegistryContract:
             assert s.audit_last() == rows[-1]
 
 
-class StoreContract(RegistryContract):
+class PrivacyContract:
+    """The privacy control plane kept beside the registry: ownerships, consent decisions, guardians,
+    sealed profiles and TOTP secrets. Mixed into `StoreContract`."""
+
+    def test_consent_history_is_kept_and_the_latest_per_family_is_in_force(self, store: Store) -> None:
+        v0 = store.registry_version()
+        store.registry_apply([RegistryOp("ownership", device=DEV1, ownership="o1")])
+        decisions = [("steps", True), ("heart", True), ("steps", False), ("sleep", True), ("heart", False)]
+        for family, granted in decisions:
+            store.registry_apply([consent_op(DEV1, "o1", family, granted)])
+        assert store.registry_version() == v0 + 1 + len(decisions)  # each is a policy change
+        snap = store.registry_snapshot()
+        assert snap.ownerships == (OwnershipRow(DEV1, "o1", snap.ownerships[0].started_us),)
+        assert {(c.family, c.granted) for c in snap.consents} == {
+            ("steps", False),
+            ("heart", False),
+            ("sleep", True),
+        }
+        history = store.privacy_history(DEV1)
+        assert [(c.family, c.granted) for c in history.consents] == decisions
+        assert all(c.actor == "device:" + DEV1 for c in history.consents)
+        assert store.privacy_history(DEV2) == PrivacyHistory(None, (), (), ())
+
+    def test_a_transfer_starts_an_ownership_with_nothing_of_the_last_one_in_force(self, store: Store) -> None:
+        store.registry_apply(
+            [
+                RegistryOp("ownership", device=DEV1, ownership="o1"),
+                consent_op(DEV1, "o1", "steps", True),
+                RegistryOp("guardian", device=DEV1, ownership="o1", name="guardian-1", actor="operator"),
+                RegistryOp("profile", device=DEV1, ownership="o1", version=1, sealed=b"\x01sealed-1"),
+                RegistryOp("profile", device=DEV1, ownership="o1", version=2, sealed=b"\x01sealed-2"),
+                RegistryOp("totp", device=DEV1, ownership="o1", sealed=b"\x01secret"),
+                RegistryOp("ownership", device=DEV2, ownership="o1"),
+                consent_op(DEV2, "o1", "heart", True),
+            ]
+        )
+        snap = store.registry_snapshot()
+        assert {(c.device, c.family) for c in snap.consents} == {(DEV1, "steps"), (DEV2, "heart")}
+        assert [(g.device, g.guardian) for g in snap.guardians] == [(DEV1, "guardian-1")]
+        assert [(r.device, r.version, r.sealed) for r in snap.profiles] == [(DEV1, 2, b"\x01sealed-2")]
+        assert [(r.device, r.version, r.sealed) for r in snap.totp] == [(DEV1, 0, b"\x01secret")]
+
+        store.registry_apply([RegistryOp("ownership", device=DEV1, ownership="o2")])  # resold
+        snap = store.registry_snapshot()
+        assert {(o.device, o.ownership) for o in snap.ownerships} == {(DEV1, "o2"), (DEV2, "o1")}
+        assert [(c.device, c.family) for c in snap.consents] == [(DEV2, "heart")]
+        assert snap.guardians == snap.profiles == snap.totp == ()
+        history = store.privacy_history(DEV1)
+        assert history.ownership is not None and history.ownership.ownership == "o2"
+        assert history.consents == history.guardians == history.profiles == ()
+
+    def test_totp_steps_only_move_forward_and_are_not_policy_changes(self, store: Store) -> None:
+        store.registry_apply(
+            [
+                RegistryOp("ownership", device=DEV1, ownership="o1"),
+                RegistryOp("totp", device=DEV1, ownership="o1", sealed=b"\x01secret"),
+            ]
+        )
+        version = store.registry_version()
+        for step in (100, 105, 103):
+            store.registry_apply([RegistryOp("totp_used", device=DEV1, ownership="o1", version=step)])
+        assert store.registry_version() == version
+        assert [r.version for r in store.registry_snapshot().totp] == [105]
+        store.registry_apply([RegistryOp("totp", device=DEV1, ownership="o1")])  # removed
+        assert store.registry_snapshot().totp == ()
+
+    @pytest.mark.parametrize(
+        "op",
+        [
+            RegistryOp("consent", device=DEV1, ownership="o1", family="raw", granted=True, actor="x"),
+            RegistryOp("consent", device=DEV1, ownership="o1", family="steps", granted=True),  # no actor
+            RegistryOp("consent", device="A1", ownership="o1", family="steps", granted=True, actor="x"),
+            RegistryOp("ownership", device=DEV1, ownership="O 1"),
+            RegistryOp("guardian", device=DEV1, ownership="o1", name="Jane Doe", actor="x"),
+            RegistryOp("profile", device=DEV1, ownership="o1", version=0, sealed=b"x"),
+            RegistryOp("profile", device=DEV1, ownership="o1", version=1),
+            RegistryOp("totp_used", device=DEV1, ownership="o1"),
+        ],
+    )
+    def test_malformed_privacy_ops_are_refused_and_change_nothing(self, store: Store, op: RegistryOp) -> None:
+        before = store.registry_snapshot()
+        with pytest.raises(ValueError):
+            store.registry_apply([RegistryOp("ownership", device=DEV1, ownership="o9"), op])
+        assert store.registry_snapshot() == before
+
+    def test_sealed_values_keep_out_of_reprs(self) -> None:
+        op = RegistryOp("profile", device=DEV1, ownership="o1", version=1, sealed=b"height=187.3456")
+        assert "187.3456" not in repr(op) and "187.3456" not in repr(SealedRow(DEV1, "o1", 1, op.sealed, 0))
+
+
+def consent_op(device: str, ownership: str, family: str, granted: bool) -> RegistryOp:
+    return RegistryOp(
+        "consent",
+        device=device,
+        ownership=ownership,
+        family=family,
+        granted=granted,
+        actor=f"device:{device}",
+    )
+
+
+class StoreContract(RegistryContract, PrivacyContract):
     """Tests every store implementation runs; `harness` comes from the subclass."""
 
     @pytest.fixture

@@ -209,7 +209,7 @@ class _TwoAheadSqliteStore(SqliteStore):
     migrations = (
         *MIGRATIONS,
         ("ALTER TABLE devices ADD COLUMN firmware TEXT",),
-        ("CREATE TABLE consent (device TEXT PRIMARY KEY)", "INSERT INTO consent SELECT device FROM devices"),
+        ("CREATE TABLE future (device TEXT PRIMARY KEY)", "INSERT INTO future SELECT device FROM devices"),
     )
 
 
@@ -227,7 +227,7 @@ def test_every_pending_migration_runs_in_order(tmp_path: Path, start: str) -> No
     assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS) + 2,)]
     assert "firmware" in [r[1] for r in conn.execute("PRAGMA table_info(devices)")]
     want = [(device_key(A),)] if start == "current" else []
-    assert conn.execute("SELECT device FROM consent").fetchall() == want
+    assert conn.execute("SELECT device FROM future").fetchall() == want
     conn.close()
 
 
