@@ -18,6 +18,7 @@ from rich.console import Console
 from gateway.privacy.stats import (
     DEFAULT_DELTA,
     Budget,
+    ReleaseSummary,
     StatsConfig,
     StatsError,
     audit_recorder,
@@ -84,14 +85,23 @@ def _cmd_stats(args: argparse.Namespace, console: Console) -> int:
         with open_store(args.store) as store:
             log = AuditLog(store, key, state / "audit.head")
             log.open()
-            stats = release(collect(store, cohorts, config), args.epsilon, budget, audit_recorder(log))
+            audit = audit_recorder(log)
+            summaries: list[ReleaseSummary] = []
+
+            def record(summary: ReleaseSummary) -> None:
+                audit(summary)
+                summaries.append(summary)
+
+            stats = release(collect(store, cohorts, config), args.epsilon, budget, record)
     except (StatsError, AuditError, StoreError, ValueError, OSError) as e:
         return _fail(f"stats: {e}")
     for stat in stats:
         sys.stdout.write(json.dumps(stat.to_json(), separators=(",", ":")) + "\n")
-    left = budget.remaining()
+    (done,) = summaries
+    left = done.remaining
     print(
-        f"released {len(stats)} cohort statistics at ε={args.epsilon:g}, δ={args.delta:g}; "
+        # not how many were suppressed: that count is exact, not private, and kept to the audit log
+        f"released {len(stats)} cohort statistics at ε={done.epsilon:.6g}, δ={done.delta:.3g}; "
         f"budget left ε={max(left.epsilon, 0):.6g}, δ={max(left.delta, 0):.3g}",
         file=sys.stderr,
     )
