@@ -13,6 +13,7 @@ from gateway.store.base import (
     CommitResult,
     DeviceRow,
     SchemaVersionError,
+    Sealer,
     SequenceError,
     Store,
     StoreError,
@@ -37,17 +38,18 @@ __all__ = [
 _SCHEMES = {"sqlite": SqliteStore.from_url}
 
 
-def store_for_url(url: str) -> Store:
-    """The store a URL names, not yet opened; a bad URL raises ValueError before anything starts."""
+def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
+    """The store a URL names, not yet opened, sealing values and state with `sealer` (encryption at rest;
+    None: in clear); a bad URL raises ValueError before anything starts."""
     scheme = url.partition("://")[0]
     if scheme not in _SCHEMES:
         raise ValueError(f"store URL {url!r}: scheme must be one of {sorted(_SCHEMES)}")
-    return _SCHEMES[scheme](url)
+    return _SCHEMES[scheme](url, sealer)
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, sealer: Sealer | None = None) -> Store:
     """An open store for `url`: `sqlite:///relative.db` (three slashes) or `sqlite:////abs/path.db`
     (four), with an optional `?busy_timeout_ms=N`. `with open_store(url) as store:` closes it after."""
-    store = store_for_url(url)
+    store = store_for_url(url, sealer)
     store.open()
     return store

@@ -27,6 +27,11 @@ class StoreError(Exception):
     """Anything the store refuses or cannot do."""
 
 
+class Unreadable(StoreError):  # noqa: N818 - a state of the row (its key erased, or moved), not a bug
+    """A sealed value that does not open: its data key is destroyed (an erased device), or it was copied
+    from another row (tampering). Reported by identifiers; never served."""
+
+
 class StoreUnavailable(StoreError):  # noqa: N818 - the gRPC status it maps to, not a kind of bug
     """The store cannot write now (locked, disk full, I/O error) and wrote nothing: do not ack; retry."""
 
@@ -86,6 +91,9 @@ class CommitItem:
     allow_gap: bool = False
     # What `Store.prepare` made of the item (the store's own type; it checks that it is its own).
     prepared: Any = field(default=None, compare=False, repr=False)
+    # Whose the data is (gateway/privacy/ownership.py): its records and state are sealed under this
+    # ownership's data key. "" for a device without one (a development gateway).
+    ownership: str = ""
 
 
 PRINCIPAL_KINDS = frozenset({"device", "relay", "consumer"})
@@ -229,7 +237,9 @@ class RegistryOp:
     - "guardian" / "unguardian": record / remove guardian `name`'s consent for (`device`, `ownership`);
     - "profile": a new profile version `version` (`sealed`) of (`device`, `ownership`);
     - "totp": put (`sealed` non-empty) or delete the TOTP secret of (`device`, `ownership`);
-    - "totp_used": time step `version` of that secret was used (no version bump; never moves back).
+    - "totp_used": time step `version` of that secret was used (no version bump; never moves back);
+    - "forget": erasure: delete every ownership, consent decision, guardian, profile and TOTP secret of
+      `device`.
     """
 
     op: str
@@ -265,6 +275,38 @@ class AuditRow:
     time_us: int
     entry: str
     mac: str
+
+
+# Each family's table, by sensitivity class (gateway/privacy/classes.py): the health classes (heart, sleep)
+# apart from activity, so a database-level grant can separate them. One cursor sequence runs across them.
+FAMILY_CLASS = {
+    "steps": "activity",
+    "activity": "activity",
+    "wear": "activity",
+    "distance": "activity",
+    "heart": "heart",
+    "day": "heart",
+    "sleep": "sleep",
+    "night": "sleep",
+}
+UNOWNED = "unowned"  # the ownership a device without one seals under
+
+
+class Sealer(Protocol):
+    """Encryption at rest as a store sees it (gateway/privacy/sealing.py): bytes in, bytes out, each
+    value bound to its row. `open_*` raise `Unreadable` for a value that does not open."""
+
+    def seal_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes: ...
+
+    def open_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes: ...
+
+    def seal_state(self, device: str, ownership: str, data: bytes) -> bytes: ...
+
+    def open_state(self, device: str, ownership: str, data: bytes) -> bytes: ...
+
+    def pseudonym(self, device: str) -> str:
+        """A keyed, one-way name of the device: what an erasure tombstone is stored under."""
+        ...
 
 
 @runtime_checkable
@@ -436,6 +478,8 @@ def check_registry_op(op: RegistryOp) -> None:
             raise ValueError(f"unknown family {g.family!r}; known {sorted(FAMILIES)}")
         for d in g.devices:
             check_principal("device", d)
+    elif op.op == "forget":
+        check_principal("device", op.device)
     elif op.op in PRIVACY_OPS:
         check_principal("device", op.device)
         _check_ownership(op.ownership)

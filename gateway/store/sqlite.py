@@ -12,6 +12,7 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +26,9 @@ import orjson
 
 from decoder.records import device_key
 from gateway.store.base import (
+    FAMILY_CLASS,
     U64,
+    UNOWNED,
     AuditRow,
     CommitItem,
     CommitResult,
@@ -41,16 +44,20 @@ from gateway.store.base import (
     RegistrySnapshot,
     SchemaVersionError,
     SealedRow,
+    Sealer,
     SequenceError,
     Store,
     StoreError,
     StoreUnavailable,
+    Unreadable,
     check_batch,
     check_principal,
     check_records,
     check_registry_op,
     check_sequence,
 )
+
+log = logging.getLogger("bandgate.store")
 
 DEFAULT_BUSY_TIMEOUT_MS = 2000  # a backup or an erasure in another process is short; the band retries later
 PURGE_CHUNK = 5000  # records a retention transaction deletes, so the writer waits at most one chunk
@@ -184,24 +191,77 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (device, ownership)
         ) WITHOUT ROWID""",
     ),
+    (
+        # Records by sensitivity class (base.FAMILY_CLASS): activity, heart, sleep each in a table of its
+        # own, so a database grant can separate health data; one cursor sequence runs across them (the
+        # next one to hand out is in record_cursor), so `tail --from` resumes exactly. `value` holds the
+        # record's values sealed under its device's and ownership's data key (bytes), or, for rows
+        # written before encryption at rest or by a store without a sealer, their JSON (text).
+        "CREATE TABLE record_cursor (next INTEGER NOT NULL)",
+        "INSERT INTO record_cursor (next) "
+        "VALUES (coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'records'), 0) + 1)",
+        *(
+            statement
+            for cls, families in (
+                ("activity", "'steps', 'activity', 'wear', 'distance'"),
+                ("heart", "'heart', 'day'"),
+                ("sleep", "'sleep', 'night'"),
+            )
+            for statement in (
+                f"""CREATE TABLE records_{cls} (
+                    cursor INTEGER PRIMARY KEY,
+                    device TEXT NOT NULL,
+                    ownership TEXT NOT NULL,
+                    family TEXT NOT NULL,
+                    start_us INTEGER NOT NULL,
+                    duration_s INTEGER NOT NULL,
+                    algo TEXT NOT NULL,
+                    value BLOB NOT NULL,
+                    UNIQUE (device, family, start_us)
+                )""",
+                f"CREATE INDEX records_{cls}_device ON records_{cls} (device, ownership)",
+                f"CREATE INDEX records_{cls}_start ON records_{cls} (start_us)",
+                f"INSERT INTO records_{cls} "
+                "(cursor, device, ownership, family, start_us, duration_s, algo, value) "
+                "SELECT cursor, device, '', family, start_us, duration_s, algo, values_json FROM records "
+                f"WHERE family IN ({families})",
+            )
+        ),
+        "DROP TABLE records",
+        # whose the state is: it is sealed under that ownership's key (a new owner starts afresh)
+        "ALTER TABLE devices ADD COLUMN ownership TEXT NOT NULL DEFAULT ''",
+        # An erased device's boots and their high-water, under a keyed pseudonym of its ID (the one
+        # residue erasure leaves): a band resending batches from before the erasure gets them acked and
+        # dropped.
+        """CREATE TABLE tombstones (
+            pseudonym TEXT NOT NULL,
+            boot_id INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            erased_us INTEGER NOT NULL,
+            PRIMARY KEY (pseudonym, boot_id)
+        ) WITHOUT ROWID""",
+    ),
 )
 
-_RECORD_COLUMNS = "cursor, device, family, start_us, duration_s, algo, values_json"
+RECORD_TABLES = {cls: f"records_{cls}" for cls in sorted(set(FAMILY_CLASS.values()))}
+_TABLE_OF = {family: RECORD_TABLES[cls] for family, cls in FAMILY_CLASS.items()}
+_RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
 # ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
 # silently. The first version of a record wins, so a cursor a subscriber has read never changes.
-_INSERT_RECORD = (
-    "INSERT INTO records (device, family, start_us, duration_s, algo, values_json) VALUES (?, ?, ?, ?, ?, ?) "
+_INSERT_RECORD = {
+    table: f"INSERT INTO {table} ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (device, family, start_us) DO NOTHING"
-)
+    for table in RECORD_TABLES.values()
+}
 _UPSERT_BOOT = (
     "INSERT INTO boots (device, boot_id, last_seq, updated_us) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (device, boot_id) DO UPDATE SET "
     "last_seq = excluded.last_seq, updated_us = excluded.updated_us"
 )
 _UPSERT_DEVICE = (
-    "INSERT INTO devices (device, boot_id, state, updated_us) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (device) DO UPDATE SET "
-    "boot_id = excluded.boot_id, state = excluded.state, updated_us = excluded.updated_us"
+    "INSERT INTO devices (device, boot_id, state, updated_us, ownership) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (device) DO UPDATE SET boot_id = excluded.boot_id, state = excluded.state, "
+    "updated_us = excluded.updated_us, ownership = excluded.ownership"
 )
 # Transient conditions: the write did not happen and may succeed later (primary result codes).
 _UNAVAILABLE = frozenset(
@@ -223,17 +283,25 @@ class SqliteStore(Store):
 
     migrations: tuple[tuple[str, ...], ...] = MIGRATIONS
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        sealer: Sealer | None = None,
+    ):
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise ValueError("a SQLite store needs a file path (in-memory databases are not durable)")
         if busy_timeout_ms < 0:
             raise ValueError("busy_timeout_ms must be >= 0")
         self.path = Path(path)
         self.busy_timeout_ms = int(busy_timeout_ms)
+        self.sealer = sealer  # None: values and state in clear (benchmarks of the cost, tests of other parts)
+        self.unreadable = 0  # sealed values that did not open, skipped (reported in the log)
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteStore:
+    def from_url(cls, url: str, sealer: Sealer | None = None) -> SqliteStore:
         """`sqlite:///relative.db` (relative to the working directory now) or `sqlite:////abs/path.db`,
         optionally `?busy_timeout_ms=N`; anything else is refused, so a typo does not start a gateway."""
         scheme, sep, rest = url.partition("://")
@@ -250,7 +318,7 @@ class SqliteStore(Store):
         name = unquote(location[1:])
         if name == ":memory:":
             raise ValueError(f"{url!r}: a SQLite store needs a file (in-memory databases are not durable)")
-        return cls(Path(name).absolute(), **options)
+        return cls(Path(name).absolute(), sealer=sealer, **options)
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r}, open={self._conn is not None})"
@@ -348,13 +416,27 @@ class SqliteStore(Store):
             row = (
                 self._connection()
                 .execute(
-                    "SELECT d.boot_id, b.last_seq, d.state FROM devices d "
+                    "SELECT d.boot_id, b.last_seq, d.state, d.ownership FROM devices d "
                     "JOIN boots b ON b.device = d.device AND b.boot_id = d.boot_id WHERE d.device = ?",
                     (device_key(device_id),),
                 )
                 .fetchone()
             )
-        return None if row is None else DeviceRow(device_id, row[0], row[1], bytes(row[2]))
+        if row is None:
+            return None
+        return DeviceRow(
+            device_id, row[0], row[1], self._open_state(device_key(device_id), row[3], bytes(row[2]))
+        )
+
+    def _open_state(self, device: str, ownership: str, state: bytes) -> bytes:
+        """The state in clear; b"" (start afresh) when it does not open: a new ownership's key is not the
+        one it was sealed under, or the key was destroyed."""
+        if self.sealer is None or not state:
+            return state
+        try:
+            return self.sealer.open_state(device, ownership or UNOWNED, state)
+        except Unreadable:
+            return b""
 
     def commit(
         self,
@@ -374,9 +456,9 @@ class SqliteStore(Store):
         return result
 
     def prepare(self, item: CommitItem) -> CommitItem:
-        rows = _encode(item)
+        rows = _encode(item, self.sealer)
         token: list[dict] = []  # the prepared item's records: empty, the rows stand for them
-        return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows))
+        return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows, item.ownership))
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`. An item refused by its sequence
@@ -387,7 +469,7 @@ class SqliteStore(Store):
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
         for i, item in enumerate(items):
             try:
-                prepared.append((i, item, _rows(item)))
+                prepared.append((i, item, _rows(item, self.sealer)))
             except ValueError as e:
                 results[i] = e
         if prepared:
@@ -397,7 +479,7 @@ class SqliteStore(Store):
                     latest = _latest_cursor(conn)
                     for i, item, rows in prepared:
                         try:
-                            results[i], latest = _apply(conn, item, rows, now_us, latest)
+                            results[i], latest = _apply(conn, item, rows, now_us, latest, self.sealer)
                         except SequenceError as e:
                             results[i] = e
                     if _latest_cursor(conn) != latest:  # one check a group that the cursors were right
@@ -411,24 +493,82 @@ class SqliteStore(Store):
     # subscribe
 
     def read_since(
-        self, cursor: int, *, families: set[str] | None = None, device: str | None = None, limit: int = 1000
+        self,
+        cursor: int,
+        *,
+        families: set[str] | None = None,
+        device: str | None = None,
+        limit: int = 1000,
+        ownership: str | None = None,
     ) -> list[tuple[int, dict]]:
         if limit <= 0:
             raise ValueError("limit must be positive")
-        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE cursor > ?"
-        params: list[Any] = [cursor]
-        if families is not None:
-            if not families:
-                return []
-            sql += f" AND family IN ({', '.join('?' * len(families))})"
-            params += sorted(families)
-        if device is not None:
-            sql += " AND device = ?"
-            params.append(device)
-        sql += " ORDER BY cursor LIMIT ?"
+        wanted = set(FAMILY_CLASS) if families is None else set(families) & set(FAMILY_CLASS)
+        if not wanted:
+            return []
+        parts: list[str] = []
+        params: list[Any] = []
+        for table in sorted({_TABLE_OF[f] for f in wanted}):
+            sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > ?"
+            params.append(cursor)
+            fams = sorted(f for f in wanted if _TABLE_OF[f] == table)
+            if len(fams) < sum(1 for v in _TABLE_OF.values() if v == table):
+                sql += f" AND family IN ({', '.join('?' * len(fams))})"
+                params += fams
+            if device is not None:
+                sql += " AND device = ?"
+                params.append(device)
+            if ownership is not None:
+                sql += " AND ownership = ?"
+                params.append(ownership)
+            parts.append(f"SELECT * FROM ({sql} ORDER BY cursor LIMIT ?)")
+            params.append(limit)
+        query = " UNION ALL ".join(parts) + " ORDER BY cursor LIMIT ?"
         params.append(limit)
         with _errors():
-            return [(row[0], _record(row)) for row in self._connection().execute(sql, params)]
+            rows = self._connection().execute(query, params).fetchall()
+        out = []
+        for row in rows:
+            record = self._record(row)
+            if record is not None:
+                out.append((row[0], record))
+        return out
+
+    def _record(self, row: tuple) -> dict | None:
+        """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
+        _, device, ownership, family, start_us, duration_s, algo, value = row
+        if isinstance(value, str):  # written in clear (before encryption at rest, or without a sealer)
+            values = orjson.loads(value)
+        else:
+            if self.sealer is None:
+                raise StoreError(f"{self.path}: sealed records and no sealer to open them")
+            try:
+                values = orjson.loads(
+                    self.sealer.open_values(device, ownership or UNOWNED, family, start_us, value)
+                )
+            except Unreadable as e:
+                self.unreadable += 1
+                log.warning(
+                    "a sealed record does not open: skipped",
+                    extra={
+                        "fields": {
+                            "event": "record_unreadable",
+                            "device": device,
+                            "family": family,
+                            "start_us": start_us,
+                            "reason": str(e),
+                        }
+                    },
+                )
+                return None
+        return {
+            "family": family,
+            "device": device,
+            "start_us": start_us,
+            "duration_s": duration_s,
+            "algo": algo,
+            "values": values,
+        }
 
     def latest_cursor(self) -> int:
         with _errors():
@@ -451,15 +591,16 @@ class SqliteStore(Store):
             conn.execute("BEGIN")
             try:
                 dev = conn.execute(
-                    "SELECT boot_id, state, updated_us FROM devices WHERE device = ?", (device,)
+                    "SELECT boot_id, state, updated_us, ownership FROM devices WHERE device = ?", (device,)
                 ).fetchone()
                 boots = conn.execute(
                     "SELECT boot_id, last_seq, updated_us FROM boots WHERE device = ? ORDER BY updated_us",
                     (device,),
                 ).fetchall()
-                (n_records,) = conn.execute(
-                    "SELECT count(*) FROM records WHERE device = ?", (device,)
-                ).fetchone()
+                n_records = sum(
+                    conn.execute(f"SELECT count(*) FROM {table} WHERE device = ?", (device,)).fetchone()[0]
+                    for table in RECORD_TABLES.values()
+                )
                 if dev is None and not boots and n_records == 0:
                     return
                 current = dev[0] if dev is not None else None
@@ -468,32 +609,63 @@ class SqliteStore(Store):
                     "device": device,
                     "boot_id": current,
                     "last_seq": next((b[1] for b in boots if b[0] == current), None),
-                    "state": bytes(dev[1]) if dev is not None else None,
+                    "state": self._open_state(device, dev[3], bytes(dev[1])) if dev is not None else None,
                     "updated_us": dev[2] if dev is not None else None,
                     "boots": [{"boot_id": b[0], "last_seq": b[1], "updated_us": b[2]} for b in boots],
                     "records": n_records,
                 }
+                union = " UNION ALL ".join(
+                    f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE device = ?"
+                    for table in RECORD_TABLES.values()
+                )
                 rows = conn.execute(
-                    f"SELECT {_RECORD_COLUMNS} FROM records WHERE device = ? "
-                    "ORDER BY start_us, family, cursor",
-                    (device,),
+                    f"{union} ORDER BY start_us, family, cursor", (device,) * len(RECORD_TABLES)
                 )
                 while batch := rows.fetchmany(1000):
                     for row in batch:
-                        yield {"kind": "record", "cursor": row[0], "record": _record(row)}
+                        record = self._record(row)
+                        if record is not None:
+                            yield {"kind": "record", "cursor": row[0], "record": record}
             finally:
                 with suppress(sqlite3.Error):  # includes a connection closed under a half-read export
                     if conn.in_transaction:
                         conn.execute("COMMIT")
 
     def erase_device(self, device_id: int) -> int:
-        """Records, state and every boot's high-water of the device go in one transaction; then the WAL
-        is checkpointed and truncated so the old pages leave the disk too (best effort: a reader holding
-        an old snapshot keeps them until the next checkpoint)."""
+        """Records (in chunks of PURGE_CHUNK, each its own transaction, so other devices' commits wait at
+        most one chunk), then in one transaction the state and every boot's high-water, leaving a
+        tombstone per boot under the device's pseudonym (with a sealer); then the WAL is checkpointed and
+        truncated so the old pages leave the disk too (best effort: a reader holding an old snapshot keeps
+        them until the next checkpoint). Returns the records deleted; idempotent."""
         _check_device_id(device_id)
         device = device_key(device_id)
+        deleted = 0
+        for table in RECORD_TABLES.values():
+            while True:
+                with self._write() as conn:
+                    n = conn.execute(
+                        f"DELETE FROM {table} WHERE cursor IN "
+                        f"(SELECT cursor FROM {table} WHERE device = ? LIMIT ?)",
+                        (device, PURGE_CHUNK),
+                    ).rowcount
+                deleted += n
+                if n < PURGE_CHUNK:
+                    break
+        now_us = time.time_ns() // 1000
         with self._write() as conn:
-            deleted = conn.execute("DELETE FROM records WHERE device = ?", (device,)).rowcount
+            if self.sealer is not None:
+                pseudonym = self.sealer.pseudonym(device)
+                conn.executemany(
+                    "INSERT INTO tombstones (pseudonym, boot_id, last_seq, erased_us) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (pseudonym, boot_id) DO UPDATE SET "
+                    "last_seq = max(last_seq, excluded.last_seq), erased_us = excluded.erased_us",
+                    [
+                        (pseudonym, boot_id, last_seq, now_us)
+                        for boot_id, last_seq in conn.execute(
+                            "SELECT boot_id, last_seq FROM boots WHERE device = ?", (device,)
+                        )
+                    ],
+                )
             conn.execute("DELETE FROM boots WHERE device = ?", (device,))
             conn.execute("DELETE FROM devices WHERE device = ?", (device,))
         self._checkpoint()
@@ -503,22 +675,24 @@ class SqliteStore(Store):
         """In chunks of PURGE_CHUNK records, each its own transaction, so commits are not held up for
         long; boots other than a device's current one that were last written before `start_us` go too."""
         total = 0
-        while True:
-            with self._write() as conn:
-                n = conn.execute(
-                    "DELETE FROM records WHERE cursor IN "
-                    "(SELECT cursor FROM records WHERE start_us < ? LIMIT ?)",
-                    (start_us, PURGE_CHUNK),
-                ).rowcount
+        for table in RECORD_TABLES.values():
+            while True:
+                with self._write() as conn:
+                    n = conn.execute(
+                        f"DELETE FROM {table} WHERE cursor IN "
+                        f"(SELECT cursor FROM {table} WHERE start_us < ? LIMIT ?)",
+                        (start_us, PURGE_CHUNK),
+                    ).rowcount
+                total += n
                 if n < PURGE_CHUNK:
-                    conn.execute(
-                        "DELETE FROM boots WHERE updated_us < ? AND NOT EXISTS (SELECT 1 FROM devices d "
-                        "WHERE d.device = boots.device AND d.boot_id = boots.boot_id)",
-                        (start_us,),
-                    )
-            total += n
-            if n < PURGE_CHUNK:
-                return total
+                    break
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM boots WHERE updated_us < ? AND NOT EXISTS (SELECT 1 FROM devices d "
+                "WHERE d.device = boots.device AND d.boot_id = boots.boot_id)",
+                (start_us,),
+            )
+        return total
 
     # registry and audit
 
@@ -692,9 +866,10 @@ class _Prepared:
     token: list[dict]
     device_id: int
     rows: list[tuple]
+    ownership: str = ""
 
 
-def _rows(item: CommitItem) -> list[tuple]:
+def _rows(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
     """The item's rows: prepared ahead for exactly this item, or checked and encoded now."""
     p = item.prepared
     if (
@@ -702,10 +877,11 @@ def _rows(item: CommitItem) -> list[tuple]:
         and p.token is item.records
         and not item.records
         and p.device_id == item.device_id
+        and p.ownership == item.ownership
     ):
         _check_item(item)  # the IDs and state may have been replaced since: cheap, so checked again
         return p.rows
-    return _encode(item)
+    return _encode(item, sealer)
 
 
 def _check_item(item: CommitItem) -> None:
@@ -714,52 +890,107 @@ def _check_item(item: CommitItem) -> None:
         raise ValueError("state must be bytes")
 
 
-def _encode(item: CommitItem) -> list[tuple]:
-    """The item's checks that need no database, and its records as rows; `ValueError` if malformed."""
+def _encode(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
+    """The item's checks that need no database, and its records as rows (table first, values sealed
+    when there is a sealer); `ValueError` if malformed."""
     _check_item(item)
     device = device_key(item.device_id)
     check_records(device, item.records)
+    ownership = item.ownership
+    if sealer is None:
+        return [
+            (
+                _TABLE_OF[r["family"]],
+                device,
+                ownership,
+                r["family"],
+                r["start_us"],
+                r["duration_s"],
+                r["algo"],
+                _dumps(r["values"]),
+            )
+            for r in item.records
+        ]
+    owner = ownership or UNOWNED
     return [
-        (device, r["family"], r["start_us"], r["duration_s"], r["algo"], _dumps(r["values"]))
+        (
+            _TABLE_OF[r["family"]],
+            device,
+            ownership,
+            r["family"],
+            r["start_us"],
+            r["duration_s"],
+            r["algo"],
+            sealer.seal_values(device, owner, r["family"], r["start_us"], orjson.dumps(r["values"])),
+        )
         for r in item.records
     ]
 
 
 def _apply(
-    conn: sqlite3.Connection, item: CommitItem, rows: list[tuple], now_us: int, latest: int
+    conn: sqlite3.Connection,
+    item: CommitItem,
+    rows: list[tuple],
+    now_us: int,
+    latest: int,
+    sealer: Sealer | None = None,
 ) -> tuple[CommitResult, int]:
     """The sequence check, then the writes of one item, inside the caller's transaction; `latest` is
     the newest cursor before it, and the newest after it is returned beside the result. Nothing is
-    written before the check, so a `SequenceError` leaves the transaction as it found it."""
+    written before the check, so a `SequenceError` leaves the transaction as it found it.
+
+    An erased device's tombstone counts as its boot's high-water: a batch from before the erasure is a
+    duplicate (acked, dropped), whatever the state of the device rows."""
     device = device_key(item.device_id)
     found = conn.execute(
         "SELECT last_seq FROM boots WHERE device = ? AND boot_id = ?", (device, item.boot_id)
     ).fetchone()
     high_water = None if found is None else int(found[0])
+    if high_water is None and sealer is not None:
+        erased = conn.execute(
+            "SELECT last_seq FROM tombstones WHERE pseudonym = ? AND boot_id = ?",
+            (sealer.pseudonym(device), item.boot_id),
+        ).fetchone()
+        if erased is not None and item.last_seq <= int(erased[0]):
+            return CommitResult(
+                duplicate=True, high_water=int(erased[0]), cursors=(None,) * len(rows)
+            ), latest
     if check_sequence(
         high_water, item.device_id, item.boot_id, item.first_seq, item.last_seq, allow_gap=item.allow_gap
     ):
         assert high_water is not None
         return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows)), latest
-    inserted = conn.executemany(_INSERT_RECORD, rows).rowcount
-    if inserted == len(rows):
-        # Every row went in, each taking the next cursor (AUTOINCREMENT, and this transaction is the
-        # only writer), so there is no need to ask which cursor each got: the common case, as keys
-        # repeat only on a replay.
-        cursors: tuple[int | None, ...] = tuple(range(latest + 1, latest + inserted + 1))
-        latest += inserted
-    else:
-        cursor_of = {
-            (family, start_us): cursor
-            for cursor, family, start_us in conn.execute(
-                "SELECT cursor, family, start_us FROM records WHERE cursor > ?", (latest,)
-            )
-        }
-        # pop: a key repeated within the batch is inserted once, for its first occurrence
-        cursors = tuple(cursor_of.pop((row[1], row[2]), None) for row in rows)
-        latest = _latest_cursor(conn)
+    cursors: tuple[int | None, ...] = ()
+    if rows:
+        # every row takes the next cursor, in order, whatever table it goes to; a row whose key is stored
+        # already (a replay, or a key repeated within the batch) leaves its cursor unused
+        first = latest + 1
+        by_table: dict[str, list[tuple]] = {}
+        for cursor, row in enumerate(rows, first):
+            by_table.setdefault(row[0], []).append((cursor, *row[1:]))
+        inserted = sum(
+            conn.executemany(_INSERT_RECORD[table], batch).rowcount for table, batch in by_table.items()
+        )
+        latest += len(rows)
+        conn.execute("UPDATE record_cursor SET next = ?", (latest + 1,))
+        if inserted == len(rows):
+            cursors = tuple(range(first, latest + 1))
+        else:
+            stored: set[int] = set()
+            for table in by_table:
+                stored.update(
+                    c
+                    for (c,) in conn.execute(
+                        f"SELECT cursor FROM {table} WHERE cursor BETWEEN ? AND ?", (first, latest)
+                    )
+                )
+            cursors = tuple(c if c in stored else None for c in range(first, latest + 1))
+    ownership = item.ownership
+    state = item.state
+    if sealer is not None and state:
+        state = sealer.seal_state(device, ownership or UNOWNED, state)
     conn.execute(_UPSERT_BOOT, (device, item.boot_id, item.last_seq, now_us))
-    conn.execute(_UPSERT_DEVICE, (device, item.boot_id, item.state, now_us))
+    conn.execute(_UPSERT_DEVICE, (device, item.boot_id, state, now_us, ownership))
     return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors), latest
 
 
@@ -859,6 +1090,9 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
             )
         else:
             conn.execute("DELETE FROM totp WHERE device = ? AND ownership = ?", (op.device, op.ownership))
+    elif op.op == "forget":
+        for table in ("consent", "guardians", "profiles", "totp", "ownerships"):  # names of ours, no input
+            conn.execute(f"DELETE FROM {table} WHERE device = ?", (op.device,))
     elif op.op == "totp_used":
         conn.execute(
             "UPDATE totp SET last_step = max(last_step, ?) WHERE device = ? AND ownership = ?",
@@ -919,8 +1153,7 @@ def _privacy_snapshot(
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'records'").fetchone()
-    return 0 if row is None else int(row[0])
+    return int(conn.execute("SELECT next FROM record_cursor").fetchone()[0]) - 1
 
 
 def _dumps(values: dict) -> str:
@@ -928,18 +1161,6 @@ def _dumps(values: dict) -> str:
     faster: every record of every batch passes here). `check_records` has refused NaN, infinities and
     ints beyond int64, which orjson would write as null or refuse."""
     return orjson.dumps(values).decode()
-
-
-def _record(row: tuple) -> dict:
-    _, device, family, start_us, duration_s, algo, values_json = row
-    return {
-        "family": family,
-        "device": device,
-        "start_us": start_us,
-        "duration_s": duration_s,
-        "algo": algo,
-        "values": orjson.loads(values_json),
-    }
 
 
 def _check_device_id(device_id: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from decoder.features import device_key
+from gateway.privacy.sealing import KeySealer, open_sealer
 from gateway.store import (
     DeviceRow,
     SchemaVersionError,
@@ -33,21 +34,22 @@ class _NewerSqliteStore(SqliteStore):
 
 
 class SqliteHarness:
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, sealer: KeySealer | None = None):
         self.dir = tmp_path
         self.path = tmp_path / "bandgate.db"
+        self.sealer = sealer
         self._databases = 0
 
     def new_store(self) -> SqliteStore:
-        return SqliteStore(self.path, busy_timeout_ms=BUSY_MS)
+        return SqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
     def fresh_database(self) -> Callable[[], SqliteStore]:
         self._databases += 1
         path = self.dir / f"fresh-{self._databases}.db"
-        return lambda: SqliteStore(path, busy_timeout_ms=BUSY_MS)
+        return lambda: SqliteStore(path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
     def newer_store(self) -> SqliteStore:
-        return _NewerSqliteStore(self.path, busy_timeout_ms=BUSY_MS)
+        return _NewerSqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
     def schema_version(self) -> int:
         return len(MIGRATIONS)
@@ -74,6 +76,17 @@ class TestSqliteContract(StoreContract):
     @pytest.fixture
     def harness(self, tmp_path: Path) -> SqliteHarness:
         return SqliteHarness(tmp_path)
+
+
+class TestSealedSqliteContract(StoreContract):
+    """The same promises with encryption at rest: values and state sealed under real data keys."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> Iterator[SqliteHarness]:
+        (tmp_path / "state").mkdir()
+        sealer = open_sealer(tmp_path / "state")
+        yield SqliteHarness(tmp_path, sealer)
+        sealer.keys.close()
 
 
 # URLs
@@ -257,3 +270,94 @@ def test_closing_under_a_half_read_export(tmp_path: Path) -> None:
     export.close()  # its cleanup meets a closed connection quietly
     with SqliteStore(tmp_path / "x.db") as again:
         assert len(everything(again)) == 3
+
+
+# encryption at rest
+
+
+@pytest.fixture
+def sealer(tmp_path: Path) -> Iterator[KeySealer]:
+    (tmp_path / "state").mkdir()
+    s = open_sealer(tmp_path / "state")
+    yield s
+    s.keys.close()
+
+
+def test_sealed_values_and_state_are_not_in_the_file_and_come_back(tmp_path: Path, sealer: KeySealer) -> None:
+    path = tmp_path / "sealed.db"
+    sentinel = "SENTINEL-4c1d"
+    records = minutes(A, 0, 20)
+    for r in records:
+        r["values"]["tag"] = sentinel
+    state = b"STATE-" + sentinel.encode() * 20
+    with SqliteStore(path, sealer=sealer) as store:
+        store.commit(A, 1, 0, 0, state, records)
+        assert [r for _, r in everything(store)] == records
+        assert store.device(A) == DeviceRow(A, 1, 0, state)
+    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert sentinel.encode() not in files and b"STATE-" not in files
+    # without a sealer, sealed rows are refused, never returned as bytes
+    with SqliteStore(path) as plain, pytest.raises(Exception, match="no sealer"):
+        everything(plain)
+
+
+def test_a_ciphertext_moved_to_another_row_is_reported_not_served(
+    tmp_path: Path, sealer: KeySealer, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "sealed.db"
+    with SqliteStore(path, sealer=sealer) as store:
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+    conn = sqlite3.connect(path)
+    (a_value,) = conn.execute(
+        "SELECT value FROM records_activity WHERE device = ? ORDER BY cursor LIMIT 1", (device_key(A),)
+    ).fetchone()
+    with conn:  # A's first value copied over B's first, and over A's own second minute
+        conn.execute(
+            "UPDATE records_activity SET value = ? WHERE cursor IN "
+            "(SELECT min(cursor) FROM records_activity WHERE device = ?)",
+            (a_value, device_key(B)),
+        )
+        conn.execute(
+            "UPDATE records_activity SET value = ? WHERE cursor = "
+            "(SELECT max(cursor) FROM records_activity WHERE device = ?)",
+            (a_value, device_key(A)),
+        )
+    conn.close()
+    with SqliteStore(path, sealer=sealer) as store:
+        served = [r for _, r in everything(store)]
+        assert served == minutes(A, 0, 1) + minutes(B, 1, 1)  # the moved values are not served
+        assert store.unreadable == 2
+    reported = [
+        r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "record_unreadable"
+    ]
+    assert sorted(f["device"] for f in reported) == sorted([device_key(A), device_key(B)])
+    assert all("Tampered" in f["reason"] for f in reported)
+
+
+def test_after_the_key_is_destroyed_nothing_of_the_device_opens(tmp_path: Path, sealer: KeySealer) -> None:
+    path = tmp_path / "sealed.db"
+    with SqliteStore(path, sealer=sealer) as store:
+        store.commit(
+            A,
+            1,
+            0,
+            0,
+            b"a-state",
+            minutes(A, 0, 3),
+        )
+        store.commit(B, 1, 0, 0, b"b-state", minutes(B, 0, 3))
+        assert sealer.keys.destroy(device_key(A)) == 1
+        assert [r["device"] for _, r in everything(store)] == [device_key(B)] * 3
+        assert store.device(A) == DeviceRow(A, 1, 0, b"")  # its state does not open: a fresh start
+        assert store.device(B) == DeviceRow(B, 1, 0, b"b-state")
+
+
+def test_rows_written_in_clear_before_encryption_stay_readable(tmp_path: Path, sealer: KeySealer) -> None:
+    path = tmp_path / "mixed.db"
+    with SqliteStore(path) as plain:
+        plain.commit(A, 1, 0, 0, b"old", minutes(A, 0, 2))
+    with SqliteStore(path, sealer=sealer) as store:
+        store.commit(A, 1, 1, 1, b"new", minutes(A, 2, 2))
+        assert [r for _, r in everything(store)] == minutes(A, 0, 4)
+        assert store.device(A) == DeviceRow(A, 1, 1, b"new")
