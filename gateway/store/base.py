@@ -374,9 +374,17 @@ class Store(Protocol):
         ...
 
     def read_since(
-        self, cursor: int, *, families: set[str] | None = None, device: str | None = None, limit: int = 1000
+        self,
+        cursor: int,
+        *,
+        families: set[str] | None = None,
+        device: str | None = None,
+        limit: int = 1000,
+        ownership: str | None = None,
     ) -> list[tuple[int, dict]]:
-        """Up to `limit` records with a cursor above `cursor`, in commit order, optionally filtered."""
+        """Up to `limit` records with a cursor above `cursor`, in commit order, optionally filtered (by
+        family, device, and the ownership they were stored under). Sealed values that do not open are
+        skipped (and reported), so a page may hold fewer than `limit` records before the end."""
         ...
 
     def latest_cursor(self) -> int:
@@ -388,7 +396,9 @@ class Store(Protocol):
         ...
 
     def erase_device(self, device_id: int) -> int:
-        """Delete everything of one device in one transaction; returns the number of records deleted."""
+        """Delete everything of one device: its records in chunks (others' commits wait one chunk at
+        most), then its state and high-water marks, leaving a tombstone per boot under the sealer's
+        pseudonym so a resent old batch is a duplicate; returns the number of records deleted."""
         ...
 
     def purge_before(self, start_us: int) -> int:
