@@ -508,8 +508,10 @@ class SqliteStore(Store):
             return []
         parts: list[str] = []
         params: list[Any] = []
+        cursor_at: list[int] = []  # where in params each table's cursor goes (a page may need a second query)
         for table in sorted({_TABLE_OF[f] for f in wanted}):
             sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > ?"
+            cursor_at.append(len(params))
             params.append(cursor)
             fams = sorted(f for f in wanted if _TABLE_OF[f] == table)
             if len(fams) < sum(1 for v in _TABLE_OF.values() if v == table):
@@ -525,14 +527,20 @@ class SqliteStore(Store):
             params.append(limit)
         query = " UNION ALL ".join(parts) + " ORDER BY cursor LIMIT ?"
         params.append(limit)
-        with _errors():
-            rows = self._connection().execute(query, params).fetchall()
-        out = []
-        for row in rows:
-            record = self._record(row)
-            if record is not None:
-                out.append((row[0], record))
-        return out
+        out: list[tuple[int, dict]] = []
+        while True:
+            with _errors():
+                rows = self._connection().execute(query, params).fetchall()
+            for row in rows:
+                record = self._record(row)
+                if record is not None:
+                    out.append((row[0], record))
+            # a short page means the end; one shortened by rows that did not open reads on, so a reader
+            # that stops at a short page stops at the end only
+            if len(rows) < limit or len(out) >= limit:
+                return out[:limit]
+            for i in cursor_at:
+                params[i] = rows[-1][0]
 
     def _record(self, row: tuple) -> dict | None:
         """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
