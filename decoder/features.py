@@ -38,6 +38,7 @@ ALGO = {
     "day": "heart/1",
     "sleep": "sleep/1",
     "night": "sleep/1",
+    "distance": "distance/1",
 }
 # An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
 # sedentary threshold is about 30 mg at 50 Hz).
@@ -643,6 +644,7 @@ _NEEDS = {
     "day": ("heart", "activity"),
     "sleep": ("sleep", "activity", "heart"),
     "night": ("sleep", "activity", "heart"),
+    "distance": ("steps",),
 }
 ALL_FAMILIES = frozenset(FAMILIES)
 
@@ -692,8 +694,28 @@ def _consented(fam: dict[str, dict], run: _Run, kernels: frozenset[str]) -> dict
     return keep
 
 
+def distance_records(steps_records: list[dict], stride_m: float, profile_version: int) -> list[dict]:
+    """A `distance` record per `steps` record: steps × stride (from the owner's height), naming the profile
+    version the stride came from, so a corrected profile shows in the records computed after it."""
+    out = []
+    for r in steps_records:
+        steps_ = r["values"]["steps"]
+        values = {
+            "distance_m": round(steps_ * stride_m, 2),
+            "stride_m": stride_m,
+            "profile_version": profile_version,
+        }
+        out.append(_record("distance", r["device"], r["start_us"], r["duration_s"], values))
+    return out
+
+
 def process(
-    decoded: DecodedBatch, state: DeviceState, families: frozenset[str] = ALL_FAMILIES
+    decoded: DecodedBatch,
+    state: DeviceState,
+    families: frozenset[str] = ALL_FAMILIES,
+    *,
+    stride_m: float = 0.0,
+    profile_version: int = 0,
 ) -> tuple[list[dict], DeviceState]:
     """Feature records of `families` that the good frames of `decoded` complete, and the device's new
     state.
@@ -701,8 +723,9 @@ def process(
     `families` is what the device's owner consents to now: only the kernels those families need run
     (`kernels_for`), the state keeps only theirs, and records of other families are never returned
     (an input another family needs, such as activity for sleep, is computed and dropped). A family
-    consented again later starts afresh at the next batch. `state` is not modified: a batch that fails
-    later (say, the store refuses it) can be processed again from the same state.
+    consented again later starts afresh at the next batch. `distance` records come with a stride (from
+    the owner's height, `stride_m` > 0) and name `profile_version`. `state` is not modified: a batch
+    that fails later (say, the store refuses it) can be processed again from the same state.
     """
     device = device_key(state.device_id)
     kernels = kernels_for(families)
@@ -769,6 +792,8 @@ def process(
             fam["steps"] = {"values": values}
             records += _step_records(device, minutes)
         state = replace(state, next_us=run.end_us, utc_offset_min=run.utc_offset_min, families=fam)
+    if "distance" in families and stride_m > 0:
+        records += distance_records([r for r in records if r["family"] == "steps"], stride_m, profile_version)
     if families != ALL_FAMILIES:
         records = [r for r in records if r["family"] in families]
     return records, state

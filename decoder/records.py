@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 # Every family a record can have (docs/features.md); the store accepts exactly these.
-FAMILIES = ("steps", "activity", "heart", "sleep", "night", "wear", "day")
+FAMILIES = ("steps", "activity", "heart", "sleep", "night", "wear", "day", "distance")
 
 
 def device_key(device_id: int) -> str:

@@ -300,3 +300,22 @@ def test_a_family_consented_again_starts_afresh_at_the_next_batch() -> None:
     assert activity and "activity" in states[2].families
     later = [r["start_us"] for r in activity if r["start_us"] >= frames[len(frames) // 3].start_us]
     assert later and min(later) >= cut - 60_000_000  # nothing for the withdrawn stretch
+
+
+def test_distance_is_steps_times_stride_and_names_the_profile_version() -> None:
+    rec = _band()
+    frames = _frames(rec, [])
+    decoded = decode_frames(encode_container(encode_frame(f) for f in frames))
+    plain, _ = process(decoded, DeviceState(rec.device_id))
+    assert not [r for r in plain if r["family"] == "distance"], "no stride, no distance"
+    both, _ = process(decoded, DeviceState(rec.device_id), stride_m=0.72, profile_version=3)
+    steps_ = {r["start_us"]: r for r in both if r["family"] == "steps"}
+    distance = [r for r in both if r["family"] == "distance"]
+    assert steps_ and sorted(r["start_us"] for r in distance) == sorted(steps_)
+    for r in distance:
+        assert r["values"]["profile_version"] == 3 and r["values"]["stride_m"] == 0.72
+        walked = steps_[r["start_us"]]["values"]["steps"]
+        assert r["values"]["distance_m"] == pytest.approx(walked * 0.72, abs=0.01)
+        assert r["duration_s"] == 60 and r["algo"] == "distance/1"
+    only, state = process(decoded, DeviceState(rec.device_id), frozenset({"distance"}), stride_m=0.72)
+    assert {r["family"] for r in only} == {"distance"} and set(state.families) == {"steps"}
