@@ -77,6 +77,7 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
 
     import grpc
 
+    from gateway.privacy.client import give_consent
     from gateway.security.client import channel_from_args, enrol_device
     from gateway.simulator.client import run_fleet
     from gateway.simulator.recorder import fleet_batches
@@ -85,20 +86,28 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
     interval_s = args.batch_minutes * 60 / args.speedup if args.speedup > 0 else 0.0
 
     async def enrol() -> dict:
-        """Each band registered with the operator credential, its certificate from the gateway's CA."""
+        """Each band registered with the operator credential, its certificate from the gateway's CA; then,
+        as the band's owner on first use, an adult profile and consent to every family (self-service)."""
         if args.insecure:
+            async with grpc.aio.insecure_channel(args.target) as channel:
+                for device_id, _ in fleet:
+                    await give_consent(channel, device_id, insecure=True)
             return {}
         async with channel_from_args(args, "operator") as channel:
-            return {
+            credentials = {
                 device_id: (await enrol_device(channel, device_id)).credentials() for device_id, _ in fleet
             }
+        for device_id, creds in credentials.items():
+            async with grpc.aio.secure_channel(args.target, creds) as band:
+                await give_consent(band, device_id)
+        return credentials
 
     try:
         credentials = asyncio.run(enrol())
     except FileNotFoundError as e:
         return _fail(f"simulate: {e}")
     except grpc.aio.AioRpcError as e:
-        return _fail(f"simulate: registering the bands: {e.code().name}: {e.details()}")
+        return _fail(f"simulate: registering the bands and their consent: {e.code().name}: {e.details()}")
     with _progress("batches acked", console) as bar:
         task = bar.add_task("acked", total=sum(len(b) for _, b in fleet))
         stats = asyncio.run(
@@ -294,6 +303,7 @@ def _not_negative(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.privacy import client as privacy_client
     from gateway.privacy import stats_cli
     from gateway.security import admin_cli, audit_cli, pki_cli
     from gateway.security.client import add_client_arguments
@@ -394,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.set_defaults(run=_cmd_replay)
 
+    privacy_client.add_parsers(sub)
     pki_cli.add_parser(sub)
     admin_cli.add_parser(sub)
     audit_cli.add_parser(sub)

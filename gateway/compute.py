@@ -17,10 +17,11 @@ import zstandard
 
 from bandgate.v1 import batch_pb2
 from decoder.batch import BatchDecompressor
-from decoder.features import ALL_FAMILIES, DeviceState, StateCache, process
+from decoder.features import DeviceState, StateCache, process
 from decoder.frames import FrameStatus
 from gateway.envelope import open_batch
 from gateway.pipeline import Computed
+from gateway.privacy.consent import EVERYTHING, Processing
 from gateway.store import Store
 from gateway.store.base import CommitItem, check_sequence
 
@@ -40,10 +41,10 @@ def compute(
     state: bytes | None,
     max_decompressed_bytes: int,
     cache: StateCache | None = None,
-    families: frozenset[str] = ALL_FAMILIES,
+    allowed: Processing = EVERYTHING,
 ) -> Computed:
     """Decompress (bounded), decode, check frames against the envelope, run the feature path for the
-    consented `families` (the previous state through `cache` when given: a worker's own, see
+    families and profile `allowed` (the previous state through `cache` when given: a worker's own, see
     `StateCache`)."""
     opened = open_batch(batch, _decompressor(max_decompressed_bytes))
     decoded = opened.decoded
@@ -59,7 +60,13 @@ def compute(
         previous = cache.load(batch.device_id, state)
     else:
         previous = DeviceState.from_bytes(state)
-    records, new_state = process(decoded, previous, families)
+    records, new_state = process(
+        decoded,
+        previous,
+        allowed.families,
+        stride_m=allowed.stride_m,
+        profile_version=allowed.profile_version,
+    )
     new_bytes = new_state.to_bytes()
     if cache is not None:
         cache.keep(batch.device_id, new_bytes, new_state)
@@ -76,7 +83,7 @@ def load_and_compute(
     rows: Store,
     device_id: int,
     batch: batch_pb2.Batch,
-    allowed: frozenset[str],
+    allowed: Processing,
     allow_gap: bool,
     max_decompressed_bytes: int,
     cache: StateCache | None = None,
@@ -104,6 +111,7 @@ def load_and_compute(
         computed.state,
         computed.records,
         allow_gap,
+        ownership=allowed.ownership,
     )
     with contextlib.suppress(ValueError):  # commit_many finds it again and refuses the batch
         item = rows.prepare(item)

@@ -49,6 +49,19 @@ class GatewayConfig:
     auto_register: bool = False  # accept (and register) an unknown device whose certificate the CA signed
     insecure: bool = False  # plaintext, identities claimed in metadata: development, loopback only
 
+    # Privacy (docs/privacy.md). Families a device's owner has not decided on follow `default_consent`
+    # ("" = none: nothing is processed until the owner consents; "all"; or "steps,heart,..."). Below the
+    # age of digital consent for the owner's country (the table in gateway/privacy/minors.py, overridden
+    # by `consent_ages` "FR=15,US=13", else `consent_age_default`) a guardian's consent is needed; a
+    # profile without a birth year is treated as `age_unknown` ("minor" or "adult").
+    default_consent: str = ""
+    # Feature values and device state sealed (AES-256-GCM) under per-device data keys; off only to measure
+    # what it costs (bench), never in production.
+    encrypt_at_rest: bool = True
+    consent_ages: str = ""
+    consent_age_default: int = 16
+    age_unknown: str = "minor"
+
     # Limits, checked before any decompression (each error names its limit).
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC receive limit; larger messages end the stream
     max_frames_per_batch: int = 1024
@@ -113,6 +126,7 @@ class GatewayConfig:
             )
         if self.ca_key and not self.tls_ca:
             raise ConfigError("ca_key needs tls_ca (the CA it belongs to)")
+        self.consent_settings()  # refuses unknown families, ages and age_unknown values
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
         for name in (
@@ -147,6 +161,25 @@ class GatewayConfig:
         if self.rate_samples_per_s and self.rate_burst_samples < 1:
             raise ConfigError(f"rate_burst_samples must be >= 1, got {self.rate_burst_samples}")
         return self
+
+    def consent_settings(self) -> Any:
+        """The privacy rules these settings make (gateway.privacy.consent.ConsentSettings)."""
+        from gateway.privacy.consent import ConsentSettings, parse_families
+        from gateway.privacy.minors import ConsentAges, parse_ages
+
+        try:
+            if not 0 < self.consent_age_default < 100:
+                raise ValueError(f"consent_age_default must be 1 to 99, got {self.consent_age_default}")
+            return ConsentSettings(
+                default_families=parse_families(self.default_consent),
+                ages=ConsentAges(parse_ages(self.consent_ages), self.consent_age_default),
+                age_unknown=self.age_unknown,
+            )
+        except ValueError as e:
+            text = str(e)
+            if not text.startswith(("consent", "age_unknown", "default_consent")):
+                text = f"default_consent: {text}"
+            raise ConfigError(text) from None
 
     def server_hosts(self) -> list[str]:
         """server_names as a list, blanks dropped."""

@@ -1,8 +1,8 @@
 """The path a batch takes, top to bottom (`Pipeline.handle`):
 
-receive → authenticate → consent gate → limits → dedup → decompress, decode, features (a compute worker
-process, `gateway/workers.py`, or a compute thread; raw arrays end there) → consent filter → commit (in
-that worker process, or on the one writer thread for compute threads) → ack
+receive → authenticate → consent gate → limits → dedup → decompress, decode, features of the consented
+families only (a compute worker process, `gateway/workers.py`, or a compute thread; raw arrays end there)
+→ commit (in that worker process, or on the one writer thread for compute threads) → ack
 
 Every batch gets exactly one Ack. A batch is acked OK only after the `Store.commit_many` that holds it
 returned (group commit: one transaction for the commits waiting together): its records, the device's
@@ -30,11 +30,11 @@ from bandgate.v1 import batch_pb2, ingest_pb2
 from decoder.batch import BatchError, BatchErrorCode
 from decoder.records import device_key
 from gateway.config import GatewayConfig
-from gateway.consent import ConsentGate
 from gateway.metrics import Metrics
+from gateway.privacy.consent import NO_CONSENT, ConsentGate, Processing
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult
-from gateway.workers import PoisonBatch, WorkerLost, WorkerPool
+from gateway.workers import GROUP_MAX, PoisonBatch, WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
 
@@ -144,6 +144,58 @@ async def take_room(room: asyncio.Semaphore, config: GatewayConfig, limit: str) 
         raise Refused(
             RESOURCE_EXHAUSTED, f"overloaded: {limit} is full", retry_after_ms=config.retry_after_ms
         ) from None
+
+
+class ComputeTurns:
+    """Which waiting batch goes to the compute workers next, in two levels: a batch of a stream that has
+    already had a batch stored goes before the first batch of a stream just opened.
+
+    At most `depth` batches are handed to the workers at once; the rest wait here, where the order can
+    still be chosen (in a worker's socket they could only be taken in arrival order). Why: after a
+    restart, 2,000 reconnecting bands' first batches (each a device-state load) arrive within a second
+    or two, and in arrival order they sat in front of the bands that were already streaming (their acks
+    waited 0.5-1.3 s in the compute queue; see BENCHMARKS.md, "Identity and TLS").
+    """
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.running = 0
+        self._waiting: tuple[collections.deque[asyncio.Future[None]], ...] = (
+            collections.deque(),  # batches of streams that have had a batch stored
+            collections.deque(),  # first batches of streams just opened
+        )
+
+    def __len__(self) -> int:
+        """Batches waiting for their turn."""
+        return sum(len(q) for q in self._waiting)
+
+    async def take(self, *, established: bool) -> None:
+        """Wait for a turn; every turn taken is given back exactly once (`give_back`)."""
+        if self.running < self.depth and not any(self._waiting):
+            self.running += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._waiting[0 if established else 1]
+        queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back()  # handed the turn just as it was cancelled: the next batch has it
+            else:
+                with contextlib.suppress(ValueError):
+                    queue.remove(waiter)
+            raise
+
+    def give_back(self) -> None:
+        """A batch's compute is over: its turn passes to the next waiting batch, established first."""
+        for queue in self._waiting:
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.running -= 1
 
 
 # store threads
@@ -297,8 +349,10 @@ class Pipeline:
         consent: ConsentGate,
         metrics: Metrics,
         on_commit: Callable[[], None] = lambda: None,
+        sealing_dir: str = "",
     ):
         self.config = config
+        self.sealing_dir = sealing_dir  # compute workers seal with this state dir's keys ("" = in clear)
         self.consent = consent
         self.metrics = metrics
         self.limits = Limits(config)
@@ -315,6 +369,11 @@ class Pipeline:
         self.workers: WorkerPool | None = None
         self._computing = 0
         self._compute_room = asyncio.Semaphore(config.compute_queue)
+        # Handed to the workers at once: a worker's whole group (`workers.GROUP_MAX`, what it computes
+        # before one commit) with compute processes, one running and one queued batch a compute thread.
+        self._turns = ComputeTurns(
+            config.compute_processes * GROUP_MAX if config.compute_processes else 2 * config.compute_threads
+        )
 
     async def start(self) -> None:
         if self._compute is not None or self.workers is not None:
@@ -328,6 +387,7 @@ class Pipeline:
                 c.max_decompressed_bytes,
                 self._workers_changed,
                 deadline_s=c.compute_deadline_s,
+                sealing_dir=self.sealing_dir,
             )
             await workers.start()
             self.workers = workers
@@ -364,12 +424,16 @@ class Pipeline:
         cutoff = now_us - int(self.config.retention_days * 86_400_000_000)
         return await self.writer.call(self.writer.store.purge_before, cutoff)
 
-    async def handle(self, device_id: int, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
-        """The one Ack for `batch`, received on a stream authenticated as `device_id`."""
+    async def handle(
+        self, device_id: int, batch: batch_pb2.Batch, *, established: bool = True
+    ) -> ingest_pb2.Ack:
+        """The one Ack for `batch`, received on a stream authenticated as `device_id`. `established`: the
+        stream has had a batch stored already, so this one goes to compute before the first batches of
+        streams just opened (`ComputeTurns`)."""
         started = time.monotonic()
         self.metrics.bytes_in.inc(len(batch.payload))
         try:
-            ack = await self._handle(device_id, batch)
+            ack = await self._handle(device_id, batch, established)
         except Refused as e:
             ack = _ack(batch, e.code, e.reason, retry_after_ms=e.retry_after_ms)
             if e.expected_seq is not None:
@@ -400,7 +464,7 @@ class Pipeline:
         )
         return ack
 
-    async def _handle(self, device_id: int, batch: batch_pb2.Batch) -> ingest_pb2.Ack:
+    async def _handle(self, device_id: int, batch: batch_pb2.Batch, established: bool) -> ingest_pb2.Ack:
         # authenticate: the envelope must name the stream's device (frames are checked in compute)
         if batch.device_id != device_id:
             raise Refused(
@@ -408,10 +472,11 @@ class Pipeline:
                 f"batch names device {batch.device_id:016x}, the stream is authenticated as {device_id:016x}",
             )
 
-        # consent gate: a device with no family allowed is not processed at all
-        allowed = self.consent.allowed(device_id, ALL_FAMILIES)
+        # consent gate, on every batch: the families its owner consents to now (and the profile they
+        # may use); nothing consented, or a minor without a guardian's consent, is not processed at all
+        allowed = self.consent.decide(device_id)
         if not allowed:
-            raise Refused(PERMISSION_DENIED, "no consent for any feature family of this device")
+            raise Refused(PERMISSION_DENIED, allowed.reason or NO_CONSENT)
 
         # limits, before anything is decompressed
         if batch.frame_count > self.config.max_frames_per_batch:
@@ -423,9 +488,10 @@ class Pipeline:
         self.limits.admit(device_id)
 
         # In a compute worker: dedup on the envelope (a duplicate is acked again, never decompressed),
-        # then decompress, decode, features, consent filter, the store's checks; raw arrays stay there
+        # then decompress, decode, features of the consented families, the store's checks; raw arrays
+        # stay there
         allow_gap = bool(batch.flags & batch_pb2.BATCH_FLAG_DATA_DROPPED_BEFORE)
-        outcome = await self._run_compute(device_id, batch, allowed, allow_gap)
+        outcome = await self._run_compute(device_id, batch, allowed, allow_gap, established)
         if isinstance(outcome, int):
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
         computed, committed = outcome
@@ -468,7 +534,7 @@ class Pipeline:
         return store
 
     def _in_thread(
-        self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
+        self, device_id: int, batch: batch_pb2.Batch, allowed: Processing, allow_gap: bool
     ) -> int | tuple[Computed, CommitItem]:
         from decoder.features import StateCache  # thread mode only: the kernels load in this process
         from gateway.compute import load_and_compute
@@ -481,14 +547,19 @@ class Pipeline:
         )
 
     async def _run_compute(
-        self, device_id: int, batch: batch_pb2.Batch, allowed: frozenset[str], allow_gap: bool
+        self,
+        device_id: int,
+        batch: batch_pb2.Batch,
+        allowed: Processing,
+        allow_gap: bool,
+        established: bool = True,
     ) -> int | tuple[Computed, CommitItem | CommitResult]:
         workers, threads = self.workers, self._compute
         if workers is None and threads is None:
             raise Refused(UNAVAILABLE, "the gateway is shutting down")
         # Bounded: every batch waiting here holds its payload. One batch a stream is in flight, so this
         # fills only when more streams send at once than the workers keep up with.
-        room = self._compute_room
+        room, turns = self._compute_room, self._turns
         await take_room(room, self.config, f"compute_queue = {self.config.compute_queue}")
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
@@ -500,10 +571,18 @@ class Pipeline:
             nonlocal released
             if not released:
                 released = True
+                turns.give_back()
                 self._computing -= 1
                 self.metrics.compute_queue.set(self._computing)
                 room.release()
 
+        try:
+            await turns.take(established=established)
+        except BaseException:  # cancelled while it waited: it holds no turn, only its room
+            self._computing -= 1
+            self.metrics.compute_queue.set(self._computing)
+            room.release()
+            raise
         try:
             if workers is not None:
                 key = (device_id, batch.boot_id, batch.first_seq)

@@ -20,12 +20,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bandgate.v1 import admin_pb2, features_pb2, features_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from bandgate.v1 import (
+    admin_pb2,
+    features_pb2,
+    features_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+)
 from gateway.auth import Authenticator, InsecureLoopbackAuthenticator, TlsAuthenticator, claimed_device
 from gateway.config import GatewayConfig
-from gateway.consent import AllowAll, ConsentGate
 from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
+from gateway.privacy.access import erase, export_lines
+from gateway.privacy.consent import ConsentGate, RegistryConsent
+from gateway.privacy.keys import KEYS_DB, TOMBSTONE_FILE, KeyStore, load_kek, load_tombstone_key
+from gateway.privacy.profile import unseal
+from gateway.privacy.sealing import KeySealer
+from gateway.privacy.service import PrivacyService
 from gateway.security import setup as security_setup
 from gateway.security.admin import AdminService, IdentityService, add_services
 from gateway.security.policy import Policy, Principal
@@ -40,6 +53,7 @@ SERVICE_NAMES = (
     features_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
+    privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"].full_name,
 )
 
 
@@ -178,6 +192,10 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
         policy = self.registry.policy
         if policy is not None:
             self.registry.check(context.peer(), principal, policy.may_upload(principal, device))
+        # consent, at stream open (and again for every batch, in the pipeline)
+        allowed = self.pipeline.consent.decide(int(device, 16))
+        if not allowed:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, allowed.reason)
         return principal, device
 
     async def _upload(self, context: grpc.aio.ServicerContext) -> None:
@@ -195,6 +213,7 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
             extra={"fields": {"event": "stream_open", "device": device, "principal": principal.key}},
         )
         batches = 0
+        established = False  # a batch of this stream is stored: its next ones go before newcomers'
         # One watcher for the stream's life, not one per batch: tasks are most of the loop's own cost.
         stop = asyncio.ensure_future(_first(stream.stop, self.draining))
         try:
@@ -221,8 +240,10 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 if policy is not None and not (decision := policy.may_upload(principal, device)):
                     stream.end(grpc.StatusCode.PERMISSION_DENIED, decision.reason)
                     break
-                await context.write(await self.pipeline.handle(device_id, batch))
+                ack = await self.pipeline.handle(device_id, batch, established=established)
+                await context.write(ack)
                 batches += 1
+                established = established or ack.has_acked_seq
                 if stream.stop.is_set() or self.draining.is_set():
                     break
         finally:
@@ -442,7 +463,9 @@ class Gateway:
     ):
         self.config = config.validate()
         self.authenticator = authenticator
-        self.consent = consent or AllowAll()
+        self.consent = consent  # None: the registry's consent and minors rules (gateway/privacy)
+        self.privacy: RegistryConsent | None = None
+        self.keys: KeyStore | None = None
         self.metrics = Metrics()
         self.address: str | None = None
         self.token_address: str | None = None
@@ -471,16 +494,32 @@ class Gateway:
             log.info("created", extra={"fields": {"event": "state_created", "what": line}})
         self._draining = asyncio.Event()
         signal_ = CommitSignal()
+        # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart
+        self.keys = keys = KeyStore(security.state.root / KEYS_DB, load_kek(security.state.root))
+        await asyncio.to_thread(keys.open)
+        sealer = (
+            KeySealer(keys, load_tombstone_key(security.state.root / TOMBSTONE_FILE))
+            if c.encrypt_at_rest
+            else None
+        )
+        self.privacy = RegistryConsent(
+            lambda: self.registry.policy.snapshot if self.registry and self.registry.policy else None,
+            lambda device, ownership, row: unseal(
+                keys.data_key(device, ownership, create=False), row.sealed, row.version
+            ),
+            c.consent_settings(),
+        )
         self._pipeline = Pipeline(
             c,
-            store_for_url(c.store),
-            lambda: store_for_url(c.store),
-            self.consent,
+            store_for_url(c.store, sealer),
+            lambda: store_for_url(c.store, sealer),
+            self.consent or self.privacy,
             self.metrics,
             on_commit=signal_.notify,
+            sealing_dir=str(security.state.root) if sealer is not None else "",
         )
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
-        self._reader = StoreThread(store_for_url(c.store), "reader")
+        self._reader = StoreThread(store_for_url(c.store, sealer), "reader")
         await asyncio.to_thread(self._reader.start)
         self._registry_thread = StoreThread(store_for_url(c.store), "registry")
         await asyncio.to_thread(self._registry_thread.start)
@@ -530,6 +569,20 @@ class Gateway:
             server,
             AdminService(self.authenticator, registry, security, c),
             IdentityService(self.authenticator, registry, security, c),
+        )
+        reader, writer = self._reader, self._pipeline.writer
+        privacy_pb2_grpc.add_PrivacyServiceServicer_to_server(
+            PrivacyService(
+                self.authenticator,
+                registry,
+                self.privacy,
+                keys.data_key,
+                lambda caller, ownership, fmt: export_lines(
+                    caller, ownership, fmt, reader=reader, data_key=keys.data_key
+                ),
+                lambda caller: erase(caller, registry=registry, writer=writer, destroy_keys=keys.destroy),
+            ),
+            server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -606,6 +659,9 @@ class Gateway:
             setattr(self, attr, None)
             if thread is not None:
                 await asyncio.to_thread(thread.shutdown)
+        keys, self.keys = self.keys, None
+        if keys is not None:
+            await asyncio.to_thread(keys.close)
         self.metrics.shutdown()
         if server is not None:
             log.info("gateway stopped", extra={"fields": {"event": "stopped"}})

@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("bandgate.workers")
@@ -115,8 +116,10 @@ class WorkerPool:
         deadline_s: float = 0.0,
         restart_delay_s: float = RESTART_DELAY_S,
         restart_max_s: float = RESTART_MAX_S,
+        sealing_dir: str = "",
     ):
         self.processes = processes
+        self.sealing_dir = sealing_dir  # a state dir: workers seal records with its keys ("" = in clear)
         self.on_change = on_change  # (workers running, whether one was just lost): for the metrics
         self.store_url = store_url
         self.max_decompressed_bytes = max_decompressed_bytes
@@ -218,6 +221,7 @@ class WorkerPool:
                     self.store_url,
                     str(self.max_decompressed_bytes),
                     str(marker_fd),
+                    self.sealing_dir,
                 ],
                 pass_fds=(theirs.fileno(), marker_fd),
                 stdin=subprocess.DEVNULL,
@@ -504,7 +508,9 @@ def _job_marker() -> tuple[int, mmap.mmap]:
     return fd, marker
 
 
-def _serve(fd: int, store_url: str, max_decompressed_bytes: int, marker_fd: int) -> int:
+def _serve(
+    fd: int, store_url: str, max_decompressed_bytes: int, marker_fd: int, sealing_dir: str = ""
+) -> int:
     """The worker's loop: compute the jobs that have arrived, commit them as one group, answer them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process drains first, then closes us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -521,7 +527,12 @@ def _serve(fd: int, store_url: str, max_decompressed_bytes: int, marker_fd: int)
         from gateway.store import store_for_url
         from gateway.warm import warm
 
-        store = store_for_url(store_url)
+        sealer = None
+        if sealing_dir:  # records and state sealed here, where they are made, with the gateway's keys
+            from gateway.privacy.sealing import open_sealer
+
+            sealer = open_sealer(Path(sealing_dir))
+        store = store_for_url(store_url, sealer)
         store.open()
     except Exception as e:
         _send(sock, (False, _portable(e)))
@@ -605,4 +616,4 @@ def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6]))

@@ -17,6 +17,7 @@ import grpc
 from bandgate.v1 import admin_pb2, admin_pb2_grpc
 from gateway.auth import Authenticator
 from gateway.config import GatewayConfig
+from gateway.privacy.ownership import current_ownership, ownership_ops, transfer_op
 from gateway.security.audit import AuditEvent
 from gateway.security.pki import CertInfo, Identity, PkiError, cert_info
 from gateway.security.policy import Policy, Principal, token_id
@@ -122,6 +123,8 @@ class AdminService(_Service, admin_pb2_grpc.AdminServiceServicer):
         subject = f"{kind}:{name}"
         ops = [RegistryOp("principal", kind=kind, name=name, state="active")]
         events = [AuditEvent("principal.registered", caller.key, subject)]
+        if kind == "device":  # a new band starts an ownership (a re-registered one keeps its own)
+            ops += ownership_ops(self.policy.snapshot, name)[1]
         reply = admin_pb2.Credential()
         try:
             if request.csr_pem:
@@ -191,6 +194,23 @@ class AdminService(_Service, admin_pb2_grpc.AdminServiceServicer):
             event = AuditEvent("principal.revoked", caller.key, f"{kind}:{name}")
         policy = await self.registry.apply([event], [op])
         return principal_message(policy, kind, name)
+
+    async def Transfer(  # noqa: N802
+        self, request: admin_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TransferResponse:
+        caller = await self._caller(context, admin=True)
+        device = request.device.lower()
+        try:
+            check_principal("device", device)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.policy.principal("device", device) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"device {device} is not registered")
+        previous = current_ownership(self.policy.snapshot, device) or ""
+        ownership, op = transfer_op(device)
+        event = AuditEvent("device.transferred", caller.key, f"device:{device}")
+        await self.registry.apply([event], [op])
+        return admin_pb2.TransferResponse(device=device, ownership=ownership, previous=previous)
 
     async def _binding(
         self, request: admin_pb2.BindRequest, context: grpc.aio.ServicerContext, op: str

@@ -63,6 +63,8 @@ async def _call(args: argparse.Namespace) -> list[Any]:
                 devices=args.device or [],
             )
             return [await (stub.Grant if c == "grant" else stub.Ungrant)(request)]
+        if c == "transfer":
+            return [await stub.Transfer(admin_pb2.TransferRequest(device=args.device))]
         reply = await stub.List(admin_pb2.ListRequest(kind=args.kind or ""))
         return list(reply.principals)
 
@@ -117,7 +119,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls = asub.add_parser("list", help="principals with their credentials, bindings and grants")
     ls.add_argument("--kind", choices=["device", "relay", "consumer"])
 
-    for p in (reg, rev, ls, *[asub.choices[n] for n in ("bind", "unbind", "grant", "ungrant")]):
+    tr = asub.add_parser("transfer", help="a resold band: a new ownership; the last owner's data stays")
+    tr.add_argument("device", help="16 hex digits")
+
+    for p in (reg, rev, ls, tr, *[asub.choices[n] for n in ("bind", "unbind", "grant", "ungrant")]):
         add_client_arguments(p)
         p.set_defaults(run=_run)
 

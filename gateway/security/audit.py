@@ -344,14 +344,15 @@ class AuditLog:
         policy change and its audit entries are stored together or not at all); then write the head.
         Returns the registry version.
 
-        A policy change without an event is refused (ValueError): only "seen" ops may go unrecorded. If
+        A policy change without an event is refused (ValueError): only "seen" and "totp_used" ops (no policy
+        change: a last-seen time, a second factor's last step) may go unrecorded. If
         the store raises, nothing is stored and the chain continues from the last stored entry. If the
         head cannot be written after the commit, that is logged rather than raised, because the change
         is stored; the next record (or open) writes it again."""
         if self._seq is None:
             raise AuditError("the audit log is not open")
         if not events:
-            if any(op.op != "seen" for op in ops):
+            if any(op.op not in ("seen", "totp_used") for op in ops):
                 raise ValueError("a policy change must be recorded with an audit event")
             return self._store.registry_apply(ops) if ops else self._store.registry_version()
         self._catch_up()

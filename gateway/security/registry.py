@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from gateway.privacy.ownership import ownership_ops
 from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, load_key
 from gateway.security.pki import PkiError, cert_info
 from gateway.security.policy import Decision, Policy, Principal, token_id
@@ -298,6 +299,8 @@ class Registry:
         if new_principal:
             ops.insert(0, RegistryOp("principal", kind=kind, name=name, state="active"))
             events.insert(0, AuditEvent("principal.registered", actor, f"{kind}:{name}"))
+            if kind == "device":  # a new band starts an ownership: its data belongs to it from here
+                ops += ownership_ops(self.policy.snapshot if self.policy else None, name)[1]
         await self.apply(events, ops)
 
     def identify_token(self, peer: str, metadata: Sequence[tuple[str, Any]]) -> Principal:

@@ -238,8 +238,9 @@ class RegistryOp:
     - "profile": a new profile version `version` (`sealed`) of (`device`, `ownership`);
     - "totp": put (`sealed` non-empty) or delete the TOTP secret of (`device`, `ownership`);
     - "totp_used": time step `version` of that secret was used (no version bump; never moves back);
-    - "forget": erasure: delete every ownership, consent decision, guardian, profile and TOTP secret of
-      `device`.
+    - "forget": erasure: delete the consent decisions, guardians, profiles, TOTP secrets and ownership
+      of `device` (of `ownership` only, if given), and the band's identity: its registration,
+      credentials, bindings and its name in device-narrowed grants (a grant left with no device goes).
     """
 
     op: str
@@ -395,10 +396,11 @@ class Store(Protocol):
         """Everything stored about one device: a summary, then its records in time order."""
         ...
 
-    def erase_device(self, device_id: int) -> int:
+    def erase_device(self, device_id: int, ownership: str | None = None) -> int:
         """Delete everything of one device: its records in chunks (others' commits wait one chunk at
         most), then its state and high-water marks, leaving a tombstone per boot under the sealer's
-        pseudonym so a resent old batch is a duplicate; returns the number of records deleted."""
+        pseudonym so a resent old batch is a duplicate; returns the number of records deleted. With
+        `ownership`, only the records (and state) stored under that ownership."""
         ...
 
     def purge_before(self, start_us: int) -> int:
@@ -490,6 +492,8 @@ def check_registry_op(op: RegistryOp) -> None:
             check_principal("device", d)
     elif op.op == "forget":
         check_principal("device", op.device)
+        if op.ownership:
+            _check_ownership(op.ownership)
     elif op.op in PRIVACY_OPS:
         check_principal("device", op.device)
         _check_ownership(op.ownership)

@@ -639,22 +639,30 @@ class SqliteStore(Store):
                     if conn.in_transaction:
                         conn.execute("COMMIT")
 
-    def erase_device(self, device_id: int) -> int:
+    def erase_device(self, device_id: int, ownership: str | None = None) -> int:
         """Records (in chunks of PURGE_CHUNK, each its own transaction, so other devices' commits wait at
         most one chunk), then in one transaction the state and every boot's high-water, leaving a
         tombstone per boot under the device's pseudonym (with a sealer); then the WAL is checkpointed and
         truncated so the old pages leave the disk too (best effort: a reader holding an old snapshot keeps
-        them until the next checkpoint). Returns the records deleted; idempotent."""
+        them until the next checkpoint). Returns the records deleted; idempotent.
+
+        With `ownership`, only the records stored under it go (a band's owner erases their own data, not
+        a previous owner's), and the state only if it is that ownership's."""
         _check_device_id(device_id)
         device = device_key(device_id)
         deleted = 0
+        scope, args = (
+            ("device = ?", (device,))
+            if ownership is None
+            else ("device = ? AND ownership = ?", (device, ownership))
+        )
         for table in RECORD_TABLES.values():
             while True:
                 with self._write() as conn:
                     n = conn.execute(
                         f"DELETE FROM {table} WHERE cursor IN "
-                        f"(SELECT cursor FROM {table} WHERE device = ? LIMIT ?)",
-                        (device, PURGE_CHUNK),
+                        f"(SELECT cursor FROM {table} WHERE {scope} LIMIT ?)",
+                        (*args, PURGE_CHUNK),
                     ).rowcount
                 deleted += n
                 if n < PURGE_CHUNK:
@@ -675,7 +683,7 @@ class SqliteStore(Store):
                     ],
                 )
             conn.execute("DELETE FROM boots WHERE device = ?", (device,))
-            conn.execute("DELETE FROM devices WHERE device = ?", (device,))
+            conn.execute(f"DELETE FROM devices WHERE {scope}", args)
         self._checkpoint()
         return deleted
 
@@ -1099,8 +1107,31 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
         else:
             conn.execute("DELETE FROM totp WHERE device = ? AND ownership = ?", (op.device, op.ownership))
     elif op.op == "forget":
+        # the owner's privacy rows (of one ownership, or all), and the band's identity: its registration,
+        # certificates, bindings, and its name in device-narrowed grants (a grant narrowed to it alone goes)
+        scope, args = ("device = ?", (op.device,))
+        if op.ownership:
+            scope, args = "device = ? AND ownership = ?", (op.device, op.ownership)
         for table in ("consent", "guardians", "profiles", "totp", "ownerships"):  # names of ours, no input
-            conn.execute(f"DELETE FROM {table} WHERE device = ?", (op.device,))
+            conn.execute(f"DELETE FROM {table} WHERE {scope}", args)
+        conn.execute("DELETE FROM principals WHERE kind = 'device' AND name = ?", (op.device,))
+        conn.execute("DELETE FROM credentials WHERE kind = 'device' AND name = ?", (op.device,))
+        conn.execute("DELETE FROM bindings WHERE device = ?", (op.device,))
+        for consumer, family, operation, devices in conn.execute(
+            "SELECT consumer, family, operation, devices FROM grants WHERE ' ' || devices || ' ' LIKE ?",
+            (f"% {op.device} %",),
+        ).fetchall():
+            rest = " ".join(d for d in devices.split() if d != op.device)
+            if rest:
+                conn.execute(
+                    "UPDATE grants SET devices = ? WHERE consumer = ? AND family = ? AND operation = ?",
+                    (rest, consumer, family, operation),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM grants WHERE consumer = ? AND family = ? AND operation = ?",
+                    (consumer, family, operation),
+                )
     elif op.op == "totp_used":
         conn.execute(
             "UPDATE totp SET last_step = max(last_step, ?) WHERE device = ? AND ownership = ?",

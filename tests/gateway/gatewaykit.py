@@ -3,6 +3,7 @@ an upload stream that sends one batch and reads its ack, and the replay referenc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -20,10 +21,11 @@ from decoder.batch import compress_batch
 from decoder.frames import Frame, encode_container, encode_frame
 from gateway.auth import device_metadata
 from gateway.config import GatewayConfig
+from gateway.privacy.sealing import open_sealer
 from gateway.replay import replay_batches
 from gateway.security.client import ClientIdentity, enrol_device, local_identity
 from gateway.simulator.recorder import fleet_batches
-from gateway.store import open_store
+from gateway.store import Store, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = (sys.executable, "-m", "gateway.cli", "serve")
@@ -36,16 +38,28 @@ def config(tmp_path: Path, **changes) -> GatewayConfig:
 
 
 def tls_config(tmp_path: Path, **changes) -> GatewayConfig:
-    """A TLS gateway as `bandgate serve` runs by default, on ephemeral ports, its state dir in tmp_path."""
+    """A TLS gateway as `bandgate serve` runs by default, on ephemeral ports, its state dir in tmp_path.
+
+    Every family is consented by default and an owner without a birth year is taken for an adult (the
+    operator's settings), so tests of other parts need no consent step; tests/privacy use
+    `privacy_config`, with `bandgate serve`'s own defaults (nothing consented, age unknown = minor)."""
     values = dict(
         listen="127.0.0.1:0",
         store=f"sqlite:///{tmp_path}/gw.db",
         state_dir=str(tmp_path / "state"),
         token_listen="127.0.0.1:0",
         health_listen="127.0.0.1:0",
+        default_consent="all",
+        age_unknown="adult",
     )
     values.update(changes)
     return GatewayConfig(**values)
+
+
+def privacy_config(tmp_path: Path, **changes) -> GatewayConfig:
+    """A TLS gateway with `bandgate serve`'s privacy defaults: no consent until the owner gives it, and an
+    owner of unknown age is treated as a minor."""
+    return tls_config(tmp_path, **{"default_consent": "", "age_unknown": "minor", **changes})
 
 
 class Credentials:
@@ -103,8 +117,23 @@ def key(record: dict) -> tuple:
     return (record["device"], record["family"], record["start_us"])
 
 
+@contextlib.contextmanager
+def gateway_store(url: str) -> Iterator[Store]:
+    """The store of a gateway `tls_config` made (its state dir beside the database), opened as the gateway
+    opens it: with the state dir's keys, so sealed values open. A store without a state dir beside it
+    opens in clear."""
+    state = Path(url.removeprefix("sqlite:///")).parent / "state"
+    sealer = open_sealer(state) if (state / "keys.db").exists() else None
+    try:
+        with open_store(url, sealer) as store:
+            yield store
+    finally:
+        if sealer is not None:
+            sealer.keys.close()
+
+
 def stored(url: str, **filters) -> list[dict]:
-    with open_store(url) as store:
+    with gateway_store(url) as store:
         return [r for _, r in store.read_since(0, limit=10**9, **filters)]
 
 
@@ -168,7 +197,13 @@ class ServeProcess:
     def __init__(self, tmp_path: Path, db: Path, listen: str = "127.0.0.1:0", extra: tuple[str, ...] = ()):
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
         self.state_dir = tmp_path / "state"
-        env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
+        # the operator's privacy settings tls_config uses: every family consented, age unknown = adult
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO}:{REPO / 'protos'}",
+            "BANDGATE_DEFAULT_CONSENT": "all",
+            "BANDGATE_AGE_UNKNOWN": "adult",
+        }
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [

@@ -16,7 +16,6 @@ from prometheus_client import generate_latest
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc
 from decoder.features import device_key
 from gateway.auth import DEVICE_METADATA, is_loopback
-from gateway.consent import ConsentGate
 from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
@@ -28,8 +27,10 @@ from gateway.pipeline import (
     PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
     UNAVAILABLE,
+    ComputeTurns,
     StoreWriter,
 )
+from gateway.privacy.consent import ConsentGate, Processing
 from gateway.server import run_server
 from gateway.simulator.recorder import fleet_batches, recording_frames
 from gateway.store import SequenceError, SqliteStore, StoreUnavailable, open_store
@@ -549,8 +550,8 @@ class _Consent(ConsentGate):
     def __init__(self, granted: dict[int, set[str]]):
         self.granted = granted
 
-    def allowed(self, device_id: int, families: frozenset[str]) -> frozenset[str]:
-        return families & frozenset(self.granted.get(device_id, set()))
+    def decide(self, device_id: int) -> Processing:
+        return Processing(frozenset(self.granted.get(device_id, set())), "no consent")
 
 
 def test_consent_per_family_and_withdrawal_stops_processing(tmp_path):
@@ -653,3 +654,79 @@ def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcom
         (r["device"], r["start_us"]) for r in recs(a, 0) + recs(b, 0) + recs(a, 1) + recs(c, 0)
     )
     assert high_water(url, a) == 1 and high_water(url, b) == 0 and high_water(url, c) == 0
+
+
+def test_compute_turns_established_streams_first_and_a_cancelled_waiter_passes_its_turn_on():
+    """`ComputeTurns` in isolation: with its one turn taken, first batches of new streams queue, then an
+    established stream's batch arrives and is served before all of them; a waiter cancelled just as it
+    was handed the turn passes it on, and the count of running batches comes back to 0."""
+
+    async def scenario():
+        turns = ComputeTurns(depth=1)
+        await turns.take(established=False)
+        served: list[str] = []
+
+        async def batch(name: str, established: bool) -> None:
+            await turns.take(established=established)
+            served.append(name)
+            turns.give_back()
+
+        waiting = [asyncio.ensure_future(batch(f"new{i}", False)) for i in range(3)]
+        await asyncio.sleep(0)
+        waiting.append(asyncio.ensure_future(batch("old", True)))
+        doomed = asyncio.ensure_future(turns.take(established=True))
+        await asyncio.sleep(0)
+        assert len(turns) == 5 and turns.running == 1
+        turns.give_back()  # the turn goes to `old`, the first established waiter
+        await asyncio.sleep(0)  # `old` ran and handed the turn to `doomed` ...
+        doomed.cancel()  # ... which is cancelled before it could use it
+        await asyncio.gather(*waiting)
+        assert doomed.cancelled()
+        return served, turns.running, len(turns)
+
+    served, running, left = run(scenario())
+    assert served == ["old", "new0", "new1", "new2"]
+    assert (running, left) == (0, 0)
+
+
+def test_an_established_stream_is_not_queued_behind_a_flood_of_new_streams_first_batches(tmp_path):
+    """A reconnect storm: 40 new streams' first batches (each 30 one-minute frames) fill the queue of the
+    one compute thread; a batch of a stream that already had one stored goes next, so it waits only for
+    the 2 batches handed to the thread (`ComputeTurns` depth), not for the flood. Which acks arrive
+    between its send and its ack is counted, not timed, and every batch still gets exactly one OK ack."""
+    cfg = config(tmp_path, compute_processes=0, compute_threads=1)
+    old = 0x01D0_0000_0000_0001
+    flood = [0xF100_0000_0000_0000 + i for i in range(40)]
+
+    def batch(device_id: int, seq: int, minutes: int) -> batch_pb2.Batch:
+        frames = frames_of(device_id, minutes, seq=seq, start_us=1_767_225_600_000_000 + seq * 60_000_000)
+        return envelope(encode(frames), frames[0])
+
+    first_batches = {d: batch(d, 0, 30) for d in flood}
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, old)
+            assert (await up.send(batch(old, 0, 1))).code == OK
+            acked: list[int] = []
+
+            async def first_batch(device_id: int) -> None:
+                ack = await Uploader(ch, device_id).send(first_batches[device_id])
+                assert ack.code == OK, ack
+                acked.append(device_id)
+
+            storm = [asyncio.ensure_future(first_batch(d)) for d in flood]
+            queued = lambda: gw.metrics.registry.get_sample_value("bandgate_compute_queue_depth")  # noqa: E731
+            while queued() < len(flood) // 2:  # most of the flood waits for the one thread
+                await asyncio.sleep(0.001)
+            before = len(acked)
+            ack = await up.send(batch(old, 1, 1))
+            overtaken, left = len(acked) - before, len(flood) - len(acked)
+            await asyncio.gather(*storm)
+            return ack, overtaken, left, len(acked)
+
+    ack, overtaken, left, answered = run(scenario())
+    assert ack.code == OK and ack.acked_seq == 1
+    assert overtaken <= 4, overtaken  # the 2 handed to the thread, and acks already on their way
+    assert left >= len(flood) // 2 - 6, left  # the rest of the flood was still waiting behind it
+    assert answered == len(flood)

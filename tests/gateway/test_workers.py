@@ -181,7 +181,7 @@ def test_a_job_whose_caller_is_cancelled_runs_to_its_end_before_it_counts_as_don
     """`WorkerPool.run`'s `on_done` (what frees a place in `compute_queue`) waits for the job itself: a
     handler cancelled while its batch is being computed does not free the place while the worker still
     works on it."""
-    from gateway.pipeline import ALL_FAMILIES
+    from gateway.privacy.consent import EVERYTHING
     from gateway.store import open_store
     from gateway.workers import WorkerPool
 
@@ -200,7 +200,7 @@ def test_a_job_whose_caller_is_cancelled_runs_to_its_end_before_it_counts_as_don
             try:
                 payload = batches[0].SerializeToString()
                 job = asyncio.ensure_future(
-                    pool.run("k", device, payload, ALL_FAMILIES, False, on_done=lambda: done.append(1))
+                    pool.run("k", device, payload, EVERYTHING, False, on_done=lambda: done.append(1))
                 )
                 await asyncio.sleep(0.2)  # written to the stopped worker's socket
                 job.cancel()
@@ -215,7 +215,7 @@ def test_a_job_whose_caller_is_cancelled_runs_to_its_end_before_it_counts_as_don
                     break
                 await asyncio.sleep(0.01)
             # the worker committed the job nobody waited for: the same batch again is a duplicate
-            again = await pool.run("k2", device, payload, ALL_FAMILIES, False)
+            again = await pool.run("k2", device, payload, EVERYTHING, False)
             return while_stopped, list(done), again
         finally:
             await pool.shutdown()
@@ -231,7 +231,7 @@ def test_a_worker_commits_the_batches_that_arrived_together_as_one_group(tmp_pat
     """Jobs that reach a busy worker together are computed, then committed in one `commit_many`, each
     answered with its own outcome; a device's next batch waits for the group holding its previous one,
     so it is computed from that batch's state, and a gap is still refused."""
-    from gateway.pipeline import ALL_FAMILIES
+    from gateway.privacy.consent import EVERYTHING
     from gateway.store import SequenceError, open_store
     from gateway.store.base import CommitResult
     from gateway.workers import WorkerPool
@@ -252,7 +252,7 @@ def test_a_worker_commits_the_batches_that_arrived_together_as_one_group(tmp_pat
             try:
                 jobs = [
                     asyncio.ensure_future(
-                        pool.run((d, x.boot_id, x.first_seq), d, x.SerializeToString(), ALL_FAMILIES, False)
+                        pool.run((d, x.boot_id, x.first_seq), d, x.SerializeToString(), EVERYTHING, False)
                     )
                     for d, x in sent
                 ]
@@ -363,7 +363,7 @@ def test_only_the_batch_a_lost_worker_was_computing_is_blamed(tmp_path):
     """A worker writes the job it computes into its shared marker. When it dies (or the watchdog kills
     it) that job counts towards `PoisonBatch`; a batch that only waited behind it does not, so two
     losses refuse the culprit for good and never the batch queued after it."""
-    from gateway.pipeline import ALL_FAMILIES
+    from gateway.privacy.consent import EVERYTHING
     from gateway.store import open_store
     from gateway.workers import _MARKER, PoisonBatch, WorkerLost, WorkerPool
 
@@ -385,7 +385,7 @@ def test_only_the_batch_a_lost_worker_was_computing_is_blamed(tmp_path):
                 (pid,) = pool.pids
                 os.kill(pid, signal.SIGSTOP)
                 jobs = [
-                    asyncio.ensure_future(pool.run(k, d, x.SerializeToString(), ALL_FAMILIES, False))
+                    asyncio.ensure_future(pool.run(k, d, x.SerializeToString(), EVERYTHING, False))
                     for k, d, x in sent
                 ]
                 await asyncio.sleep(0.2)  # both are in the stopped worker's socket
@@ -397,7 +397,7 @@ def test_only_the_batch_a_lost_worker_was_computing_is_blamed(tmp_path):
             while not pool.pids:
                 await asyncio.sleep(0.02)
             third = await asyncio.gather(
-                *(pool.run(k, d, x.SerializeToString(), ALL_FAMILIES, False) for k, d, x in sent),
+                *(pool.run(k, d, x.SerializeToString(), EVERYTHING, False) for k, d, x in sent),
                 return_exceptions=True,
             )
             return lost, third

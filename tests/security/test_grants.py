@@ -15,7 +15,15 @@ from pathlib import Path
 
 import grpc
 
-from bandgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, features_pb2, features_pb2_grpc
+from bandgate.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    batch_pb2,
+    features_pb2,
+    features_pb2_grpc,
+    privacy_pb2,
+    privacy_pb2_grpc,
+)
 from gateway.envelope import build_batch
 from gateway.pipeline import OK as ACK_OK
 from gateway.security.client import ClientIdentity, local_ca
@@ -25,7 +33,7 @@ from gateway.simulator.recorder import recording_frames
 from gateway.simulator.signals import DEFAULT_START_US, simulate_band
 from gateway.store import open_store
 from gateway.store.base import ADMIN_FAMILY, FAMILIES
-from tests.gateway.gatewaykit import Credentials, Uploader, band, tls_config
+from tests.gateway.gatewaykit import Credentials, Uploader, band, gateway_store, tls_config
 
 FAMILY_LIST = sorted(FAMILIES)
 A = 0x00000000000A0A0A
@@ -140,7 +148,7 @@ async def admin_list(ch: grpc.aio.Channel) -> Outcome:
 
 def store_rows(url: str, families, device: int | None = None) -> tuple[Row, ...]:
     """What the store holds of `families` (of one device, or all), in cursor order."""
-    with open_store(url) as store:
+    with gateway_store(url) as store:
         found = store.read_since(
             0, families=set(families), device=None if device is None else f"{device:016x}", limit=10**9
         )
@@ -152,6 +160,10 @@ def store_rows(url: str, families, device: int | None = None) -> tuple[Row, ...]
 
 async def upload(creds: Credentials, device: int, batches) -> None:
     async with await creds.band_channel(device) as ch:
+        # a height in the owner's profile, so that `distance` records are made too
+        await privacy_pb2_grpc.PrivacyServiceStub(ch).SetProfile(
+            privacy_pb2.SetProfileRequest(profile=privacy_pb2.Profile(height_cm=172.0))
+        )
         up = Uploader(ch, device)
         for batch in batches:
             ack = await up.send(batch)

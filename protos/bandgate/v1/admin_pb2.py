@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61ndgate/v1/admin.proto\x12\x0b\x62\x61ndgate.v1\"z\n\x0fRegisterRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x13\n\x0bissue_token\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ys\x18\x06 \x01(\r\"\xac\x01\n\nCredential\x12)\n\tprincipal\x18\x01 \x01(\x0b\x32\x16.bandgate.v1.Principal\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\x12\x15\n\rcredential_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x14\n\x0cnot_after_us\x18\x07 \x01(\x03\"B\n\rRevokeRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rcredential_id\x18\x03 \x01(\t\",\n\x0b\x42indRequest\x12\r\n\x05relay\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"T\n\x0cGrantRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\"\x1b\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"Q\n\x0e\x43redentialInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_us\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\"?\n\tGrantInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\"\xc9\x01\n\tPrincipal\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_us\x18\x04 \x01(\x03\x12\x14\n\x0clast_seen_us\x18\x05 \x01(\x03\x12\x30\n\x0b\x63redentials\x18\x06 \x03(\x0b\x32\x1b.bandgate.v1.CredentialInfo\x12\r\n\x05\x62ound\x18\x07 \x03(\t\x12&\n\x06grants\x18\x08 \x03(\x0b\x32\x16.bandgate.v1.GrantInfo\":\n\x0cListResponse\x12*\n\nprincipals\x18\x01 \x03(\x0b\x32\x16.bandgate.v1.Principal\"-\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\r\"\x0f\n\rWhoAmIRequest2\xbc\x03\n\x0c\x41\x64minService\x12\x41\n\x08Register\x12\x1c.bandgate.v1.RegisterRequest\x1a\x17.bandgate.v1.Credential\x12<\n\x06Revoke\x12\x1a.bandgate.v1.RevokeRequest\x1a\x16.bandgate.v1.Principal\x12\x38\n\x04\x42ind\x12\x18.bandgate.v1.BindRequest\x1a\x16.bandgate.v1.Principal\x12:\n\x06Unbind\x12\x18.bandgate.v1.BindRequest\x1a\x16.bandgate.v1.Principal\x12:\n\x05Grant\x12\x19.bandgate.v1.GrantRequest\x1a\x16.bandgate.v1.Principal\x12<\n\x07Ungrant\x12\x19.bandgate.v1.GrantRequest\x1a\x16.bandgate.v1.Principal\x12;\n\x04List\x12\x18.bandgate.v1.ListRequest\x1a\x19.bandgate.v1.ListResponse2\x8c\x01\n\x0fIdentityService\x12;\n\x05Renew\x12\x19.bandgate.v1.RenewRequest\x1a\x17.bandgate.v1.Credential\x12<\n\x06WhoAmI\x12\x1a.bandgate.v1.WhoAmIRequest\x1a\x16.bandgate.v1.Principalb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61ndgate/v1/admin.proto\x12\x0b\x62\x61ndgate.v1\"z\n\x0fRegisterRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x04 \x01(\x0c\x12\x13\n\x0bissue_token\x18\x05 \x01(\x08\x12\x0c\n\x04\x64\x61ys\x18\x06 \x01(\r\"\xac\x01\n\nCredential\x12)\n\tprincipal\x18\x01 \x01(\x0b\x32\x16.bandgate.v1.Principal\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\x12\x15\n\rcredential_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\x12\x14\n\x0cnot_after_us\x18\x07 \x01(\x03\"B\n\rRevokeRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rcredential_id\x18\x03 \x01(\t\"!\n\x0fTransferRequest\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\"G\n\x10TransferResponse\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\townership\x18\x02 \x01(\t\x12\x10\n\x08previous\x18\x03 \x01(\t\",\n\x0b\x42indRequest\x12\r\n\x05relay\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\"T\n\x0cGrantRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x03(\t\"\x1b\n\x0bListRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\"Q\n\x0e\x43redentialInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_us\x18\x03 \x01(\x03\x12\r\n\x05state\x18\x04 \x01(\t\"?\n\tGrantInfo\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\"\xc9\x01\n\tPrincipal\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\ncreated_us\x18\x04 \x01(\x03\x12\x14\n\x0clast_seen_us\x18\x05 \x01(\x03\x12\x30\n\x0b\x63redentials\x18\x06 \x03(\x0b\x32\x1b.bandgate.v1.CredentialInfo\x12\r\n\x05\x62ound\x18\x07 \x03(\t\x12&\n\x06grants\x18\x08 \x03(\x0b\x32\x16.bandgate.v1.GrantInfo\":\n\x0cListResponse\x12*\n\nprincipals\x18\x01 \x03(\x0b\x32\x16.bandgate.v1.Principal\"-\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ys\x18\x02 \x01(\r\"\x0f\n\rWhoAmIRequest2\x85\x04\n\x0c\x41\x64minService\x12\x41\n\x08Register\x12\x1c.bandgate.v1.RegisterRequest\x1a\x17.bandgate.v1.Credential\x12<\n\x06Revoke\x12\x1a.bandgate.v1.RevokeRequest\x1a\x16.bandgate.v1.Principal\x12\x38\n\x04\x42ind\x12\x18.bandgate.v1.BindRequest\x1a\x16.bandgate.v1.Principal\x12:\n\x06Unbind\x12\x18.bandgate.v1.BindRequest\x1a\x16.bandgate.v1.Principal\x12:\n\x05Grant\x12\x19.bandgate.v1.GrantRequest\x1a\x16.bandgate.v1.Principal\x12<\n\x07Ungrant\x12\x19.bandgate.v1.GrantRequest\x1a\x16.bandgate.v1.Principal\x12;\n\x04List\x12\x18.bandgate.v1.ListRequest\x1a\x19.bandgate.v1.ListResponse\x12G\n\x08Transfer\x12\x1c.bandgate.v1.TransferRequest\x1a\x1d.bandgate.v1.TransferResponse2\x8c\x01\n\x0fIdentityService\x12;\n\x05Renew\x12\x19.bandgate.v1.RenewRequest\x1a\x17.bandgate.v1.Credential\x12<\n\x06WhoAmI\x12\x1a.bandgate.v1.WhoAmIRequest\x1a\x16.bandgate.v1.Principalb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREDENTIAL']._serialized_end=337
   _globals['_REVOKEREQUEST']._serialized_start=339
   _globals['_REVOKEREQUEST']._serialized_end=405
-  _globals['_BINDREQUEST']._serialized_start=407
-  _globals['_BINDREQUEST']._serialized_end=451
-  _globals['_GRANTREQUEST']._serialized_start=453
-  _globals['_GRANTREQUEST']._serialized_end=537
-  _globals['_LISTREQUEST']._serialized_start=539
-  _globals['_LISTREQUEST']._serialized_end=566
-  _globals['_CREDENTIALINFO']._serialized_start=568
-  _globals['_CREDENTIALINFO']._serialized_end=649
-  _globals['_GRANTINFO']._serialized_start=651
-  _globals['_GRANTINFO']._serialized_end=714
-  _globals['_PRINCIPAL']._serialized_start=717
-  _globals['_PRINCIPAL']._serialized_end=918
-  _globals['_LISTRESPONSE']._serialized_start=920
-  _globals['_LISTRESPONSE']._serialized_end=978
-  _globals['_RENEWREQUEST']._serialized_start=980
-  _globals['_RENEWREQUEST']._serialized_end=1025
-  _globals['_WHOAMIREQUEST']._serialized_start=1027
-  _globals['_WHOAMIREQUEST']._serialized_end=1042
-  _globals['_ADMINSERVICE']._serialized_start=1045
-  _globals['_ADMINSERVICE']._serialized_end=1489
-  _globals['_IDENTITYSERVICE']._serialized_start=1492
-  _globals['_IDENTITYSERVICE']._serialized_end=1632
+  _globals['_TRANSFERREQUEST']._serialized_start=407
+  _globals['_TRANSFERREQUEST']._serialized_end=440
+  _globals['_TRANSFERRESPONSE']._serialized_start=442
+  _globals['_TRANSFERRESPONSE']._serialized_end=513
+  _globals['_BINDREQUEST']._serialized_start=515
+  _globals['_BINDREQUEST']._serialized_end=559
+  _globals['_GRANTREQUEST']._serialized_start=561
+  _globals['_GRANTREQUEST']._serialized_end=645
+  _globals['_LISTREQUEST']._serialized_start=647
+  _globals['_LISTREQUEST']._serialized_end=674
+  _globals['_CREDENTIALINFO']._serialized_start=676
+  _globals['_CREDENTIALINFO']._serialized_end=757
+  _globals['_GRANTINFO']._serialized_start=759
+  _globals['_GRANTINFO']._serialized_end=822
+  _globals['_PRINCIPAL']._serialized_start=825
+  _globals['_PRINCIPAL']._serialized_end=1026
+  _globals['_LISTRESPONSE']._serialized_start=1028
+  _globals['_LISTRESPONSE']._serialized_end=1086
+  _globals['_RENEWREQUEST']._serialized_start=1088
+  _globals['_RENEWREQUEST']._serialized_end=1133
+  _globals['_WHOAMIREQUEST']._serialized_start=1135
+  _globals['_WHOAMIREQUEST']._serialized_end=1150
+  _globals['_ADMINSERVICE']._serialized_start=1153
+  _globals['_ADMINSERVICE']._serialized_end=1670
+  _globals['_IDENTITYSERVICE']._serialized_start=1673
+  _globals['_IDENTITYSERVICE']._serialized_end=1813
 # @@protoc_insertion_point(module_scope)

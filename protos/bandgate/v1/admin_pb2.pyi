@@ -50,6 +50,22 @@ class RevokeRequest(_message.Message):
     credential_id: str
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., credential_id: _Optional[str] = ...) -> None: ...
 
+class TransferRequest(_message.Message):
+    __slots__ = ("device",)
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    def __init__(self, device: _Optional[str] = ...) -> None: ...
+
+class TransferResponse(_message.Message):
+    __slots__ = ("device", "ownership", "previous")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OWNERSHIP_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    ownership: str
+    previous: str
+    def __init__(self, device: _Optional[str] = ..., ownership: _Optional[str] = ..., previous: _Optional[str] = ...) -> None: ...
+
 class BindRequest(_message.Message):
     __slots__ = ("relay", "device")
     RELAY_FIELD_NUMBER: _ClassVar[int]

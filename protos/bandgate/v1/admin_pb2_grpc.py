@@ -69,6 +69,11 @@ class AdminServiceStub:
                 request_serializer=bandgate_dot_v1_dot_admin__pb2.ListRequest.SerializeToString,
                 response_deserializer=bandgate_dot_v1_dot_admin__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Transfer = channel.unary_unary(
+                '/bandgate.v1.AdminService/Transfer',
+                request_serializer=bandgate_dot_v1_dot_admin__pb2.TransferRequest.SerializeToString,
+                response_deserializer=bandgate_dot_v1_dot_admin__pb2.TransferResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -120,6 +125,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transfer(self, request, context):
+        """A resold band: a new ownership starts, with no consent, profile or second factor; the last
+        owner's data stays (erasable) and is never shown to the new owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=bandgate_dot_v1_dot_admin__pb2.ListRequest.FromString,
                     response_serializer=bandgate_dot_v1_dot_admin__pb2.ListResponse.SerializeToString,
+            ),
+            'Transfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Transfer,
+                    request_deserializer=bandgate_dot_v1_dot_admin__pb2.TransferRequest.FromString,
+                    response_serializer=bandgate_dot_v1_dot_admin__pb2.TransferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +366,33 @@ class AdminService:
             '/bandgate.v1.AdminService/List',
             bandgate_dot_v1_dot_admin__pb2.ListRequest.SerializeToString,
             bandgate_dot_v1_dot_admin__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bandgate.v1.AdminService/Transfer',
+            bandgate_dot_v1_dot_admin__pb2.TransferRequest.SerializeToString,
+            bandgate_dot_v1_dot_admin__pb2.TransferResponse.FromString,
             options,
             channel_credentials,
             insecure,

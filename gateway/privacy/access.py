@@ -1,0 +1,149 @@
+"""Right of access and erasure for one device's current ownership.
+
+`export_lines` streams what is kept about the ownership as JSON lines (one object a line) or msgpack
+(one object after another), page by page, so memory stays flat however much a device holds: first the
+device and ownership, then each profile version, consent decision and guardian record, then every
+feature record (`kind` "feature", with `family` and `start_us`), then the audit entries that name the
+device. Nothing of another device: every read is filtered by the device's ID.
+
+`erase` destroys the device's data keys first (from then on nothing sealed under them opens), then
+forgets its privacy rows through the registry (audited, and the gateway stops processing at once) and
+deletes its records, state and high-water marks in the feature store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgpack
+import orjson
+
+from gateway.pipeline import StoreThread
+from gateway.privacy.ownership import current_ownership
+from gateway.privacy.profile import unseal
+from gateway.privacy.service import Caller
+from gateway.security.audit import AuditEvent
+from gateway.security.registry import Registry
+from gateway.store.base import RegistryOp
+
+PAGE = 1000
+CHUNK_BYTES = 256 * 1024
+
+
+class _Encoder:
+    """Objects to bytes in the export's format, handed out in chunks of about CHUNK_BYTES."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.buffer = bytearray()
+
+    def add(self, obj: dict[str, Any]) -> bytes | None:
+        if self.fmt == "msgpack":
+            self.buffer += msgpack.packb(obj)
+        else:
+            self.buffer += orjson.dumps(obj) + b"\n"
+        if len(self.buffer) >= CHUNK_BYTES:
+            return self.take()
+        return None
+
+    def take(self) -> bytes:
+        out, self.buffer = bytes(self.buffer), bytearray()
+        return out
+
+
+async def export_lines(
+    caller: Caller,
+    ownership: str,
+    fmt: str,
+    *,
+    reader: StoreThread,
+    data_key: Callable[[str, str], Any],
+) -> AsyncIterator[bytes]:
+    """The export of `caller.device`'s current ownership `ownership` (see the module docstring)."""
+    device = caller.device
+    enc = _Encoder(fmt)
+    history = await reader.call(reader.store.privacy_history, device)
+    started = history.ownership.started_us if history.ownership is not None else 0
+    objects: list[dict[str, Any]] = [
+        {"kind": "device", "device": device, "ownership": ownership, "ownership_started_us": started}
+    ]
+    for row in history.profiles:
+        profile = unseal(data_key(device, row.ownership), row.sealed, row.version)
+        fields = profile.to_dict()
+        objects.append({"kind": "profile", "version": row.version, "time_us": row.time_us, **fields})
+    objects += [
+        {"kind": "consent", "family": c.family, "granted": c.granted, "time_us": c.time_us, "actor": c.actor}
+        for c in history.consents
+    ]
+    objects += [
+        {"kind": "guardian", "guardian": g.guardian, "time_us": g.time_us, "actor": g.actor}
+        for g in history.guardians
+    ]
+    for obj in objects:
+        if (chunk := enc.add(obj)) is not None:
+            yield chunk
+
+    cursor = 0
+    while True:
+        # the records stored under this ownership only: a resold band's earlier ones are not this owner's
+        rows = await reader.call(
+            reader.store.read_since, cursor, device=device, ownership=ownership, limit=PAGE
+        )
+        for row_cursor, record in rows:
+            cursor = row_cursor
+            chunk = enc.add({"kind": "feature", "cursor": row_cursor, **record})
+            if chunk is not None:
+                yield chunk
+        if len(rows) < PAGE:
+            break
+
+    subject = f"device:{device}"
+    after = 0
+    while True:
+        rows = await reader.call(reader.store.audit_rows, after, PAGE)
+        for row in rows:
+            after = row.seq
+            entry = orjson.loads(row.entry)
+            if entry.get("subject") == subject or entry.get("actor") == subject:
+                chunk = enc.add({"kind": "audit", **entry})
+                if chunk is not None:
+                    yield chunk
+        if len(rows) < PAGE:
+            break
+    if enc.buffer:
+        yield enc.take()
+
+
+async def erase(
+    caller: Caller,
+    *,
+    registry: Registry,
+    writer: StoreThread,
+    destroy_keys: Callable[[str, str | None], int],
+) -> dict[str, int]:
+    """Erase the device (see the module docstring); returns what was removed, by kind. Idempotent."""
+    device = caller.device
+    # the owner erases their own ownership; the operator, every ownership of the device
+    scope = (
+        None
+        if caller.operator
+        else current_ownership(registry.policy.snapshot if registry.policy else None, device)
+    )
+    keys = destroy_keys(device, scope)
+    await registry.apply(
+        [
+            AuditEvent(
+                "device.erased",
+                caller.actor,
+                f"device:{device}",
+                details={"keys": keys, "scope": "all ownerships" if scope is None else "current ownership"},
+            )
+        ],
+        [RegistryOp("forget", device=device, ownership=scope or "")],
+    )
+    records = await writer.call(writer.store.erase_device, int(device, 16), scope)
+    removed = {"keys": keys, "records": records}
+    done = AuditEvent("device.erase_completed", caller.actor, f"device:{device}", details=removed)
+    await registry.apply([done])
+    return removed
