@@ -1,0 +1,157 @@
+"""Every stored column, classified by sensitivity, in one place (issue 13, item 7). A test opens freshly
+migrated stores and fails when a column has no class here, or a class names a column that is gone: a new
+column cannot be stored without someone deciding what it is.
+
+The health classes (`HEALTH`) are the ones the band's privacy policy calls sensitive: they are sealed at
+rest and live in tables of their own (`records_heart`, `records_sleep`), so a database grant can keep them
+from a role that may read activity only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+IDENTIFIER = "identifier"  # names a device, an owner's data (ownership), a principal, or a pseudonym of one
+ACTIVITY = "activity"  # steps, activity, wear, distance values
+HEART = "heart"  # heart rate, HRV, resting heart rate
+SLEEP = "sleep"  # sleep stages and night summaries
+PERSONAL = "personal"  # the owner's profile, consent decisions, guardian, second factor
+DEVICE_METADATA = "device metadata"  # sequence numbers, times, kinds, states, algorithm names
+AUDIT = "audit"  # the hash-chained audit log
+KEY = "key"  # wrapped data keys and their identifiers
+SYSTEM = "system"  # schema versions and counters: nothing about anyone
+
+CLASSES = (IDENTIFIER, ACTIVITY, HEART, SLEEP, PERSONAL, DEVICE_METADATA, AUDIT, KEY, SYSTEM)
+HEALTH = frozenset({HEART, SLEEP})
+
+_RECORD_COLUMNS = {
+    "cursor": DEVICE_METADATA,
+    "device": IDENTIFIER,
+    "ownership": IDENTIFIER,
+    "family": DEVICE_METADATA,
+    "start_us": DEVICE_METADATA,
+    "duration_s": DEVICE_METADATA,
+    "algo": DEVICE_METADATA,
+}
+
+# database ("features": the feature store, "keys": the key store) → table → column → class
+COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
+    "features": {
+        "schema_version": {"version": SYSTEM},
+        "sqlite_sequence": {"name": SYSTEM, "seq": SYSTEM},
+        "record_cursor": {"next": SYSTEM},
+        "registry_version": {"version": SYSTEM},
+        "records_activity": {**_RECORD_COLUMNS, "value": ACTIVITY},
+        "records_heart": {**_RECORD_COLUMNS, "value": HEART},
+        "records_sleep": {**_RECORD_COLUMNS, "value": SLEEP},
+        # a device's feature state holds every family's arrays: classed as the most sensitive of them
+        "devices": {
+            "device": IDENTIFIER,
+            "boot_id": DEVICE_METADATA,
+            "state": HEART,
+            "updated_us": DEVICE_METADATA,
+            "ownership": IDENTIFIER,
+        },
+        "boots": {
+            "device": IDENTIFIER,
+            "boot_id": DEVICE_METADATA,
+            "last_seq": DEVICE_METADATA,
+            "updated_us": DEVICE_METADATA,
+        },
+        "tombstones": {
+            "pseudonym": IDENTIFIER,
+            "boot_id": DEVICE_METADATA,
+            "last_seq": DEVICE_METADATA,
+            "erased_us": DEVICE_METADATA,
+        },
+        "principals": {
+            "kind": DEVICE_METADATA,
+            "name": IDENTIFIER,
+            "state": DEVICE_METADATA,
+            "created_us": DEVICE_METADATA,
+            "updated_us": DEVICE_METADATA,
+            "last_seen_us": DEVICE_METADATA,
+        },
+        "credentials": {
+            "id": IDENTIFIER,
+            "kind": DEVICE_METADATA,
+            "name": IDENTIFIER,
+            "serial": IDENTIFIER,
+            "not_after_us": DEVICE_METADATA,
+            "state": DEVICE_METADATA,
+            "created_us": DEVICE_METADATA,
+        },
+        "bindings": {"relay": IDENTIFIER, "device": IDENTIFIER, "created_us": DEVICE_METADATA},
+        "grants": {
+            "consumer": IDENTIFIER,
+            "family": DEVICE_METADATA,
+            "operation": DEVICE_METADATA,
+            "devices": IDENTIFIER,
+            "created_us": DEVICE_METADATA,
+        },
+        "audit": {"seq": AUDIT, "time_us": AUDIT, "entry": AUDIT, "mac": AUDIT},
+        "ownerships": {
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "started_us": DEVICE_METADATA,
+            "ended_us": DEVICE_METADATA,
+        },
+        "consent": {
+            "seq": DEVICE_METADATA,
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "family": DEVICE_METADATA,
+            "granted": PERSONAL,
+            "time_us": DEVICE_METADATA,
+            "actor": IDENTIFIER,
+        },
+        "guardians": {
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "guardian": PERSONAL,
+            "time_us": DEVICE_METADATA,
+            "actor": IDENTIFIER,
+        },
+        "profiles": {
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "version": DEVICE_METADATA,
+            "sealed": PERSONAL,
+            "time_us": DEVICE_METADATA,
+        },
+        "totp": {
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "sealed": PERSONAL,
+            "last_step": DEVICE_METADATA,
+            "time_us": DEVICE_METADATA,
+        },
+    },
+    "keys": {
+        "data_keys": {
+            "id": SYSTEM,
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "key_id": KEY,
+            "kek_id": KEY,
+            "wrapped": KEY,
+            "created_us": DEVICE_METADATA,
+        },
+    },
+}
+
+
+def class_of(database: str, table: str, column: str) -> str | None:
+    """The class of a stored column, None if it has none (which the classification test refuses)."""
+    return COLUMNS.get(database, {}).get(table, {}).get(column)
+
+
+def health_columns() -> list[tuple[str, str, str]]:
+    """(database, table, column) of every column holding health data."""
+    return [
+        (db, table, column)
+        for db, tables in COLUMNS.items()
+        for table, columns in tables.items()
+        for column, cls in columns.items()
+        if cls in HEALTH
+    ]
