@@ -38,14 +38,15 @@ import re
 import stat
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from gateway.privacy.profile import Profile
 from gateway.security.audit import AuditEvent, AuditLog
 from gateway.security.pki import write_private
-from gateway.store.base import Store
+from gateway.store.base import SealedRow, Store
 
 # Cohorts: who is in which cohort. The profile (birth year, country) is kept elsewhere; what this module
 # needs of it is a mapping from a device's 16 hex digits to (age group, ISO 3166-1 alpha-2 country).
@@ -196,6 +197,22 @@ def age_group(birth_year: int, year: int) -> str | None:
         if age >= lower:
             group = name
     return group
+
+
+def cohorts_from_profiles(
+    profiles: Iterable[SealedRow], open_profile: Callable[[SealedRow], Profile | None], year: int
+) -> dict[str, tuple[str, str]]:
+    """Each device's cohort from its owner's current profile (birth year and country), unsealed with
+    `open_profile`; a device whose profile lacks either, does not open, or is under 16 is left out."""
+    cohorts: dict[str, tuple[str, str]] = {}
+    for row in profiles:
+        profile = open_profile(row)
+        if profile is None or profile.birth_year is None or profile.country is None:
+            continue
+        group = age_group(profile.birth_year, year)
+        if group is not None:
+            cohorts[row.device] = (group, profile.country)
+    return cohorts
 
 
 # bounded contributions

@@ -8,6 +8,7 @@ log (`audit.key` there too): without an audit key nothing is released. Exit stat
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -15,6 +16,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+from gateway.privacy.crypto import CryptoError
+from gateway.privacy.keys import KEYS_DB, KeyStoreError
+from gateway.privacy.profile import Profile, ProfileError, unseal
+from gateway.privacy.sealing import KeySealer, open_sealer
 from gateway.privacy.stats import (
     DEFAULT_DELTA,
     Budget,
@@ -22,12 +27,14 @@ from gateway.privacy.stats import (
     StatsConfig,
     StatsError,
     audit_recorder,
+    cohorts_from_profiles,
     collect,
     release,
 )
 from gateway.security.audit import AuditError, AuditLog, load_key
 from gateway.security.pki import default_state_dir
 from gateway.store import SqliteStore, StoreError, open_store, store_for_url
+from gateway.store.base import SealedRow, Store
 
 DEFAULT_STORE = "sqlite:///bandgate.db"  # as `bandgate serve`
 
@@ -49,8 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cohorts",
         type=Path,
-        required=True,
-        help='JSON {"<16 hex device>": ["25-34", "DE"], ...}: each device\'s age group and country',
+        help='JSON {"<16 hex device>": ["25-34", "DE"], ...} (default: from the owners\' profiles)',
     )
     p.add_argument("--max-days", type=int, default=28, help="days per person averaged (most recent)")
     p.add_argument(
@@ -74,15 +80,21 @@ def _positive(text: str) -> float:
 
 def _cmd_stats(args: argparse.Namespace, console: Console) -> int:
     state = args.state_dir if args.state_dir is not None else default_state_dir()
+    sealer = None
     try:
-        cohorts = _read_cohorts(args.cohorts)
         config = StatsConfig(max_days=args.max_days, delta=args.delta)
         key = load_key(state / "audit.key")
         budget = Budget.in_state_dir(state, total_epsilon=args.total_epsilon, total_delta=args.total_delta)
         store = store_for_url(args.store)
         if isinstance(store, SqliteStore) and not store.path.is_file():
             raise ValueError(f"no store at {store.path}")  # opening would create an empty one
-        with open_store(args.store) as store:
+        if (state / KEYS_DB).exists():  # the gateway's keys: its records and profiles are sealed
+            sealer = open_sealer(state)
+        with open_store(args.store, sealer) as store:
+            if args.cohorts is not None:
+                cohorts = _read_cohorts(args.cohorts)
+            else:
+                cohorts = _profile_cohorts(store, sealer)
             log = AuditLog(store, key, state / "audit.head")
             log.open()
             audit = audit_recorder(log)
@@ -95,6 +107,9 @@ def _cmd_stats(args: argparse.Namespace, console: Console) -> int:
             stats = release(collect(store, cohorts, config), args.epsilon, budget, record)
     except (StatsError, AuditError, StoreError, ValueError, OSError) as e:
         return _fail(f"stats: {e}")
+    finally:
+        if sealer is not None:
+            sealer.keys.close()
     for stat in stats:
         sys.stdout.write(json.dumps(stat.to_json(), separators=(",", ":")) + "\n")
     (done,) = summaries
@@ -106,6 +121,22 @@ def _cmd_stats(args: argparse.Namespace, console: Console) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _profile_cohorts(store: Store, sealer: KeySealer | None) -> dict[str, tuple[str, str]]:
+    """Cohorts from the owners' current profiles, unsealed with the gateway's keys."""
+    if sealer is None:
+        raise ValueError("no key store in the state dir to open the profiles with; give --cohorts")
+
+    def open_profile(row: SealedRow) -> Profile | None:
+        try:
+            return unseal(
+                sealer.keys.data_key(row.device, row.ownership, create=False), row.sealed, row.version
+            )
+        except (CryptoError, KeyStoreError, ProfileError):
+            return None
+
+    return cohorts_from_profiles(store.registry_snapshot().profiles, open_profile, datetime.date.today().year)
 
 
 def _read_cohorts(path: Path) -> dict[str, tuple[str, str]]:

@@ -440,3 +440,39 @@ def test_no_noise_but_opendp_s() -> None:
     imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {m for m in imported if m.split(".")[0] in ("random", "numpy", "secrets", "scipy")}
     assert "opendp.prelude" in imported
+
+
+def test_cohorts_come_from_the_owners_sealed_profiles_and_leave_out_minors_and_the_unknown(tmp_path):
+    import datetime
+
+    from gateway.privacy.sealing import open_sealer
+    from gateway.privacy.stats import age_group
+    from gateway.privacy.stats_cli import _profile_cohorts
+    from gateway.store import open_store
+    from tests.gateway.gatewaykit import band
+    from tests.privacy.privacykit import Owner, hexid, privacy_gateway, run
+
+    year = datetime.date.today().year
+    people = {
+        band(seed=101)[0]: {"birth_year": 1990, "country": "DE"},
+        band(seed=102)[0]: {"birth_year": year - 12, "country": "FR"},  # a minor: never counted
+        band(seed=103)[0]: {"birth_year": 1960},  # no country
+        band(seed=104)[0]: {"birth_year": 1950, "country": "US"},
+    }
+
+    async def scenario():
+        async with privacy_gateway(tmp_path) as (_gw, creds, cfg):
+            for device, fields in people.items():
+                async with await creds.band_channel(device) as ch:
+                    await Owner(ch, device).profile(**fields)
+            return cfg
+
+    cfg = run(scenario())
+    sealer = open_sealer(tmp_path / "state")
+    try:
+        with open_store(cfg.store, sealer) as store:
+            cohorts = _profile_cohorts(store, sealer)
+    finally:
+        sealer.keys.close()
+    devices = list(people)
+    assert cohorts == {hexid(devices[0]): (age_group(1990, year), "DE"), hexid(devices[3]): ("65+", "US")}
