@@ -114,6 +114,7 @@ class Registry:
         self._known_certs: dict[bytes, tuple[Any, str, str]] = {}  # pem → (identity, credential id, serial)
         self._loop: asyncio.Future | None = None
         self._lock = asyncio.Lock()
+        self._reload = asyncio.Lock()
 
     async def start(self) -> None:
         if self._loop is not None:
@@ -155,9 +156,12 @@ class Registry:
         """Store `ops` with their audit `events` in one transaction, then serve the new policy."""
         assert self._audit is not None, "registry not started"
         async with self._lock:
-            await self.thread.call(self._audit.record, list(events), list(ops))
-            snapshot = await self.thread.call(self.thread.store.registry_snapshot)
-            self._install(Policy(snapshot))
+            version = await self.thread.call(self._audit.record, list(events), list(ops))
+        # One snapshot read serves every change stored meanwhile (a registration storm), and this change
+        # is served before apply returns: the read that runs under the reload lock after it began covers it.
+        async with self._reload:
+            if self.policy is None or self.policy.version < version:
+                self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
         assert self.policy is not None
         return self.policy
 
@@ -168,7 +172,7 @@ class Registry:
             try:
                 version = await self.thread.call(self.thread.store.registry_version)
                 if self.policy is None or version != self.policy.version:
-                    async with self._lock:
+                    async with self._reload:
                         self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
                 if time.monotonic() - last_flush >= FLUSH_S:
                     last_flush = time.monotonic()

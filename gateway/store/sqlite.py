@@ -1162,8 +1162,8 @@ def _privacy_snapshot(
         ConsentRow(d, o, f, bool(g), t, a)
         for d, o, f, g, t, a in conn.execute(
             "SELECT x.device, x.ownership, x.family, x.granted, x.time_us, x.actor FROM consent x "
-            f"{current} WHERE x.seq = (SELECT max(seq) FROM consent y WHERE y.device = x.device "
-            "AND y.ownership = x.ownership AND y.family = x.family) ORDER BY x.device, x.family"
+            "JOIN (SELECT max(seq) AS seq FROM consent GROUP BY device, ownership, family) latest "
+            f"ON latest.seq = x.seq {current} ORDER BY x.device, x.family"
         )
     )
     guardians = tuple(
