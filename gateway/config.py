@@ -83,8 +83,11 @@ class GatewayConfig:
     compute_deadline_s: float = 30.0
     subscribe_page: int = 500  # records a subscriber reads per store query
 
-    # Retention: records whose period started longer ago than this are deleted (0 = keep everything).
+    # Retention (gateway/privacy/retention.py): records whose period started more than `retention_days`
+    # ago are deleted (0 = kept until erased); `retention` overrides it per family ("heart=90,sleep=30").
+    # Checked every `retention_check_s`; each sweep that deletes something is audited.
     retention_days: float = 0.0
+    retention: str = ""
     retention_check_s: float = 3600.0
 
     # gRPC transport.
@@ -127,6 +130,7 @@ class GatewayConfig:
         if self.ca_key and not self.tls_ca:
             raise ConfigError("ca_key needs tls_ca (the CA it belongs to)")
         self.consent_settings()  # refuses unknown families, ages and age_unknown values
+        self.retention_settings()  # refuses unknown families and negative days
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
         for name in (
@@ -140,6 +144,7 @@ class GatewayConfig:
             "keepalive_time_ms",
             "keepalive_timeout_ms",
             "cert_days",
+            "retention_check_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -180,6 +185,16 @@ class GatewayConfig:
             if not text.startswith(("consent", "age_unknown", "default_consent")):
                 text = f"default_consent: {text}"
             raise ConfigError(text) from None
+
+    def retention_settings(self) -> Any:
+        """Days kept per family (gateway.privacy.retention.Retention): `retention_days`, then `retention`."""
+        from gateway.privacy.retention import Retention
+
+        try:
+            return Retention.from_settings(self.retention_days, self.retention)
+        except ValueError as e:
+            text = str(e)
+            raise ConfigError(text if text.startswith("retention") else f"retention: {text}") from None
 
     def server_hosts(self) -> list[str]:
         """server_names as a list, blanks dropped."""

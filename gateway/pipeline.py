@@ -417,13 +417,6 @@ class Pipeline:
             store.close()
         self.writer.shutdown()
 
-    async def purge_expired(self, now_us: int) -> int:
-        """Delete records older than `retention_days` (on the writer thread, between commits)."""
-        if self.config.retention_days <= 0:
-            return 0
-        cutoff = now_us - int(self.config.retention_days * 86_400_000_000)
-        return await self.writer.call(self.writer.store.purge_before, cutoff)
-
     async def handle(
         self, device_id: int, batch: batch_pb2.Batch, *, established: bool = True
     ) -> ingest_pb2.Ack:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -37,6 +37,7 @@ from gateway.privacy.access import erase, export_lines
 from gateway.privacy.consent import ConsentGate, RegistryConsent
 from gateway.privacy.keys import KEYS_DB, TOMBSTONE_FILE, KeyStore, load_kek, load_tombstone_key
 from gateway.privacy.profile import unseal
+from gateway.privacy.retention import Sweeper
 from gateway.privacy.sealing import KeySealer
 from gateway.privacy.service import PrivacyService
 from gateway.security import setup as security_setup
@@ -460,10 +461,13 @@ class Gateway:
         *,
         authenticator: Authenticator | None = None,
         consent: ConsentGate | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self.config = config.validate()
         self.authenticator = authenticator
         self.consent = consent  # None: the registry's consent and minors rules (gateway/privacy)
+        self.clock = clock  # wall clock (s) of the retention sweeper: a test injects its own
+        self.sweeper: Sweeper | None = None
         self.privacy: RegistryConsent | None = None
         self.keys: KeyStore | None = None
         self.metrics = Metrics()
@@ -540,8 +544,11 @@ class Gateway:
         registry.listeners.append(lambda _policy: signal_.notify())  # subscriptions re-read their grants
         if self.authenticator is None:
             self.authenticator = InsecureLoopbackAuthenticator() if c.insecure else TlsAuthenticator(registry)
-        if c.retention_days > 0:
-            self._retention = asyncio.ensure_future(self._retain())
+        self.sweeper = Sweeper(
+            c.retention_settings(), self._pipeline.writer, registry.apply, now=lambda: self.clock()
+        )
+        if self.sweeper.retention:
+            self._retention = asyncio.ensure_future(self.sweeper.run(c.retention_check_s))
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.max_send_message_length", c.max_message_bytes),
@@ -666,20 +673,6 @@ class Gateway:
         if server is not None:
             log.info("gateway stopped", extra={"fields": {"event": "stopped"}})
 
-    async def _retain(self) -> None:
-        """Purge expired records now and every `retention_check_s`; a failed purge is retried next time."""
-        while True:
-            try:
-                purged = await self._pipeline.purge_expired(time.time_ns() // 1000)
-                if purged:
-                    log.info("retention purge", extra={"fields": {"event": "purged", "records": purged}})
-            except Exception as e:  # the store may be busy or full; serving goes on
-                log.warning(
-                    "retention purge failed",
-                    extra={"fields": {"event": "purge_failed", "error": type(e).__name__}},
-                )
-            await asyncio.sleep(self.config.retention_check_s)
-
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
@@ -697,9 +690,10 @@ async def run_server(
     *,
     authenticator: Authenticator | None = None,
     consent: ConsentGate | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Gateway]:
     """A running gateway for tests: `async with run_server(cfg) as gw: ... gw.address`."""
-    gateway = Gateway(config, authenticator=authenticator, consent=consent)
+    gateway = Gateway(config, authenticator=authenticator, consent=consent, clock=clock)
     await gateway.start()
     try:
         yield gateway

@@ -9,7 +9,7 @@ implementation, so SQLite and any later sink accept and refuse exactly the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -403,8 +403,11 @@ class Store(Protocol):
         `ownership`, only the records (and state) stored under that ownership."""
         ...
 
-    def purge_before(self, start_us: int) -> int:
-        """Delete records that start before `start_us` (retention); returns the number deleted."""
+    def purge_before(self, start_us: int, families: Iterable[str] | None = None) -> int:
+        """Delete records of `families` (None: all) that start before `start_us` (retention), in chunks
+        so commits wait one chunk at most; returns the number deleted. Only a purge of every family also
+        drops the high-water of past boots last written before `start_us` (a boot's batches may hold any
+        family). `ValueError` for an unknown family."""
         ...
 
     # registry and audit (gateway/security): who may connect, for which devices, and what was done

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -687,21 +687,35 @@ class SqliteStore(Store):
         self._checkpoint()
         return deleted
 
-    def purge_before(self, start_us: int) -> int:
+    def purge_before(self, start_us: int, families: Iterable[str] | None = None) -> int:
         """In chunks of PURGE_CHUNK records, each its own transaction, so commits are not held up for
-        long; boots other than a device's current one that were last written before `start_us` go too."""
+        long; with every family, boots other than a device's current one that were last written before
+        `start_us` go too."""
+        if families is None:
+            scopes = {table: ("", ()) for table in RECORD_TABLES.values()}
+        else:
+            chosen = sorted(set(families))
+            for family in chosen:
+                if family not in _TABLE_OF:
+                    raise ValueError(f"unknown family {family!r}; known {sorted(_TABLE_OF)}")
+            scopes = {}
+            for table in dict.fromkeys(_TABLE_OF[f] for f in chosen):
+                of_table = tuple(f for f in chosen if _TABLE_OF[f] == table)
+                scopes[table] = (f" AND family IN ({', '.join('?' * len(of_table))})", of_table)
         total = 0
-        for table in RECORD_TABLES.values():
+        for table, (where, args) in scopes.items():
             while True:
                 with self._write() as conn:
                     n = conn.execute(
                         f"DELETE FROM {table} WHERE cursor IN "
-                        f"(SELECT cursor FROM {table} WHERE start_us < ? LIMIT ?)",
-                        (start_us, PURGE_CHUNK),
+                        f"(SELECT cursor FROM {table} WHERE start_us < ?{where} LIMIT ?)",
+                        (start_us, *args, PURGE_CHUNK),
                     ).rowcount
                 total += n
                 if n < PURGE_CHUNK:
                     break
+        if families is not None:
+            return total
         with self._write() as conn:
             conn.execute(
                 "DELETE FROM boots WHERE updated_us < ? AND NOT EXISTS (SELECT 1 FROM devices d "

@@ -33,11 +33,25 @@ def test_precedence_file_env_flags(tmp_path):
         ({"environ": {"BANDGATE_RATE_SAMPLES_PER_S": "-1"}}, "rate_samples_per_s"),
         ({"environ": {"BANDGATE_COMPUTE_PROCESSES": "-1"}}, "compute_processes"),
         ({"environ": {"BANDGATE_COMPUTE_QUEUE": "0"}}, "compute_queue"),
+        ({"environ": {"BANDGATE_RETENTION_DAYS": "-1"}}, "retention_days"),
+        ({"environ": {"BANDGATE_RETENTION": "pulse=30"}}, "retention: unknown family 'pulse'"),
+        ({"environ": {"BANDGATE_RETENTION": "heart=-1"}}, "retention: heart: days must be >= 0"),
+        ({"environ": {"BANDGATE_RETENTION": "heart=90,heart=30"}}, "retention: heart is given twice"),
+        ({"environ": {"BANDGATE_RETENTION": "heart"}}, "retention: 'heart' is not FAMILY=DAYS"),
+        ({"environ": {"BANDGATE_RETENTION_CHECK_S": "0"}}, "retention_check_s"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, named):
     with pytest.raises(ConfigError, match=named):
         load_config(**{"environ": {}, **kwargs})
+
+
+def test_retention_per_family_overrides_the_default():
+    cfg = load_config(environ={"BANDGATE_RETENTION_DAYS": "365", "BANDGATE_RETENTION": "heart=90, sleep=0"})
+    days = cfg.retention_settings().days
+    assert days == {**dict.fromkeys(days, 365.0), "heart": 90.0, "sleep": 0.0}
+    assert len(days) == 8
+    assert not GatewayConfig().retention_settings()  # by default nothing expires
 
 
 def test_unknown_file_setting_refused(tmp_path):

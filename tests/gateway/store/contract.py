@@ -1042,6 +1042,35 @@ class StoreContract(RegistryContract, PrivacyContract):
         assert store.device(A) == DeviceRow(A, 1, 0, b"a")  # retention is about records, not state
         assert store.commit(A, 1, 0, 0, b"", []).duplicate
 
+    def test_purge_before_by_family(self, store: Store) -> None:
+        """Retention per family: only the named families go, whichever table they share with others."""
+        store.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 10), *minutes(A, 0, 10, "heart")])
+        store.commit(A, 1, 1, 1, b"a", [*minutes(A, 0, 10, "sleep"), *minutes(A, 0, 10, "day")])
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 3, 5, "activity"))  # activity shares steps' table
+        store.commit(A, 2, 0, 0, b"a2", [])  # a new boot: boot 1 is a past one now
+        cut = T0 + 5 * MINUTE_US
+        kept = everything(store)
+
+        def without(*families: str) -> list[tuple[int, dict]]:
+            return [(c, r) for c, r in kept if not (r["family"] in families and r["start_us"] < cut)]
+
+        with pytest.raises(ValueError):
+            store.purge_before(cut, ["heart", "raw_accel"])
+        assert everything(store) == kept
+        assert store.purge_before(cut, ["heart"]) == 5
+        assert everything(store) == without("heart")
+        assert store.purge_before(cut, ["steps", "sleep"]) == 5 + 5
+        kept = without("heart", "steps", "sleep")
+        assert everything(store) == kept
+        assert [r["start_us"] for _, r in kept if r["device"] == DEV2] == [
+            T0 + m * MINUTE_US for m in range(3, 8)
+        ]
+        assert store.purge_before(cut, []) == 0 and store.purge_before(cut, ["heart"]) == 0
+        # a purge of some families keeps every boot's high-water: a boot's batches hold any family
+        assert store.purge_before(now_us() + 10**9, ["day"]) == 10
+        assert store.commit(A, 1, 1, 1, b"", []).duplicate
+        assert everything(store) == [(c, r) for c, r in kept if r["family"] != "day"]
+
     # durability and versions
 
     def test_reopen_keeps_everything(self, harness: Harness) -> None:
