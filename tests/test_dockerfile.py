@@ -290,6 +290,9 @@ def test_image_commands_install_warm_serve_and_report_serving(tmp_path: Path) ->
         assert done.returncode == 0 and done.stdout.strip() == "SERVING", (done.stdout, done.stderr)
 
         # a band's batches are stored with the kernels the warm-up compiled: nothing new in the cache
+        import grpc
+
+        from gateway.privacy.client import give_consent
         from gateway.simulator.client import run_fleet
         from gateway.simulator.recorder import fleet_batches
 
@@ -301,6 +304,9 @@ def test_image_commands_install_warm_serve_and_report_serving(tmp_path: Path) ->
 
         async def upload() -> list:
             creds = await Credentials(state, address).fleet_credentials([d for d, _ in fleet])
+            for device_id, band_creds in creds.items():  # the owner's first use: an adult profile, consent
+                async with grpc.aio.secure_channel(address, band_creds) as ch:
+                    await give_consent(ch, device_id)
             return await run_fleet(address, fleet, give_up_after_s=30, credentials=creds)
 
         (stats,) = asyncio.run(asyncio.wait_for(upload(), 60))
