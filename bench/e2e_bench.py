@@ -80,7 +80,9 @@ class Gateway:
     ):
         self.workdir = workdir
         self.insecure = insecure
-        self.env = env or os.environ.copy()
+        # The benchmark's simulated bands have no owners to consent: the operator's settings consent to
+        # every family for them (the gate is still asked for every batch). A caller's env overrides.
+        self.env = {"BANDGATE_DEFAULT_CONSENT": "all", "BANDGATE_AGE_UNKNOWN": "adult", **(env or os.environ)}
         self.address = f"127.0.0.1:{_free_port()}"
         self.health_address = f"127.0.0.1:{_free_port()}"
         self.state_dir = state_dir or workdir / f"state-{time.monotonic_ns()}"
