@@ -90,6 +90,13 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "created_us": DEVICE_METADATA,
         },
         "audit": {"seq": AUDIT, "time_us": AUDIT, "entry": AUDIT, "mac": AUDIT},
+        "audit_segments": {
+            "seq": AUDIT,
+            "mac": AUDIT,
+            "first_seq": AUDIT,
+            "first_time_us": AUDIT,
+            "last_time_us": AUDIT,
+        },
         "ownerships": {
             "device": IDENTIFIER,
             "ownership": IDENTIFIER,

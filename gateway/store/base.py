@@ -278,6 +278,18 @@ class AuditRow:
     mac: str
 
 
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    """The head of a closed audit segment (entries `first_seq`..`seq`): its last entry's seq and MAC, so
+    the entries up to it can be dropped and the chain still verifies from here."""
+
+    seq: int
+    mac: str
+    first_seq: int
+    first_time_us: int
+    last_time_us: int
+
+
 # Each family's table, by sensitivity class (gateway/privacy/classes.py): the health classes (heart, sleep)
 # apart from activity, so a database-level grant can separate them. One cursor sequence runs across them.
 FAMILY_CLASS = {
@@ -420,10 +432,16 @@ class Store(Protocol):
         """A number that grows with every policy change (not with "seen"): a cache compares it."""
         ...
 
-    def registry_apply(self, ops: Sequence[RegistryOp], audit: Sequence[AuditRow] = ()) -> int:
-        """Apply `ops` and append `audit` in one transaction; returns the registry version after it.
-        `ValueError` for a malformed op (unknown kind, state, operation, family); an audit row whose
-        seq is not the next one raises `StoreError` and nothing is written."""
+    def registry_apply(
+        self,
+        ops: Sequence[RegistryOp],
+        audit: Sequence[AuditRow] = (),
+        checkpoints: Sequence[AuditCheckpoint] = (),
+    ) -> int:
+        """Apply `ops`, append `audit` and record `checkpoints` in one transaction; returns the registry
+        version after it. `ValueError` for a malformed op (unknown kind, state, operation, family); an
+        audit row whose seq is not the next one, or a checkpoint that is not of a stored entry (its seq
+        and MAC) after the last checkpoint, raises `StoreError` and nothing is written."""
         ...
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
@@ -437,6 +455,20 @@ class Store(Protocol):
 
     def audit_last(self) -> AuditRow | None:
         """The newest audit row, None if the log is empty."""
+        ...
+
+    def audit_checkpoints(self, after_seq: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
+        """Up to `limit` segment checkpoints with seq above `after_seq`, in order."""
+        ...
+
+    def audit_checkpoint_last(self) -> AuditCheckpoint | None:
+        """The newest checkpoint (the head of the last closed segment), None if there is none."""
+        ...
+
+    def audit_drop_through(self, seq: int) -> int:
+        """Delete the audit rows up to `seq` in one transaction, and the checkpoints before it (the one at
+        `seq` stays: the kept entries chain from it); returns the rows deleted. `StoreError` unless `seq`
+        is a checkpoint below the newest entry (a segment boundary, never the log's head)."""
         ...
 
     def __enter__(self) -> Self:

@@ -29,6 +29,7 @@ from gateway.store.base import (
     FAMILY_CLASS,
     U64,
     UNOWNED,
+    AuditCheckpoint,
     AuditRow,
     CommitItem,
     CommitResult,
@@ -240,6 +241,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             erased_us INTEGER NOT NULL,
             PRIMARY KEY (pseudonym, boot_id)
         ) WITHOUT ROWID""",
+    ),
+    (
+        # The audit log is kept by segment (gateway/security/audit.py): the head (last seq and MAC) of each
+        # closed segment, so old segments can be dropped and the entries kept still verify from here.
+        """CREATE TABLE audit_segments (
+            seq INTEGER PRIMARY KEY,
+            mac TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            first_time_us INTEGER NOT NULL,
+            last_time_us INTEGER NOT NULL
+        )""",
     ),
 )
 
@@ -767,7 +779,12 @@ class SqliteStore(Store):
         with _errors():
             return int(self._connection().execute("SELECT version FROM registry_version").fetchone()[0])
 
-    def registry_apply(self, ops: Sequence[RegistryOp], audit: Sequence[AuditRow] = ()) -> int:
+    def registry_apply(
+        self,
+        ops: Sequence[RegistryOp],
+        audit: Sequence[AuditRow] = (),
+        checkpoints: Sequence[AuditCheckpoint] = (),
+    ) -> int:
         for op in ops:
             check_registry_op(op)
         now_us = time.time_ns() // 1000
@@ -779,6 +796,17 @@ class SqliteStore(Store):
                 conn.executemany(
                     "INSERT INTO audit (seq, time_us, entry, mac) VALUES (?, ?, ?, ?)",
                     [(r.seq, r.time_us, r.entry, r.mac) for r in audit],
+                )
+            for cp in checkpoints:
+                # of a stored entry, after the last checkpoint: its MAC is what the next entry chains to
+                before = conn.execute("SELECT max(seq) FROM audit_segments").fetchone()[0] or 0
+                row = conn.execute("SELECT mac FROM audit WHERE seq = ?", (cp.seq,)).fetchone()
+                if row is None or row[0] != cp.mac or cp.seq <= before or not 0 < cp.first_seq <= cp.seq:
+                    raise StoreError(f"checkpoint {cp.seq} is no stored entry after checkpoint {before}")
+                conn.execute(
+                    "INSERT INTO audit_segments (seq, mac, first_seq, first_time_us, last_time_us) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (cp.seq, cp.mac, cp.first_seq, cp.first_time_us, cp.last_time_us),
                 )
             changed = False
             for op in ops:
@@ -851,6 +879,41 @@ class SqliteStore(Store):
                 .fetchone()
             )
         return None if row is None else AuditRow(*row)
+
+    def audit_checkpoints(self, after_seq: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        with _errors():
+            return [
+                AuditCheckpoint(*row)
+                for row in self._connection().execute(
+                    "SELECT seq, mac, first_seq, first_time_us, last_time_us FROM audit_segments "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after_seq, limit),
+                )
+            ]
+
+    def audit_checkpoint_last(self) -> AuditCheckpoint | None:
+        with _errors():
+            row = (
+                self._connection()
+                .execute(
+                    "SELECT seq, mac, first_seq, first_time_us, last_time_us FROM audit_segments "
+                    "ORDER BY seq DESC LIMIT 1"
+                )
+                .fetchone()
+            )
+        return None if row is None else AuditCheckpoint(*row)
+
+    def audit_drop_through(self, seq: int) -> int:
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM audit_segments WHERE seq = ?", (seq,)).fetchone() is None:
+                raise StoreError(f"audit entry {seq} ends no segment: only whole segments are dropped")
+            if seq >= (conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or 0):
+                raise StoreError(f"audit entry {seq} is the newest: the log's head is never dropped")
+            n = conn.execute("DELETE FROM audit WHERE seq <= ?", (seq,)).rowcount
+            conn.execute("DELETE FROM audit_segments WHERE seq < ?", (seq,))
+        return n
 
     def _checkpoint(self) -> None:
         with suppress(sqlite3.Error):

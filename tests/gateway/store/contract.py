@@ -39,6 +39,7 @@ from gateway.store import (
 from gateway.store.base import (
     ADMIN_FAMILY,
     FAMILIES,
+    AuditCheckpoint,
     AuditRow,
     CommitItem,
     CredentialRow,
@@ -139,6 +140,12 @@ def audit_run(first: int, n: int) -> list[AuditRow]:
         AuditRow(s, T0 + s, f'{{"seq":{s},"actor":"consumer:opérateur"}}', f"{s:064x}")
         for s in range(first, first + n)
     ]
+
+
+def checkpoint(first: int, last: int) -> AuditCheckpoint:
+    """The checkpoint of the segment `first`..`last` of rows made by `audit_run`."""
+    (row,) = audit_run(last, 1)
+    return AuditCheckpoint(last, row.mac, first, T0 + first, row.time_us)
 
 
 def grants_of(snapshot: RegistrySnapshot) -> set[tuple[str, str, str, frozenset[str]]]:
@@ -381,6 +388,54 @@ class RegistryContract:
         assert store.audit_rows(10, 5) == written[10:15]
         assert store.audit_rows(len(written)) == []
         assert store.audit_last() == written[-1]
+
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            replace(checkpoint(3, 5), seq=6),  # no such entry
+            replace(checkpoint(3, 5), mac="ab" * 32),  # not that entry's MAC
+            replace(checkpoint(3, 5), first_seq=0),
+            checkpoint(1, 2),  # not after the last checkpoint
+        ],
+        ids=["absent", "mac", "first", "behind"],
+    )
+    def test_a_checkpoint_is_of_a_stored_entry_after_the_last(
+        self, store: Store, bad: AuditCheckpoint
+    ) -> None:
+        self._seed(store)  # rows 1 and 2
+        store.registry_apply([], [], [checkpoint(1, 2)])
+        assert store.audit_checkpoints() == [checkpoint(1, 2)]
+        with pytest.raises(StoreError):
+            store.registry_apply([principal_op("consumer", "lab")], audit_run(3, 3), [bad])
+        assert store.audit_rows() == audit_run(1, 2)  # neither the rows nor the op were written
+        assert ("consumer", "lab") not in principals_of(store.registry_snapshot())
+        store.registry_apply([], audit_run(3, 3), [checkpoint(3, 5)])  # rows and checkpoint together
+        assert store.audit_checkpoints() == [checkpoint(1, 2), checkpoint(3, 5)]
+        assert store.audit_checkpoint_last() == checkpoint(3, 5)
+        assert store.audit_checkpoints(2, 1) == [checkpoint(3, 5)]
+
+    def test_only_whole_segments_are_dropped_and_never_the_head(self, harness: Harness, store: Store) -> None:
+        assert store.audit_checkpoint_last() is None
+        store.registry_apply([], audit_run(1, 4), [checkpoint(1, 4)])
+        store.registry_apply([], audit_run(5, 4), [checkpoint(5, 8)])
+        store.registry_apply([], audit_run(9, 2), [checkpoint(9, 10)])
+        for seq in (5, 11):  # inside a segment; past the log
+            with pytest.raises(StoreError):
+                store.audit_drop_through(seq)
+        with pytest.raises(StoreError):
+            store.audit_drop_through(10)  # a boundary, but the newest entry: the head stays
+        assert store.audit_rows() == audit_run(1, 10)
+        assert store.audit_drop_through(8) == 8
+        assert store.audit_rows() == audit_run(9, 2)
+        assert store.audit_checkpoints() == [checkpoint(5, 8), checkpoint(9, 10)]  # the kept chain from 8
+        assert store.audit_drop_through(8) == 0  # again: nothing left to drop
+        with pytest.raises(StoreError):
+            store.audit_drop_through(4)  # its checkpoint went with the segment after it
+        store.registry_apply([], audit_run(11, 1))
+        assert store.audit_drop_through(10) == 2
+        with harness.new_store() as again:
+            assert again.audit_rows() == audit_run(11, 1) == [again.audit_last()]
+            assert again.audit_checkpoints() == [checkpoint(9, 10)]
 
     def test_registry_and_audit_survive_reopening(self, harness: Harness) -> None:
         with harness.new_store() as s:
