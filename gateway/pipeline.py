@@ -34,7 +34,8 @@ from gateway.metrics import Metrics
 from gateway.privacy.consent import NO_CONSENT, ConsentGate, Processing
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult
-from gateway.workers import GROUP_MAX, PoisonBatch, WorkerLost, WorkerPool
+from gateway.workers import GROUP_MAX as WORKER_GROUP_MAX
+from gateway.workers import PoisonBatch, WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
 
@@ -144,58 +145,6 @@ async def take_room(room: asyncio.Semaphore, config: GatewayConfig, limit: str) 
         raise Refused(
             RESOURCE_EXHAUSTED, f"overloaded: {limit} is full", retry_after_ms=config.retry_after_ms
         ) from None
-
-
-class ComputeTurns:
-    """Which waiting batch goes to the compute workers next, in two levels: a batch of a stream that has
-    already had a batch stored goes before the first batch of a stream just opened.
-
-    At most `depth` batches are handed to the workers at once; the rest wait here, where the order can
-    still be chosen (in a worker's socket they could only be taken in arrival order). Why: after a
-    restart, 2,000 reconnecting bands' first batches (each a device-state load) arrive within a second
-    or two, and in arrival order they sat in front of the bands that were already streaming (their acks
-    waited 0.5-1.3 s in the compute queue; see BENCHMARKS.md, "Identity and TLS").
-    """
-
-    def __init__(self, depth: int):
-        self.depth = depth
-        self.running = 0
-        self._waiting: tuple[collections.deque[asyncio.Future[None]], ...] = (
-            collections.deque(),  # batches of streams that have had a batch stored
-            collections.deque(),  # first batches of streams just opened
-        )
-
-    def __len__(self) -> int:
-        """Batches waiting for their turn."""
-        return sum(len(q) for q in self._waiting)
-
-    async def take(self, *, established: bool) -> None:
-        """Wait for a turn; every turn taken is given back exactly once (`give_back`)."""
-        if self.running < self.depth and not any(self._waiting):
-            self.running += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        queue = self._waiting[0 if established else 1]
-        queue.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give_back()  # handed the turn just as it was cancelled: the next batch has it
-            else:
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
-            raise
-
-    def give_back(self) -> None:
-        """A batch's compute is over: its turn passes to the next waiting batch, established first."""
-        for queue in self._waiting:
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    return
-        self.running -= 1
 
 
 # store threads
@@ -369,10 +318,12 @@ class Pipeline:
         self.workers: WorkerPool | None = None
         self._computing = 0
         self._compute_room = asyncio.Semaphore(config.compute_queue)
-        # Handed to the workers at once: a worker's whole group (`workers.GROUP_MAX`, what it computes
-        # before one commit) with compute processes, one running and one queued batch a compute thread.
-        self._turns = ComputeTurns(
-            config.compute_processes * GROUP_MAX if config.compute_processes else 2 * config.compute_threads
+        # First batches of new streams in compute at once (see `_run_compute`): one group a worker process
+        # (`workers.GROUP_MAX`: fewer left the workers idle between groups and made a storm longer), one
+        # running and one queued batch a compute thread.
+        c = config
+        self._opening = asyncio.Semaphore(
+            c.compute_processes * WORKER_GROUP_MAX if c.compute_processes else 2 * c.compute_threads
         )
 
     async def start(self) -> None:
@@ -421,8 +372,8 @@ class Pipeline:
         self, device_id: int, batch: batch_pb2.Batch, *, established: bool = True
     ) -> ingest_pb2.Ack:
         """The one Ack for `batch`, received on a stream authenticated as `device_id`. `established`: the
-        stream has had a batch stored already, so this one goes to compute before the first batches of
-        streams just opened (`ComputeTurns`)."""
+        stream has had a batch stored already (False: its first batch, which waits for an opening turn
+        before it enters the compute queue; see `_run_compute`)."""
         started = time.monotonic()
         self.metrics.bytes_in.inc(len(batch.payload))
         try:
@@ -547,13 +498,28 @@ class Pipeline:
         allow_gap: bool,
         established: bool = True,
     ) -> int | tuple[Computed, CommitItem | CommitResult]:
+        # A new stream's first batch (a device-state load) first waits for one of a few opening turns,
+        # outside the compute queue: after a restart 2,000 reconnecting bands send theirs within a second
+        # or two, and in arrival order they sat in the compute queue in front of the bands that were
+        # already streaming (whose batches waited 0.5-5 s behind them; BENCHMARKS.md, "Identity and
+        # TLS"). Now at most a few are in compute at once, and established streams' batches go as
+        # before. The wait holds no room in the compute queue (so established streams are not refused
+        # for the newcomers) and no more memory than the one message per stream grpc would hold unread.
+        opening = None if established else self._opening
+        if opening is not None:
+            await opening.acquire()
         workers, threads = self.workers, self._compute
-        if workers is None and threads is None:
-            raise Refused(UNAVAILABLE, "the gateway is shutting down")
-        # Bounded: every batch waiting here holds its payload. One batch a stream is in flight, so this
-        # fills only when more streams send at once than the workers keep up with.
-        room, turns = self._compute_room, self._turns
-        await take_room(room, self.config, f"compute_queue = {self.config.compute_queue}")
+        room = self._compute_room
+        try:
+            if workers is None and threads is None:
+                raise Refused(UNAVAILABLE, "the gateway is shutting down")
+            # Bounded: every batch waiting here holds its payload. One batch a stream is in flight, so this
+            # fills only when more streams send at once than the workers keep up with.
+            await take_room(room, self.config, f"compute_queue = {self.config.compute_queue}")
+        except BaseException:
+            if opening is not None:
+                opening.release()
+            raise
         self._computing += 1
         self.metrics.compute_queue.set(self._computing)
         released = False
@@ -564,18 +530,12 @@ class Pipeline:
             nonlocal released
             if not released:
                 released = True
-                turns.give_back()
                 self._computing -= 1
                 self.metrics.compute_queue.set(self._computing)
                 room.release()
+                if opening is not None:
+                    opening.release()
 
-        try:
-            await turns.take(established=established)
-        except BaseException:  # cancelled while it waited: it holds no turn, only its room
-            self._computing -= 1
-            self.metrics.compute_queue.set(self._computing)
-            room.release()
-            raise
         try:
             if workers is not None:
                 key = (device_id, batch.boot_id, batch.first_seq)
