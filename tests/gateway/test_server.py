@@ -693,6 +693,8 @@ def test_an_established_stream_is_not_queued_behind_a_flood_of_new_streams_first
 
     ack, overtaken, left, acks = run(scenario())
     assert ack.code == OK and ack.acked_seq == 1
-    assert overtaken <= 4, overtaken  # the 2 in compute, and acks already on their way
+    # the 2 in compute, and those that ended while it was on its way (1-3 seen on a loaded box; 39 when
+    # first batches queued with everything else)
+    assert overtaken <= 6, overtaken
     assert left >= len(flood) // 2, left  # the rest of the flood was still waiting behind it
     assert [a.code for a in acks] == [OK] * len(flood)  # each newcomer once, none refused for room
