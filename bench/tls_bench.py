@@ -116,6 +116,7 @@ def seed_registry(
     and bind each relay's devices, in one transaction with its audit entries, through the store contract
     and the gateway's audit log (a running gateway follows: it polls the registry version and catches up
     with the entries). Returns the CA and name → (cert, key)."""
+    from gateway.privacy.keys import TOMBSTONE_FILE, load_tombstone_key
     from gateway.security.audit import AuditEvent, AuditLog, load_key
     from gateway.security.pki import (
         CertificateAuthority,
@@ -166,7 +167,8 @@ def seed_registry(
                 AuditEvent("binding.added", OPERATOR, f"relay:{relay}", details={"device": f"{d:016x}"})
             )
     with open_store(gw.store) as store:
-        audit = AuditLog(store, load_key(state.audit_key), state.audit_head)
+        pseudonyms = load_tombstone_key(state.root / TOMBSTONE_FILE)  # entries name devices by pseudonym
+        audit = AuditLog(store, load_key(state.audit_key), state.audit_head, pseudonyms=pseudonyms)
         audit.open()
         audit.record(events, ops)
     for kind, names in (("device", [f"{d:016x}" for d in devices]), ("relay", list(relays))):

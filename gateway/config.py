@@ -89,6 +89,10 @@ class GatewayConfig:
     retention_days: float = 0.0
     retention: str = ""
     retention_check_s: float = 3600.0
+    # The audit log is kept by segment (gateway/security/audit.py): a segment closes at this many entries
+    # or after this many days (0 = no age limit), and `bandgate audit drop-before` drops whole old ones.
+    audit_segment_entries: int = 10_000
+    audit_segment_days: float = 1.0
 
     # gRPC transport.
     keepalive_time_ms: int = 30_000
@@ -145,6 +149,7 @@ class GatewayConfig:
             "keepalive_timeout_ms",
             "cert_days",
             "retention_check_s",
+            "audit_segment_entries",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -156,6 +161,7 @@ class GatewayConfig:
             "retry_after_ms",
             "max_connection_idle_ms",
             "retention_days",
+            "audit_segment_days",
             "shutdown_grace_s",
             "compute_deadline_s",
         ):

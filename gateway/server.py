@@ -42,6 +42,7 @@ from gateway.privacy.sealing import KeySealer
 from gateway.privacy.service import PrivacyService
 from gateway.security import setup as security_setup
 from gateway.security.admin import AdminService, IdentityService, add_services
+from gateway.security.audit import Segments
 from gateway.security.policy import Policy, Principal
 from gateway.security.registry import Refusal, Registry
 from gateway.security.tls import ReloadingCredentials
@@ -501,11 +502,9 @@ class Gateway:
         # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart
         self.keys = keys = KeyStore(security.state.root / KEYS_DB, load_kek(security.state.root))
         await asyncio.to_thread(keys.open)
-        sealer = (
-            KeySealer(keys, load_tombstone_key(security.state.root / TOMBSTONE_FILE))
-            if c.encrypt_at_rest
-            else None
-        )
+        # one pseudonym key for erasure tombstones and the devices audit entries name
+        pseudonyms = load_tombstone_key(security.state.root / TOMBSTONE_FILE)
+        sealer = KeySealer(keys, pseudonyms) if c.encrypt_at_rest else None
         self.privacy = RegistryConsent(
             lambda: self.registry.policy.snapshot if self.registry and self.registry.policy else None,
             lambda device, ownership, row: unseal(
@@ -531,6 +530,8 @@ class Gateway:
             self._registry_thread,
             audit_key=security.state.audit_key,
             audit_head=security.state.audit_head,
+            pseudonyms=pseudonyms,
+            segments=Segments(c.audit_segment_entries, c.audit_segment_days * 86_400),
             auto_register=c.auto_register,
             metrics=self.metrics,
         )
@@ -585,7 +586,7 @@ class Gateway:
                 self.privacy,
                 keys.data_key,
                 lambda caller, ownership, fmt: export_lines(
-                    caller, ownership, fmt, reader=reader, data_key=keys.data_key
+                    caller, ownership, fmt, reader=reader, data_key=keys.data_key, pseudonyms=pseudonyms
                 ),
                 lambda caller: erase(caller, registry=registry, writer=writer, destroy_keys=keys.destroy),
             ),

@@ -4,7 +4,8 @@
 (one object after another), page by page, so memory stays flat however much a device holds: first the
 device and ownership, then each profile version, consent decision and guardian record, then every
 feature record (`kind` "feature", with `family` and `start_us`), then the audit entries that name the
-device. Nothing of another device: every read is filtered by the device's ID.
+device. Nothing of another device: every read is filtered by the device's ID. Audit entries name devices
+by a keyed pseudonym; they are found by it, and shown to the owner with the device's own ID in its place.
 
 `erase` destroys the device's data keys first (from then on nothing sealed under them opens), then
 forgets its privacy rows through the registry (audited, and the gateway stops processing at once) and
@@ -20,10 +21,11 @@ import msgpack
 import orjson
 
 from gateway.pipeline import StoreThread
+from gateway.privacy.crypto import PseudonymKey
 from gateway.privacy.ownership import current_ownership
 from gateway.privacy.profile import unseal
 from gateway.privacy.service import Caller
-from gateway.security.audit import AuditEvent
+from gateway.security.audit import AuditEvent, audit_pseudonym
 from gateway.security.registry import Registry
 from gateway.store.base import RegistryOp
 
@@ -59,6 +61,7 @@ async def export_lines(
     *,
     reader: StoreThread,
     data_key: Callable[[str, str], Any],
+    pseudonyms: PseudonymKey,
 ) -> AsyncIterator[bytes]:
     """The export of `caller.device`'s current ownership `ownership` (see the module docstring)."""
     device = caller.device
@@ -98,17 +101,25 @@ async def export_lines(
         if len(rows) < PAGE:
             break
 
-    subject = f"device:{device}"
+    # the device's pseudonym, wherever an entry names it (actor, subject, reason, details); entries from
+    # before pseudonyms named it in clear as actor or subject
+    pseudonym, legacy = audit_pseudonym(pseudonyms, device), f"device:{device}"
     after = 0
     while True:
         rows = await reader.call(reader.store.audit_rows, after, PAGE)
         for row in rows:
             after = row.seq
-            entry = orjson.loads(row.entry)
-            if entry.get("subject") == subject or entry.get("actor") == subject:
-                chunk = enc.add({"kind": "audit", **entry})
-                if chunk is not None:
-                    yield chunk
+            if pseudonym in row.entry:
+                entry = orjson.loads(row.entry.replace(pseudonym, device))
+            elif legacy in row.entry:
+                entry = orjson.loads(row.entry)
+                if legacy not in (entry.get("subject"), entry.get("actor")):
+                    continue
+            else:
+                continue
+            chunk = enc.add({"kind": "audit", **entry})
+            if chunk is not None:
+                yield chunk
         if len(rows) < PAGE:
             break
     if enc.buffer:

@@ -7,12 +7,21 @@ a head record outside the store (`audit.head`: the last sequence number and its 
 chain alone cannot: a tail cut off, or a whole chain rewritten.
 
 ```python
-log = AuditLog(store, load_key(state / "audit.key"), state / "audit.head")
+log = AuditLog(store, load_key(state / "audit.key"), state / "audit.head", pseudonyms=tombstone_key)
 log.open()
 log.record([AuditEvent("grant.added", "consumer:operator", subject="consumer:clinic")], [grant_op])
 ```
 
-Entries carry identifiers and reasons only: never feature values, tokens, keys or certificates.
+Entries carry identifiers and reasons only: never feature values, tokens, keys or certificates. A device
+is named by a keyed pseudonym (`audit_pseudonym`: HMAC of its ID under the state dir's tombstone key),
+never by its ID: who holds the key (the gateway, an operator looking up one device) can find a device's
+entries, a copy of the log alone names no band.
+
+Retention by segment: the chain is cut into segments (`Segments`: so many entries, or so long), and the
+head of each closed segment (its last seq and MAC) is checkpointed in the store with the entries that
+close it. `drop_through` deletes whole old segments after recording a sealed "audit.dropped" entry that
+names how far; `verify` then checks the kept entries from the checkpoint they chain to, and refuses a log
+whose first entries are gone with no such entry covering them.
 """
 
 from __future__ import annotations
@@ -22,16 +31,18 @@ import hmac
 import json
 import logging
 import os
+import re
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gateway.store.base import AuditRow, RegistryOp, Store
+from gateway.privacy.crypto import PseudonymKey, normalize_device
+from gateway.store.base import AuditCheckpoint, AuditRow, RegistryOp, Store
 
 KEY_BYTES = 32
 GENESIS = b"bandgate-audit-genesis"
@@ -43,6 +54,11 @@ MAX_REFUSAL_KEYS = 10_000
 OTHER_PEER = "peer:other"
 _PAGE = 1000
 _MAX_OVERFLOW_REASONS = 64  # distinct reasons under OTHER_PEER before they too are pooled
+PSEUDONYM_PREFIX = "pseudonym-"  # what stands for a device ID in an entry: "device:pseudonym-<32 hex>"
+DROPPED = "audit.dropped"  # the sealed entry that authorises dropping the segments before it
+# A device ID in free text (a reason, a detail): 16 lower-case hex digits standing alone. Actor and subject
+# are pseudonymised only as "device:<id>", so a relay or consumer that happens to be named so keeps its name.
+_DEVICE_WORD = re.compile(r"(?<![0-9A-Za-z_-])[0-9a-f]{16}(?![0-9A-Za-z_-])")
 
 log = logging.getLogger("bandgate.audit")
 
@@ -117,6 +133,43 @@ class AuditEvent:
             elif type(v) is not int or not -(2**63) <= v < 2**63:
                 raise ValueError(f"details[{k!r}] is neither a short string nor an int64")
         object.__setattr__(self, "details", _Details(self.details.items()))
+
+
+def audit_pseudonym(key: PseudonymKey, device: str | int) -> str:
+    """How entries name `device` (16 hex or the 64-bit ID): "pseudonym-" and its keyed pseudonym
+    (gateway/privacy/crypto.py `device_pseudonym`), the same in every entry, so one device's entries are
+    found by searching for this text (`bandgate audit show --device`, the owner's export)."""
+    return PSEUDONYM_PREFIX + key.pseudonym(normalize_device(device))
+
+
+def pseudonymise(event: AuditEvent, key: PseudonymKey | None) -> AuditEvent:
+    """`event` with each device ID replaced by `audit_pseudonym`: an actor or subject "device:<id>", and
+    any 16-hex word in its reason and text details. Without a key an event that names a device is refused
+    (ValueError): a log must not name bands because a caller forgot the key."""
+
+    def named(text: str) -> str:  # a stand-in is longer than an ID: cut to size, never to an ID's part
+        return _DEVICE_WORD.sub(lambda m: _stand_in(key, m.group(0)), text)[:MAX_TEXT]
+
+    def principal(text: str) -> str:
+        kind, sep, name = text.partition(":")
+        if kind == "device" and sep and _DEVICE_WORD.fullmatch(name):
+            return f"device:{_stand_in(key, name)}"
+        return text
+
+    changed = replace(
+        event,
+        actor=principal(event.actor),
+        subject=principal(event.subject),
+        reason=named(event.reason),
+        details={k: named(v) if isinstance(v, str) else v for k, v in event.details.items()},
+    )
+    return event if changed == event else changed
+
+
+def _stand_in(key: PseudonymKey | None, device: str) -> str:
+    if key is None:
+        raise ValueError("an audit event names a device, and this log has no pseudonym key to name it by")
+    return audit_pseudonym(key, device)
 
 
 def _check_text(name: str, value: object) -> None:
@@ -250,22 +303,51 @@ def _write_head(path: Path, head: _Head) -> None:
 # the log
 
 
+@dataclass(frozen=True)
+class Segments:
+    """When the open segment closes (its last entry checkpointed, so it can later be dropped whole): once
+    it holds `entries` entries, or before the first entry recorded `max_age_s` or more after its first
+    (0: no age limit). The default closes a segment a day, or at 10,000 entries."""
+
+    entries: int = 10_000
+    max_age_s: float = 86_400.0
+
+    def __post_init__(self) -> None:
+        if type(self.entries) is not int or self.entries < 1 or not self.max_age_s >= 0:
+            raise ValueError("a segment holds at least one entry, and its age limit is >= 0")
+
+
 class AuditLog:
     """Appends sealed entries to `store` and keeps the head record at `head_path`.
 
     Called from one thread (the thread that uses `store`). `open` checks the store's chain against the
     head before anything is appended; `record` stores a policy change and its entries in one
-    transaction."""
+    transaction, each device named by its pseudonym under `pseudonyms`, and the checkpoints of the
+    segments those entries close (`segments`). `clock` is the wall clock in seconds (tests inject one)."""
 
-    def __init__(self, store: Store, key: bytes, head_path: Path):
+    def __init__(
+        self,
+        store: Store,
+        key: bytes,
+        head_path: Path,
+        *,
+        pseudonyms: PseudonymKey | None = None,
+        segments: Segments = Segments(),
+        clock: Callable[[], float] = time.time,
+    ):
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
             raise AuditError(f"the audit key is {KEY_BYTES} bytes")
         self._store = store
         self._key = key
         self._head_path = Path(head_path)
         self._genesis = genesis_mac(key)
+        self._pseudonyms = pseudonyms
+        self.segments = segments
+        self.clock = clock
         self._seq: int | None = None  # the last stored entry and its MAC, once open
         self._mac = ""
+        self._last_time_us = 0
+        self._open_segment: tuple[int, int] | None = None  # its first entry's (seq, time_us); None: empty
 
     def __repr__(self) -> str:
         return f"AuditLog(head={str(self._head_path)!r}, seq={self._seq})"
@@ -303,6 +385,7 @@ class AuditLog:
             )
             self._write_head_or_refuse(_Head(seq, mac))
         self._seq, self._mac = seq, mac
+        self._load_segment()
 
     def _write_head_or_refuse(self, head: _Head) -> None:
         try:
@@ -316,14 +399,14 @@ class AuditLog:
             if not _same(head.mac, self._genesis):
                 raise AuditError("head MAC does not match the empty log's genesis (wrong key or rewritten)")
             return
-        after = max(head.seq - 2, 0)
-        rows = self._store.audit_rows(after, head.seq - after)
-        if not rows or rows[-1].seq != head.seq or (head.seq > 1 and rows[0].seq != head.seq - 1):
+        rows = {r.seq: r for r in self._store.audit_rows(max(head.seq - 2, 0), 2)}
+        row = rows.get(head.seq)
+        prev = _mac_before(self._store, head.seq, rows.get(head.seq - 1), self._genesis)
+        if row is None or prev is None:
             raise AuditError(f"audit entries before or at the head ({head.seq}) are missing (deleted)")
-        row = rows[-1]
         if not _same(row.mac, head.mac):
             raise AuditError(f"head MAC does not match entry {head.seq} (chain rewritten)")
-        problem = _row_problem(self._key, rows[0].mac if head.seq > 1 else self._genesis, row)
+        problem = _row_problem(self._key, prev, row)
         if problem:
             raise AuditError(problem)
 
@@ -339,13 +422,22 @@ class AuditLog:
                 seq, mac = row.seq, row.mac
         return seq, mac
 
+    def _load_segment(self) -> None:
+        """Where the open segment starts (after the last checkpoint), and the newest entry's time."""
+        checkpoint = self._store.audit_checkpoint_last()
+        first = self._store.audit_rows(checkpoint.seq if checkpoint else 0, 1)
+        self._open_segment = (first[0].seq, first[0].time_us) if first else None
+        last = self._store.audit_last()
+        self._last_time_us = last.time_us if last else 0
+
     def record(self, events: Sequence[AuditEvent], ops: Sequence[RegistryOp] = ()) -> int:
         """Seal `events` into rows continuing the chain and store them with `ops` in one transaction (a
-        policy change and its audit entries are stored together or not at all); then write the head.
-        Returns the registry version.
+        policy change and its audit entries are stored together or not at all), with the checkpoints of
+        the segments they close; then write the head. Returns the registry version.
 
         A policy change without an event is refused (ValueError): only "seen" and "totp_used" ops (no policy
-        change: a last-seen time, a second factor's last step) may go unrecorded. If
+        change: a last-seen time, a second factor's last step) may go unrecorded. So is an event naming a
+        device when the log has no pseudonym key. If
         the store raises, nothing is stored and the chain continues from the last stored entry. If the
         head cannot be written after the commit, that is logged rather than raised, because the change
         is stored; the next record (or open) writes it again."""
@@ -355,17 +447,28 @@ class AuditLog:
             if any(op.op not in ("seen", "totp_used") for op in ops):
                 raise ValueError("a policy change must be recorded with an audit event")
             return self._store.registry_apply(ops) if ops else self._store.registry_version()
+        events = [pseudonymise(event, self._pseudonyms) for event in events]
         self._catch_up()
-        time_us = time.time_ns() // 1000
-        seq, mac = self._seq, self._mac
-        rows = []
+        time_us = int(self.clock() * 1_000_000)
+        seq, mac, segment = self._seq, self._mac, self._open_segment
+        rows, checkpoints = [], []
+        max_age_us = int(self.segments.max_age_s * 1_000_000)
+        if segment is not None and max_age_us and time_us - segment[1] >= max_age_us:
+            checkpoints.append(AuditCheckpoint(seq, mac, segment[0], segment[1], self._last_time_us))
+            segment = None
         for event in events:
             seq += 1
             entry = _entry(seq, time_us, event)
             mac = _chain(self._key, mac, entry)
             rows.append(AuditRow(seq, time_us, entry, mac))
-        version = self._store.registry_apply(ops, rows)
+            if segment is None:
+                segment = (seq, time_us)
+            if seq - segment[0] + 1 >= self.segments.entries:
+                checkpoints.append(AuditCheckpoint(seq, mac, segment[0], segment[1], time_us))
+                segment = None
+        version = self._store.registry_apply(ops, rows, checkpoints)
         self._seq, self._mac = seq, mac
+        self._open_segment, self._last_time_us = segment, time_us
         try:
             _write_head(self._head_path, _Head(seq, mac))
         except OSError as e:
@@ -389,6 +492,57 @@ class AuditLog:
             return
         if last is not None:
             self._seq, self._mac = self._follow(self._seq, self._mac)
+            self._load_segment()  # the other writer may have closed segments
+
+    # retention by segment
+
+    def drop_through(self, seq: int, actor: str) -> int:
+        """Drop the closed segments that end at or before `seq`: first a sealed "audit.dropped" entry by
+        `actor` naming the last entry dropped (what `verify` accepts as the authority for the gap), then
+        the segments oldest first, one transaction each, so an interrupted drop leaves whole segments.
+        Returns the entries deleted (0: no closed segment ends there)."""
+        if self._seq is None:
+            raise AuditError("the audit log is not open")
+        self._catch_up()
+        first = self._store.audit_rows(0, 1)
+        floor = first[0].seq - 1 if first else self._seq
+        bounds = [cp for cp in _checkpoints(self._store, floor) if cp.seq <= seq]
+        if not bounds:
+            return 0
+        through = bounds[-1].seq
+        details = {"through_seq": through, "entries": through - floor, "segments": len(bounds)}
+        self.record([AuditEvent(DROPPED, actor, details=details)])
+        dropped = sum(self._store.audit_drop_through(cp.seq) for cp in bounds)
+        log.info(
+            "audit segments dropped",
+            extra={"fields": {"event": "audit_dropped", "through_seq": through, "entries": dropped}},
+        )
+        return dropped
+
+    def drop_older_than(self, time_us: int, actor: str) -> int:
+        """`drop_through` the closed segments whose last entry was recorded before `time_us`."""
+        if self._seq is None:
+            raise AuditError("the audit log is not open")
+        old = [cp.seq for cp in _checkpoints(self._store, 0) if cp.last_time_us < time_us]
+        return self.drop_through(old[-1], actor) if old else 0
+
+
+def _checkpoints(store: Store, after_seq: int) -> Iterator[AuditCheckpoint]:
+    """Every checkpoint after `after_seq`, in order, read in pages."""
+    while page := store.audit_checkpoints(after_seq, _PAGE):
+        yield from page
+        after_seq = page[-1].seq
+
+
+def _mac_before(store: Store, seq: int, prev_row: AuditRow | None, genesis: str) -> str | None:
+    """The MAC entry `seq` chains to: genesis for the first, else entry seq - 1's, from its row or, once
+    its segment was dropped, from its checkpoint; None if neither is there."""
+    if seq == 1:
+        return genesis
+    if prev_row is not None and prev_row.seq == seq - 1:
+        return prev_row.mac
+    checkpoint = store.audit_checkpoints(seq - 2, 1) if seq >= 2 else []
+    return checkpoint[0].mac if checkpoint and checkpoint[0].seq == seq - 1 else None
 
 
 # verification
@@ -396,11 +550,13 @@ class AuditLog:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The outcome of `verify`: `ok` when the whole chain and the head agree."""
+    """The outcome of `verify`: `ok` when the whole chain and the head agree; `dropped`: the entries
+    before the kept ones, gone with their segments by a recorded drop (0: the log is whole)."""
 
     ok: bool
     entries: int
     problems: tuple[str, ...]
+    dropped: int = 0
 
 
 class _Problems:
@@ -422,7 +578,10 @@ class _Problems:
 
 def verify(store: Store, key: bytes, head_path: Path) -> VerifyReport:
     """Check every entry's MAC and sequence, then the head record against the log's end. Streams the
-    log in pages, so memory stays flat however long it is. Never raises for what it finds."""
+    log in pages, so memory stays flat however long it is. Never raises for what it finds.
+
+    A log whose first segments were dropped is checked from the checkpoint its first kept entry chains
+    to, and only if a sealed "audit.dropped" entry names a last dropped entry at or beyond it."""
     problems = _Problems()
     try:
         head = _read_head(Path(head_path))
@@ -432,6 +591,14 @@ def verify(store: Store, key: bytes, head_path: Path) -> VerifyReport:
         head, head_readable = None, False
     genesis = genesis_mac(key)
     entries, seq, mac = 0, 0, genesis
+    first = store.audit_rows(0, 1)
+    dropped = 0
+    if first and first[0].seq > 1:
+        checkpoint = _mac_before(store, first[0].seq, None, genesis)
+        if checkpoint is not None:  # (else the gap is reported below as deleted entries)
+            dropped = seq = first[0].seq - 1
+            mac = checkpoint
+    authorised = 0  # the last entry a sealed drop entry says was dropped
     mac_at_head: str | None = None
     while page := store.audit_rows(seq, _PAGE):  # rows come in seq order, each above the last
         for row in page:
@@ -444,6 +611,8 @@ def verify(store: Store, key: bytes, head_path: Path) -> VerifyReport:
                 problem = _row_problem(key, mac, row)
                 if problem:
                     problems.add(problem)
+                elif f'"action":"{DROPPED}"' in row.entry:
+                    authorised = max(authorised, _dropped_through(row.entry))
             if head is not None and row.seq == head.seq:
                 mac_at_head = row.mac
             seq, mac = row.seq, row.mac
@@ -458,8 +627,16 @@ def verify(store: Store, key: bytes, head_path: Path) -> VerifyReport:
     elif mac_at_head is not None and not _same(mac_at_head, head.mac):
         problems.add(f"head MAC does not match entry {head.seq} (chain rewritten)")
     # (mac_at_head None with seq >= head.seq: the head's entry was deleted, reported above as missing)
+    if dropped > authorised:
+        problems.add(f"entries 1..{dropped} are gone and no sealed {DROPPED} entry covers them (deleted)")
     listed = problems.all()
-    return VerifyReport(ok=not listed, entries=entries, problems=listed)
+    return VerifyReport(ok=not listed, entries=entries, problems=listed, dropped=dropped)
+
+
+def _dropped_through(entry: str) -> int:
+    """The last entry a sound "audit.dropped" entry dropped."""
+    through = json.loads(entry).get("details", {}).get("through_seq")
+    return through if type(through) is int else 0
 
 
 # refused RPCs

@@ -1,18 +1,24 @@
-"""`bandgate audit verify` and `bandgate audit show`: check the audit chain, and read it as JSON lines.
+"""`bandgate audit verify`, `show` and `drop-before`: check the audit chain, read it as JSON lines (all of
+it, or the entries naming one device, found by its pseudonym), and drop whole old segments.
 
 Exit status of `verify`: 0 when the log verifies, 1 when it shows tampering (each problem on a line),
-2 when it cannot be checked at all (no key, no store).
+2 when it cannot be checked at all (no key, no store). `drop-before` records a sealed "audit.dropped"
+entry, then deletes the closed segments ending at or before SEQ (or older than --days); run
+`verify` after it: the rest verifies from the checkpoint of the first segment kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 
-from gateway.security.audit import AuditError, load_key, verify
+from gateway.privacy.crypto import normalize_device
+from gateway.privacy.keys import TOMBSTONE_FILE, KekError, load_tombstone_key
+from gateway.security.audit import AuditError, AuditLog, audit_pseudonym, load_key, verify
 from gateway.security.pki import default_state_dir
 from gateway.store import SqliteStore, Store, StoreError, open_store, store_for_url
 
@@ -36,7 +42,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(show)
     show.add_argument("--after", type=int, default=0, metavar="SEQ", help="entries after this seq")
     show.add_argument("--limit", type=int, help="at most this many entries (default: all)")
+    show.add_argument(
+        "--device", metavar="ID", help="only entries naming this device (16 hex), found by its pseudonym"
+    )
+    show.add_argument("--state-dir", type=Path, help="where tombstone.key is, for --device")
     show.set_defaults(run=_cmd_show)
+
+    drop = asub.add_parser(
+        "drop-before", help="drop the closed segments ending at or before SEQ, or older than --days"
+    )
+    _common(drop)
+    when = drop.add_mutually_exclusive_group(required=True)
+    when.add_argument("seq", type=int, nargs="?", metavar="SEQ", help="the last entry that may go")
+    when.add_argument("--days", type=float, help="segments whose last entry is older than this")
+    drop.add_argument("--state-dir", type=Path, help="where audit.key and audit.head are")
+    drop.add_argument("--actor", default="consumer:operator", help="who drops (the audit entry names it)")
+    drop.set_defaults(run=_cmd_drop)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +76,8 @@ def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
     except (StoreError, ValueError) as e:
         return _fail(f"audit verify: {e}")
     if report.ok:
-        print(f"audit log verified: {report.entries} entries")
+        dropped = f" (1..{report.dropped} dropped by segment)" if report.dropped else ""
+        print(f"audit log verified: {report.entries} entries{dropped}")
         return 0
     for problem in report.problems:
         print(problem)
@@ -67,19 +89,51 @@ def _cmd_show(args: argparse.Namespace, console: Console) -> int:
     if args.limit is not None and args.limit <= 0:
         return _fail("audit show: --limit must be > 0")
     try:
+        naming: tuple[str, ...] = ()
+        if args.device is not None:
+            state = args.state_dir if args.state_dir is not None else default_state_dir()
+            key = load_tombstone_key(state / TOMBSTONE_FILE, create=False)
+            # its pseudonym; or, in entries from before pseudonyms, its ID as actor or subject
+            naming = (audit_pseudonym(key, args.device), f'"device:{normalize_device(args.device)}"')
         with _open_existing(args.store) as store:
             after, left = args.after, args.limit
             while left is None or left > 0:
-                page = store.audit_rows(after, _PAGE if left is None else min(_PAGE, left))
+                page = store.audit_rows(after, _PAGE)
                 if not page:
                     break
                 for row in page:
-                    sys.stdout.write(row.entry + "\n")
-                after = page[-1].seq
-                if left is not None:
-                    left -= len(page)
-    except (StoreError, ValueError) as e:
+                    after = row.seq
+                    if not naming or any(n in row.entry for n in naming):
+                        sys.stdout.write(row.entry + "\n")
+                        if left is not None:
+                            left -= 1
+                            if left == 0:
+                                break
+    except (StoreError, ValueError, KekError) as e:
         return _fail(f"audit show: {e}")
+    return 0
+
+
+def _cmd_drop(args: argparse.Namespace, console: Console) -> int:
+    if args.days is not None and not args.days >= 0:
+        return _fail("audit drop-before: --days must be >= 0")
+    state = args.state_dir if args.state_dir is not None else default_state_dir()
+    try:
+        key = load_key(state / "audit.key")
+        with _open_existing(args.store) as store:
+            log = AuditLog(store, key, state / "audit.head")
+            log.open()
+            if args.days is not None:
+                dropped = log.drop_older_than(time.time_ns() // 1000 - int(args.days * 86_400e6), args.actor)
+            else:
+                dropped = log.drop_through(args.seq, args.actor)
+            first = store.audit_rows(0, 1)
+    except (AuditError, StoreError, ValueError) as e:
+        return _fail(f"audit drop-before: {e}")
+    if not dropped:
+        print("nothing dropped: no closed segment ends there")
+    else:
+        print(f"dropped {dropped} entries; the log now starts at {first[0].seq}")
     return 0
 
 

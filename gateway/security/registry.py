@@ -23,8 +23,9 @@ from typing import Any
 
 import grpc
 
+from gateway.privacy.crypto import PseudonymKey
 from gateway.privacy.ownership import ownership_ops
-from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, load_key
+from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, Segments, load_key
 from gateway.security.pki import PkiError, cert_info
 from gateway.security.policy import Decision, Policy, Principal, token_id
 from gateway.store.base import CredentialRow, RegistryOp
@@ -94,6 +95,8 @@ class Registry:
         *,
         audit_key: Path,
         audit_head: Path,
+        pseudonyms: PseudonymKey | None = None,
+        segments: Segments | None = None,
         auto_register: bool = False,
         poll_s: float = 0.5,
         metrics: Any = None,
@@ -101,6 +104,8 @@ class Registry:
         self.thread = thread
         self.audit_key = audit_key
         self.audit_head = audit_head
+        self.pseudonyms = pseudonyms  # devices are named by their pseudonym in audit entries
+        self.segments = segments or Segments()
         self.auto_register = auto_register
         self.poll_s = poll_s
         self.metrics = metrics
@@ -122,7 +127,9 @@ class Registry:
         key = load_key(self.audit_key)
 
         def open_audit() -> AuditLog:
-            audit = AuditLog(self.thread.store, key, self.audit_head)
+            audit = AuditLog(
+                self.thread.store, key, self.audit_head, pseudonyms=self.pseudonyms, segments=self.segments
+            )
             audit.open()
             return audit
 

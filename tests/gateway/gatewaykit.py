@@ -21,8 +21,10 @@ from decoder.batch import compress_batch
 from decoder.frames import Frame, encode_container, encode_frame
 from gateway.auth import device_metadata
 from gateway.config import GatewayConfig
+from gateway.privacy.keys import TOMBSTONE_FILE, load_tombstone_key
 from gateway.privacy.sealing import open_sealer
 from gateway.replay import replay_batches
+from gateway.security.audit import audit_pseudonym
 from gateway.security.client import ClientIdentity, enrol_device, local_identity
 from gateway.simulator.recorder import fleet_batches
 from gateway.store import Store, open_store
@@ -130,6 +132,11 @@ def gateway_store(url: str) -> Iterator[Store]:
     finally:
         if sealer is not None:
             sealer.keys.close()
+
+
+def audit_name(state_dir: Path | str, device: int | str) -> str:
+    """How the audit log names `device`: its keyed pseudonym under the state dir's tombstone key."""
+    return audit_pseudonym(load_tombstone_key(Path(state_dir) / TOMBSTONE_FILE, create=False), device)
 
 
 def stored(url: str, **filters) -> list[dict]:

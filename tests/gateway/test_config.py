@@ -39,6 +39,8 @@ def test_precedence_file_env_flags(tmp_path):
         ({"environ": {"BANDGATE_RETENTION": "heart=90,heart=30"}}, "retention: heart is given twice"),
         ({"environ": {"BANDGATE_RETENTION": "heart"}}, "retention: 'heart' is not FAMILY=DAYS"),
         ({"environ": {"BANDGATE_RETENTION_CHECK_S": "0"}}, "retention_check_s"),
+        ({"environ": {"BANDGATE_AUDIT_SEGMENT_ENTRIES": "0"}}, "audit_segment_entries"),
+        ({"environ": {"BANDGATE_AUDIT_SEGMENT_DAYS": "-1"}}, "audit_segment_days"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, named):

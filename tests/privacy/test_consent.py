@@ -10,7 +10,7 @@ from decoder.records import FAMILIES
 from gateway.pipeline import OK as ACK_OK
 from gateway.pipeline import PERMISSION_DENIED as ACK_DENIED
 from gateway.store import open_store
-from tests.gateway.gatewaykit import Uploader, band, gateway_store, stored
+from tests.gateway.gatewaykit import Uploader, audit_name, band, gateway_store, stored
 from tests.privacy.privacykit import (
     DENIED,
     OK,
@@ -133,9 +133,10 @@ def test_consent_changes_are_audited_by_family_never_by_value(tmp_path):
     with open_store(cfg.store) as store:
         entries = [orjson.loads(r.entry) for r in store.audit_rows(0, 10_000)]
     changes = [e for e in entries if e["action"] == "consent.changed"]
+    by = f"device:{audit_name(cfg.state_dir, device)}"  # the band, by its pseudonym
     assert [(e["actor"], e["details"]) for e in changes] == [
-        (f"device:{hexid(device)}", {"granted": "heart,steps", "withdrawn": ""}),
-        (f"device:{hexid(device)}", {"granted": "", "withdrawn": "heart"}),
+        (by, {"granted": "heart,steps", "withdrawn": ""}),
+        (by, {"granted": "", "withdrawn": "heart"}),
     ]
     text = "\n".join(orjson.dumps(e).decode() for e in entries)
-    assert "187.3456" not in text and "1988" not in text
+    assert "187.3456" not in text and "1988" not in text and hexid(device) not in text

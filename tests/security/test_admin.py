@@ -22,7 +22,16 @@ from gateway.security.client import ClientIdentity
 from gateway.security.pki import Identity, key_pem, make_csr, new_key
 from gateway.server import run_server
 from gateway.store import open_store
-from tests.gateway.gatewaykit import REPO, Credentials, ServeProcess, Uploader, band, stored, tls_config
+from tests.gateway.gatewaykit import (
+    REPO,
+    Credentials,
+    ServeProcess,
+    Uploader,
+    audit_name,
+    band,
+    stored,
+    tls_config,
+)
 
 CLI = (sys.executable, "-m", "gateway.cli")
 
@@ -269,8 +278,9 @@ def test_admin_cli_end_to_end_and_the_audit_log_it_leaves(tmp_path):
         for e in by_action.get("credential.issued", [])
     )
     assert [(e["subject"], e["details"]) for e in by_action.get("binding.added", [])] == [
-        ("relay:phone-9", {"device": dev})
+        ("relay:phone-9", {"device": audit_name(server.state_dir, dev)})  # the band, by its pseudonym
     ]
+    assert dev not in shown.stdout
     assert any(
         e["subject"] == "consumer:clinic" and e["details"]["family"] == "steps" and e["actor"] == operator
         for e in by_action.get("grant.added", [])

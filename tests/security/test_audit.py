@@ -1,6 +1,7 @@
 """The audit log (gateway/security/audit.py) on a real SQLite store: the chain verifies when untouched, and
 every way of tampering with a copy of the database or the head record is caught, by `verify`, by
-`AuditLog.open`, and by `bandgate audit verify`."""
+`AuditLog.open`, and by `bandgate audit verify`; devices are named by pseudonym only; whole old segments
+can be dropped and the rest still verifies, while a deletion dressed up as a drop does not."""
 
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from gateway.privacy.crypto import PseudonymKey
+from gateway.privacy.keys import TOMBSTONE_FILE, load_tombstone_key
 from gateway.security import audit, audit_cli
 from gateway.security.audit import (
     AuditError,
     AuditEvent,
     AuditLog,
     RefusalCounter,
+    Segments,
     VerifyReport,
+    audit_pseudonym,
     load_key,
     verify,
 )
@@ -71,8 +76,12 @@ class Site:
         store.open()
         return store
 
-    def log(self, store: SqliteStore) -> AuditLog:
-        log = AuditLog(store, self.key, self.head)
+    @property
+    def pseudonyms(self) -> PseudonymKey:
+        return load_tombstone_key(self.root / TOMBSTONE_FILE)  # created on first use, as the gateway does
+
+    def log(self, store: SqliteStore, **kwargs) -> AuditLog:
+        log = AuditLog(store, self.key, self.head, pseudonyms=self.pseudonyms, **kwargs)
         log.open()
         return log
 
@@ -649,3 +658,246 @@ def test_cli_show(written: Site, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.splitlines() == entries
     assert _run(["audit", "show", "--store", written.url, "--after", "3", "--limit", "4"]) == 0
     assert capsys.readouterr().out.splitlines() == entries[3:7]
+
+
+# devices by pseudonym
+
+
+RELAY_HEX = "relay:0123456789abcdef"  # a relay that happens to be named like a device keeps its name
+
+
+def test_a_devices_id_is_in_no_audit_row_and_its_pseudonym_is(site: Site, capsys) -> None:
+    other = "0a0b0c0d0e0f0102"
+    store = site.store()
+    try:
+        log = site.log(store)
+        write_history(log)  # names DEV as a subject
+        log.record(
+            [
+                AuditEvent("consent.changed", f"device:{DEV}", f"device:{DEV}", details={"granted": "heart"}),
+                AuditEvent("binding.added", OPERATOR, RELAY_HEX, details={"device": DEV}),
+                AuditEvent(
+                    "rpc.refused", "peer:ipv4:10.0.0.9", reason=f"device {DEV} may upload for itself only"
+                ),
+                AuditEvent("rpc.refused", "peer:ipv4:10.0.0.9", reason=f"device {other} is not registered"),
+            ]
+        )
+        keyless = AuditLog(store, site.key, site.head)
+        keyless.open()
+        with pytest.raises(ValueError, match="pseudonym key"):  # a log without the key names no band
+            keyless.record([AuditEvent("x", f"device:{DEV}")])
+        keyless.record([AuditEvent("grant.added", OPERATOR, "consumer:lab")])  # naming none, it records
+    finally:
+        store.close()
+    rows = site.rows()
+    pseudonym = audit_pseudonym(site.pseudonyms, DEV)
+    assert pseudonym == "pseudonym-" + site.pseudonyms.pseudonym(DEV) and pseudonym != audit_pseudonym(
+        site.pseudonyms, other
+    )
+    everything = "\n".join(r[2] for r in rows)
+    for device in (DEV, other, DEV.upper()):  # (the registry names DEV: it is registered; the log does not)
+        assert device not in everything and device not in site.head.read_text()
+    naming = [json.loads(r[2]) for r in rows if pseudonym in r[2]]
+    assert [(e["action"], e["actor"], e["subject"]) for e in naming] == [
+        ("credential.issued", OPERATOR, f"device:{pseudonym}"),
+        ("consent.changed", f"device:{pseudonym}", f"device:{pseudonym}"),
+        ("binding.added", OPERATOR, RELAY_HEX),
+        ("rpc.refused", "peer:ipv4:10.0.0.9", ""),
+    ]
+    assert naming[2]["details"] == {"device": pseudonym}
+    assert naming[3]["reason"] == f"device {pseudonym} may upload for itself only"
+    assert site.verify().ok
+
+    # `bandgate audit show --device` finds the device's entries by its pseudonym
+    state = ["--store", site.url, "--state-dir", str(site.root)]
+    assert _run(["audit", "show", *state, "--device", DEV.upper()]) == 0
+    assert capsys.readouterr().out.splitlines() == [r[2] for r in rows if pseudonym in r[2]]
+    assert _run(["audit", "show", *state, "--device", DEV, "--limit", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert _run(["audit", "show", *state, "--device", "not-a-device"]) == 2
+    (site.root / TOMBSTONE_FILE).unlink()
+    assert _run(["audit", "show", *state, "--device", DEV]) == 2
+    assert "tombstone key" in capsys.readouterr().err
+
+
+# segments: checkpointed, dropped whole, the rest verifies
+
+
+class Clock:
+    def __init__(self, now_s: float = 1_767_225_600.0):
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def checkpoints(site: Site) -> list[tuple[int, str, int]]:
+    conn = sqlite3.connect(site.db)
+    try:
+        return conn.execute("SELECT seq, mac, first_seq FROM audit_segments ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def segmented(site: Site) -> Site:
+    """The history written in segments of 5 entries: checkpoints at 5 and 10, 11 and 12 open."""
+    store = site.store()
+    try:
+        write_history(site.log(store, segments=Segments(entries=5)))
+    finally:
+        store.close()
+    return site
+
+
+def test_segments_close_at_n_entries_or_by_age_and_their_heads_are_checkpointed(site: Site) -> None:
+    clock = Clock()
+    store = site.store()
+    try:
+        log = site.log(store, segments=Segments(entries=5, max_age_s=3600), clock=clock)
+        write_history(log)  # records of 1, 2, 1, 7, 1 entries: 5 and 10 close a segment by count
+        clock.now_s += 3599
+        log.record([AuditEvent("grant.added", OPERATOR, "consumer:lab")], [grant("lab")])  # 13: same segment
+        clock.now_s += 1  # an hour after the open segment's first entry (11): it closes before the next
+        log.record([AuditEvent("grant.added", OPERATOR, "consumer:lab2")], [grant("lab2")])
+    finally:
+        store.close()
+    macs = {seq: mac for seq, _, _, mac in site.rows()}
+    assert checkpoints(site) == [(5, macs[5], 1), (10, macs[10], 6), (13, macs[13], 11)]
+    # another writer (a fresh log) continues the open segment where the last one left it
+    store = site.store()
+    try:
+        site.log(store, segments=Segments(entries=2), clock=clock).record([AuditEvent("x", OPERATOR)])
+    finally:
+        store.close()
+    assert [c[0] for c in checkpoints(site)] == [5, 10, 13, 15]
+
+
+def test_after_dropping_old_segments_verify_passes_and_the_log_goes_on(segmented: Site) -> None:
+    rows = segmented.rows()
+    store = segmented.store()
+    try:
+        log = segmented.log(store)
+        assert log.drop_through(9, "consumer:operator") == 5  # only whole segments: through 5
+        assert log.drop_through(3, "consumer:operator") == 0  # nothing there to drop: nothing recorded
+    finally:
+        store.close()
+    assert [r[0] for r in segmented.rows()] == list(range(6, 14))
+    assert segmented.verify() == VerifyReport(True, 8, (), dropped=5)
+    (drop,) = [json.loads(r[2]) for r in segmented.rows() if '"audit.dropped"' in r[2]]
+    assert (drop["actor"], drop["details"]) == (
+        "consumer:operator",
+        {"through_seq": 5, "entries": 5, "segments": 1},
+    )
+    store = segmented.store()
+    try:
+        log = segmented.log(store)  # reopens against the head, over the gap
+        assert log.drop_through(12, "consumer:operator") == 5  # through 10 (13, the drop, is open)
+        log.record([AuditEvent("grant.added", OPERATOR, "consumer:lab")], [grant("lab")])
+    finally:
+        store.close()
+    kept = segmented.rows()
+    assert [r[0] for r in kept] == [11, 12, 13, 14, 15]
+    assert kept[:2] == [r for r in rows if r[0] in (11, 12)]  # the kept entries are untouched
+    assert segmented.verify() == VerifyReport(True, 5, (), dropped=10)
+
+
+def test_a_log_whose_head_follows_a_dropped_segment_still_opens(site: Site) -> None:
+    store = site.store()
+    try:
+        log = site.log(store, segments=Segments(entries=4))
+        write_history(log)  # checkpoints at 4, 8, 12
+        assert log.drop_through(12, OPERATOR) == 12
+    finally:
+        store.close()
+    assert [r[0] for r in site.rows()] == [13]
+    store = site.store()
+    try:
+        site.log(store)  # the head (13) chains to entry 12's MAC: from its checkpoint
+    finally:
+        store.close()
+    assert site.verify() == VerifyReport(True, 1, (), dropped=12)
+
+
+def _unrecorded_drop(site: Site) -> None:  # whole segments deleted, but no sealed entry says so
+    site.sql("DELETE FROM audit WHERE seq <= 5")
+
+
+def _drop_past_the_record(site: Site) -> None:  # a recorded drop through 5, then more deleted
+    store = site.store()
+    try:
+        site.log(store).drop_through(5, OPERATOR)
+    finally:
+        store.close()
+    site.sql("DELETE FROM audit WHERE seq <= 10")
+
+
+def _forged_drop(site: Site) -> None:  # a drop entry written without the key
+    entry = json.dumps({"action": "audit.dropped", "details": {"through_seq": 5}, "seq": 13, "time_us": 1})
+    site.sql(f"INSERT INTO audit (seq, time_us, entry, mac) VALUES (13, 1, '{entry}', '{'ab' * 32}')")
+    site.sql("DELETE FROM audit WHERE seq <= 5")
+
+
+def _forged_checkpoint(site: Site) -> None:
+    store = site.store()
+    try:
+        site.log(store).drop_through(5, OPERATOR)
+    finally:
+        store.close()
+    site.sql(f"UPDATE audit_segments SET mac = '{'cd' * 32}' WHERE seq = 5")
+
+
+def _edit_kept(site: Site) -> None:
+    store = site.store()
+    try:
+        site.log(store).drop_through(10, OPERATOR)
+    finally:
+        store.close()
+    site.sql("UPDATE audit SET entry = replace(entry, 'contract ended', 'on request') WHERE seq = 12")
+
+
+DROP_TAMPERING: dict[str, tuple[Callable[[Site], None], str]] = {
+    "unrecorded drop": (_unrecorded_drop, "entries 1..5 are gone and no sealed audit.dropped entry"),
+    "dropped past the record": (_drop_past_the_record, "entries 1..10 are gone and no sealed audit.dropped"),
+    "forged drop entry": (_forged_drop, "entry 13: MAC mismatch"),
+    "forged checkpoint": (_forged_checkpoint, "entry 6: MAC mismatch"),
+    "kept entry edited": (_edit_kept, "entry 12: MAC mismatch"),
+}
+
+
+@pytest.mark.parametrize("how", DROP_TAMPERING)
+def test_verify_catches_tampering_around_dropped_segments(segmented: Site, tmp_path: Path, how: str) -> None:
+    tamper, expected = DROP_TAMPERING[how]
+    copy = segmented.copy(tmp_path / "copy")
+    tamper(copy)
+    report = copy.verify()
+    assert not report.ok
+    assert any(expected in p for p in report.problems), report.problems
+    assert segmented.verify().ok
+
+
+def test_cli_drop_before_a_seq_or_an_age_beside_a_running_writer(
+    segmented: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = ["--store", segmented.url, "--state-dir", str(segmented.root)]
+    server_store = segmented.store()
+    try:
+        server = segmented.log(server_store)  # the gateway's log, open while the command runs
+        assert _run(["audit", "drop-before", "7", *state]) == 0
+        assert capsys.readouterr().out == "dropped 5 entries; the log now starts at 6\n"
+        assert _run(["audit", "drop-before", "3", *state]) == 0
+        assert capsys.readouterr().out.startswith("nothing dropped")
+        server.record([AuditEvent("grant.added", OPERATOR, "consumer:lab")], [grant("lab")])  # 14
+        assert _run(["audit", "drop-before", "--days", "0", *state]) == 0  # every closed segment: to 10
+        assert capsys.readouterr().out == "dropped 5 entries; the log now starts at 11\n"
+        server.record([AuditEvent("grant.removed", OPERATOR, "consumer:lab")])
+    finally:
+        server_store.close()
+    assert _run(["audit", "verify", *state]) == 0
+    assert capsys.readouterr().out == "audit log verified: 6 entries (1..10 dropped by segment)\n"
+    for neither_or_both in ([], ["5", "--days", "1"]):  # SEQ or --days
+        with pytest.raises(SystemExit) as exited:
+            _run(["audit", "drop-before", *neither_or_both, *state])
+        assert exited.value.code == 2
+    assert _run(["audit", "drop-before", "--days", "-1", *state]) == 2
+    assert "--days" in capsys.readouterr().err

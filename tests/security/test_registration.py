@@ -37,6 +37,7 @@ from gateway.store import open_store
 from tests.gateway.gatewaykit import (
     Credentials,
     Uploader,
+    audit_name,
     band,
     processed,
     same_records,
@@ -128,7 +129,7 @@ def test_a_certificate_of_our_ca_for_an_unregistered_device_is_refused_and_the_r
                 entries = [
                     e
                     for e in await asyncio.to_thread(audit_entries, cfg.store)
-                    if e["action"] == "rpc.refused" and name in e["reason"]
+                    if e["action"] == "rpc.refused" and audit_name(state.root, name) in e["reason"]
                 ]
                 if entries:
                     break
@@ -142,7 +143,9 @@ def test_a_certificate_of_our_ca_for_an_unregistered_device_is_refused_and_the_r
     assert name not in devices  # refusing it did not register it
     assert stored(cfg.store) == []
     (entry,) = entries
-    assert entry["reason"] == details and entry["count"] == 1
+    # the reason as the caller got it, the device named by its pseudonym
+    assert entry["reason"] == details.replace(name, audit_name(state.root, name)) and entry["count"] == 1
+    assert name not in str(entries)
     assert entry["actor"] == "peer:ipv4:127.0.0.1"  # the peer's address, not its port
 
 
@@ -184,7 +187,7 @@ def test_auto_registration_accepts_and_registers_a_device_of_our_ca_but_no_other
     ]
     assert subscribe == (grpc.StatusCode.PERMISSION_DENIED, "consumer snoop is not registered", 0)
     assert "snoop" not in consumers
-    events = [e for e in audit_entries(cfg.store) if e["subject"] == f"device:{name}"]
+    events = [e for e in audit_entries(cfg.store) if e["subject"] == f"device:{audit_name(state.root, name)}"]
     assert [(e["action"], e["actor"]) for e in events] == [
         ("principal.registered", "auto-registration"),
         ("credential.recorded", "auto-registration"),

@@ -29,7 +29,7 @@ from gateway.security.client import ClientIdentity
 from gateway.security.pki import Identity, key_pem, make_csr, new_key
 from gateway.server import run_server
 from gateway.store import open_store
-from tests.gateway.gatewaykit import Credentials, Uploader, band, processed, stored, tls_config
+from tests.gateway.gatewaykit import Credentials, Uploader, audit_name, band, processed, stored, tls_config
 
 PERIOD_S = 0.05  # a band sends a batch this often
 WITHIN_S = 1.0  # the promise: a revoked stream ends, and nothing it sends is stored, after this long
@@ -217,7 +217,7 @@ def test_revoked_device_stream_ends_within_1s_nothing_after_stored_others_untouc
     assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
     assert acks == []
     assert_stored_exactly_the_acked(cfg.store, a, a_batches, sa.acked())  # the reconnect added nothing
-    assert_audited_revocation(cfg, f"device:{hexid(a)}")
+    assert_audited_revocation(cfg, f"device:{audit_name(cfg.state_dir, a)}")
 
 
 def test_revoked_relay_loses_all_its_streams_within_1s_a_direct_band_streams_on(tmp_path):
@@ -410,7 +410,9 @@ def test_revocations_are_audited_verifiably_with_identifiers_only(tmp_path):
     assert [(c, "revoked" in why, acks) for c, why, acks in refused] == [
         (grpc.StatusCode.PERMISSION_DENIED, True, [])
     ] * 3
-    assert_audited_revocation(cfg, f"device:{hexid(d)}", "relay:phone-1", "consumer:clinic")
+    assert_audited_revocation(
+        cfg, f"device:{audit_name(cfg.state_dir, d)}", "relay:phone-1", "consumer:clinic"
+    )
     entries = audit_entries(cfg)
     refusals = [e for e in entries if e["action"] == "rpc.refused"]
     assert refusals and all("revoked" in e["reason"] for e in refusals)
