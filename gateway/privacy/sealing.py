@@ -8,9 +8,10 @@ ciphertext was moved from another device's, family's or time's row (tampering).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from gateway.privacy.crypto import CryptoError, PseudonymKey, device_pseudonym
+from gateway.privacy.crypto import CryptoError, DataKey, PseudonymKey, device_pseudonym
 from gateway.privacy.keys import (
     KEYS_DB,
     TOMBSTONE_FILE,
@@ -21,34 +22,51 @@ from gateway.privacy.keys import (
 )
 from gateway.store.base import Unreadable
 
+REUSE_S = 0.1  # how long a looked-up data key serves before the key store is asked again
+
 
 class KeySealer:
     """The store's `Sealer`: AES-256-GCM under the key store's data keys (gateway/privacy/crypto.py)."""
 
-    def __init__(self, keys: KeyStore, pseudonyms: PseudonymKey):
+    def __init__(self, keys: KeyStore, pseudonyms: PseudonymKey, reuse_s: float = REUSE_S):
         self.keys = keys
         self._pseudonyms = pseudonyms
+        self._reuse_s = reuse_s
+        self._held: dict[tuple[str, str, bool], tuple[float, DataKey]] = {}
+
+    def _key(self, device: str, ownership: str, create: bool) -> DataKey:
+        """The data key, held for `reuse_s`: a page of records or a batch asks the key store once, not per
+        value (its lookup costs several times an AES-GCM open). A destroy in this process reaches a held
+        key at once (`DataKey.forget`); one in another process, within `reuse_s`."""
+        now = time.monotonic()
+        slot = (device, ownership, create)
+        held = self._held.get(slot)
+        if held is not None and now - held[0] < self._reuse_s and not held[1].destroyed:
+            return held[1]
+        key = self.keys.data_key(device, ownership, create=create)
+        if len(self._held) > 4096:
+            self._held.clear()
+        self._held[slot] = (now, key)
+        return key
 
     def __repr__(self) -> str:
         return f"KeySealer({self.keys!r})"
 
     def seal_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes:
-        return self.keys.data_key(device, ownership).seal(data, family=family, start_us=start_us)
+        return self._key(device, ownership, True).seal(data, family=family, start_us=start_us)
 
     def open_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes:
         try:
-            return self.keys.data_key(device, ownership, create=False).open(
-                data, family=family, start_us=start_us
-            )
+            return self._key(device, ownership, False).open(data, family=family, start_us=start_us)
         except (CryptoError, KeyStoreError) as e:
             raise Unreadable(f"{type(e).__name__}: {e}") from None
 
     def seal_state(self, device: str, ownership: str, data: bytes) -> bytes:
-        return self.keys.data_key(device, ownership).seal_state(data)
+        return self._key(device, ownership, True).seal_state(data)
 
     def open_state(self, device: str, ownership: str, data: bytes) -> bytes:
         try:
-            return self.keys.data_key(device, ownership, create=False).open_state(data)
+            return self._key(device, ownership, False).open_state(data)
         except (CryptoError, KeyStoreError) as e:
             raise Unreadable(f"{type(e).__name__}: {e}") from None
 

@@ -166,8 +166,10 @@ class Registry:
             version = await self.thread.call(self._audit.record, list(events), list(ops))
         # One snapshot read serves every change stored meanwhile (a registration storm), and this change
         # is served before apply returns: the read that runs under the reload lock after it began covers it.
+        # a second factor's last step bumps no version but must be served at once (a replay is refused)
+        unversioned = any(op.op == "totp_used" for op in ops)
         async with self._reload:
-            if self.policy is None or self.policy.version < version:
+            if self.policy is None or self.policy.version < version or unversioned:
                 self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
         assert self.policy is not None
         return self.policy

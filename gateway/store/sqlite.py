@@ -61,7 +61,11 @@ from gateway.store.base import (
 log = logging.getLogger("bandgate.store")
 
 DEFAULT_BUSY_TIMEOUT_MS = 2000  # a backup or an erasure in another process is short; the band retries later
-PURGE_CHUNK = 5000  # records a retention transaction deletes, so the writer waits at most one chunk
+PURGE_CHUNK = 1000  # records an erasure or retention transaction deletes: a writer waits one chunk at most
+# The pause after each chunk: SQLite's busy handler keeps no queue, so a deleter that takes the lock again
+# at once starves the compute workers' commits (measured: ack p99 424 ms with 5,000-row chunks and no
+# pause, 60 ms with 1,000 and 5 ms, the erasure of 100k rows 1.6 s).
+PURGE_PAUSE_S = 0.005
 
 # One entry a schema version, applied in order, each statement in the same transaction as the version bump.
 # Append, never edit: a file at version n has run exactly MIGRATIONS[:n].
@@ -679,6 +683,7 @@ class SqliteStore(Store):
                 deleted += n
                 if n < PURGE_CHUNK:
                     break
+                time.sleep(PURGE_PAUSE_S)  # let the waiting writers in
         now_us = time.time_ns() // 1000
         with self._write() as conn:
             if self.sealer is not None:
@@ -726,6 +731,7 @@ class SqliteStore(Store):
                 total += n
                 if n < PURGE_CHUNK:
                     break
+                time.sleep(PURGE_PAUSE_S)  # let the waiting writers in
         if families is not None:
             return total
         with self._write() as conn:
