@@ -673,17 +673,7 @@ class SqliteStore(Store):
             else ("device = ? AND ownership = ?", (device, ownership))
         )
         for table in RECORD_TABLES.values():
-            while True:
-                with self._write() as conn:
-                    n = conn.execute(
-                        f"DELETE FROM {table} WHERE cursor IN "
-                        f"(SELECT cursor FROM {table} WHERE {scope} LIMIT ?)",
-                        (*args, PURGE_CHUNK),
-                    ).rowcount
-                deleted += n
-                if n < PURGE_CHUNK:
-                    break
-                time.sleep(PURGE_PAUSE_S)  # let the waiting writers in
+            deleted += self._delete_in_chunks(table, scope, args)
         now_us = time.time_ns() // 1000
         with self._write() as conn:
             if self.sealer is not None:
@@ -704,6 +694,21 @@ class SqliteStore(Store):
         self._checkpoint()
         return deleted
 
+    def _delete_in_chunks(self, table: str, where: str, args: tuple) -> int:
+        """DELETE FROM `table` WHERE `where`, PURGE_CHUNK rows a transaction with a pause between, so a
+        writer waits one chunk at most; the rows deleted."""
+        deleted = 0
+        while True:
+            with self._write() as conn:
+                n = conn.execute(
+                    f"DELETE FROM {table} WHERE cursor IN (SELECT cursor FROM {table} WHERE {where} LIMIT ?)",
+                    (*args, PURGE_CHUNK),
+                ).rowcount
+            deleted += n
+            if n < PURGE_CHUNK:
+                return deleted
+            time.sleep(PURGE_PAUSE_S)  # let the waiting writers in
+
     def purge_before(self, start_us: int, families: Iterable[str] | None = None) -> int:
         """In chunks of PURGE_CHUNK records, each its own transaction, so commits are not held up for
         long; with every family, boots other than a device's current one that were last written before
@@ -721,17 +726,7 @@ class SqliteStore(Store):
                 scopes[table] = (f" AND family IN ({', '.join('?' * len(of_table))})", of_table)
         total = 0
         for table, (where, args) in scopes.items():
-            while True:
-                with self._write() as conn:
-                    n = conn.execute(
-                        f"DELETE FROM {table} WHERE cursor IN "
-                        f"(SELECT cursor FROM {table} WHERE start_us < ?{where} LIMIT ?)",
-                        (start_us, *args, PURGE_CHUNK),
-                    ).rowcount
-                total += n
-                if n < PURGE_CHUNK:
-                    break
-                time.sleep(PURGE_PAUSE_S)  # let the waiting writers in
+            total += self._delete_in_chunks(table, f"start_us < ?{where}", (start_us, *args))
         if families is not None:
             return total
         with self._write() as conn:
