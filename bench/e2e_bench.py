@@ -70,6 +70,8 @@ class Gateway:
     Readiness is polled on the plaintext loopback health listener in both modes. `restart` stops it
     (SIGTERM) and starts it again on the same port, state dir and store."""
 
+    module = "gateway.cli"  # what runs `serve` (its flags are `bandgate serve`'s)
+
     def __init__(
         self,
         workdir: Path,
@@ -93,7 +95,7 @@ class Gateway:
         """Start `serve` (again, after `stop`: the same port, state dir and store)."""
         self.log = self.workdir / f"serve-{time.monotonic_ns()}.log"
         args = [
-            sys.executable, "-m", "gateway.cli", "serve",
+            sys.executable, "-m", self.module, "serve",
             "--listen", self.address,
             "--store", self.store,
             "--state-dir", str(self.state_dir),

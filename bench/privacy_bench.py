@@ -39,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import tls_bench
 from bench.e2e_bench import (
     WARM_DEVICE,
     Gateway,
     _children,
     _fleet_file,
-    _free_port,
     _recordings,
     _rss_kb,
     _stream,
@@ -53,12 +53,9 @@ from bench.e2e_bench import (
 )
 from bench.tls_bench import (
     OPERATOR,
-    _Bands,
     _cpu_s,
-    _lines,
     _LoadProcess,
     _operator_channel,
-    _say,
     _wait_registered,
     enrol,
     write_credentials,
@@ -91,24 +88,7 @@ class AllowAllGateway(Gateway):
     """`Gateway` with the consent gate of `gateway.privacy.consent.AllowAll` (every family of every
     device, asked of no registry): `python -m bench.privacy_bench serve`, the flags of `bandgate serve`."""
 
-    def launch(self) -> None:
-        self.log = self.workdir / f"serve-allow-all-{time.monotonic_ns()}.log"
-        args = [
-            sys.executable, "-m", "bench.privacy_bench", "serve",
-            "--listen", self.address,
-            "--store", self.store,
-            "--state-dir", str(self.state_dir),
-            "--health-listen", self.health_address,
-            "--token-listen", f"127.0.0.1:{_free_port()}",
-        ]  # fmt: skip
-        if self.insecure:
-            args.append("--insecure")
-        with open(self.log, "w") as err:
-            self.launched = time.perf_counter()
-            self.proc = subprocess.Popen(
-                args, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=err, env=self.env
-            )
-        _unpin(self.proc.pid)
+    module = "bench.privacy_bench"
 
 
 def _store_path(gw: Gateway) -> Path:
@@ -665,63 +645,8 @@ def privacy_figures(quick: bool) -> dict[str, float]:
 async def _observe_load(
     target: str, credentials: str, first: int, count: int, interval_s: float, minutes: int
 ) -> None:
-    """As `tls_bench._observe_load`, with `minutes` batches a band: `start`, the bands connect and each
-    sends a 1-minute batch every `interval_s` (phases spread), the latency of each from when it was due (a
-    late send counts) to its ack; a band that has sent all its batches stops; `stop`, the latencies are
-    told with their due times (monotonic, comparable across processes)."""
-    import grpc
-
-    from bandgate.v1 import ingest_pb2_grpc
-    from gateway.pipeline import OK
-
-    bands = _Bands(target, credentials, [first + i for i in range(count)], minutes=minutes)
-    latency: list[tuple[float, float]] = []
-    failures: list[str] = []
-    stop = asyncio.Event()
-    first_acks = 0
-    all_started = asyncio.Event()
-
-    async def band(i: int, device_id: int, started: float) -> None:
-        nonlocal first_acks
-        call = ingest_pb2_grpc.IngestServiceStub(bands._channel(device_id)).Upload(
-            metadata=bands.metadata(device_id)
-        )
-        due = started + interval_s * i / count
-        for k in range(minutes):
-            if stop.is_set():
-                return
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            try:
-                await call.write(bands.batches[device_id][k])
-                ack = await call.read()
-            except grpc.RpcError as e:
-                failures.append(f"{device_id:016x}: {e.code().name}")
-                return
-            if ack is grpc.aio.EOF or ack.code != OK:
-                failures.append(f"{device_id:016x}: {ack}")
-                return
-            latency.append((due, 1000 * (time.monotonic() - due)))
-            if k == 0:
-                first_acks += 1
-                if first_acks == count:
-                    all_started.set()
-            due += interval_s
-
-    _say("ready")
-    tasks: list[asyncio.Future] = []
-    async for words in _lines():
-        if words[0] == "start":
-            started = time.monotonic()
-            tasks = [asyncio.ensure_future(band(i, d, started)) for i, d in enumerate(bands.device_ids)]
-            await asyncio.wait(
-                [asyncio.ensure_future(all_started.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
-            )
-            _say("started")
-        elif words[0] == "stop":
-            stop.set()
-            await asyncio.gather(*tasks)
-            _say("stopped", latency=latency, failures=failures)
-    await bands.close()
+    """`tls_bench._observe_load` with `minutes` batches a band; a band that has sent them all stops."""
+    await tls_bench._observe_load(target, credentials, first, count, interval_s, minutes, must_last=False)
 
 
 def _serve_main(argv: list[str]) -> int:
