@@ -9,6 +9,7 @@ ciphertext was moved from another device's, family's or time's row (tampering).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.privacy.crypto import CryptoError, DataKey, PseudonymKey, device_pseudonym
@@ -60,6 +61,27 @@ class KeySealer:
             return self._key(device, ownership, False).open(data, family=family, start_us=start_us)
         except (CryptoError, KeyStoreError) as e:
             raise Unreadable(f"{type(e).__name__}: {e}") from None
+
+    def values_opener(self, device: str, ownership: str) -> Callable[[str, int, bytes], bytes]:
+        try:
+            key = self._key(device, ownership, False)
+        except KeyStoreError as e:
+            reason = f"{type(e).__name__}: {e}"
+
+            def refuse(family: str, start_us: int, data: bytes) -> bytes:
+                raise Unreadable(reason)
+
+            return refuse
+
+        open_record = key.records_opener()
+
+        def open_one(family: str, start_us: int, data: bytes) -> bytes:
+            try:
+                return open_record(family, start_us, data)
+            except CryptoError as e:
+                raise Unreadable(f"{type(e).__name__}: {e}") from None
+
+        return open_one
 
     def seal_state(self, device: str, ownership: str, data: bytes) -> bytes:
         return self._key(device, ownership, True).seal_state(data)

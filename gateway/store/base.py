@@ -9,7 +9,7 @@ implementation, so SQLite and any later sink accept and refuse exactly the same 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -312,6 +312,11 @@ class Sealer(Protocol):
     def seal_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes: ...
 
     def open_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes: ...
+
+    def values_opener(self, device: str, ownership: str) -> Callable[[str, int, bytes], bytes]:
+        """`open_values` for many rows of one device and ownership, `(family, start_us, data)`: a page of
+        records looks its key up once, not per row."""
+        ...
 
     def seal_state(self, device: str, ownership: str, data: bytes) -> bytes: ...
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -522,54 +522,77 @@ class SqliteStore(Store):
         wanted = set(FAMILY_CLASS) if families is None else set(families) & set(FAMILY_CLASS)
         if not wanted:
             return []
-        parts: list[str] = []
-        params: list[Any] = []
-        cursor_at: list[int] = []  # where in params each table's cursor goes (a page may need a second query)
+        # Each class table's filter; cursor bounds are added per query.
+        filters: list[tuple[str, str, list[Any]]] = []
         for table in sorted({_TABLE_OF[f] for f in wanted}):
-            sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > ?"
-            cursor_at.append(len(params))
-            params.append(cursor)
+            where, args = "", []
             fams = sorted(f for f in wanted if _TABLE_OF[f] == table)
             if len(fams) < sum(1 for v in _TABLE_OF.values() if v == table):
-                sql += f" AND family IN ({', '.join('?' * len(fams))})"
-                params += fams
+                where += f" AND family IN ({', '.join('?' * len(fams))})"
+                args += fams
             if device is not None:
-                sql += " AND device = ?"
-                params.append(device)
+                where += " AND device = ?"
+                args.append(device)
             if ownership is not None:
-                sql += " AND ownership = ?"
-                params.append(ownership)
-            parts.append(f"SELECT * FROM ({sql} ORDER BY cursor LIMIT ?)")
-            params.append(limit)
-        query = " UNION ALL ".join(parts) + " ORDER BY cursor LIMIT ?"
-        params.append(limit)
+                where += " AND ownership = ?"
+                args.append(ownership)
+            filters.append((table, where, args))
+        # A page in two steps: the page's last cursor from the cursors alone (the indexes answer it; no
+        # value is read), then exactly the page's rows. One query of whole rows would read up to `limit`
+        # rows from every table to keep `limit` of them.
+        bound = " UNION ALL ".join(
+            f"SELECT * FROM (SELECT cursor FROM {table} WHERE cursor > ?{where} ORDER BY cursor LIMIT ?)"
+            for table, where, _ in filters
+        )
+        bound_query = f"{bound} ORDER BY cursor LIMIT 1 OFFSET ?"
+        page_query = (
+            " UNION ALL ".join(
+                f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > ? AND cursor <= ?{where}"
+                for table, where, _ in filters
+            )
+            + " ORDER BY cursor"
+        )
         out: list[tuple[int, dict]] = []
         while True:
             with _errors():
-                rows = self._connection().execute(query, params).fetchall()
+                conn = self._connection()
+                bound_args: list[Any] = []
+                for _, _, args in filters:
+                    bound_args += [cursor, *args, limit]
+                last = conn.execute(bound_query, (*bound_args, limit - 1)).fetchone()
+                upper = last[0] if last is not None else 2**63 - 1  # fewer than `limit` left: all of them
+                page_args: list[Any] = []
+                for _, _, args in filters:
+                    page_args += [cursor, upper, *args]
+                rows = conn.execute(page_query, page_args).fetchall()
+            openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]] = {}
             for row in rows:
-                record = self._record(row)
+                record = self._record(row, openers)
                 if record is not None:
                     out.append((row[0], record))
             # a short page means the end; one shortened by rows that did not open reads on, so a reader
             # that stops at a short page stops at the end only
             if len(rows) < limit or len(out) >= limit:
                 return out[:limit]
-            for i in cursor_at:
-                params[i] = rows[-1][0]
+            cursor = rows[-1][0]
 
-    def _record(self, row: tuple) -> dict | None:
-        """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
+    def _record(
+        self, row: tuple, openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]]
+    ) -> dict | None:
+        """A stored row as a record, its values opened; None (counted, logged) if they do not open.
+        `openers` holds the page's `Sealer.values_opener` per device and ownership."""
         _, device, ownership, family, start_us, duration_s, algo, value = row
         if isinstance(value, str):  # written in clear (before encryption at rest, or without a sealer)
             values = orjson.loads(value)
         else:
             if self.sealer is None:
                 raise StoreError(f"{self.path}: sealed records and no sealer to open them")
+            slot = (device, ownership or UNOWNED)
+            opener = openers.get(slot)
+            if opener is None:
+                opener = openers[slot] = self.sealer.values_opener(*slot)
             try:
-                values = orjson.loads(
-                    self.sealer.open_values(device, ownership or UNOWNED, family, start_us, value)
-                )
+                values = orjson.loads(opener(family, start_us, value))
             except Unreadable as e:
                 self.unreadable += 1
                 log.warning(
@@ -646,8 +669,9 @@ class SqliteStore(Store):
                     f"{union} ORDER BY start_us, family, cursor", (device,) * len(RECORD_TABLES)
                 )
                 while batch := rows.fetchmany(1000):
+                    openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]] = {}
                     for row in batch:
-                        record = self._record(row)
+                        record = self._record(row, openers)
                         if record is not None:
                             yield {"kind": "record", "cursor": row[0], "record": record}
             finally:

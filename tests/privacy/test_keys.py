@@ -219,6 +219,48 @@ def test_any_edit_of_a_token_is_refused(data: st.DataObject) -> None:
         key.open(bytes(token[: TOKEN_OVERHEAD - 1]), family="sleep", start_us=42)
 
 
+@SETTINGS
+@given(data=st.data(), family=families, other_family=families, start_us=starts)
+def test_the_page_opener_answers_as_open_does(
+    data: st.DataObject, family: str, other_family: str, start_us: int
+) -> None:
+    """`records_opener` (a page of records) takes shortcuts: it must open exactly what `open` opens and
+    refuse with the same error everything `open` refuses, a destroyed key included."""
+    key = DataKey(DEV_A, OWNER, 11, new_key())
+    opener = key.records_opener()
+    plaintext = values_json()
+    token = key.seal(plaintext, family=family, start_us=start_us)
+    edited = bytearray(token)
+    edited[data.draw(st.integers(0, len(token) - 1))] ^= data.draw(st.integers(1, 255))
+    cases = [
+        (token, family, start_us),
+        (token, other_family, start_us),
+        (token, family, start_us + 1),
+        (bytes(edited), family, start_us),
+        (token[: TOKEN_OVERHEAD - 1], family, start_us),
+        (
+            DataKey(DEV_A, OWNER, 12, new_key()).seal(plaintext, family=family, start_us=start_us),
+            family,
+            start_us,
+        ),
+    ]
+    for _ in range(2):  # the second time the family's associated data is cached
+        for tok, fam, start in cases:
+            try:
+                expected: object = key.open(tok, family=fam, start_us=start)
+            except TamperedCiphertext as e:
+                expected = str(e)
+            try:
+                got: object = opener(fam, start, tok)
+            except TamperedCiphertext as e:
+                got = str(e)
+            assert got == expected
+    assert opener(family, start_us, token) == plaintext
+    key.forget()
+    with pytest.raises(KeyDestroyed):
+        opener(family, start_us, token)
+
+
 def test_nonces_never_repeat() -> None:
     key = DataKey(DEV_A, OWNER, 1, new_key())
     tokens = [key.seal(b"same value", family="steps", start_us=0) for _ in range(20_000)]
