@@ -14,6 +14,7 @@ deletes its records, state and high-water marks in the feature store.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from gateway.privacy.profile import unseal
 from gateway.privacy.service import Caller
 from gateway.security.audit import AuditEvent, audit_pseudonym
 from gateway.security.registry import Registry
-from gateway.store.base import RegistryOp
+from gateway.store.base import RegistryOp, Store
 
 PAGE = 1000
 CHUNK_BYTES = 256 * 1024
@@ -49,9 +50,30 @@ class _Encoder:
             return self.take()
         return None
 
+    def extend(self, data: bytes) -> bytes | None:
+        """Objects already encoded in this format (`_feature_page`)."""
+        self.buffer += data
+        if len(self.buffer) >= CHUNK_BYTES:
+            return self.take()
+        return None
+
     def take(self) -> bytes:
         out, self.buffer = bytes(self.buffer), bytearray()
         return out
+
+
+def _feature_page(store: Store, cursor: int, device: str, ownership: str, fmt: str) -> tuple[bytes, int, int]:
+    """One page of the ownership's feature records after `cursor`, encoded: (bytes, last cursor, rows).
+    Runs on the reader's thread; the records stored under this ownership only (a resold band's earlier
+    ones are not this owner's)."""
+    rows = store.read_since(cursor, device=device, ownership=ownership, limit=PAGE)
+    if fmt == "msgpack":
+        packb = msgpack.packb
+        data = b"".join([packb({"kind": "feature", "cursor": c, **record}) for c, record in rows])
+    else:
+        dumps = orjson.dumps
+        data = b"".join([dumps({"kind": "feature", "cursor": c, **record}) + b"\n" for c, record in rows])
+    return data, (rows[-1][0] if rows else cursor), len(rows)
 
 
 async def export_lines(
@@ -87,19 +109,17 @@ async def export_lines(
         if (chunk := enc.add(obj)) is not None:
             yield chunk
 
-    cursor = 0
-    while True:
-        # the records stored under this ownership only: a resold band's earlier ones are not this owner's
-        rows = await reader.call(
-            reader.store.read_since, cursor, device=device, ownership=ownership, limit=PAGE
+    # Feature records: each page is read, opened and encoded on the reader's thread, and the next page is
+    # asked for before this one is sent, so the store's work overlaps the sending and the event loop (which
+    # also acks every streaming band) only hands bytes on.
+    page = reader.submit(_feature_page, reader.store, 0, device, ownership, fmt)
+    while page is not None:
+        data, cursor, n = await asyncio.wrap_future(page)
+        page = (
+            reader.submit(_feature_page, reader.store, cursor, device, ownership, fmt) if n == PAGE else None
         )
-        for row_cursor, record in rows:
-            cursor = row_cursor
-            chunk = enc.add({"kind": "feature", "cursor": row_cursor, **record})
-            if chunk is not None:
-                yield chunk
-        if len(rows) < PAGE:
-            break
+        if (chunk := enc.extend(data)) is not None:
+            yield chunk
 
     # the device's pseudonym, wherever an entry names it (actor, subject, reason, details); entries from
     # before pseudonyms named it in clear as actor or subject
