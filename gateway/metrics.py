@@ -32,6 +32,12 @@ class Metrics:
         self.compute_queue = Gauge("bandgate_compute_queue_depth", "Batches decoding or waiting", registry=r)
         self.devices = Gauge("bandgate_devices_connected", "Devices with an open upload stream", registry=r)
         self.subscribers = Gauge("bandgate_subscribers", "Open Subscribe streams", registry=r)
+        self.store_available = Gauge(
+            "bandgate_store_available",
+            "1 while the store answers; 0 after a refusal for want of it",
+            registry=r,
+        )
+        self.store_available.set(1)
         self.compute_workers = Gauge(
             "bandgate_compute_workers", "Compute worker processes running", registry=r
         )

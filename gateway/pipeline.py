@@ -314,6 +314,7 @@ class Pipeline:
         self._rows_opened: list[Store] = []
         self._rows_lock = threading.Lock()
         self.on_commit = on_commit
+        self.store_down: Callable[[], None] = lambda: None  # health's side (gateway/storewatch.py)
         self._compute: concurrent.futures.ThreadPoolExecutor | None = None
         self.workers: WorkerPool | None = None
         self._computing = 0
@@ -586,6 +587,7 @@ class Pipeline:
 
     def _store_refusal(self, e: Exception) -> Refused:
         if isinstance(e, StoreUnavailable):
+            self.store_down()
             log.warning(
                 "store unavailable", extra={"fields": {"event": "store_unavailable", "error": str(e)}}
             )

@@ -47,6 +47,7 @@ from gateway.security.policy import Policy, Principal
 from gateway.security.registry import Refusal, Registry
 from gateway.security.tls import ReloadingCredentials
 from gateway.store import store_for_url
+from gateway.storewatch import StoreWatch
 
 log = logging.getLogger("bandgate.server")
 
@@ -483,6 +484,7 @@ class Gateway:
         self._reader: StoreThread | None = None
         self._registry_thread: StoreThread | None = None
         self._health: Any = None
+        self._store_watch: StoreWatch | None = None
         self._draining: asyncio.Event | None = None
         self._ingest: IngestService | None = None
         self._retention: asyncio.Future | None = None
@@ -622,8 +624,13 @@ class Gateway:
             self._health_server = health_server
         await server.start()
         self._server = server
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_serving(True)
+        self._store_watch = StoreWatch(
+            lambda: writer.call(writer.store.check_writable),
+            self._set_serving,
+            lambda available: self.metrics.store_available.set(int(available)),
+        )
+        self._pipeline.store_down = self._store_watch.unavailable
         self.metrics.start(c.metrics_listen)
         log.info(
             "gateway serving",
@@ -641,7 +648,18 @@ class Gateway:
         )
         return self.address
 
+    async def _set_serving(self, serving: bool) -> None:
+        """Every service's health, SERVING or NOT_SERVING; never SERVING again once draining."""
+        if serving and self._draining is not None and self._draining.is_set():
+            return
+        codes = health_pb2.HealthCheckResponse
+        status = codes.SERVING if serving else codes.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
     async def shutdown(self) -> None:
+        if self._store_watch is not None:
+            await self._store_watch.close()
         server, self._server = self._server, None
         if server is not None:
             log.info("gateway draining", extra={"fields": {"event": "draining"}})

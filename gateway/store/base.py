@@ -409,6 +409,11 @@ class Store(Protocol):
         """The highest cursor ever assigned (0 if none): where a subscriber for new records only starts."""
         ...
 
+    def check_writable(self) -> None:
+        """Return once a commit could take the store's write lock now (and give it back), or raise
+        `StoreUnavailable`: the probe that tells health when a store that refused is back."""
+        ...
+
     def export_device(self, device_id: int) -> Iterator[dict]:
         """Everything stored about one device: a summary, then its records in time order."""
         ...

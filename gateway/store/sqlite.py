@@ -621,6 +621,12 @@ class SqliteStore(Store):
         with _errors():
             return _latest_cursor(self._connection())
 
+    def check_writable(self) -> None:
+        with _errors():
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")  # waits up to the busy timeout, as a commit would
+            conn.execute("ROLLBACK")
+
     # privacy and retention
 
     def export_device(self, device_id: int) -> Iterator[dict]:

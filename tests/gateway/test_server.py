@@ -361,6 +361,51 @@ def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path, 
     assert stored(cfg.store.partition("?")[0]) == processed(batches[:1])
 
 
+def test_health_is_not_serving_while_the_store_cannot_store_and_serving_once_it_can(tmp_path):
+    """A store that refuses for want of itself turns health NOT_SERVING (a balancer moves bands away),
+    with the store_available metric at 0; once the lock is gone a probe turns it SERVING again and the
+    band's resend is stored."""
+    cfg = config(tmp_path, compute_processes=0)
+    cfg = cfg.replace(store=cfg.store + "?busy_timeout_ms=300")
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            async def status() -> int:
+                return (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+
+            before = await status()
+            lock = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")
+            up = Uploader(ch, device)
+            unavailable = await up.send(batches[0])
+            await asyncio.sleep(0.05)
+            during = await status()
+            gauge_during = gw.metrics.store_available._value.get()
+            await asyncio.sleep(1.5)  # probes keep failing while the lock is held
+            still = await status()
+            lock.execute("ROLLBACK")
+            lock.close()
+            for _ in range(60):
+                if await status() == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            after = await status()
+            retried = await up.send(batches[0])
+            return before, unavailable, during, gauge_during, still, after, retried, gw.metrics
+
+    before, unavailable, during, gauge_during, still, after, retried, metrics = run(scenario())
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert before == SERVING
+    assert unavailable.code == UNAVAILABLE and not unavailable.has_acked_seq
+    assert during == still == NOT_SERVING and gauge_during == 0
+    assert after == SERVING and metrics.store_available._value.get() == 1
+    assert retried.code == OK
+    assert stored(cfg.store.partition("?")[0]) == processed(batches[:1])
+
+
 def test_subscribe_live_then_resume_from_cursor_without_gaps_or_repeats(tmp_path):
     cfg = config(tmp_path)
     fleet = [band(), band(seed=8)]
