@@ -156,6 +156,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 "token_listen": args.token_listen,
                 "health_listen": args.health_listen,
                 "server_names": args.server_names,
+                "region": args.region,
                 "insecure": True if args.insecure else None,
                 "auto_register": True if args.auto_register else None,
             },
@@ -357,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--server-names",
         help="extra DNS names/IPs, comma-separated, for the development server certificate",
+    )
+    srv.add_argument(
+        "--region",
+        help="the region this gateway serves (regions, region_default: config file or BANDGATE_*; "
+        "docs/deployment.md)",
     )
     srv.add_argument(
         "--insecure", action="store_true", help="plaintext on a loopback address: development only"

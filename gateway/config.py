@@ -94,6 +94,12 @@ class GatewayConfig:
     audit_segment_entries: int = 10_000
     audit_segment_days: float = 1.0
 
+    # Regions (gateway/regions.py): the region this gateway serves ("" = one region, nothing checked), where
+    # every region is ("eu=eu.example:443,us=us.example:443"), and the home of certificates without one.
+    region: str = ""
+    regions: str = ""
+    region_default: str = ""
+
     # gRPC transport.
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
@@ -135,6 +141,7 @@ class GatewayConfig:
             raise ConfigError("ca_key needs tls_ca (the CA it belongs to)")
         self.consent_settings()  # refuses unknown families, ages and age_unknown values
         self.retention_settings()  # refuses unknown families and negative days
+        self.region_settings()  # refuses malformed names and a region not among `regions`
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
         for name in (
@@ -201,6 +208,15 @@ class GatewayConfig:
         except ValueError as e:
             text = str(e)
             raise ConfigError(text if text.startswith("retention") else f"retention: {text}") from None
+
+    def region_settings(self) -> Any:
+        """This gateway's region and the others' addresses (gateway.regions.Regions)."""
+        from gateway.regions import Regions
+
+        try:
+            return Regions.from_settings(self.region, self.regions, self.region_default)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def server_hosts(self) -> list[str]:
         """server_names as a list, blanks dropped."""

@@ -32,6 +32,11 @@ class Metrics:
         self.compute_queue = Gauge("bandgate_compute_queue_depth", "Batches decoding or waiting", registry=r)
         self.devices = Gauge("bandgate_devices_connected", "Devices with an open upload stream", registry=r)
         self.subscribers = Gauge("bandgate_subscribers", "Open Subscribe streams", registry=r)
+        self.misrouted = Counter(
+            "bandgate_streams_misrouted",
+            "Upload streams refused because the band's home region is another (sent to its address)",
+            registry=r,
+        )
         self.store_available = Gauge(
             "bandgate_store_available",
             "1 while the store answers; 0 after a refusal for want of it",

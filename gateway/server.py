@@ -40,6 +40,7 @@ from gateway.privacy.profile import unseal
 from gateway.privacy.retention import Sweeper
 from gateway.privacy.sealing import KeySealer
 from gateway.privacy.service import PrivacyService
+from gateway.regions import Regions
 from gateway.security import setup as security_setup
 from gateway.security.admin import AdminService, IdentityService, add_services
 from gateway.security.audit import Segments
@@ -149,12 +150,14 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
         registry: Registry,
         metrics: Metrics,
         draining: asyncio.Event,
+        regions: Regions | None = None,
     ):
         self.pipeline = pipeline
         self.authenticator = authenticator
         self.registry = registry
         self.metrics = metrics
         self.draining = draining
+        self.regions = regions or Regions()
         self.streams = _LiveStreams()
         # Handlers still running (superseded ones included): shutdown waits for them to send their
         # status before it stops the server, so no stream is cut by core shutdown mid-status.
@@ -181,7 +184,14 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
                 self._idle.set()
 
     async def _open(self, context: grpc.aio.ServicerContext) -> tuple[Principal, str]:
-        """identify → authorise: the principal and the one device this stream is for."""
+        """home region → identify → authorise: the principal and the one device this stream is for."""
+        # Before identification, which may register the caller: nothing of another region's band is kept.
+        certs = context.auth_context().get("x509_pem_cert")
+        misrouted = self.regions.check(certs[0] if certs else None)
+        if misrouted is not None:
+            self.metrics.misrouted.inc()
+            context.set_trailing_metadata(misrouted.trailers)
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, misrouted.reason)
         principal = await self.authenticator.authenticate(context)
         metadata = tuple(context.invocation_metadata() or ())
         device = principal.name if principal.kind == "device" else claimed_device(metadata)
@@ -566,7 +576,7 @@ class Gateway:
             options.append(("grpc.max_connection_idle_ms", c.max_connection_idle_ms))
         server = grpc.aio.server(options=options)
         self._ingest = IngestService(
-            self._pipeline, self.authenticator, registry, self.metrics, self._draining
+            self._pipeline, self.authenticator, registry, self.metrics, self._draining, c.region_settings()
         )
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(self._ingest, server)
         features_pb2_grpc.add_FeatureServiceServicer_to_server(

@@ -90,14 +90,18 @@ class _Service:
             await context.abort(e.code, e.reason)
         return principal
 
-    def _sign(self, csr_pem: bytes, identity: Identity, days: int) -> tuple[bytes, CertInfo]:
+    def _sign(
+        self, csr_pem: bytes, identity: Identity, days: int, region: str | None = None
+    ) -> tuple[bytes, CertInfo]:
         if self.security.ca is None:
             raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this gateway holds no CA key: sign the CSR with `bandgate pki sign` where the CA is kept",
             )
         try:
-            pem = self.security.ca.sign_csr(csr_pem, identity=identity, days=days or self.config.cert_days)
+            pem = self.security.ca.sign_csr(
+                csr_pem, identity=identity, days=days or self.config.cert_days, region=region
+            )
         except PkiError as e:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"CSR refused: {e}") from None
         return pem, cert_info(pem)
@@ -128,7 +132,9 @@ class AdminService(_Service, admin_pb2_grpc.AdminServiceServicer):
         reply = admin_pb2.Credential()
         try:
             if request.csr_pem:
-                pem, info = self._sign(request.csr_pem, identity, request.days)
+                # a band or relay is enrolled in this gateway's region: its home from now on
+                home = (self.config.region or None) if kind in ("device", "relay") else None
+                pem, info = self._sign(request.csr_pem, identity, request.days, home)
                 reply.certificate_pem = pem
                 ops.append(RegistryOp("credential", credential=_credential(kind, name, info)))
                 events.append(
@@ -300,8 +306,13 @@ class IdentityService(_Service, admin_pb2_grpc.IdentityServiceServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, "renewal is for certificates (mutual TLS)"
             )
+        # a renewed certificate keeps its home region (one from before regions gets this gateway's)
+        certs = context.auth_context().get("x509_pem_cert")
+        home = cert_info(certs[0]).region if certs else None
+        if home is None and caller.kind in ("device", "relay"):
+            home = self.config.region or None
         try:
-            pem, info = self._sign(request.csr_pem, Identity(caller.kind, caller.name), request.days)
+            pem, info = self._sign(request.csr_pem, Identity(caller.kind, caller.name), request.days, home)
         except Refusal as e:
             await context.abort(e.code, e.reason)
         event = AuditEvent(

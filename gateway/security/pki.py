@@ -34,6 +34,7 @@ __all__ = [
     "LocalState",
     "PkiError",
     "cert_info",
+    "check_region",
     "client_identity_from_pem",
     "default_state_dir",
     "ensure_local_state",
@@ -48,6 +49,9 @@ __all__ = [
 KINDS = ("device", "relay", "consumer")
 
 URI_SCHEME = "bandgate"
+# A band's or relay's home region (docs/deployment.md), a second URI SubjectAlternativeName
+# `bandgate-region:<name>`, stamped by the CA of the region that enrolled it; never the identity.
+REGION_SCHEME = "bandgate-region"
 CLOCK_SKEW = timedelta(minutes=5)  # not_valid_before is back-dated so a band whose clock lags still accepts
 RENEW_BEFORE = timedelta(days=30)  # ensure_local_state re-issues certificates this close to expiry
 MAX_DAYS = 36500
@@ -56,6 +60,7 @@ MAX_PEM_BYTES = 1 << 20  # a certificate or CSR file larger than this is not one
 
 _DEVICE_NAME = re.compile(r"[0-9a-f]{16}")
 _PRINCIPAL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+_REGION_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _UNSPECIFIED = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -147,6 +152,14 @@ class CertInfo:
     not_after: datetime
     subject: str
     issuer: str
+    region: str | None = None  # the home region it carries, if any
+
+
+def check_region(name: str) -> str:
+    """A region name as certificates and the configuration carry it: 1-32 of a-z 0-9 - (a letter first)."""
+    if not isinstance(name, str) or not _REGION_NAME.fullmatch(name):
+        raise PkiError(f"a region name is 1-32 of a-z 0-9 - starting with a letter, not {_quote(str(name))}")
+    return name
 
 
 def _pem_bytes(pem: bytes | str) -> bytes:
@@ -196,8 +209,26 @@ def _identity_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Iden
     return Identity.parse(uris[0]) if uris else None
 
 
+def _region_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> str | None:
+    try:
+        san = _extensions(obj).get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    regions = [u for u in uris if u.partition(":")[0].lower() == REGION_SCHEME]
+    if len(regions) > 1:
+        raise PkiError(f"{len(regions)} home regions in one certificate; at most one is allowed")
+    if not regions:
+        return None
+    scheme, _, name = regions[0].partition(":")
+    if scheme != REGION_SCHEME:
+        raise PkiError(f"not a home region URI ({REGION_SCHEME}:<name>): {_quote(regions[0])}")
+    return check_region(name)
+
+
 def _info(cert: x509.Certificate) -> CertInfo:
     return CertInfo(
+        region=_region_of(cert),
         identity=_identity_of(cert),
         serial=cert.serial_number,
         fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
@@ -546,20 +577,27 @@ class CertificateAuthority:
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 
-    def _sign_client(self, identity: Identity, public_key: ec.EllipticCurvePublicKey, days: int) -> bytes:
+    def _sign_client(
+        self, identity: Identity, public_key: ec.EllipticCurvePublicKey, days: int, region: str | None
+    ) -> bytes:
         if not isinstance(identity, Identity):
             raise PkiError("an identity is required")
-        sans = [x509.UniformResourceIdentifier(identity.uri)]
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+        if region is not None:
+            sans.append(x509.UniformResourceIdentifier(f"{REGION_SCHEME}:{check_region(region)}"))
         return self._sign(_cn(identity.label), public_key, sans, ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
-    def issue(self, identity: Identity, *, days: int = 365) -> tuple[bytes, bytes]:
+    def issue(self, identity: Identity, *, days: int = 365, region: str | None = None) -> tuple[bytes, bytes]:
         """A client certificate and a key made here: for tooling and development, where the key may
         exist beside the CA. Real bands make their key themselves and send a CSR (sign_csr)."""
         key = new_key()
-        return self._sign_client(identity, key.public_key(), days), key_pem(key)
+        return self._sign_client(identity, key.public_key(), days, region), key_pem(key)
 
-    def sign_csr(self, csr_pem: bytes, *, identity: Identity, days: int = 365) -> bytes:
-        """A client certificate for the key in a band's CSR, carrying `identity` and nothing else.
+    def sign_csr(
+        self, csr_pem: bytes, *, identity: Identity, days: int = 365, region: str | None = None
+    ) -> bytes:
+        """A client certificate for the key in a band's CSR, carrying `identity` (and the home `region`, if
+        given) and nothing else.
 
         The caller decides the identity; the CSR only proves possession of its key (its self-signature).
         A CSR that names a bandgate identity must name this one, so it can never widen what is granted.
@@ -586,7 +624,10 @@ class CertificateAuthority:
         asked = _identity_of(csr)
         if asked is not None and asked != identity:
             raise PkiError(f"the CSR asks for {asked.label}, not {identity.label}; refused")
-        return self._sign_client(identity, public_key, days)
+        asked_region = _region_of(csr)
+        if asked_region is not None and asked_region != region:
+            raise PkiError(f"the CSR asks for home region {asked_region}, not {region}; refused")
+        return self._sign_client(identity, public_key, days, region)
 
     def issue_server(self, hosts: Iterable[str], *, days: int = 365) -> tuple[bytes, bytes]:
         """A server certificate and key for DNS names and IP literals; CN is the first host."""
