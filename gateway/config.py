@@ -89,6 +89,9 @@ class GatewayConfig:
     retention_days: float = 0.0
     retention: str = ""
     retention_check_s: float = 3600.0
+    # The erasure journal (gateway/privacy/journal.py): "" = erasures.journal in the state dir. Keep it
+    # where restoring the store's backups does not restore it too.
+    erasure_journal: str = ""
     # The audit log is kept by segment (gateway/security/audit.py): a segment closes at this many entries
     # or after this many days (0 = no age limit), and `bandgate audit drop-before` drops whole old ones.
     audit_segment_entries: int = 10_000

@@ -13,7 +13,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,7 +36,10 @@ from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
 from gateway.privacy.access import erase, export_lines
 from gateway.privacy.consent import ConsentGate, RegistryConsent
+from gateway.privacy.journal import ACTOR as JOURNAL_ACTOR
+from gateway.privacy.journal import JOURNAL_FILE, ErasureJournal
 from gateway.privacy.keys import KEYS_DB, TOMBSTONE_FILE, KeyStore, load_kek, load_tombstone_key
+from gateway.privacy.ownership import current_ownership
 from gateway.privacy.profile import unseal
 from gateway.privacy.retention import Sweeper
 from gateway.privacy.sealing import KeySealer
@@ -43,11 +47,12 @@ from gateway.privacy.service import PrivacyService
 from gateway.regions import Regions
 from gateway.security import setup as security_setup
 from gateway.security.admin import AdminService, IdentityService, add_services
-from gateway.security.audit import Segments
+from gateway.security.audit import AuditEvent, Segments
 from gateway.security.policy import Policy, Principal
 from gateway.security.registry import Refusal, Registry
 from gateway.security.tls import ReloadingCredentials
 from gateway.store import store_for_url
+from gateway.store.base import UNOWNED, RegistryOp
 from gateway.storewatch import StoreWatch
 
 log = logging.getLogger("bandgate.server")
@@ -137,6 +142,23 @@ class _LiveStreams:
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+async def _journal(
+    journal: ErasureJournal, ops: Sequence[RegistryOp], registry: Registry, keys: KeyStore
+) -> None:
+    """Journal the erasures and withdrawals among `ops` (not the journal's own re-applications)."""
+    wanted = [op for op in ops if op.actor != JOURNAL_ACTOR]
+    snapshot = registry.policy.snapshot if registry.policy else None
+
+    def ownerships_of(device: str) -> set[str]:
+        held = {"" if o == UNOWNED else o for o in keys.ownerships(device)}
+        current = current_ownership(snapshot, device)
+        return held | ({current} if current else set())
+
+    entries = journal.entries_for(wanted, ownerships_of)
+    if entries:
+        await asyncio.to_thread(journal.append, entries)
 
 
 class IngestService(ingest_pb2_grpc.IngestServiceServicer):
@@ -548,6 +570,12 @@ class Gateway:
             metrics=self.metrics,
         )
         await registry.start()
+        journal = ErasureJournal(
+            Path(c.erasure_journal) if c.erasure_journal else security.state.root / JOURNAL_FILE,
+            pseudonyms.pseudonym,
+        )
+        await self._reapply_erasures(journal, registry, keys)
+        registry.before_apply = lambda ops: _journal(journal, ops, registry, keys)
         registered = (
             {(p.kind, p.name) for p in registry.policy.principals.values()} if registry.policy else set()
         )
@@ -657,6 +685,35 @@ class Gateway:
             },
         )
         return self.address
+
+    async def _reapply_erasures(self, journal: ErasureJournal, registry: Registry, keys: KeyStore) -> None:
+        """A store restored from a backup holds what was erased or withdrawn since: do it again, before
+        serving (gateway/privacy/journal.py)."""
+        if not journal.entries():
+            return
+        assert self._reader is not None and self._pipeline is not None
+        held = await self._reader.call(self._reader.store.ownerships_held)
+        plan = journal.plan(registry.policy.snapshot if registry.policy else None, held)
+        if not plan:
+            return
+        for device, ownership in plan.erasures:
+            await asyncio.to_thread(keys.destroy, device, ownership or UNOWNED)
+        devices = sorted({d for d, _ in plan.erasures} | {op.device for op in (*plan.forget, *plan.ops)})
+        events = [AuditEvent("device.erasure_reapplied", JOURNAL_ACTOR, f"device:{d}") for d in devices]
+        await registry.apply(events, [*plan.forget, *plan.ops])
+        writer = self._pipeline.writer
+        for device, ownership in plan.erasures:
+            await writer.call(writer.store.erase_device, int(device, 16), ownership)
+        log.warning(
+            "restored data re-erased from the erasure journal",
+            extra={
+                "fields": {
+                    "event": "erasure_journal_reapplied",
+                    "erasures": len(plan.erasures),
+                    "registry_ops": len(plan.forget) + len(plan.ops),
+                }
+            },
+        )
 
     async def _set_serving(self, serving: bool) -> None:
         """Every service's health, SERVING or NOT_SERVING; never SERVING again once draining."""

@@ -56,6 +56,7 @@ _PAGE = 1000
 _MAX_OVERFLOW_REASONS = 64  # distinct reasons under OTHER_PEER before they too are pooled
 PSEUDONYM_PREFIX = "pseudonym-"  # what stands for a device ID in an entry: "device:pseudonym-<32 hex>"
 DROPPED = "audit.dropped"  # the sealed entry that authorises dropping the segments before it
+RESTORED = "audit.restored"  # the entry an operator's accepted restore from backup starts with
 # A device ID in free text (a reason, a detail): 16 lower-case hex digits standing alone. Actor and subject
 # are pseudonymised only as "device:<id>", so a relay or consumer that happens to be named so keeps its name.
 _DEVICE_WORD = re.compile(r"(?<![0-9A-Za-z_-])[0-9a-f]{16}(?![0-9A-Za-z_-])")
@@ -518,6 +519,27 @@ class AuditLog:
             extra={"fields": {"event": "audit_dropped", "through_seq": through, "entries": dropped}},
         )
         return dropped
+
+    def accept_restore(self, actor: str) -> tuple[int, int]:
+        """After the store was restored from a backup, its log ends before the head: `open` refuses it as
+        a cut tail, rightly, since nothing else tells the two apart. The operator who restored says so
+        here: the restored log's own chain is verified, the head moves back to its last entry, and an
+        "audit.restored" entry by `actor` records the gap (the head's old seq). Returns (restored seq,
+        the head's old seq). Refuses if the log does not end before the head."""
+        last = self._store.audit_last()
+        head = _read_head(self._head_path)
+        if head is None or last is None or last.seq >= head.seq:
+            raise AuditError("nothing to accept: the audit log does not end before its head")
+        before = self._store.audit_rows(last.seq - 2, 1) if last.seq >= 2 else []
+        mac = _mac_before(self._store, last.seq, before[0] if before else None, self._genesis)
+        problem = _row_problem(self._key, mac, last) if mac is not None else "its predecessor is missing"
+        if problem is not None:
+            raise AuditError(f"the restored log's last entry does not verify: {problem}")
+        _write_head(self._head_path, _Head(last.seq, last.mac))
+        self.open()
+        details = {"restored_to_seq": last.seq, "head_was_seq": head.seq, "lost": head.seq - last.seq}
+        self.record([AuditEvent(RESTORED, actor, details=details)])
+        return last.seq, head.seq
 
     def drop_older_than(self, time_us: int, actor: str) -> int:
         """`drop_through` the closed segments whose last entry was recorded before `time_us`."""

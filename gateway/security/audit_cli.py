@@ -59,6 +59,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     drop.add_argument("--actor", default="consumer:operator", help="who drops (the audit entry names it)")
     drop.set_defaults(run=_cmd_drop)
 
+    restored = asub.add_parser(
+        "accept-restore",
+        help="after restoring the store from a backup: accept its shorter log (the gap is recorded)",
+    )
+    _common(restored)
+    restored.add_argument("--state-dir", type=Path, help="where audit.key and audit.head are")
+    restored.add_argument("--actor", default="consumer:operator", help="who restored (the entry names it)")
+    restored.set_defaults(run=_cmd_accept_restore)
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=DEFAULT_STORE, help=f"store URL (default {DEFAULT_STORE})")
@@ -134,6 +143,22 @@ def _cmd_drop(args: argparse.Namespace, console: Console) -> int:
         print("nothing dropped: no closed segment ends there")
     else:
         print(f"dropped {dropped} entries; the log now starts at {first[0].seq}")
+    return 0
+
+
+def _cmd_accept_restore(args: argparse.Namespace, console: Console) -> int:
+    state = args.state_dir if args.state_dir is not None else default_state_dir()
+    try:
+        key = load_key(state / "audit.key")
+        with _open_existing(args.store) as store:
+            restored, was = AuditLog(store, key, state / "audit.head").accept_restore(args.actor)
+    except (AuditError, StoreError, ValueError) as e:
+        return _fail(f"audit accept-restore: {e}")
+    print(
+        f"restore accepted: the log resumes after entry {restored}; entries {restored + 1}..{was} "
+        "are gone with the restore (recorded as audit.restored); the next start re-applies the "
+        "erasures and withdrawals made since (the erasure journal)"
+    )
     return 0
 
 

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class Registry:
         self.metrics = metrics
         self.policy: Policy | None = None
         self.listeners: list[Callable[[Policy], None]] = []
+        # called with a change's ops before it is stored (gateway/privacy/journal.py)
+        self.before_apply: Callable[[Sequence[RegistryOp]], Awaitable[None]] | None = None
         self.peer_throttle = Throttle()
         self.credential_throttle = Throttle()
         self.refusals = RefusalCounter()
@@ -162,6 +164,8 @@ class Registry:
     async def apply(self, events: Sequence[AuditEvent], ops: Sequence[RegistryOp] = ()) -> Policy:
         """Store `ops` with their audit `events` in one transaction, then serve the new policy."""
         assert self._audit is not None, "registry not started"
+        if ops and self.before_apply is not None:
+            await self.before_apply(ops)  # the erasure journal: written before the change is made
         async with self._lock:
             version = await self.thread.call(self._audit.record, list(events), list(ops))
         # One snapshot read serves every change stored meanwhile (a registration storm), and this change

@@ -409,6 +409,11 @@ class Store(Protocol):
         """The highest cursor ever assigned (0 if none): where a subscriber for new records only starts."""
         ...
 
+    def ownerships_held(self) -> set[tuple[str, str]]:
+        """Every (device, ownership) the store holds a record or a state of ("" = unowned): what the
+        erasure journal checks a restored store against (gateway/privacy/journal.py)."""
+        ...
+
     def check_writable(self) -> None:
         """Return once a commit could take the store's write lock now (and give it back), or raise
         `StoreUnavailable`: the probe that tells health when a store that refused is back."""

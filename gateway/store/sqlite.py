@@ -621,6 +621,14 @@ class SqliteStore(Store):
         with _errors():
             return _latest_cursor(self._connection())
 
+    def ownerships_held(self) -> set[tuple[str, str]]:
+        query = " UNION ".join(
+            [f"SELECT device, ownership FROM {table}" for table in RECORD_TABLES.values()]
+            + ["SELECT device, ownership FROM devices"]
+        )
+        with _errors():
+            return {(device, ownership or "") for device, ownership in self._connection().execute(query)}
+
     def check_writable(self) -> None:
         with _errors():
             conn = self._connection()
