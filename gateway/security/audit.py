@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gateway.privacy.crypto import PseudonymKey, normalize_device
-from gateway.store.base import AuditCheckpoint, AuditRow, RegistryOp, Store
+from gateway.store.base import AuditCheckpoint, AuditConflict, AuditRow, RegistryOp, Store
 
 KEY_BYTES = 32
 GENESIS = b"bandgate-audit-genesis"
@@ -56,6 +56,7 @@ _PAGE = 1000
 _MAX_OVERFLOW_REASONS = 64  # distinct reasons under OTHER_PEER before they too are pooled
 PSEUDONYM_PREFIX = "pseudonym-"  # what stands for a device ID in an entry: "device:pseudonym-<32 hex>"
 DROPPED = "audit.dropped"  # the sealed entry that authorises dropping the segments before it
+CONFLICT_RETRIES = 20  # gateways sharing a store that append at the same moment: each catches up and retries
 RESTORED = "audit.restored"  # the entry an operator's accepted restore from backup starts with
 # A device ID in free text (a reason, a detail): 16 lower-case hex digits standing alone. Actor and subject
 # are pseudonymised only as "device:<id>", so a relay or consumer that happens to be named so keeps its name.
@@ -449,6 +450,17 @@ class AuditLog:
                 raise ValueError("a policy change must be recorded with an audit event")
             return self._store.registry_apply(ops) if ops else self._store.registry_version()
         events = [pseudonymise(event, self._pseudonyms) for event in events]
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return self._record(events, ops)
+            except AuditConflict:
+                # another writer on the same store appended first: follow its entries and seal again
+                if attempt == CONFLICT_RETRIES - 1:
+                    raise
+                time.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _record(self, events: Sequence[AuditEvent], ops: Sequence[RegistryOp]) -> int:
         self._catch_up()
         time_us = int(self.clock() * 1_000_000)
         seq, mac, segment = self._seq, self._mac, self._open_segment

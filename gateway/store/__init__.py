@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gateway.store.base import (
     FAMILIES,
+    AuditConflict,
     CommitResult,
     DeviceRow,
     SchemaVersionError,
@@ -23,6 +24,7 @@ from gateway.store.sqlite import SqliteStore
 
 __all__ = [
     "FAMILIES",
+    "AuditConflict",
     "CommitResult",
     "DeviceRow",
     "SchemaVersionError",

@@ -36,6 +36,11 @@ class StoreUnavailable(StoreError):  # noqa: N818 - the gRPC status it maps to, 
     """The store cannot write now (locked, disk full, I/O error) and wrote nothing: do not ack; retry."""
 
 
+class AuditConflict(StoreError):  # noqa: N818 - a race lost, not a bug: catch up and try again
+    """Audit rows that do not continue the log: another writer (a second gateway on the same store, a
+    CLI) appended first. Nothing was stored."""
+
+
 class SchemaVersionError(StoreError):
     """The database was written by a newer bandgate (or is not a bandgate database); opening it is refused."""
 

@@ -30,6 +30,7 @@ from gateway.store.base import (
     U64,
     UNOWNED,
     AuditCheckpoint,
+    AuditConflict,
     AuditRow,
     CommitItem,
     CommitResult,
@@ -831,7 +832,7 @@ class SqliteStore(Store):
             if audit:
                 last = conn.execute("SELECT max(seq) FROM audit").fetchone()[0] or 0
                 if [row.seq for row in audit] != list(range(last + 1, last + 1 + len(audit))):
-                    raise StoreError(f"audit rows must continue the log at seq {last + 1}")
+                    raise AuditConflict(f"audit rows must continue the log at seq {last + 1}")
                 conn.executemany(
                     "INSERT INTO audit (seq, time_us, entry, mac) VALUES (?, ?, ?, ?)",
                     [(r.seq, r.time_us, r.entry, r.mac) for r in audit],
