@@ -33,6 +33,7 @@ from gateway.store.base import CredentialRow, RegistryOp
 log = logging.getLogger("bandgate.security")
 
 FLUSH_S = 2.0  # last-seen times and refusal counts are written this often, never per RPC
+REFRESH_S = 0.1  # an unknown certificate reads the store's registry version at most this often
 
 
 class Throttle:
@@ -113,6 +114,7 @@ class Registry:
         self.listeners: list[Callable[[Policy], None]] = []
         # called with a change's ops before it is stored (gateway/privacy/journal.py)
         self.before_apply: Callable[[Sequence[RegistryOp]], Awaitable[None]] | None = None
+        self._refreshed = 0.0  # when `refresh` last read the store's registry version
         self.peer_throttle = Throttle()
         self.credential_throttle = Throttle()
         self.refusals = RefusalCounter()
@@ -177,6 +179,21 @@ class Registry:
                 self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
         assert self.policy is not None
         return self.policy
+
+    async def refresh(self) -> bool:
+        """Read the registry again now if the store holds a newer version (another gateway changed it since
+        the last poll), at most once per REFRESH_S; True if a newer policy was installed."""
+        now = time.monotonic()
+        if now - self._refreshed < REFRESH_S:
+            return False
+        self._refreshed = now
+        version = await self.thread.call(self.thread.store.registry_version)
+        if self.policy is not None and version == self.policy.version:
+            return False
+        async with self._reload:
+            if self.policy is None or self.policy.version < version:
+                self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
+        return True
 
     async def _background(self) -> None:
         last_flush = time.monotonic()
@@ -276,6 +293,10 @@ class Registry:
             raise self._throttled()
         assert self.policy is not None
         decision = self.policy.check_credential(identity.kind, identity.name, credential)
+        unknown = not decision and self.policy.principal(identity.kind, identity.name) is None
+        if unknown and await self.refresh():
+            # registered a moment ago through another gateway on the same store: not yet polled here
+            decision = self.policy.check_credential(identity.kind, identity.name, credential)
         if (
             not decision
             and self.policy.principal(identity.kind, identity.name) is None

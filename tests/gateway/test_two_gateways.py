@@ -1,0 +1,126 @@
+"""Many gateways, one store (issue 14, item 5): two gateways share the store and state (one CA, one key
+store), over real mutual TLS. Bands move from one to the other mid-stream, and back: the stored features
+equal the single-gateway run, none lost, none doubled (the device's state moves through the store). A
+consent withdrawal, a revocation and an erasure made through one gateway take effect on the other within
+a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+import pytest
+
+from bandgate.v1 import admin_pb2, admin_pb2_grpc
+from gateway.pipeline import ALREADY_EXISTS, OK
+from gateway.server import run_server
+from tests.gateway.gatewaykit import Credentials, Uploader, band, processed, same_records, stored, tls_config
+from tests.privacy.privacykit import Owner, hexid
+
+WITHIN_S = 1.0
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+@contextlib.asynccontextmanager
+async def two_gateways(tmp_path, **changes):
+    """Gateways A and B on one store and one state dir."""
+    common = dict(store=f"sqlite:///{tmp_path}/gw.db", state_dir=str(tmp_path / "state"), **changes)
+    async with (
+        run_server(tls_config(tmp_path, **common)) as a,
+        run_server(tls_config(tmp_path, **common)) as b,
+    ):
+        yield a, b, Credentials(tmp_path / "state", a.address), common["store"]
+
+
+async def stream_opens(creds: Credentials, address: str, device: int, batch) -> grpc.StatusCode:
+    """A new stream to `address` with one batch: OK if acked, else the status it ended with."""
+    async with await creds.band_channel(device, address) as ch:
+        up = Uploader(ch, device)
+        try:
+            ack = await up.send(batch)
+            return grpc.StatusCode.OK if ack.code in (OK, ALREADY_EXISTS) else grpc.StatusCode.UNKNOWN
+        except (grpc.aio.AioRpcError, AssertionError):
+            return await up.call.code()
+
+
+async def refused_within(creds, address, device, batch, code: grpc.StatusCode) -> float:
+    """Seconds until a new stream to `address` is refused with `code` (inf if not within 3 s)."""
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        if await stream_opens(creds, address, device, batch) == code:
+            return time.monotonic() - started
+        await asyncio.sleep(0.05)
+    return float("inf")
+
+
+def test_bands_moving_between_gateways_mid_stream_lose_and_double_nothing(tmp_path):
+    fleet = [band(seed=s, minutes=30, batch_minutes=5) for s in (31, 32, 33)]
+
+    async def scenario():
+        async with two_gateways(tmp_path) as (a, b, creds, url):
+            acks: list[int] = []
+            for device, batches in fleet:
+                thirds = [batches[:2], batches[2:4], batches[4:]]
+                for gw, part in zip((a, b, a), thirds, strict=True):
+                    async with await creds.band_channel(device, gw.address) as ch:
+                        up = Uploader(ch, device)
+                        acks += [(await up.send(x)).code for x in part]
+                        await up.close()
+                # a resend of what the other gateway stored: acknowledged, not stored again
+                async with await creds.band_channel(device, b.address) as ch:
+                    resent = (await Uploader(ch, device).send(batches[0])).code
+                    assert resent in (OK, ALREADY_EXISTS), resent
+            return acks, url
+
+    acks, url = run(scenario())
+    assert acks == [OK] * sum(len(b) for _, b in fleet)
+    expected = [r for _, batches in fleet for r in processed(batches)]
+    got = stored(url)
+    assert len(got) == len(expected) and same_records(got, expected)
+
+
+@pytest.mark.parametrize("change", ["withdraw", "revoke", "erase"])
+def test_a_change_made_through_one_gateway_holds_on_the_other_within_a_second(tmp_path, change):
+    device, batches = band(seed=41, minutes=15, batch_minutes=5)
+    expected_code = {
+        "withdraw": grpc.StatusCode.PERMISSION_DENIED,
+        "revoke": grpc.StatusCode.PERMISSION_DENIED,
+        "erase": grpc.StatusCode.PERMISSION_DENIED,
+    }[change]
+
+    async def scenario():
+        async with two_gateways(tmp_path, default_consent="") as (a, b, creds, _url):
+            async with await creds.band_channel(device, a.address) as ch:
+                owner = Owner(ch, device)
+                await owner.profile(birth_year=1980, country="PT")
+                await owner.consent(grant=["steps", "activity", "heart", "sleep", "night", "wear", "day"])
+            before = await stream_opens(creds, b.address, device, batches[0])
+            if change == "withdraw":
+                async with await creds.band_channel(device, a.address) as ch:
+                    await Owner(ch, device).consent(
+                        withdraw=["steps", "activity", "heart", "sleep", "night", "wear", "day", "distance"]
+                    )
+            elif change == "revoke":
+                async with creds.channel("operator", a.address) as op:
+                    await admin_pb2_grpc.AdminServiceStub(op).Revoke(
+                        admin_pb2.RevokeRequest(kind="device", name=hexid(device))
+                    )
+            else:
+                async with creds.channel("operator", a.address) as op:
+                    from bandgate.v1 import privacy_pb2, privacy_pb2_grpc
+
+                    await privacy_pb2_grpc.PrivacyServiceStub(op).Erase(
+                        privacy_pb2.DeviceRequest(device=hexid(device))
+                    )
+            took = await refused_within(creds, b.address, device, batches[1], expected_code)
+            return before, took
+
+    before, took = run(scenario())
+    assert before == grpc.StatusCode.OK
+    assert took < WITHIN_S, f"{change} through A held on B only after {took:.2f} s"
