@@ -17,7 +17,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -27,7 +27,6 @@ import orjson
 from decoder.records import device_key
 from gateway.store.base import (
     FAMILY_CLASS,
-    U64,
     UNOWNED,
     AuditCheckpoint,
     AuditRow,
@@ -51,11 +50,17 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
     Unreadable,
-    check_batch,
     check_principal,
-    check_records,
     check_registry_op,
     check_sequence,
+)
+from gateway.store.rows import (
+    RECORD_TABLES,
+    TABLE_OF,
+    Prepared,
+    check_device_id,
+    encode,
+    rows_of,
 )
 
 log = logging.getLogger("bandgate.store")
@@ -259,8 +264,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-RECORD_TABLES = {cls: f"records_{cls}" for cls in sorted(set(FAMILY_CLASS.values()))}
-_TABLE_OF = {family: RECORD_TABLES[cls] for family, cls in FAMILY_CLASS.items()}
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
 # ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
 # silently. The first version of a record wins, so a cursor a subscriber has read never changes.
@@ -427,7 +430,7 @@ class SqliteStore(Store):
     # the batch path
 
     def device(self, device_id: int) -> DeviceRow | None:
-        _check_device_id(device_id)
+        check_device_id(device_id)
         with _errors():
             row = (
                 self._connection()
@@ -472,9 +475,9 @@ class SqliteStore(Store):
         return result
 
     def prepare(self, item: CommitItem) -> CommitItem:
-        rows = _encode(item, self.sealer)
+        rows = encode(item, self.sealer)
         token: list[dict] = []  # the prepared item's records: empty, the rows stand for them
-        return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows, item.ownership))
+        return replace(item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership))
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`. An item refused by its sequence
@@ -485,7 +488,7 @@ class SqliteStore(Store):
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
         for i, item in enumerate(items):
             try:
-                prepared.append((i, item, _rows(item, self.sealer)))
+                prepared.append((i, item, rows_of(item, self.sealer)))
             except ValueError as e:
                 results[i] = e
         if prepared:
@@ -525,12 +528,12 @@ class SqliteStore(Store):
         parts: list[str] = []
         params: list[Any] = []
         cursor_at: list[int] = []  # where in params each table's cursor goes (a page may need a second query)
-        for table in sorted({_TABLE_OF[f] for f in wanted}):
+        for table in sorted({TABLE_OF[f] for f in wanted}):
             sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > ?"
             cursor_at.append(len(params))
             params.append(cursor)
-            fams = sorted(f for f in wanted if _TABLE_OF[f] == table)
-            if len(fams) < sum(1 for v in _TABLE_OF.values() if v == table):
+            fams = sorted(f for f in wanted if TABLE_OF[f] == table)
+            if len(fams) < sum(1 for v in TABLE_OF.values() if v == table):
                 sql += f" AND family IN ({', '.join('?' * len(fams))})"
                 params += fams
             if device is not None:
@@ -604,7 +607,7 @@ class SqliteStore(Store):
         """A summary `{"kind": "device", ...}` (state as bytes), then `{"kind": "record", "cursor", "record"}`
         in time order, all from one snapshot. The snapshot is held until the iterator is exhausted or
         closed, and this object cannot commit meanwhile: export from a store object of its own."""
-        _check_device_id(device_id)
+        check_device_id(device_id)
         conn = self._connection()
         if conn.in_transaction:
             raise StoreError("another export_device iterator is still open on this store object")
@@ -664,7 +667,7 @@ class SqliteStore(Store):
 
         With `ownership`, only the records stored under it go (a band's owner erases their own data, not
         a previous owner's), and the state only if it is that ownership's."""
-        _check_device_id(device_id)
+        check_device_id(device_id)
         device = device_key(device_id)
         deleted = 0
         scope, args = (
@@ -718,11 +721,11 @@ class SqliteStore(Store):
         else:
             chosen = sorted(set(families))
             for family in chosen:
-                if family not in _TABLE_OF:
-                    raise ValueError(f"unknown family {family!r}; known {sorted(_TABLE_OF)}")
+                if family not in TABLE_OF:
+                    raise ValueError(f"unknown family {family!r}; known {sorted(TABLE_OF)}")
             scopes = {}
-            for table in dict.fromkeys(_TABLE_OF[f] for f in chosen):
-                of_table = tuple(f for f in chosen if _TABLE_OF[f] == table)
+            for table in dict.fromkeys(TABLE_OF[f] for f in chosen):
+                of_table = tuple(f for f in chosen if TABLE_OF[f] == table)
                 scopes[table] = (f" AND family IN ({', '.join('?' * len(of_table))})", of_table)
         total = 0
         for table, (where, args) in scopes.items():
@@ -949,76 +952,6 @@ def _errors() -> Iterator[None]:
         if code is not None and code & 0xFF in _UNAVAILABLE:
             raise StoreUnavailable(f"sqlite: {e} ({name})") from e
         raise StoreError(f"sqlite: {e} ({name})") from e
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """`SqliteStore.prepare`'s work: one device's records, checked and encoded as rows. The prepared
-    item's `records` is `token`, an empty list; an item whose records or device were changed after
-    `prepare` is encoded again from what it holds, so nothing unchecked reaches the database."""
-
-    token: list[dict]
-    device_id: int
-    rows: list[tuple]
-    ownership: str = ""
-
-
-def _rows(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
-    """The item's rows: prepared ahead for exactly this item, or checked and encoded now."""
-    p = item.prepared
-    if (
-        isinstance(p, _Prepared)
-        and p.token is item.records
-        and not item.records
-        and p.device_id == item.device_id
-        and p.ownership == item.ownership
-    ):
-        _check_item(item)  # the IDs and state may have been replaced since: cheap, so checked again
-        return p.rows
-    return _encode(item, sealer)
-
-
-def _check_item(item: CommitItem) -> None:
-    check_batch(item.device_id, item.boot_id, item.first_seq, item.last_seq)
-    if not isinstance(item.state, bytes):
-        raise ValueError("state must be bytes")
-
-
-def _encode(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
-    """The item's checks that need no database, and its records as rows (table first, values sealed
-    when there is a sealer); `ValueError` if malformed."""
-    _check_item(item)
-    device = device_key(item.device_id)
-    check_records(device, item.records)
-    ownership = item.ownership
-    if sealer is None:
-        return [
-            (
-                _TABLE_OF[r["family"]],
-                device,
-                ownership,
-                r["family"],
-                r["start_us"],
-                r["duration_s"],
-                r["algo"],
-                _dumps(r["values"]),
-            )
-            for r in item.records
-        ]
-    owner = ownership or UNOWNED
-    return [
-        (
-            _TABLE_OF[r["family"]],
-            device,
-            ownership,
-            r["family"],
-            r["start_us"],
-            r["duration_s"],
-            r["algo"],
-            sealer.seal_values(device, owner, r["family"], r["start_us"], orjson.dumps(r["values"])),
-        )
-        for r in item.records
-    ]
 
 
 def _apply(
@@ -1271,15 +1204,3 @@ def _privacy_snapshot(
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT next FROM record_cursor").fetchone()[0]) - 1
-
-
-def _dumps(values: dict) -> str:
-    """Compact JSON, UTF-8, floats in their shortest round-trip form (as `json.dumps` writes them, 7x
-    faster: every record of every batch passes here). `check_records` has refused NaN, infinities and
-    ints beyond int64, which orjson would write as null or refuse."""
-    return orjson.dumps(values).decode()
-
-
-def _check_device_id(device_id: int) -> None:
-    if not 0 <= device_id < U64:
-        raise ValueError(f"device_id {device_id} is not a u64")
