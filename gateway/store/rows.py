@@ -7,6 +7,7 @@ module does no I/O.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import orjson
@@ -18,9 +19,13 @@ from gateway.store.base import (
     UNOWNED,
     CommitItem,
     Sealer,
+    StoreError,
+    Unreadable,
     check_batch,
     check_records,
 )
+
+log = logging.getLogger("bandgate.store")
 
 # Each family's table, by sensitivity class (base.FAMILY_CLASS).
 RECORD_TABLES = {cls: f"records_{cls}" for cls in sorted(set(FAMILY_CLASS.values()))}
@@ -110,3 +115,40 @@ def check_device_id(device_id: int) -> None:
     """Refuse a device ID that is not a u64."""
     if not 0 <= device_id < U64:
         raise ValueError(f"device_id {device_id} is not a u64")
+
+
+def open_record(row: tuple, sealer: Sealer | None, where: str) -> dict | None:
+    """A stored row (cursor, device, ownership, family, start_us, duration_s, algo, value) as a record, its
+    values opened: `value` is JSON text (written in clear: before encryption at rest, or without a sealer)
+    or sealed bytes. None, logged by identifiers only, for sealed values that do not open (an erased
+    device's key, or a value moved from another row); `StoreError` for sealed values and no sealer."""
+    _, device, ownership, family, start_us, duration_s, algo, value = row
+    if isinstance(value, str):
+        values = orjson.loads(value)
+    else:
+        if sealer is None:
+            raise StoreError(f"{where}: sealed records and no sealer to open them")
+        try:
+            values = orjson.loads(sealer.open_values(device, ownership or UNOWNED, family, start_us, value))
+        except Unreadable as e:
+            log.warning(
+                "a sealed record does not open: skipped",
+                extra={
+                    "fields": {
+                        "event": "record_unreadable",
+                        "device": device,
+                        "family": family,
+                        "start_us": start_us,
+                        "reason": str(e),
+                    }
+                },
+            )
+            return None
+    return {
+        "family": family,
+        "device": device,
+        "start_us": start_us,
+        "duration_s": duration_s,
+        "algo": algo,
+        "values": values,
+    }

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-import orjson
-
 from decoder.records import device_key
 from gateway.store.base import (
     FAMILY_CLASS,
@@ -60,6 +58,7 @@ from gateway.store.rows import (
     Prepared,
     check_device_id,
     encode,
+    open_record,
     rows_of,
 )
 
@@ -563,39 +562,10 @@ class SqliteStore(Store):
 
     def _record(self, row: tuple) -> dict | None:
         """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
-        _, device, ownership, family, start_us, duration_s, algo, value = row
-        if isinstance(value, str):  # written in clear (before encryption at rest, or without a sealer)
-            values = orjson.loads(value)
-        else:
-            if self.sealer is None:
-                raise StoreError(f"{self.path}: sealed records and no sealer to open them")
-            try:
-                values = orjson.loads(
-                    self.sealer.open_values(device, ownership or UNOWNED, family, start_us, value)
-                )
-            except Unreadable as e:
-                self.unreadable += 1
-                log.warning(
-                    "a sealed record does not open: skipped",
-                    extra={
-                        "fields": {
-                            "event": "record_unreadable",
-                            "device": device,
-                            "family": family,
-                            "start_us": start_us,
-                            "reason": str(e),
-                        }
-                    },
-                )
-                return None
-        return {
-            "family": family,
-            "device": device,
-            "start_us": start_us,
-            "duration_s": duration_s,
-            "algo": algo,
-            "values": values,
-        }
+        record = open_record(row, self.sealer, str(self.path))
+        if record is None:
+            self.unreadable += 1
+        return record
 
     def latest_cursor(self) -> int:
         with _errors():
