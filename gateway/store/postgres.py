@@ -90,6 +90,7 @@ DEFAULT_SCHEMA = "bandgate"
 DEFAULT_LOCK_TIMEOUT_MS = 2000  # as SQLite's busy timeout: an erasure chunk is short; the band retries later
 DEFAULT_POOL_MAX = 4  # a writer, an export iterator, and room for a reconnect beside them
 DEFAULT_POOL_TIMEOUT_S = 5.0  # waiting for a connection (or a reconnect) before StoreUnavailable
+MIGRATE_LOCK_TIMEOUT_S = 60  # a migration (DDL on big tables) may take a while; those starting beside wait
 PURGE_CHUNK = 1000  # records an erasure or retention transaction deletes: a writer waits one chunk at most
 # A cursor is (transaction ID << CURSOR_BITS) + the row's place in its transaction: 2**20 rows a
 # transaction (a bigger group commits in several), and transaction IDs (xid8, epoch included) up to 2**43.
@@ -97,9 +98,16 @@ CURSOR_BITS = 20
 CURSOR_ROWS = 1 << CURSOR_BITS
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _OWN_OPTIONS = frozenset({"schema", "lock_timeout_ms", "pool_max", "pool_timeout_s"})
-# The lowest cursor a transaction still running (or yet to start) can write: readers stop below it.
-_FRONTIER = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
-assert str(CURSOR_BITS) in _FRONTIER
+# Where readers stop (PostgresStore._frontier): the next transaction ID, and the transaction IDs of this
+# schema's writers (holders of its writer lock) now, from one read of the lock table.
+_WRITERS = (
+    "WITH locks AS MATERIALIZED (SELECT locktype, classid, objid, objsubid, virtualtransaction, "
+    "transactionid FROM pg_locks) "
+    "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint, array("
+    "SELECT x.transactionid::text::bigint FROM locks w LEFT JOIN locks x "
+    "ON x.virtualtransaction = w.virtualtransaction AND x.locktype = 'transactionid' "
+    "WHERE w.locktype = 'advisory' AND w.classid = %s AND w.objid = 0 AND w.objsubid = 2)"
+)
 
 
 @dataclass(frozen=True)
@@ -332,6 +340,7 @@ class PostgresStore(Store):
         # on each other, but for a hash collision: a short wait, never a wrong result)
         self._device_lock_key = _int32(zlib.crc32(f"bandgate-device:{schema}".encode()))
         self._migrate_lock_key = _int32(zlib.crc32(f"bandgate-migrate:{schema}".encode()))
+        self._writer_lock_key = _int32(zlib.crc32(f"bandgate-writers:{schema}".encode()))
         self._pool: psycopg_pool.ConnectionPool | None = None
 
     @classmethod
@@ -421,6 +430,8 @@ class PostgresStore(Store):
         if stored is not None and stored >= self.schema_version:
             return
         with conn.transaction():
+            # a gateway starting beside one that migrates waits for it, longer than a write waits
+            conn.execute(f"SET LOCAL lock_timeout = {MIGRATE_LOCK_TIMEOUT_S * 1000}")
             conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (self._migrate_lock_key,))
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
             version = self._stored_version(conn)  # again, under the lock
@@ -556,15 +567,23 @@ class PostgresStore(Store):
             now_us = time.time_ns() // 1000
             try:
                 with self._write() as conn:
+                    # the writer lock first (readers find this transaction by it), then the devices
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock_shared(%s, 0), "
+                        "(SELECT count(pg_advisory_xact_lock(%s, h)) FROM "
+                        "(SELECT DISTINCT hashtext(d) AS h FROM unnest(%s::text[]) AS d ORDER BY 1) AS l)",
+                        (
+                            self._writer_lock_key,
+                            self._device_lock_key,
+                            [device_key(item.device_id) for _, item, _ in group],
+                        ),
+                    )
+                    # the transaction ID (so the cursors) drawn after the locks: readers see a writer
+                    # before it has an ID, and a writer waiting for a device holds no reader back
                     (xid,) = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()  # type: ignore[misc]
                     base = int(xid) << CURSOR_BITS
                     if base + CURSOR_ROWS >= 2**63:
                         raise StoreError("postgresql: transaction IDs beyond 2**43: cursors would overflow")
-                    conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, h) FROM "
-                        "(SELECT DISTINCT hashtext(d) AS h FROM unnest(%s::text[]) AS d ORDER BY 1) AS locks",
-                        (self._device_lock_key, [device_key(item.device_id) for _, item, _ in group]),
-                    )
                     offset = 0
                     for i, item, rows in group:
                         try:
@@ -660,12 +679,9 @@ class PostgresStore(Store):
         params: list[Any] = []
         cursor_at: list[int] = []
         for table in sorted({TABLE_OF[f] for f in wanted}):
-            q = (
-                f"SELECT {_RECORD_COLUMNS} FROM {table} "
-                "WHERE cursor > %s AND cursor < (SELECT frontier FROM f)"
-            )
+            q = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor > %s AND cursor < %s"
             cursor_at.append(len(params))
-            params.append(cursor)
+            params += [cursor, 0]  # the frontier, filled in for each page
             fams = sorted(f for f in wanted if TABLE_OF[f] == table)
             if len(fams) < sum(1 for v in TABLE_OF.values() if v == table):
                 q += " AND family = ANY(%s)"
@@ -678,14 +694,14 @@ class PostgresStore(Store):
                 params.append(ownership)
             parts.append(f"({q} ORDER BY cursor LIMIT %s)")
             params.append(limit)
-        query = (
-            f"WITH f AS MATERIALIZED (SELECT {_FRONTIER} AS frontier) "
-            + f"SELECT * FROM ({' UNION ALL '.join(parts)}) AS page ORDER BY cursor LIMIT %s"
-        )
+        query = f"SELECT * FROM ({' UNION ALL '.join(parts)}) AS page ORDER BY cursor LIMIT %s"
         params.append(limit)
         out: list[tuple[int, dict]] = []
         while True:
             with self._connection() as conn:
+                frontier = self._frontier(conn)
+                for i in cursor_at:
+                    params[i + 1] = frontier
                 rows = conn.execute(query, params).fetchall()  # type: ignore[call-overload]
             for row in rows:
                 record = self._record(row)
@@ -712,15 +728,28 @@ class PostgresStore(Store):
         """The highest cursor below the readers' frontier, or erased: where a subscriber for new records
         only starts without passing a transaction that may still commit."""
         maxima = ", ".join(
-            f"(SELECT max(cursor) FROM {t} WHERE cursor < (SELECT frontier FROM f))"
-            for t in RECORD_TABLES.values()
+            f"(SELECT max(cursor) FROM {t} WHERE cursor < %(f)s)" for t in RECORD_TABLES.values()
         )
         with self._connection() as conn:
+            frontier = self._frontier(conn)
             (latest,) = conn.execute(  # type: ignore[misc]
-                f"WITH f AS MATERIALIZED (SELECT {_FRONTIER} AS frontier) "  # type: ignore[arg-type]
-                f"SELECT greatest((SELECT high FROM record_cursor), {maxima})"
+                f"SELECT greatest((SELECT high FROM record_cursor), {maxima})",  # type: ignore[arg-type]
+                {"f": frontier},
             ).fetchone()
         return int(latest or 0)
+
+    def _frontier(self, conn: psycopg.Connection) -> int:
+        """The lowest cursor a writer of this schema that may still commit holds or can draw: readers
+        return only cursors below it. Read in a statement of its own before the reader's query, whose
+        snapshot is then the later one: a writer holding the writer lock now is held back to its
+        transaction ID (the next ID, if it has none yet); one that takes the lock later draws an ID at or
+        above the next ID now; and one that held it and has ended did so before the reader's snapshot,
+        which therefore sees its records. Writers elsewhere in the cluster do not hold readers back."""
+        row = conn.execute(_WRITERS, (self._writer_lock_key & 0xFFFFFFFF,)).fetchone()  # classid is an oid
+        assert row is not None
+        next_xid, writers = int(row[0]), row[1]
+        lowest = min((next_xid if x is None else _widen(int(x), next_xid) for x in writers), default=next_xid)
+        return min(lowest, next_xid) << CURSOR_BITS
 
     # privacy and retention
 
@@ -1218,6 +1247,12 @@ def _errors() -> Iterator[None]:
         ):
             raise StoreUnavailable(f"postgresql: {detail} ({state or type(e).__name__})") from e
         raise StoreError(f"postgresql: {detail} ({state or type(e).__name__})") from e
+
+
+def _widen(xid: int, next_xid: int) -> int:
+    """A 32-bit transaction ID (pg_locks shows no epoch) as the 64-bit one, given the next 64-bit ID."""
+    full = (next_xid & ~0xFFFFFFFF) | xid
+    return full - (1 << 32) if full >= next_xid else full
 
 
 def _int32(n: int) -> int:

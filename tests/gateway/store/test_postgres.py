@@ -199,7 +199,8 @@ def test_a_reader_never_passes_a_lower_cursor_that_commits_later(pg_harness: Pos
         cursor = seen[-1][0]
         low.execute("BEGIN")
         high.execute("BEGIN")
-        # the low writer's transaction starts first (its ID is the lower), as a gateway's commit does
+        for writer in (low, high):  # as a gateway's commit does: the writer lock, then an ID
+            writer.execute("SELECT pg_advisory_xact_lock_shared(%s, 0)", (reader._writer_lock_key,))
         (low_xid,) = low.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
         (high_xid,) = high.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
         assert low_xid < high_xid
