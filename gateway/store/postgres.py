@@ -276,21 +276,22 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value_text, value_sealed"
 _INSERT_RECORDS = (
-    "{alias} AS (INSERT INTO {table} ({columns}) "
-    "SELECT c, %(device)s, %(ownership)s, f, s, d, a, vt, vs FROM unnest("
-    "%({alias}_c)s::bigint[], %({alias}_f)s::text[], %({alias}_s)s::bigint[], %({alias}_d)s::integer[], "
-    "%({alias}_a)s::text[], %({alias}_vt)s::text[], %({alias}_vs)s::bytea[]) AS u(c, f, s, d, a, vt, vs) "
-    # in cursor order, so of a key repeated in the batch the first is stored, as in SQLite
-    "ORDER BY c ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor)"
+    "{alias} AS (INSERT INTO {table} ({columns}) SELECT * FROM unnest(%({alias})s::bigint[], "
+    "%({alias}_dev)s::text[], %({alias}_own)s::text[], %({alias}_f)s::text[], %({alias}_s)s::bigint[], "
+    "%({alias}_d)s::integer[], %({alias}_a)s::text[], %({alias}_vt)s::text[], %({alias}_vs)s::bytea[]) "
+    # in cursor order, so of a key repeated in the group the first is stored, as in SQLite
+    "AS u ORDER BY 1 ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor)"
 )
-_UPSERT_BOOT_AND_DEVICE = (
-    "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) "
-    "VALUES (%(device)s, %(boot_id)s, %(last_seq)s, %(now_us)s) ON CONFLICT (device, boot_id) DO UPDATE "
-    "SET last_seq = excluded.last_seq, updated_us = excluded.updated_us), "
+_UPSERT_BOOTS_AND_DEVICES = (
+    "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
+    "FROM unnest(%(b_dev)s::text[], %(b_boot)s::bigint[], %(b_last)s::bigint[]) AS b "
+    "ON CONFLICT (device, boot_id) DO UPDATE SET last_seq = excluded.last_seq, "
+    "updated_us = excluded.updated_us), "
     "dev AS (INSERT INTO devices (device, boot_id, state, updated_us, ownership) "
-    "VALUES (%(device)s, %(boot_id)s, %(state)s, %(now_us)s, %(ownership)s) ON CONFLICT (device) DO UPDATE "
-    "SET boot_id = excluded.boot_id, state = excluded.state, updated_us = excluded.updated_us, "
-    "ownership = excluded.ownership)"
+    "SELECT d.device, d.boot_id, d.state, %(now_us)s, d.ownership FROM unnest(%(d_dev)s::text[], "
+    "%(d_boot)s::bigint[], %(d_state)s::bytea[], %(d_own)s::text[]) AS d(device, boot_id, state, ownership) "
+    "ON CONFLICT (device) DO UPDATE SET boot_id = excluded.boot_id, state = excluded.state, "
+    "updated_us = excluded.updated_us, ownership = excluded.ownership)"
 )
 # SQLSTATE classes of a transient failure: nothing was written and a retry may succeed.
 _UNAVAILABLE_CLASSES = frozenset(
@@ -567,81 +568,115 @@ class PostgresStore(Store):
             now_us = time.time_ns() // 1000
             try:
                 with self._write() as conn:
-                    # the writer lock first (readers find this transaction by it), then the devices
-                    conn.execute(
-                        "SELECT pg_advisory_xact_lock_shared(%s, 0), "
-                        "(SELECT count(pg_advisory_xact_lock(%s, h)) FROM "
-                        "(SELECT DISTINCT hashtext(d) AS h FROM unnest(%s::text[]) AS d ORDER BY 1) AS l)",
+                    # the writer lock (readers find this transaction by it), the devices' locks in a fixed
+                    # order, then the transaction ID (so the cursors): readers see a writer before it has
+                    # an ID, and a writer waiting for a device holds no reader back
+                    (xid,) = conn.execute(  # type: ignore[misc]
+                        "WITH locks AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared(%s, 0), "
+                        "(SELECT count(pg_advisory_xact_lock(%s, h)) FROM (SELECT DISTINCT hashtext(d) AS h "
+                        "FROM unnest(%s::text[]) AS d ORDER BY 1) AS l)) "
+                        "SELECT pg_current_xact_id()::text::bigint FROM locks",
                         (
                             self._writer_lock_key,
                             self._device_lock_key,
                             [device_key(item.device_id) for _, item, _ in group],
                         ),
-                    )
-                    # the transaction ID (so the cursors) drawn after the locks: readers see a writer
-                    # before it has an ID, and a writer waiting for a device holds no reader back
-                    (xid,) = conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()  # type: ignore[misc]
+                    ).fetchone()
                     base = int(xid) << CURSOR_BITS
                     if base + CURSOR_ROWS >= 2**63:
                         raise StoreError("postgresql: transaction IDs beyond 2**43: cursors would overflow")
-                    offset = 0
-                    for i, item, rows in group:
-                        try:
-                            results[i] = self._apply(conn, item, rows, now_us, base + offset)
-                            offset += len(rows)
-                        except SequenceError as e:
-                            results[i] = e
+                    for i, result in self._apply_group(conn, group, now_us, base).items():
+                        results[i] = result
             except StoreError as e:  # nothing of the transaction was written
                 for i, _, _ in group:
                     results[i] = e
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _apply(
-        self, conn: psycopg.Connection, item: CommitItem, rows: list[tuple], now_us: int, first: int
-    ) -> CommitResult:
-        """The sequence check, then the writes of one item, in one statement, inside the caller's
-        transaction (the device locked); the item's records take cursors from `first` on. Nothing is
-        written before the check; a tombstone counts as its boot's high-water (as in SQLite)."""
-        device = device_key(item.device_id)
+    def _apply_group(
+        self,
+        conn: psycopg.Connection,
+        group: list[tuple[int, CommitItem, list[tuple]]],
+        now_us: int,
+        base: int,
+    ) -> dict[int, CommitResult | Exception]:
+        """The sequence checks of a group's items in order, then the writes of those that pass in one
+        statement, inside the caller's transaction with the devices locked; records take cursors from
+        `base` on, in item order. Each item is checked against the high-water the items before it left
+        (as `commit` one by one would); a tombstone counts as its boot's high-water (as in SQLite). Three
+        round trips whatever the group's size: read the high-waters, write, and the commit."""
+        devices = sorted({device_key(item.device_id) for _, item, _ in group})
         sealer = self.sealer
-        pseudonym = sealer.pseudonym(device) if sealer is not None else None
+        pseudonyms = {d: sealer.pseudonym(d) for d in devices} if sealer is not None else {}
         found = conn.execute(
-            "SELECT (SELECT last_seq FROM boots WHERE device = %s AND boot_id = %s), "
-            "(SELECT last_seq FROM tombstones WHERE pseudonym = %s AND boot_id = %s)",
-            (device, item.boot_id, pseudonym, item.boot_id),
-        ).fetchone()
-        assert found is not None
-        high_water = None if found[0] is None else int(found[0])
-        if high_water is None and found[1] is not None and item.last_seq <= int(found[1]):
-            return CommitResult(duplicate=True, high_water=int(found[1]), cursors=(None,) * len(rows))
-        if check_sequence(
-            high_water, item.device_id, item.boot_id, item.first_seq, item.last_seq, allow_gap=item.allow_gap
-        ):
-            assert high_water is not None
-            return CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows))
-        state = item.state
-        if sealer is not None and state:
-            state = sealer.seal_state(device, item.ownership or UNOWNED, state)
+            "SELECT 0, device, boot_id, last_seq FROM boots WHERE device = ANY(%s) UNION ALL "
+            "SELECT 1, pseudonym, boot_id, last_seq FROM tombstones WHERE pseudonym = ANY(%s)",
+            (devices, list(pseudonyms.values())),
+        ).fetchall()
+        high: dict[tuple[str, int], int] = {(d, b): int(last) for k, d, b, last in found if k == 0}
+        erased: dict[tuple[str, int], int] = {(p, b): int(last) for k, p, b, last in found if k == 1}
+        out: dict[int, CommitResult | Exception] = {}
+        records: list[tuple] = []  # (cursor, *row) of the items that pass
+        firsts: dict[int, tuple[int, int, int]] = {}  # item index: its cursor range and high-water
+        boot_rows: dict[tuple[str, int], int] = {}  # the high-water each boot written is left at
+        device_rows: dict[str, tuple[int, bytes, str]] = {}  # the last item of each device wins
+        cursor = base
+        for i, item, rows in group:
+            device = device_key(item.device_id)
+            high_water = high.get((device, item.boot_id))
+            tombstone = erased.get((pseudonyms.get(device, ""), item.boot_id))
+            if high_water is None and tombstone is not None and item.last_seq <= tombstone:
+                out[i] = CommitResult(duplicate=True, high_water=tombstone, cursors=(None,) * len(rows))
+                continue
+            try:
+                repeat = check_sequence(
+                    high_water,
+                    item.device_id,
+                    item.boot_id,
+                    item.first_seq,
+                    item.last_seq,
+                    allow_gap=item.allow_gap,
+                )
+            except SequenceError as e:
+                out[i] = e
+                continue
+            if repeat:
+                assert high_water is not None
+                out[i] = CommitResult(duplicate=True, high_water=high_water, cursors=(None,) * len(rows))
+                continue
+            records += ((c, *row) for c, row in enumerate(rows, cursor))
+            firsts[i] = (cursor, cursor + len(rows), item.last_seq)
+            cursor += len(rows)
+            high[(device, item.boot_id)] = boot_rows[(device, item.boot_id)] = item.last_seq
+            device_rows[device] = (item.boot_id, item.state, item.ownership)
+        if not firsts:
+            return out
         params: dict[str, Any] = {
-            "device": device,
-            "ownership": item.ownership,
-            "boot_id": item.boot_id,
-            "last_seq": item.last_seq,
             "now_us": now_us,
-            "state": state,
+            "b_dev": [d for d, _ in boot_rows],
+            "b_boot": [b for _, b in boot_rows],
+            "b_last": list(boot_rows.values()),
         }
+        params["d_dev"] = list(device_rows)
+        params["d_boot"] = [b for b, _, _ in device_rows.values()]
+        params["d_state"] = [
+            sealer.seal_state(d, own or UNOWNED, state) if sealer is not None and state else state
+            for d, (_, state, own) in device_rows.items()
+        ]
+        params["d_own"] = [own for _, _, own in device_rows.values()]
         by_table: dict[str, list[tuple]] = {}
-        for cursor, row in enumerate(rows, first):
-            by_table.setdefault(row[0], []).append((cursor, *row[3:]))
+        for c, table, *rest in records:
+            by_table.setdefault(table, []).append((c, *rest))
         ctes = []
         for k, (table, batch) in enumerate(sorted(by_table.items())):
             alias = f"r{k}"
             ctes.append(_INSERT_RECORDS.format(alias=alias, table=table, columns=_RECORD_COLUMNS))
-            cursors, families, starts, durations, algos, values = zip(*batch, strict=True)
+            cursors, devs, owners, families, starts, durations, algos, values = zip(*batch, strict=True)
             params.update(
                 {
-                    f"{alias}_c": list(cursors),
+                    alias: list(cursors),
+                    f"{alias}_dev": list(devs),
+                    f"{alias}_own": list(owners),
                     f"{alias}_f": list(families),
                     f"{alias}_s": list(starts),
                     f"{alias}_d": list(durations),
@@ -651,10 +686,15 @@ class PostgresStore(Store):
                 }
             )
         selects = " UNION ALL ".join(f"SELECT cursor FROM r{k}" for k in range(len(ctes)))
-        query = f"WITH {', '.join([*ctes, _UPSERT_BOOT_AND_DEVICE])} {selects or 'SELECT NULL::bigint'}"
+        query = f"WITH {', '.join([*ctes, _UPSERT_BOOTS_AND_DEVICES])} {selects or 'SELECT NULL::bigint'}"
         stored = {c for (c,) in conn.execute(query, params).fetchall()}  # type: ignore[call-overload]
-        cursors_out = tuple(c if c in stored else None for c in range(first, first + len(rows)))
-        return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors_out)
+        for i, (first, end, last_seq) in firsts.items():
+            out[i] = CommitResult(
+                duplicate=False,
+                high_water=last_seq,
+                cursors=tuple(c if c in stored else None for c in range(first, end)),
+            )
+        return out
 
     # subscribe
 

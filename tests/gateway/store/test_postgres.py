@@ -223,14 +223,14 @@ def test_two_gateways_through_the_store_miss_nothing(pg_harness: PostgresHarness
     ID drawn) while the other commits; a reader paging all along sees every record once, in order."""
     gate, release = threading.Event(), threading.Event()
     with pg_harness.new_store() as slow, pg_harness.new_store() as fast, pg_harness.new_store() as reader:
-        real_apply = slow._apply
+        real_apply = slow._apply_group
 
         def held_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
             gate.set()
             assert release.wait(30)
             return real_apply(*args, **kwargs)
 
-        slow._apply = held_apply  # type: ignore[method-assign]
+        slow._apply_group = held_apply  # type: ignore[method-assign]
         results: list[object] = []
         writer = threading.Thread(
             target=lambda: results.append(slow.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3)))
