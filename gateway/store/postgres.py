@@ -276,20 +276,20 @@ MIGRATIONS: tuple[Migration, ...] = (
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value_text, value_sealed"
 _INSERT_RECORDS = (
-    "{alias} AS (INSERT INTO {table} ({columns}) SELECT * FROM unnest(%({alias})s::bigint[], "
-    "%({alias}_dev)s::text[], %({alias}_own)s::text[], %({alias}_f)s::text[], %({alias}_s)s::bigint[], "
-    "%({alias}_d)s::integer[], %({alias}_a)s::text[], %({alias}_vt)s::text[], %({alias}_vs)s::bytea[]) "
+    "{alias} AS (INSERT INTO {table} ({columns}) SELECT * FROM unnest(%({alias})b::bigint[], "
+    "%({alias}_dev)b::text[], %({alias}_own)b::text[], %({alias}_f)b::text[], %({alias}_s)b::bigint[], "
+    "%({alias}_d)b::integer[], %({alias}_a)b::text[], %({alias}_vt)b::text[], %({alias}_vs)b::bytea[]) "
     # in cursor order, so of a key repeated in the group the first is stored, as in SQLite
     "AS u ORDER BY 1 ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor)"
 )
 _UPSERT_BOOTS_AND_DEVICES = (
     "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
-    "FROM unnest(%(b_dev)s::text[], %(b_boot)s::bigint[], %(b_last)s::bigint[]) AS b "
+    "FROM unnest(%(b_dev)b::text[], %(b_boot)b::bigint[], %(b_last)b::bigint[]) AS b "
     "ON CONFLICT (device, boot_id) DO UPDATE SET last_seq = excluded.last_seq, "
     "updated_us = excluded.updated_us), "
     "dev AS (INSERT INTO devices (device, boot_id, state, updated_us, ownership) "
-    "SELECT d.device, d.boot_id, d.state, %(now_us)s, d.ownership FROM unnest(%(d_dev)s::text[], "
-    "%(d_boot)s::bigint[], %(d_state)s::bytea[], %(d_own)s::text[]) AS d(device, boot_id, state, ownership) "
+    "SELECT d.device, d.boot_id, d.state, %(now_us)s, d.ownership FROM unnest(%(d_dev)b::text[], "
+    "%(d_boot)b::bigint[], %(d_state)b::bytea[], %(d_own)b::text[]) AS d(device, boot_id, state, ownership) "
     "ON CONFLICT (device) DO UPDATE SET boot_id = excluded.boot_id, state = excluded.state, "
     "updated_us = excluded.updated_us, ownership = excluded.ownership)"
 )
