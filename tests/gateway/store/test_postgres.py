@@ -4,17 +4,21 @@ connections cut under the store, migrations an older gateway runs beside)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 from psycopg import sql
 
+from gateway.pipeline import ALREADY_EXISTS, OK, UNAVAILABLE
 from gateway.privacy.sealing import KeySealer, open_sealer
+from gateway.server import run_server
 from gateway.store import (
     DeviceRow,
     PostgresStore,
@@ -26,6 +30,7 @@ from gateway.store import (
 )
 from gateway.store.base import CommitItem
 from gateway.store.postgres import CURSOR_BITS, MIGRATIONS, Migration
+from tests.gateway.gatewaykit import Uploader, band, config, processed, same_records
 from tests.services import postgres_url
 
 from .contract import A, B, StoreContract, everything, minutes
@@ -443,3 +448,40 @@ def test_values_and_state_are_sealed_in_the_database(pg_harness: PostgresHarness
             everything(plain)
     finally:
         sealer.keys.close()
+
+
+# the gateway over PostgreSQL
+
+
+def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
+    pg_harness: PostgresHarness, tmp_path: Path
+) -> None:
+    """The real gateway (compute workers, sealing, the writer) with `--store postgresql://...`: batches are
+    acked once stored, a resend is a duplicate, and while the record tables are locked past the lock
+    timeout the batch is UNAVAILABLE and not acked; its retry is stored once."""
+    cfg = config(tmp_path, store=pg_harness.store_url(lock_timeout_ms=500))
+    device, batches = band()
+
+    async def scenario() -> list:
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            acks = [await up.send(b) for b in batches[:2]]
+            acks.append(await up.send(batches[1]))  # resent
+            with pg_harness.exclusive_lock():
+                acks.append(await up.send(batches[2]))
+            acks.append(await up.send(batches[2]))  # the band's retry
+            await up.close()
+            return acks
+
+    acks = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert [a.code for a in acks] == [OK, OK, ALREADY_EXISTS, UNAVAILABLE, OK]
+    assert not acks[3].has_acked_seq
+    sealer = open_sealer(tmp_path / "state")
+    try:
+        with open_store(pg_harness.store_url(), sealer) as store:
+            records = [r for _, r in everything(store)]
+            assert store.device(device).last_seq == batches[2].last_seq  # type: ignore[union-attr]
+    finally:
+        sealer.keys.close()
+    assert records and same_records(records, processed(batches[:3]))
+    assert len(records) == len(processed(batches[:3]))
