@@ -20,6 +20,7 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
 )
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "AuditConflict",
     "CommitResult",
     "DeviceRow",
+    "PostgresStore",
     "SchemaVersionError",
     "SequenceError",
     "SqliteStore",
@@ -37,7 +39,11 @@ __all__ = [
     "store_for_url",
 ]
 
-_SCHEMES = {"sqlite": SqliteStore.from_url}
+_SCHEMES = {
+    "sqlite": SqliteStore.from_url,
+    "postgresql": PostgresStore.from_url,
+    "postgres": PostgresStore.from_url,
+}
 
 
 def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
@@ -51,7 +57,8 @@ def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
 
 def open_store(url: str, sealer: Sealer | None = None) -> Store:
     """An open store for `url`: `sqlite:///relative.db` (three slashes) or `sqlite:////abs/path.db`
-    (four), with an optional `?busy_timeout_ms=N`. `with open_store(url) as store:` closes it after."""
+    (four), with an optional `?busy_timeout_ms=N`; or `postgresql://user@host:port/db?schema=bandgate`
+    (postgres.py). `with open_store(url) as store:` closes it after."""
     store = store_for_url(url, sealer)
     store.open()
     return store

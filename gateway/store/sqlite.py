@@ -17,17 +17,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-import orjson
-
 from decoder.records import device_key
 from gateway.store.base import (
     FAMILY_CLASS,
-    U64,
     UNOWNED,
     AuditCheckpoint,
     AuditConflict,
@@ -52,11 +49,18 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
     Unreadable,
-    check_batch,
     check_principal,
-    check_records,
     check_registry_op,
     check_sequence,
+)
+from gateway.store.rows import (
+    RECORD_TABLES,
+    TABLE_OF,
+    Prepared,
+    check_device_id,
+    encode,
+    open_record,
+    rows_of,
 )
 
 log = logging.getLogger("bandgate.store")
@@ -260,8 +264,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-RECORD_TABLES = {cls: f"records_{cls}" for cls in sorted(set(FAMILY_CLASS.values()))}
-_TABLE_OF = {family: RECORD_TABLES[cls] for family, cls in FAMILY_CLASS.items()}
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
 # ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
 # silently. The first version of a record wins, so a cursor a subscriber has read never changes.
@@ -428,7 +430,7 @@ class SqliteStore(Store):
     # the batch path
 
     def device(self, device_id: int) -> DeviceRow | None:
-        _check_device_id(device_id)
+        check_device_id(device_id)
         with _errors():
             row = (
                 self._connection()
@@ -473,9 +475,9 @@ class SqliteStore(Store):
         return result
 
     def prepare(self, item: CommitItem) -> CommitItem:
-        rows = _encode(item, self.sealer)
+        rows = encode(item, self.sealer)
         token: list[dict] = []  # the prepared item's records: empty, the rows stand for them
-        return replace(item, records=token, prepared=_Prepared(token, item.device_id, rows, item.ownership))
+        return replace(item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership))
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`. An item refused by its sequence
@@ -486,7 +488,7 @@ class SqliteStore(Store):
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
         for i, item in enumerate(items):
             try:
-                prepared.append((i, item, _rows(item, self.sealer)))
+                prepared.append((i, item, rows_of(item, self.sealer)))
             except ValueError as e:
                 results[i] = e
         if prepared:
@@ -525,10 +527,10 @@ class SqliteStore(Store):
             return []
         # Each class table's filter; cursor bounds are added per query.
         filters: list[tuple[str, str, list[Any]]] = []
-        for table in sorted({_TABLE_OF[f] for f in wanted}):
+        for table in sorted({TABLE_OF[f] for f in wanted}):
             where, args = "", []
-            fams = sorted(f for f in wanted if _TABLE_OF[f] == table)
-            if len(fams) < sum(1 for v in _TABLE_OF.values() if v == table):
+            fams = sorted(f for f in wanted if TABLE_OF[f] == table)
+            if len(fams) < sum(1 for v in TABLE_OF.values() if v == table):
                 where += f" AND family IN ({', '.join('?' * len(fams))})"
                 args += fams
             if device is not None:
@@ -580,43 +582,11 @@ class SqliteStore(Store):
     def _record(
         self, row: tuple, openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]]
     ) -> dict | None:
-        """A stored row as a record, its values opened; None (counted, logged) if they do not open.
-        `openers` holds the page's `Sealer.values_opener` per device and ownership."""
-        _, device, ownership, family, start_us, duration_s, algo, value = row
-        if isinstance(value, str):  # written in clear (before encryption at rest, or without a sealer)
-            values = orjson.loads(value)
-        else:
-            if self.sealer is None:
-                raise StoreError(f"{self.path}: sealed records and no sealer to open them")
-            slot = (device, ownership or UNOWNED)
-            opener = openers.get(slot)
-            if opener is None:
-                opener = openers[slot] = self.sealer.values_opener(*slot)
-            try:
-                values = orjson.loads(opener(family, start_us, value))
-            except Unreadable as e:
-                self.unreadable += 1
-                log.warning(
-                    "a sealed record does not open: skipped",
-                    extra={
-                        "fields": {
-                            "event": "record_unreadable",
-                            "device": device,
-                            "family": family,
-                            "start_us": start_us,
-                            "reason": str(e),
-                        }
-                    },
-                )
-                return None
-        return {
-            "family": family,
-            "device": device,
-            "start_us": start_us,
-            "duration_s": duration_s,
-            "algo": algo,
-            "values": values,
-        }
+        """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
+        record = open_record(row, self.sealer, str(self.path), openers)
+        if record is None:
+            self.unreadable += 1
+        return record
 
     def latest_cursor(self) -> int:
         with _errors():
@@ -642,7 +612,7 @@ class SqliteStore(Store):
         """A summary `{"kind": "device", ...}` (state as bytes), then `{"kind": "record", "cursor", "record"}`
         in time order, all from one snapshot. The snapshot is held until the iterator is exhausted or
         closed, and this object cannot commit meanwhile: export from a store object of its own."""
-        _check_device_id(device_id)
+        check_device_id(device_id)
         conn = self._connection()
         if conn.in_transaction:
             raise StoreError("another export_device iterator is still open on this store object")
@@ -703,7 +673,7 @@ class SqliteStore(Store):
 
         With `ownership`, only the records stored under it go (a band's owner erases their own data, not
         a previous owner's), and the state only if it is that ownership's."""
-        _check_device_id(device_id)
+        check_device_id(device_id)
         device = device_key(device_id)
         deleted = 0
         scope, args = (
@@ -757,11 +727,11 @@ class SqliteStore(Store):
         else:
             chosen = sorted(set(families))
             for family in chosen:
-                if family not in _TABLE_OF:
-                    raise ValueError(f"unknown family {family!r}; known {sorted(_TABLE_OF)}")
+                if family not in TABLE_OF:
+                    raise ValueError(f"unknown family {family!r}; known {sorted(TABLE_OF)}")
             scopes = {}
-            for table in dict.fromkeys(_TABLE_OF[f] for f in chosen):
-                of_table = tuple(f for f in chosen if _TABLE_OF[f] == table)
+            for table in dict.fromkeys(TABLE_OF[f] for f in chosen):
+                of_table = tuple(f for f in chosen if TABLE_OF[f] == table)
                 scopes[table] = (f" AND family IN ({', '.join('?' * len(of_table))})", of_table)
         total = 0
         for table, (where, args) in scopes.items():
@@ -988,76 +958,6 @@ def _errors() -> Iterator[None]:
         if code is not None and code & 0xFF in _UNAVAILABLE:
             raise StoreUnavailable(f"sqlite: {e} ({name})") from e
         raise StoreError(f"sqlite: {e} ({name})") from e
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """`SqliteStore.prepare`'s work: one device's records, checked and encoded as rows. The prepared
-    item's `records` is `token`, an empty list; an item whose records or device were changed after
-    `prepare` is encoded again from what it holds, so nothing unchecked reaches the database."""
-
-    token: list[dict]
-    device_id: int
-    rows: list[tuple]
-    ownership: str = ""
-
-
-def _rows(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
-    """The item's rows: prepared ahead for exactly this item, or checked and encoded now."""
-    p = item.prepared
-    if (
-        isinstance(p, _Prepared)
-        and p.token is item.records
-        and not item.records
-        and p.device_id == item.device_id
-        and p.ownership == item.ownership
-    ):
-        _check_item(item)  # the IDs and state may have been replaced since: cheap, so checked again
-        return p.rows
-    return _encode(item, sealer)
-
-
-def _check_item(item: CommitItem) -> None:
-    check_batch(item.device_id, item.boot_id, item.first_seq, item.last_seq)
-    if not isinstance(item.state, bytes):
-        raise ValueError("state must be bytes")
-
-
-def _encode(item: CommitItem, sealer: Sealer | None) -> list[tuple]:
-    """The item's checks that need no database, and its records as rows (table first, values sealed
-    when there is a sealer); `ValueError` if malformed."""
-    _check_item(item)
-    device = device_key(item.device_id)
-    check_records(device, item.records)
-    ownership = item.ownership
-    if sealer is None:
-        return [
-            (
-                _TABLE_OF[r["family"]],
-                device,
-                ownership,
-                r["family"],
-                r["start_us"],
-                r["duration_s"],
-                r["algo"],
-                _dumps(r["values"]),
-            )
-            for r in item.records
-        ]
-    owner = ownership or UNOWNED
-    return [
-        (
-            _TABLE_OF[r["family"]],
-            device,
-            ownership,
-            r["family"],
-            r["start_us"],
-            r["duration_s"],
-            r["algo"],
-            sealer.seal_values(device, owner, r["family"], r["start_us"], orjson.dumps(r["values"])),
-        )
-        for r in item.records
-    ]
 
 
 def _apply(
@@ -1310,15 +1210,3 @@ def _privacy_snapshot(
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT next FROM record_cursor").fetchone()[0]) - 1
-
-
-def _dumps(values: dict) -> str:
-    """Compact JSON, UTF-8, floats in their shortest round-trip form (as `json.dumps` writes them, 7x
-    faster: every record of every batch passes here). `check_records` has refused NaN, infinities and
-    ints beyond int64, which orjson would write as null or refuse."""
-    return orjson.dumps(values).decode()
-
-
-def _check_device_id(device_id: int) -> None:
-    if not 0 <= device_id < U64:
-        raise ValueError(f"device_id {device_id} is not a u64")

@@ -1,0 +1,487 @@
+"""The PostgreSQL store: the store contract on a fresh schema of the test database, plus what only many
+gateways over one database need (cursors that commit out of order, two writers holding one device,
+connections cut under the store, migrations an older gateway runs beside)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from psycopg import sql
+
+from gateway.pipeline import ALREADY_EXISTS, OK, UNAVAILABLE
+from gateway.privacy.sealing import KeySealer, open_sealer
+from gateway.server import run_server
+from gateway.store import (
+    DeviceRow,
+    PostgresStore,
+    SchemaVersionError,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+    store_for_url,
+)
+from gateway.store.base import CommitItem
+from gateway.store.postgres import CURSOR_BITS, MIGRATIONS, Migration
+from tests.gateway.gatewaykit import Uploader, band, config, processed, same_records
+from tests.services import postgres_url
+
+from .contract import A, B, StoreContract, everything, minutes
+
+LOCK_TIMEOUT_MS = 100
+
+
+class _NewerPostgresStore(PostgresStore):
+    """The store as a later bandgate would ship it: one contracting migration more (say, a column the
+    newer code relies on being filled, which older code would leave empty), so older gateways must refuse
+    the database."""
+
+    migrations = (*MIGRATIONS, Migration(("ALTER TABLE devices ADD COLUMN firmware text",), contract=True))
+
+
+class _ExpandedPostgresStore(PostgresStore):
+    """A later bandgate with an expanding migration only: older gateways keep working beside it."""
+
+    migrations = (
+        *MIGRATIONS,
+        Migration(("ALTER TABLE devices ADD COLUMN firmware text", "CREATE TABLE future (device text)")),
+    )
+
+
+def _url(base: str, **params: object) -> str:
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"{base}{'&' if '?' in base else '?'}{query}"
+
+
+class PostgresHarness:
+    """Each test on schemas of its own in the test database, dropped after it."""
+
+    def __init__(self, url: str, sealer: KeySealer | None = None):
+        self.url = url
+        self.sealer = sealer
+        self.schema = self._new_schema()
+        self.schemas = [self.schema]
+
+    @staticmethod
+    def _new_schema() -> str:
+        return f"test_{secrets.token_hex(6)}"
+
+    def store_url(self, schema: str | None = None, **params: object) -> str:
+        options = {"lock_timeout_ms": LOCK_TIMEOUT_MS, "pool_timeout_s": 5, **params}
+        return _url(self.url, schema=schema or self.schema, **options)
+
+    def new_store(self) -> PostgresStore:
+        return PostgresStore.from_url(self.store_url(), self.sealer)
+
+    def fresh_database(self) -> Callable[[], PostgresStore]:
+        schema = self._new_schema()
+        self.schemas.append(schema)
+        return lambda: PostgresStore.from_url(self.store_url(schema), self.sealer)
+
+    def newer_store(self) -> PostgresStore:
+        return _NewerPostgresStore.from_url(self.store_url(), self.sealer)
+
+    def schema_version(self) -> int:
+        return len(MIGRATIONS)
+
+    def connect(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.url, autocommit=True)
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+        return conn
+
+    def write_schema_version(self, version: int) -> None:
+        """As a bandgate of `version` would leave it: needing code of that version."""
+        with self.connect() as conn:
+            conn.execute("UPDATE schema_version SET version = %s, compatible = %s", (version, version))
+
+    @contextmanager
+    def exclusive_lock(self) -> Iterator[None]:
+        """Every table of the schema in EXCLUSIVE mode: writes (and row locks) wait, plain reads go on,
+        as SQLite's write lock leaves WAL readers be."""
+        with self.connect() as conn, conn.transaction():
+            tables = [
+                r[0]
+                for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,))
+            ]
+            conn.execute(
+                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                    sql.SQL(", ").join(sql.Identifier(self.schema, t) for t in tables)
+                )
+            )
+            yield
+
+    def drop(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for schema in self.schemas:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture
+def pg_harness() -> Iterator[PostgresHarness]:
+    harness = PostgresHarness(postgres_url())
+    yield harness
+    harness.drop()
+
+
+class TestPostgresContract(StoreContract):
+    @pytest.fixture
+    def harness(self, pg_harness: PostgresHarness) -> PostgresHarness:
+        return pg_harness
+
+
+class TestSealedPostgresContract(StoreContract):
+    """The same promises with encryption at rest: values and state sealed under real data keys."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> Iterator[PostgresHarness]:
+        url = postgres_url()
+        (tmp_path / "state").mkdir()
+        sealer = open_sealer(tmp_path / "state")
+        harness = PostgresHarness(url, sealer)
+        yield harness
+        harness.drop()
+        sealer.keys.close()
+
+
+# URLs
+
+
+def test_urls_name_the_database_schema_and_options() -> None:
+    store = store_for_url(
+        "postgres://bob:s3cret@db.example:6543/features?schema=fleet_1&lock_timeout_ms=250&pool_max=6"
+        "&sslmode=require"
+    )
+    assert isinstance(store, PostgresStore)
+    assert (store.schema, store.lock_timeout_ms, store.pool_max) == ("fleet_1", 250, 6)
+    assert "s3cret" not in repr(store) and "db.example:6543/features" in repr(store)
+    plain = store_for_url("postgresql://postgres@127.0.0.1/test")
+    assert isinstance(plain, PostgresStore) and plain.schema == "bandgate"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://127.0.0.1/test?schema=Bad-Name",
+        "postgresql://127.0.0.1/test?schema=pg_catalog",
+        "postgresql://127.0.0.1/test?lock_timeout_ms=0",
+        "postgresql://127.0.0.1/test?lock_timeout_ms=-5",
+        "postgresql://127.0.0.1/test?pool_max=1",
+        "postgresql://127.0.0.1/test?pool_timeout_s=soon",
+        "postgresql://127.0.0.1/test?schema=a&schema=b",
+        "postgresql://127.0.0.1/test?sslmod=require",  # a typo of a libpq option
+        "postgresql://127.0.0.1/",
+        "postgresql:127.0.0.1/test",
+    ],
+)
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        store_for_url(url)
+
+
+def test_a_password_stays_out_of_errors() -> None:
+    with pytest.raises(ValueError) as err:
+        store_for_url("postgresql://bob:s3cret@127.0.0.1/test?pool_max=x")
+    assert "s3cret" not in str(err.value)
+
+
+# cursors across gateways
+
+
+def test_a_reader_never_passes_a_lower_cursor_that_commits_later(pg_harness: PostgresHarness) -> None:
+    """Two gateways: the one whose records take the lower cursors commits last. A reader between the two
+    commits must not return the higher cursors yet (it would resume past the lower ones and miss them)."""
+    with pg_harness.new_store() as setup:
+        setup.commit(B, 1, 0, 0, b"", minutes(B, 0, 1))
+    with pg_harness.connect() as low, pg_harness.connect() as high, pg_harness.new_store() as reader:
+        seen = everything(reader)
+        cursor = seen[-1][0]
+        low.execute("BEGIN")
+        high.execute("BEGIN")
+        for writer in (low, high):  # as a gateway's commit does: the writer lock, then an ID
+            writer.execute("SELECT pg_advisory_xact_lock_shared(%s, 0)", (reader._writer_lock_key,))
+        (low_xid,) = low.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        (high_xid,) = high.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        assert low_xid < high_xid
+        insert = (
+            "INSERT INTO records_activity (cursor, device, ownership, family, start_us, duration_s, algo, "
+            "value_text) VALUES (%s, %s, '', 'steps', %s, 60, 'steps/1', '{}')"
+        )
+        low_cursor, high_cursor = low_xid << CURSOR_BITS, high_xid << CURSOR_BITS
+        low.execute(insert, (low_cursor, "00000000000000aa", 1))
+        high.execute(insert, (high_cursor, "00000000000000bb", 2))
+        high.execute("COMMIT")  # the higher cursor is visible first
+        assert reader.read_since(cursor) == []  # ...but not served while the lower may still commit
+        assert reader.latest_cursor() == cursor
+        low.execute("COMMIT")
+        assert [c for c, _ in reader.read_since(cursor)] == [low_cursor, high_cursor]
+
+
+def test_two_gateways_through_the_store_miss_nothing(pg_harness: PostgresHarness) -> None:
+    """The same through `commit`: a gateway's group held open (its device lock taken, its transaction
+    ID drawn) while the other commits; a reader paging all along sees every record once, in order."""
+    gate, release = threading.Event(), threading.Event()
+    with pg_harness.new_store() as slow, pg_harness.new_store() as fast, pg_harness.new_store() as reader:
+        real_apply = slow._apply_group
+
+        def held_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+            gate.set()
+            assert release.wait(30)
+            return real_apply(*args, **kwargs)
+
+        slow._apply_group = held_apply  # type: ignore[method-assign]
+        results: list[object] = []
+        writer = threading.Thread(
+            target=lambda: results.append(slow.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3)))
+        )
+        writer.start()
+        try:
+            assert gate.wait(30)
+            later = fast.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+            assert fast.read_since(0) == []  # B's records wait behind the open transaction
+            assert reader.latest_cursor() == 0
+        finally:
+            release.set()
+            writer.join(30)
+        (earlier,) = results
+        want = [
+            *zip(earlier.cursors, minutes(A, 0, 3), strict=True),  # type: ignore[attr-defined]
+            *zip(later.cursors, minutes(B, 0, 2), strict=True),
+        ]
+        assert everything(reader) == want
+        assert earlier.cursors[-1] < later.cursors[0]  # type: ignore[attr-defined]
+
+
+def test_two_gateways_holding_one_device_lose_nothing_and_store_nothing_twice(
+    pg_harness: PostgresHarness,
+) -> None:
+    """Both gateways commit every batch of one band (as after a reconnect to the other gateway, with
+    the band resending what it had not seen acked): each batch is stored by exactly one of them, the
+    other gets a duplicate, and the device ends with the last batch's state and high-water."""
+    n = 40
+    batches = [(i, minutes(A, 3 * i, 3)) for i in range(n)]
+    outcomes: dict[int, list[tuple[int, bool, int]]] = {i: [] for i in range(n)}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def gateway(k: int) -> None:
+        try:
+            with pg_harness.new_store() as store:
+                start.wait(10)
+                for i, records in batches:
+                    result = store.commit_many(
+                        [
+                            CommitItem(A, 1, i, i, f"g{k}-{i}".encode(), [dict(r) for r in records]),
+                            CommitItem(B + k, 1, i, i, b"", []),  # another device of each, in the group
+                        ]
+                    )[0]
+                    if isinstance(result, Exception):
+                        raise result
+                    outcomes[i].append((k, result.duplicate, sum(c is not None for c in result.cursors)))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=gateway, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for i in range(n):
+        assert sorted(dup for _, dup, _ in outcomes[i]) == [False, True], (i, outcomes[i])
+        assert sorted(stored for _, _, stored in outcomes[i]) == [0, 3]
+    with pg_harness.new_store() as store:
+        assert [r for _, r in everything(store) if r["device"] == minutes(A, 0, 1)[0]["device"]] == [
+            r for _, records in batches for r in records
+        ]
+        ((winner, _, _),) = [o for o in outcomes[n - 1] if not o[1]]
+        assert store.device(A) == DeviceRow(A, 1, n - 1, f"g{winner}-{n - 1}".encode())
+
+
+# connections cut under the store
+
+
+def _backends(harness: PostgresHarness, application_name: str) -> list[int]:
+    with harness.connect() as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+            )
+        ]
+
+
+def test_a_connection_terminated_mid_commit_is_unavailable_then_recovers(pg_harness: PostgresHarness) -> None:
+    name = f"bandgate_{pg_harness.schema}"
+    store = PostgresStore.from_url(pg_harness.store_url(application_name=name, lock_timeout_ms=30_000))
+    with store:
+        store.commit(A, 1, 0, 0, b"s0", minutes(A, 0, 2))
+        before = everything(store)
+        with pg_harness.connect() as locker, locker.transaction():
+            locker.execute("LOCK TABLE records_activity IN EXCLUSIVE MODE")
+            holder = locker.info.backend_pid
+            killed: list[int] = []
+
+            def terminate() -> None:  # the commit's backend, once it waits behind the lock
+                with pg_harness.connect() as admin:
+                    for _ in range(300):
+                        rows = admin.execute(
+                            "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                            "AND %s = ANY(pg_blocking_pids(pid))",
+                            (name, holder),
+                        ).fetchall()
+                        if rows:
+                            for (pid,) in rows:
+                                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                                killed.append(pid)
+                            return
+                        threading.Event().wait(0.05)
+
+            killer = threading.Thread(target=terminate)
+            killer.start()
+            with pytest.raises(StoreUnavailable):
+                store.commit(A, 1, 1, 1, b"s1", minutes(A, 2, 2))
+            killer.join(30)
+            assert killed
+        assert everything(store) == before  # nothing of the cut commit
+        # every connection of the store cut while idle: the next call gets a new one
+        with pg_harness.connect() as admin:
+            for pid in _backends(pg_harness, name):
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        result = store.commit(A, 1, 1, 1, b"s1", minutes(A, 2, 2))  # the band's retry
+        assert not result.duplicate and store.device(A) == DeviceRow(A, 1, 1, b"s1")
+        assert [r for _, r in everything(store)] == minutes(A, 0, 4)
+
+
+def test_no_server_is_unavailable(pg_harness: PostgresHarness) -> None:
+    store = PostgresStore.from_url(
+        "postgresql://postgres@127.0.0.1:1/test?pool_timeout_s=1&connect_timeout=1"
+    )
+    with pytest.raises(StoreUnavailable):
+        store.open()
+    store.close()
+    with pytest.raises(StoreError, match="not open"):
+        store.device(A)
+
+
+# migrations
+
+
+def test_an_expanding_migration_leaves_older_gateways_working(pg_harness: PostgresHarness) -> None:
+    with pg_harness.new_store() as old:
+        old.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        with _ExpandedPostgresStore.from_url(pg_harness.store_url()) as new:  # the rolling upgrade
+            new.commit(A, 1, 1, 1, b"new", minutes(A, 2, 1))
+            assert old.commit(A, 1, 2, 2, b"old", minutes(A, 3, 1)).high_water == 2  # side by side
+            assert everything(new) == everything(old)
+    with pg_harness.new_store() as restarted:  # an older gateway (re)starts on the newer schema
+        assert restarted.device(A) == DeviceRow(A, 1, 2, b"old")
+    with pg_harness.connect() as conn:
+        assert conn.execute("SELECT version, compatible FROM schema_version").fetchone() == (
+            len(MIGRATIONS) + 1,
+            len(MIGRATIONS),
+        )
+
+
+def test_a_contracting_migration_stops_older_gateways(pg_harness: PostgresHarness) -> None:
+    with pg_harness.new_store() as old:
+        old.commit(A, 1, 0, 0, b"a", minutes(A, 0, 1))
+    with pg_harness.newer_store() as newer:
+        assert newer.device(A) == DeviceRow(A, 1, 0, b"a")
+    with pytest.raises(SchemaVersionError, match=f"version {len(MIGRATIONS) + 1} or later"):
+        pg_harness.new_store().open()
+
+
+def test_a_foreign_schema_is_refused_untouched(pg_harness: PostgresHarness) -> None:
+    with pg_harness.connect() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_harness.schema)))
+        conn.execute("CREATE TABLE notes (body text)")
+    with pytest.raises(SchemaVersionError, match="not a bandgate database"):
+        pg_harness.new_store().open()
+    with pg_harness.connect() as conn:
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", (pg_harness.schema,))
+        assert [r[0] for r in tables] == ["notes"]
+
+
+def test_gateways_starting_together_migrate_once(pg_harness: PostgresHarness) -> None:
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with pg_harness.new_store() as s:
+                s.latest_cursor()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    with pg_harness.connect() as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
+
+
+def test_values_and_state_are_sealed_in_the_database(pg_harness: PostgresHarness, tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    sealer = open_sealer(tmp_path / "state")
+    try:
+        sentinel = "SENTINEL-4c1d"
+        records = minutes(A, 0, 5)
+        for r in records:
+            r["values"]["tag"] = sentinel
+        with PostgresStore.from_url(pg_harness.store_url(), sealer) as store:
+            store.commit(A, 1, 0, 0, b"STATE-" + sentinel.encode(), records)
+            assert [r for _, r in everything(store)] == records
+        with pg_harness.connect() as conn:
+            dumped = repr(conn.execute("SELECT * FROM records_activity").fetchall())
+            dumped += repr(conn.execute("SELECT * FROM devices").fetchall())
+        assert sentinel not in dumped and "STATE-" not in dumped
+        with open_store(pg_harness.store_url()) as plain, pytest.raises(StoreError, match="no sealer"):
+            everything(plain)
+    finally:
+        sealer.keys.close()
+
+
+# the gateway over PostgreSQL
+
+
+def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
+    pg_harness: PostgresHarness, tmp_path: Path
+) -> None:
+    """The real gateway (compute workers, sealing, the writer) with `--store postgresql://...`: batches are
+    acked once stored, a resend is a duplicate, and while the record tables are locked past the lock
+    timeout the batch is UNAVAILABLE and not acked; its retry is stored once."""
+    cfg = config(tmp_path, store=pg_harness.store_url(lock_timeout_ms=500))
+    device, batches = band()
+
+    async def scenario() -> list:
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            acks = [await up.send(b) for b in batches[:2]]
+            acks.append(await up.send(batches[1]))  # resent
+            with pg_harness.exclusive_lock():
+                acks.append(await up.send(batches[2]))
+            acks.append(await up.send(batches[2]))  # the band's retry
+            await up.close()
+            return acks
+
+    acks = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert [a.code for a in acks] == [OK, OK, ALREADY_EXISTS, UNAVAILABLE, OK]
+    assert not acks[3].has_acked_seq
+    sealer = open_sealer(tmp_path / "state")
+    try:
+        with open_store(pg_harness.store_url(), sealer) as store:
+            records = [r for _, r in everything(store)]
+            assert store.device(device).last_seq == batches[2].last_seq  # type: ignore[union-attr]
+    finally:
+        sealer.keys.close()
+    assert records and same_records(records, processed(batches[:3]))
+    assert len(records) == len(processed(batches[:3]))
