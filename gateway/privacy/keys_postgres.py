@@ -25,8 +25,8 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import TypeVar
 
 import psycopg
 from psycopg import sql
@@ -61,6 +61,7 @@ SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # unquoted-safe, and short e
 _LOCK_CLASS = 0x62676B73  # "bgks": the advisory lock class of key store migrations
 
 log = logging.getLogger("bandgate.privacy")
+T = TypeVar("T")
 
 
 def check_schema_name(schema: str) -> str:
@@ -97,6 +98,7 @@ class PostgresKeyStore:
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
         self._listen: psycopg.Connection | None = None
+        self._listen_lost = False  # a FATAL arrived on the listening connection: it may have missed some
         self._opened = False
         self._keys = HeldKeys(cache_size)
         self._channel = f"{self.schema}_destroyed"[:63]
@@ -163,9 +165,13 @@ class PostgresKeyStore:
         """The ownerships `device_id` has a data key under, sorted."""
         device = normalize_device(device_id)
         query = sql.SQL("SELECT ownership FROM {} WHERE device = %s ORDER BY ownership").format(self._table)
-        with self._lock, self._transaction() as cur:
+
+        def read(cur: psycopg.Cursor) -> list[str]:
             cur.execute(query, (device,))
             return [row[0] for row in cur.fetchall()]
+
+        with self._lock:
+            return self._run(read)
 
     def destroy(self, device_id: str | int, ownership: str | None = None) -> int:
         """Erase: delete the device's wrapped keys (under `ownership`, or all of them), notify the other
@@ -180,12 +186,16 @@ class PostgresKeyStore:
         else:
             delete = sql.SQL("DELETE FROM {} WHERE device = %s AND ownership = %s").format(self._table)
             params = (device, owner)
+
+        def delete_and_notify(cur: psycopg.Cursor) -> int:
+            cur.execute(delete, params)
+            count = cur.rowcount
+            # delivered at commit, to every listening gateway (this one too, which re-checks: harmless)
+            cur.execute("SELECT pg_notify(%s, %s)", (self._channel, device))
+            return count
+
         with self._lock:
-            with self._transaction() as cur:
-                cur.execute(delete, params)
-                count = cur.rowcount
-                # delivered at commit, to every listening gateway (this one too, which re-checks: harmless)
-                cur.execute("SELECT pg_notify(%s, %s)", (self._channel, device))
+            count = self._run(delete_and_notify)
             self._keys.forget(lambda slot: slot[0] == device and (owner is None or slot[1] == owner))
         log.info(
             "data keys destroyed",
@@ -204,10 +214,24 @@ class PostgresKeyStore:
             autocommit=autocommit,
             connect_timeout=max(1, round(self._connect_timeout_s)),
             application_name="bandgate-keys",
+            # a silently dropped peer (no FATAL, no FIN) is noticed in ~20 s, not at the TCP timeout
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=3,
+            keepalives_count=3,
         )
 
     def _connect_listener(self) -> psycopg.Connection:
         listen = self._connect(autocommit=True)
+        self._listen_lost = False
+
+        def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+            # A terminated backend (pg_terminate_backend, shutdown, failover) sends FATAL, which a poll
+            # that does not block reads as a notice, one call before the closed socket shows.
+            if diag.severity_nonlocalized in ("FATAL", "PANIC") or (diag.sqlstate or "")[:2] in ("08", "57"):
+                self._listen_lost = True
+
+        listen.add_notice_handler(on_notice)
         try:
             listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         except BaseException:
@@ -215,25 +239,30 @@ class PostgresKeyStore:
             raise
         return listen
 
-    @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Cursor]:
-        """One transaction on the main connection, reconnecting first if it was lost. synchronous_commit on:
-        the commit returns once the WAL is flushed (and, where configured, replicated)."""
+    def _run(self, work: Callable[[psycopg.Cursor], T]) -> T:
+        """`work` in one transaction on the main connection, with synchronous_commit on (the commit returns
+        once the WAL is flushed, and replicated where configured). A connection found lost (a restart, a
+        failover, a terminated backend) is replaced and `work` run once more: every piece of work here is
+        idempotent, so a commit whose answer was lost is harmless to repeat."""
         if not self._opened:
             raise KeyStoreError(f"key store {self._name()} is not open")
-        try:
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-                self._conn = self._connect()
-            with self._conn.transaction(), self._conn.cursor() as cur:
-                cur.execute("SET LOCAL synchronous_commit = on")
-                yield cur
-        except psycopg.OperationalError as e:
-            raise KeyStoreUnavailable(f"key store {self._name()}: {_reason(e)}") from None
-        except psycopg.Error as e:
-            raise KeyStoreError(f"key store {self._name()}: {_reason(e)}") from None
+        for attempt in (1, 2):
+            try:
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    self._conn = self._connect()
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    cur.execute("SET LOCAL synchronous_commit = on")
+                    return work(cur)
+            except psycopg.OperationalError as e:
+                if attempt == 1 and self._conn is not None and (self._conn.broken or self._conn.closed):
+                    continue
+                raise KeyStoreUnavailable(f"key store {self._name()}: {_reason(e)}") from None
+            except psycopg.Error as e:
+                raise KeyStoreError(f"key store {self._name()}: {_reason(e)}") from None
+        raise AssertionError("unreachable")
 
     def _prepare(self, conn: psycopg.Connection) -> None:
         schema = sql.Identifier(self.schema)
@@ -303,6 +332,8 @@ class PostgresKeyStore:
                 raise psycopg.OperationalError("the listening connection was lost")
             for note in self._listen.notifies(timeout=0):
                 devices.add(note.payload)
+            if self._listen_lost:
+                raise psycopg.OperationalError("the listening connection was terminated")
         except psycopg.OperationalError:
             if self._listen is not None:
                 self._listen.close()
@@ -316,9 +347,12 @@ class PostgresKeyStore:
         if not held:
             return
         query = sql.SQL("SELECT device, ownership, key_id FROM {} WHERE device = ANY(%s)").format(self._table)
-        with self._transaction() as cur:
+
+        def read(cur: psycopg.Cursor) -> dict[tuple[str, str], int]:
             cur.execute(query, (sorted({slot[0] for slot, _ in held}),))
-            current = {(device, ownership): key_id for device, ownership, key_id in cur.fetchall()}
+            return {(device, ownership): key_id for device, ownership, key_id in cur.fetchall()}
+
+        current = self._run(read)
         gone = {slot for slot, key in held if current.get(slot) != key.key_id}
         self._keys.forget(gone.__contains__)
 
@@ -327,9 +361,12 @@ class PostgresKeyStore:
         select = sql.SQL(
             "SELECT key_id, kek_id, wrapped FROM {} WHERE device = %s AND ownership = %s"
         ).format(self._table)
-        with self._transaction() as cur:
+
+        def read(cur: psycopg.Cursor) -> tuple | None:
             cur.execute(select, slot)
-            row = cur.fetchone()
+            return cur.fetchone()
+
+        row = self._run(read)
         if row is None:
             if not create:
                 raise NoDataKey(
@@ -341,14 +378,17 @@ class PostgresKeyStore:
                 "INSERT INTO {} (device, ownership, key_id, kek_id, wrapped, created_us) "
                 "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (device, ownership) DO NOTHING"
             ).format(self._table)
-            with self._transaction() as cur:
+
+            def create_or_read(cur: psycopg.Cursor) -> tuple:
                 # another gateway may have made this key since the SELECT: the insert waits for its
                 # commit and does nothing, and the SELECT (a new snapshot, READ COMMITTED) reads theirs
                 cur.execute(
                     insert, (device, ownership, key_id, self._kek.key_id, wrapped, time.time_ns() // 1000)
                 )
                 cur.execute(select, slot)
-                row = cur.fetchone()
+                return cur.fetchone()
+
+            row = self._run(create_or_read)
             if row[0] == key_id:
                 return DataKey(device, ownership, key_id, raw)
         key_id, kek_id, wrapped = row
