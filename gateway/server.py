@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
 from gateway.privacy.access import erase, export_lines
 from gateway.privacy.consent import ConsentGate, RegistryConsent
-from gateway.privacy.keys import KEYS_DB, TOMBSTONE_FILE, KeyStore, load_kek, load_tombstone_key
+from gateway.privacy.keys import TOMBSTONE_FILE, DataKeyStore, key_store_for_url, load_kek, load_tombstone_key
 from gateway.privacy.profile import unseal
 from gateway.privacy.retention import Sweeper
 from gateway.privacy.sealing import KeySealer
@@ -470,7 +470,7 @@ class Gateway:
         self.clock = clock  # wall clock (s) of the retention sweeper: a test injects its own
         self.sweeper: Sweeper | None = None
         self.privacy: RegistryConsent | None = None
-        self.keys: KeyStore | None = None
+        self.keys: DataKeyStore | None = None
         self.metrics = Metrics()
         self.address: str | None = None
         self.token_address: str | None = None
@@ -499,8 +499,12 @@ class Gateway:
             log.info("created", extra={"fields": {"event": "state_created", "what": line}})
         self._draining = asyncio.Event()
         signal_ = CommitSignal()
-        # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart
-        self.keys = keys = KeyStore(security.state.root / KEYS_DB, load_kek(security.state.root))
+        # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart:
+        # keys.db in the state dir, or with a PostgreSQL store a schema of its database that every gateway
+        # of the fleet shares (a device's key is one key wherever it connects, an erasure reaches all)
+        self.keys = keys = key_store_for_url(
+            c.store, security.state.root, load_kek(security.state.root), schema=c.key_schema
+        )
         await asyncio.to_thread(keys.open)
         # one pseudonym key for erasure tombstones and the devices audit entries name
         pseudonyms = load_tombstone_key(security.state.root / TOMBSTONE_FILE)

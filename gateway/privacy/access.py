@@ -14,6 +14,7 @@ deletes its records, state and high-water marks in the feature store.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -141,7 +142,8 @@ async def erase(
         if caller.operator
         else current_ownership(registry.policy.snapshot if registry.policy else None, device)
     )
-    keys = destroy_keys(device, scope)
+    # durable before anything else of the erasure (a key store across the network: off the event loop)
+    keys = await asyncio.to_thread(destroy_keys, device, scope)
     await registry.apply(
         [
             AuditEvent(

@@ -24,6 +24,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -64,6 +65,7 @@ __all__ = [
     "KeyStoreUnavailable",
     "LocalKek",
     "NoDataKey",
+    "check_key_schema",
     "device_pseudonym",
     "is_postgres_url",
     "key_store_for_url",
@@ -77,6 +79,7 @@ TOMBSTONE_FILE = "tombstone.key"
 KEYS_DB = "keys.db"
 DEFAULT_KEY_SCHEMA = "bandgate_keys"  # the PostgreSQL key store's schema in the feature store's database
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # needs no quoting, fits a NOTIFY channel's 63 bytes
 DEFAULT_CACHE_SIZE = 4096  # unwrapped keys kept: one per active device × ownership, ~1 kB each
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SCHEMA_VERSION = 1
@@ -144,6 +147,13 @@ class DataKeyStore(Protocol):
     def destroy(self, device_id: str | int, ownership: str | None = None) -> int: ...
 
 
+def check_key_schema(schema: str) -> str:
+    """`schema` if it is a plain lower-case identifier of at most 63 bytes; ValueError otherwise."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"key schema {schema!r}: want 1-63 of [a-z0-9_], not starting with a digit")
+    return schema
+
+
 def is_postgres_url(url: str) -> bool:
     """Whether a store URL names a PostgreSQL database (whose key store is a schema in it)."""
     return url.partition("://")[0] in POSTGRES_SCHEMES and "://" in url
@@ -155,6 +165,7 @@ def key_store_for_url(
     """The key store that goes with the feature store `store_url`, not yet opened: schema `schema` of the
     same PostgreSQL database when the store is `postgresql://` (every gateway of a fleet must see one
     destroy), else `state_dir/keys.db`."""
+    check_key_schema(schema)
     if is_postgres_url(store_url):
         from gateway.privacy.keys_postgres import PostgresKeyStore  # psycopg only where it is used
 

@@ -22,7 +22,6 @@ have missed notifications, so on reconnecting every held key is checked against 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -51,25 +50,17 @@ from gateway.privacy.keys import (
     KeyStoreError,
     KeyStoreUnavailable,
     NoDataKey,
+    check_key_schema,
 )
 
-__all__ = ["SCHEMA_NAME", "PostgresKeyStore", "check_schema_name"]
+__all__ = ["PostgresKeyStore"]
 
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 5
-SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # unquoted-safe, and short enough for a NOTIFY channel
 _LOCK_CLASS = 0x62676B73  # "bgks": the advisory lock class of key store migrations
 
 log = logging.getLogger("bandgate.privacy")
 T = TypeVar("T")
-
-
-def check_schema_name(schema: str) -> str:
-    """`schema` if it is a plain lower-case identifier of at most 63 bytes; ValueError otherwise (it names
-    a schema, and the notification channel derives from it)."""
-    if not SCHEMA_NAME.fullmatch(schema):
-        raise ValueError(f"key schema {schema!r}: want 1-63 of [a-z0-9_], not starting with a digit")
-    return schema
 
 
 class PostgresKeyStore:
@@ -92,7 +83,7 @@ class PostgresKeyStore:
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ):
         self.url = url
-        self.schema = check_schema_name(schema)
+        self.schema = check_key_schema(schema)
         self._kek = kek
         self._connect_timeout_s = connect_timeout_s
         self._lock = threading.Lock()
