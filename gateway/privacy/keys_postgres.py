@@ -21,11 +21,13 @@ have missed notifications, so on reconnecting every held key is checked against 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -53,7 +55,7 @@ from gateway.privacy.keys import (
     check_key_schema,
 )
 
-__all__ = ["PostgresKeyStore"]
+__all__ = ["PostgresKeyStore", "libpq_url"]
 
 SCHEMA_VERSION = 1
 CONNECT_TIMEOUT_S = 5
@@ -82,7 +84,7 @@ class PostgresKeyStore:
         cache_size: int = DEFAULT_CACHE_SIZE,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ):
-        self.url = url
+        self.url = libpq_url(url)
         self.schema = check_key_schema(schema)
         self._kek = kek
         self._connect_timeout_s = connect_timeout_s
@@ -393,6 +395,22 @@ class PostgresKeyStore:
         except UnwrapError as e:
             raise KeyStoreError(f"data key of device {device} ownership {ownership!r}: {e}") from None
         return DataKey(device, ownership, key_id, raw)
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    return frozenset(opt.keyword.decode() for opt in psycopg.pq.Conninfo.get_defaults())
+
+
+def libpq_url(url: str) -> str:
+    """The store URL without the query parameters that are the store's own (`?schema=`, pool sizes:
+    gateway/store/postgres.py), which libpq would refuse; libpq's own (`sslmode`, ...) are kept."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    known = _libpq_keywords()
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in known]
+    return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote)))
 
 
 def _where(url: str) -> str:

@@ -502,6 +502,9 @@ def test_the_store_url_picks_the_key_store(tmp_path: Path, kek: LocalKek) -> Non
         pg_keys = key_store_for_url(url, tmp_path, kek, schema="fleet_keys")
         assert isinstance(pg_keys, PostgresKeyStore) and pg_keys.schema == "fleet_keys"
         assert "pw" not in repr(pg_keys) and "gw" not in repr(pg_keys)  # the URL's credentials
+    # the feature store's own URL options are its own; libpq's are kept
+    pg_keys = key_store_for_url("postgresql://db/x?schema=fleet&pool_max=4&sslmode=require", tmp_path, kek)
+    assert isinstance(pg_keys, PostgresKeyStore) and pg_keys.url == "postgresql://db/x?sslmode=require"
     for bad in ("Keys", "1keys", "keys; drop", "k" * 64, ""):
         with pytest.raises(ValueError, match="key schema"):
             key_store_for_url("postgresql://db/x", tmp_path, kek, schema=bad)
