@@ -838,3 +838,55 @@ def test_seal_and_open_throughput(keys: DataKeyStore) -> None:
         f"data_key cache hit {lookup_s / n * 1e6:.2f} µs"
     )
     assert n / seal_s > 20_000 and n / open_s > 20_000
+
+
+# the sealer: the store URL picks its key store
+
+
+def test_the_sealer_of_a_postgres_store_seals_with_the_fleets_key_store(
+    tmp_path: Path, postgres_keys: PostgresKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.privacy.keys_postgres import PostgresKeyStore
+    from gateway.privacy.sealing import has_key_store, open_sealer
+
+    monkeypatch.delenv(KEK_ENV, raising=False)
+    url = postgres_keys.url + "?schema=fleet_store"  # the store's own option, dropped for the key store
+    assert has_key_store(tmp_path, url) and not has_key_store(tmp_path, "sqlite:///x.db")
+    one = open_sealer(tmp_path, url, key_schema=postgres_keys.where)
+    other = open_sealer(tmp_path, url, key_schema=postgres_keys.where)  # a second gateway, same KEK
+    try:
+        assert isinstance(one.keys, PostgresKeyStore) and not (tmp_path / KEYS_DB).exists()
+        token = one.seal_values(DEV_A, OWNER, "steps", 60, b"values")
+        assert other.open_values(DEV_A, OWNER, "steps", 60, token) == b"values"
+        assert postgres_keys.execute("SELECT count(*) FROM {t}") == [(1,)]
+    finally:
+        one.keys.close()
+        other.keys.close()
+
+
+def test_a_key_store_that_cannot_be_reached_is_unavailable_not_unreadable() -> None:
+    """A row whose key cannot be looked up now is not a tampered or erased row: the store must answer
+    UNAVAILABLE (the band resends, the reader retries), never skip the row as unreadable."""
+    from gateway.privacy.keys import KeyStoreUnavailable
+    from gateway.privacy.sealing import KeySealer
+    from gateway.store.base import StoreUnavailable, Unreadable
+
+    class Away:
+        def data_key(self, device_id: str | int, ownership: str, *, create: bool = True) -> DataKey:
+            raise KeyStoreUnavailable("key store postgresql://db/x: connection refused")
+
+    class Erased:
+        def data_key(self, device_id: str | int, ownership: str, *, create: bool = True) -> DataKey:
+            raise NoDataKey("no data key")
+
+    away = KeySealer(Away(), PseudonymKey(new_key()))  # type: ignore[arg-type]
+    for call in (
+        lambda: away.seal_values(DEV_A, OWNER, "steps", 0, b"v"),
+        lambda: away.open_values(DEV_A, OWNER, "steps", 0, b"token"),
+        lambda: away.seal_state(DEV_A, OWNER, b"s"),
+        lambda: away.open_state(DEV_A, OWNER, b"token"),
+    ):
+        with pytest.raises(StoreUnavailable, match="connection refused"):
+            call()
+    with pytest.raises(Unreadable, match="NoDataKey"):
+        KeySealer(Erased(), PseudonymKey(new_key())).open_values(DEV_A, OWNER, "steps", 0, b"t")  # type: ignore[arg-type]
