@@ -708,6 +708,45 @@ def test_threads_creating_the_same_key_at_once_get_one_key(
     assert backend.execute("SELECT count(*) FROM {t}") == [(1,)]
 
 
+def test_a_gateway_creating_a_key_another_has_not_yet_committed_takes_theirs(
+    postgres_keys: PostgresKeys, kek: LocalKek
+) -> None:
+    """The exact interleaving two gateways race into: ours finds no key, theirs inserts one and has not
+    committed when ours inserts. Ours waits on the row, does nothing, and reads and unwraps theirs."""
+    import psycopg
+
+    backend = postgres_keys
+    with backend.store(kek) as ours:  # creates the schema
+        theirs_raw, theirs_id = new_key(), 0x7E1F5
+        wrapped = kek.wrap(theirs_raw, wrap_aad(DEV_A, OWNER, theirs_id))
+        with psycopg.connect(backend.url) as theirs:  # a transaction left open
+            theirs.execute(
+                f'INSERT INTO "{backend.where}".data_keys VALUES (%s, %s, %s, %s, %s, 0)',
+                (DEV_A, OWNER, theirs_id, kek.key_id, wrapped),
+            )
+            got: list[DataKey] = []
+            asking = threading.Thread(target=lambda: got.append(ours.data_key(DEV_A, OWNER)))
+            asking.start()
+            time.sleep(0.3)
+            assert got == []  # blocked on their uncommitted row
+            (waiting,) = backend.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+            )[0]
+            assert waiting >= 1
+            theirs.commit()
+        asking.join(5)
+        assert len(got) == 1 and got[0].key_id == theirs_id
+        assert (
+            got[0].open(
+                DataKey(DEV_A, OWNER, theirs_id, theirs_raw).seal(b"v", family="steps", start_us=1),
+                family="steps",
+                start_us=1,
+            )
+            == b"v"
+        )
+        assert backend.execute("SELECT count(*) FROM {t}") == [(1,)]
+
+
 def test_sealing_threads_and_a_destroy(keys: DataKeyStore) -> None:
     """Compute threads seal while the writer erases one device: the other device is untouched, and no
     seal under the erased key begins after the destroy returned."""
