@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from decoder import config as decoder_config
+from gateway.privacy.keys import check_key_schema
 
 ENV_PREFIX = "BANDGATE_"
 
@@ -58,6 +59,9 @@ class GatewayConfig:
     # Feature values and device state sealed (AES-256-GCM) under per-device data keys; off only to measure
     # what it costs (bench), never in production.
     encrypt_at_rest: bool = True
+    # With a PostgreSQL store, the data keys live in this schema of its database (docs/privacy-keys.md);
+    # with SQLite, in keys.db in the state dir.
+    key_schema: str = "bandgate_keys"
     consent_ages: str = ""
     consent_age_default: int = 16
     age_unknown: str = "minor"
@@ -147,6 +151,10 @@ class GatewayConfig:
         self.region_settings()  # refuses malformed names and a region not among `regions`
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
+        try:
+            check_key_schema(self.key_schema)
+        except ValueError as e:
+            raise ConfigError(f"key_schema: {e}") from None
         for name in (
             "max_message_bytes",
             "max_frames_per_batch",

@@ -341,6 +341,7 @@ class Pipeline:
                 self._workers_changed,
                 deadline_s=c.compute_deadline_s,
                 sealing_dir=self.sealing_dir,
+                key_schema=c.key_schema,
             )
             await workers.start()
             self.workers = workers

@@ -38,7 +38,7 @@ from gateway.privacy.access import erase, export_lines
 from gateway.privacy.consent import ConsentGate, RegistryConsent
 from gateway.privacy.journal import ACTOR as JOURNAL_ACTOR
 from gateway.privacy.journal import JOURNAL_FILE, ErasureJournal
-from gateway.privacy.keys import KEYS_DB, TOMBSTONE_FILE, KeyStore, load_kek, load_tombstone_key
+from gateway.privacy.keys import TOMBSTONE_FILE, DataKeyStore, key_store_for_url, load_kek, load_tombstone_key
 from gateway.privacy.ownership import current_ownership
 from gateway.privacy.profile import unseal
 from gateway.privacy.retention import Sweeper
@@ -145,7 +145,7 @@ class _LiveStreams:
 
 
 async def _journal(
-    journal: ErasureJournal, ops: Sequence[RegistryOp], registry: Registry, keys: KeyStore
+    journal: ErasureJournal, ops: Sequence[RegistryOp], registry: Registry, keys: DataKeyStore
 ) -> None:
     """Journal the erasures and withdrawals among `ops` (not the journal's own re-applications)."""
     wanted = [op for op in ops if op.actor != JOURNAL_ACTOR]
@@ -156,9 +156,11 @@ async def _journal(
         current = current_ownership(snapshot, device)
         return held | ({current} if current else set())
 
-    entries = journal.entries_for(wanted, ownerships_of)
-    if entries:
-        await asyncio.to_thread(journal.append, entries)
+    def write() -> None:  # the key store may be a database: off the event loop
+        journal.append(journal.entries_for(wanted, ownerships_of))
+
+    if any(op.op in ("forget", "consent", "unguardian") for op in wanted):
+        await asyncio.to_thread(write)
 
 
 class IngestService(ingest_pb2_grpc.IngestServiceServicer):
@@ -503,7 +505,7 @@ class Gateway:
         self.clock = clock  # wall clock (s) of the retention sweeper: a test injects its own
         self.sweeper: Sweeper | None = None
         self.privacy: RegistryConsent | None = None
-        self.keys: KeyStore | None = None
+        self.keys: DataKeyStore | None = None
         self.metrics = Metrics()
         self.address: str | None = None
         self.token_address: str | None = None
@@ -533,8 +535,12 @@ class Gateway:
             log.info("created", extra={"fields": {"event": "state_created", "what": line}})
         self._draining = asyncio.Event()
         signal_ = CommitSignal()
-        # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart
-        self.keys = keys = KeyStore(security.state.root / KEYS_DB, load_kek(security.state.root))
+        # data keys (encryption at rest) in their own store, wrapped by a key-encryption key kept apart:
+        # keys.db in the state dir, or with a PostgreSQL store a schema of its database that every gateway
+        # of the fleet shares (a device's key is one key wherever it connects, an erasure reaches all)
+        self.keys = keys = key_store_for_url(
+            c.store, security.state.root, load_kek(security.state.root), schema=c.key_schema
+        )
         await asyncio.to_thread(keys.open)
         # one pseudonym key for erasure tombstones and the devices audit entries name
         pseudonyms = load_tombstone_key(security.state.root / TOMBSTONE_FILE)
@@ -686,7 +692,9 @@ class Gateway:
         )
         return self.address
 
-    async def _reapply_erasures(self, journal: ErasureJournal, registry: Registry, keys: KeyStore) -> None:
+    async def _reapply_erasures(
+        self, journal: ErasureJournal, registry: Registry, keys: DataKeyStore
+    ) -> None:
         """A store restored from a backup holds what was erased or withdrawn since: do it again, before
         serving (gateway/privacy/journal.py)."""
         if not journal.entries():

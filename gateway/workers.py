@@ -117,9 +117,11 @@ class WorkerPool:
         restart_delay_s: float = RESTART_DELAY_S,
         restart_max_s: float = RESTART_MAX_S,
         sealing_dir: str = "",
+        key_schema: str = "bandgate_keys",
     ):
         self.processes = processes
         self.sealing_dir = sealing_dir  # a state dir: workers seal records with its keys ("" = in clear)
+        self.key_schema = key_schema  # with a PostgreSQL store: where its keys are (as the serving process)
         self.on_change = on_change  # (workers running, whether one was just lost): for the metrics
         self.store_url = store_url
         self.max_decompressed_bytes = max_decompressed_bytes
@@ -222,6 +224,7 @@ class WorkerPool:
                     str(self.max_decompressed_bytes),
                     str(marker_fd),
                     self.sealing_dir,
+                    self.key_schema,
                 ],
                 pass_fds=(theirs.fileno(), marker_fd),
                 stdin=subprocess.DEVNULL,
@@ -509,7 +512,12 @@ def _job_marker() -> tuple[int, mmap.mmap]:
 
 
 def _serve(
-    fd: int, store_url: str, max_decompressed_bytes: int, marker_fd: int, sealing_dir: str = ""
+    fd: int,
+    store_url: str,
+    max_decompressed_bytes: int,
+    marker_fd: int,
+    sealing_dir: str = "",
+    key_schema: str = "bandgate_keys",
 ) -> int:
     """The worker's loop: compute the jobs that have arrived, commit them as one group, answer them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process drains first, then closes us
@@ -531,7 +539,7 @@ def _serve(
         if sealing_dir:  # records and state sealed here, where they are made, with the gateway's keys
             from gateway.privacy.sealing import open_sealer
 
-            sealer = open_sealer(Path(sealing_dir))
+            sealer = open_sealer(Path(sealing_dir), store_url, key_schema=key_schema)
         store = store_for_url(store_url, sealer)
         store.open()
     except Exception as e:
@@ -616,4 +624,4 @@ def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6]))
+    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 
 import pytest
 
@@ -45,3 +46,8 @@ def missing(service: str, where: str, why: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{message} (CI=true: a missing service fails the run)", pytrace=False)
     pytest.skip(message)
+
+
+def unique_name(prefix: str) -> str:
+    """A schema or role name no other test (or concurrent run) uses: roles are cluster-wide."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"

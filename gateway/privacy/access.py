@@ -161,7 +161,8 @@ async def erase(
         if caller.operator
         else current_ownership(registry.policy.snapshot if registry.policy else None, device)
     )
-    keys = destroy_keys(device, scope)
+    # durable before anything else of the erasure (a key store across the network: off the event loop)
+    keys = await asyncio.to_thread(destroy_keys, device, scope)
     await registry.apply(
         [
             AuditEvent(

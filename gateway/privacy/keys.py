@@ -2,9 +2,13 @@
 in a key store of their own, and the pseudonym key behind erasure tombstones.
 
 Erasing a device is destroying its data keys: the sealed feature rows may stay in the feature store and
-its backups, and no longer open. The key store is a separate SQLite file (`keys.db`) for that reason: it
-is small, it can be backed up on its own schedule, and a key store backup taken before an erasure is
-the one thing that (with the KEK) still opens that device's rows. docs/privacy-keys.md has the design.
+its backups, and no longer open. The key store is kept apart from the features for that reason: it is
+small, it can be backed up on its own schedule, and a key store backup taken before an erasure is the one
+thing that (with the KEK) still opens that device's rows. Two key stores behind one protocol
+(`DataKeyStore`): a SQLite file (`keys.db`, `KeyStore`) beside an SQLite feature store, and a schema of
+its own (`bandgate_keys`) in the database of a PostgreSQL feature store (`keys_postgres.PostgresKeyStore`),
+which every gateway of a fleet shares; `key_store_for_url` picks one from the store URL.
+docs/privacy-keys.md has the design.
 
 ```python
 kek = load_kek(state_dir)                      # $BANDGATE_KEK, else state_dir/kek.key (development only)
@@ -20,6 +24,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -27,8 +32,9 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from gateway.privacy.crypto import (
     KEY_BYTES,
@@ -46,17 +52,23 @@ from gateway.privacy.crypto import (
 from gateway.security.pki import PkiError, write_private
 
 __all__ = [
+    "DEFAULT_KEY_SCHEMA",
     "KEK_ENV",
     "KEK_FILE",
     "KEYS_DB",
     "TOMBSTONE_FILE",
+    "DataKeyStore",
     "KekError",
     "KeyEncryptionKey",
     "KeyStore",
     "KeyStoreError",
+    "KeyStoreUnavailable",
     "LocalKek",
     "NoDataKey",
+    "check_key_schema",
     "device_pseudonym",
+    "is_postgres_url",
+    "key_store_for_url",
     "load_kek",
     "load_tombstone_key",
 ]
@@ -65,6 +77,9 @@ KEK_ENV = "BANDGATE_KEK"
 KEK_FILE = "kek.key"
 TOMBSTONE_FILE = "tombstone.key"
 KEYS_DB = "keys.db"
+DEFAULT_KEY_SCHEMA = "bandgate_keys"  # the PostgreSQL key store's schema in the feature store's database
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # needs no quoting, fits a NOTIFY channel's 63 bytes
 DEFAULT_CACHE_SIZE = 4096  # unwrapped keys kept: one per active device × ownership, ~1 kB each
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 SCHEMA_VERSION = 1
@@ -96,8 +111,66 @@ class KekError(KeyStoreError):
     """The KEK is missing, exposed, malformed, or not the KEK the stored data keys were wrapped by."""
 
 
+class KeyStoreUnavailable(KeyStoreError):  # noqa: N818 - the state it reports, as StoreUnavailable
+    """The key store's database cannot be reached now: transient, nothing was created or destroyed (or,
+    for a destroy, it may have been: a destroy is idempotent, so the erasure is retried)."""
+
+
 class NoDataKey(KeyStoreError):  # noqa: N818 - an answer (never created, or erased), not a bug
     """No data key for this device × ownership: never created, or destroyed (the device was erased)."""
+
+
+@runtime_checkable
+class DataKeyStore(Protocol):
+    """What the sealer, export and erasure ask of a key store, whichever database holds it. The contract
+    every implementation keeps (tests/privacy/test_keys.py runs it against each):
+
+    - one `DataKey` object per device × ownership while anyone holds it, so `destroy` reaches every holder;
+    - `data_key(create=True)` by two processes at once agrees on one key;
+    - `destroy` returns only once the deletion is durable, and a destroy by another process is noticed at
+      a later `data_key` call (SQLite: the next; PostgreSQL: once its notification arrives, milliseconds);
+    - `open` refuses a KEK that wrapped none of the stored keys; `close` is safe before `open` and twice,
+      and forgets every unwrapped key."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> DataKeyStore: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def data_key(self, device_id: str | int, ownership: str, *, create: bool = True) -> DataKey: ...
+
+    def ownerships(self, device_id: str | int) -> list[str]: ...
+
+    def destroy(self, device_id: str | int, ownership: str | None = None) -> int: ...
+
+
+def check_key_schema(schema: str) -> str:
+    """`schema` if it is a plain lower-case identifier of at most 63 bytes; ValueError otherwise."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"key schema {schema!r}: want 1-63 of [a-z0-9_], not starting with a digit")
+    return schema
+
+
+def is_postgres_url(url: str) -> bool:
+    """Whether a store URL names a PostgreSQL database (whose key store is a schema in it)."""
+    return url.partition("://")[0] in POSTGRES_SCHEMES and "://" in url
+
+
+def key_store_for_url(
+    store_url: str, state_dir: Path, kek: KeyEncryptionKey, *, schema: str = DEFAULT_KEY_SCHEMA
+) -> DataKeyStore:
+    """The key store that goes with the feature store `store_url`, not yet opened: schema `schema` of the
+    same PostgreSQL database when the store is `postgresql://` (every gateway of a fleet must see one
+    destroy), else `state_dir/keys.db`."""
+    check_key_schema(schema)
+    if is_postgres_url(store_url):
+        from gateway.privacy.keys_postgres import PostgresKeyStore  # psycopg only where it is used
+
+        return PostgresKeyStore(store_url, kek, schema=schema)
+    return KeyStore(Path(state_dir) / KEYS_DB, kek)
 
 
 # the key-encryption key
@@ -238,6 +311,57 @@ def _read_secret(path: Path, what: str) -> bytes | None:
 # the key store
 
 
+class HeldKeys:
+    """The unwrapped keys of one key store object: a bounded LRU of recent ones, and every `DataKey` still
+    held anywhere (weakly), so there is at most one object per device × ownership and `forget` reaches
+    all holders. Not thread-safe: the key store calls it under its lock."""
+
+    __slots__ = ("_cache", "_cache_size", "_live")
+
+    def __init__(self, cache_size: int):
+        if cache_size < 1:
+            raise ValueError("cache_size is at least 1")
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], DataKey] = OrderedDict()
+        self._live: weakref.WeakValueDictionary[tuple[str, str], DataKey] = weakref.WeakValueDictionary()
+
+    def get(self, slot: tuple[str, str]) -> DataKey | None:
+        """The key of `slot` if anyone holds it, made recent."""
+        key = self._cache.get(slot)
+        if key is not None:
+            self._cache.move_to_end(slot)
+            return key
+        key = self._live.get(slot)
+        if key is not None:
+            self._put_cached(slot, key)
+        return key
+
+    def put(self, slot: tuple[str, str], key: DataKey) -> None:
+        self._live[slot] = key
+        self._put_cached(slot, key)
+
+    def _put_cached(self, slot: tuple[str, str], key: DataKey) -> None:
+        self._cache[slot] = key
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)  # a holder keeps it usable; destroy still reaches it
+
+    def held(self) -> list[tuple[tuple[str, str], DataKey]]:
+        """Every (slot, key) still held somewhere."""
+        return list(self._live.items())
+
+    def forget(self, matches: Callable[[tuple[str, str]], bool]) -> None:
+        """Forget (holders get KeyDestroyed) every held key whose slot `matches`."""
+        for slot, key in self.held():
+            if matches(slot):
+                key.forget()
+                self._live.pop(slot, None)
+                self._cache.pop(slot, None)
+
+    def forget_all(self) -> None:
+        self.forget(lambda _slot: True)
+        self._cache.clear()
+
+
 class KeyStore:
     """Data keys per device × ownership, wrapped by `kek`, in their own SQLite file (WAL, synchronous
     FULL: a key is durable before anything is sealed under it; secure_delete: a destroyed key's bytes are
@@ -257,17 +381,13 @@ class KeyStore:
         cache_size: int = DEFAULT_CACHE_SIZE,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     ):
-        if cache_size < 1:
-            raise ValueError("cache_size is at least 1")
         self.path = Path(path)
         self._kek = kek
-        self._cache_size = cache_size
         self._busy_timeout_ms = busy_timeout_ms
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._data_version = 0
-        self._cache: OrderedDict[tuple[str, str], DataKey] = OrderedDict()
-        self._live: weakref.WeakValueDictionary[tuple[str, str], DataKey] = weakref.WeakValueDictionary()
+        self._keys = HeldKeys(cache_size)
 
     def __repr__(self) -> str:
         state = "open" if self._conn is not None else "closed"
@@ -336,10 +456,7 @@ class KeyStore:
     def close(self) -> None:
         """Forget every unwrapped key (holders get KeyDestroyed) and close the file."""
         with self._lock:
-            for key in list(self._live.values()):
-                key.forget()
-            self._cache.clear()
-            self._live.clear()
+            self._keys.forget_all()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -353,17 +470,10 @@ class KeyStore:
         with self._lock:
             conn = self._connection()
             self._notice_other_writers(conn)
-            key = self._cache.get(slot)
-            if key is not None:
-                self._cache.move_to_end(slot)
-                return key
-            key = self._live.get(slot)
+            key = self._keys.get(slot)
             if key is None:
                 key = self._load(conn, slot, create)
-                self._live[slot] = key
-            self._cache[slot] = key
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)  # a holder keeps it usable; destroy still reaches it
+                self._keys.put(slot, key)
             return key
 
     def ownerships(self, device_id: str | int) -> list[str]:
@@ -391,11 +501,7 @@ class KeyStore:
                     "DELETE FROM data_keys WHERE device = ? AND ownership = ?", (device, owner)
                 )
             count = cursor.rowcount
-            for slot, key in list(self._live.items()):
-                if slot[0] == device and (owner is None or slot[1] == owner):
-                    key.forget()
-                    self._live.pop(slot, None)
-                    self._cache.pop(slot, None)
+            self._keys.forget(lambda slot: slot[0] == device and (owner is None or slot[1] == owner))
             self._truncate_wal(conn)
         log.info(
             "data keys destroyed",
@@ -416,14 +522,14 @@ class KeyStore:
         if version == self._data_version:
             return
         self._data_version = version
-        for slot, key in list(self._live.items()):
+        gone = set()
+        for slot, key in self._keys.held():
             row = conn.execute(
                 "SELECT key_id FROM data_keys WHERE device = ? AND ownership = ?", slot
             ).fetchone()
             if row is None or row[0] != key.key_id:
-                key.forget()
-                self._live.pop(slot, None)
-                self._cache.pop(slot, None)
+                gone.add(slot)
+        self._keys.forget(gone.__contains__)
 
     def _load(self, conn: sqlite3.Connection, slot: tuple[str, str], create: bool) -> DataKey:
         device, ownership = slot

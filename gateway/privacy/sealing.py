@@ -14,14 +14,18 @@ from pathlib import Path
 
 from gateway.privacy.crypto import CryptoError, DataKey, PseudonymKey, device_pseudonym
 from gateway.privacy.keys import (
+    DEFAULT_KEY_SCHEMA,
     KEYS_DB,
     TOMBSTONE_FILE,
-    KeyStore,
+    DataKeyStore,
     KeyStoreError,
+    KeyStoreUnavailable,
+    is_postgres_url,
+    key_store_for_url,
     load_kek,
     load_tombstone_key,
 )
-from gateway.store.base import Unreadable
+from gateway.store.base import StoreUnavailable, Unreadable
 
 REUSE_S = 0.1  # how long a looked-up data key serves before the key store is asked again
 
@@ -29,7 +33,7 @@ REUSE_S = 0.1  # how long a looked-up data key serves before the key store is as
 class KeySealer:
     """The store's `Sealer`: AES-256-GCM under the key store's data keys (gateway/privacy/crypto.py)."""
 
-    def __init__(self, keys: KeyStore, pseudonyms: PseudonymKey, reuse_s: float = REUSE_S):
+    def __init__(self, keys: DataKeyStore, pseudonyms: PseudonymKey, reuse_s: float = REUSE_S):
         self.keys = keys
         self._pseudonyms = pseudonyms
         self._reuse_s = reuse_s
@@ -54,11 +58,17 @@ class KeySealer:
         return f"KeySealer({self.keys!r})"
 
     def seal_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes:
-        return self._key(device, ownership, True).seal(data, family=family, start_us=start_us)
+        try:
+            key = self._key(device, ownership, True)
+        except KeyStoreUnavailable as e:  # transient: the batch is refused unacked, and sent again
+            raise StoreUnavailable(str(e)) from None
+        return key.seal(data, family=family, start_us=start_us)
 
     def open_values(self, device: str, ownership: str, family: str, start_us: int, data: bytes) -> bytes:
         try:
             return self._key(device, ownership, False).open(data, family=family, start_us=start_us)
+        except KeyStoreUnavailable as e:  # the key store's database is away: the row is not unreadable
+            raise StoreUnavailable(str(e)) from None
         except (CryptoError, KeyStoreError) as e:
             raise Unreadable(f"{type(e).__name__}: {e}") from None
 
@@ -84,11 +94,17 @@ class KeySealer:
         return open_one
 
     def seal_state(self, device: str, ownership: str, data: bytes) -> bytes:
-        return self._key(device, ownership, True).seal_state(data)
+        try:
+            key = self._key(device, ownership, True)
+        except KeyStoreUnavailable as e:
+            raise StoreUnavailable(str(e)) from None
+        return key.seal_state(data)
 
     def open_state(self, device: str, ownership: str, data: bytes) -> bytes:
         try:
             return self._key(device, ownership, False).open_state(data)
+        except KeyStoreUnavailable as e:
+            raise StoreUnavailable(str(e)) from None
         except (CryptoError, KeyStoreError) as e:
             raise Unreadable(f"{type(e).__name__}: {e}") from None
 
@@ -96,11 +112,18 @@ class KeySealer:
         return device_pseudonym(self._pseudonyms, device)
 
 
-def open_sealer(state_dir: Path) -> KeySealer:
-    """The sealer of a gateway whose state dir is `state_dir`: its key store (opened; close with
-    `sealer.keys.close()`), KEK ($BANDGATE_KEK or the state dir's development key file) and tombstone
-    pseudonym key, made on first use."""
+def open_sealer(state_dir: Path, store_url: str = "", *, key_schema: str = DEFAULT_KEY_SCHEMA) -> KeySealer:
+    """The sealer of a gateway whose state dir is `state_dir` and store `store_url`: its key store
+    (`keys.key_store_for_url`: schema `key_schema` of a PostgreSQL store's database, else the state dir's
+    keys.db; opened, close with `sealer.keys.close()`), KEK ($BANDGATE_KEK or the state dir's development
+    key file) and tombstone pseudonym key, made on first use."""
     state_dir = Path(state_dir)
-    keys = KeyStore(state_dir / KEYS_DB, load_kek(state_dir))
+    keys = key_store_for_url(store_url, state_dir, load_kek(state_dir), schema=key_schema)
     keys.open()
     return KeySealer(keys, load_tombstone_key(state_dir / TOMBSTONE_FILE))
+
+
+def has_key_store(state_dir: Path, store_url: str = "") -> bool:
+    """Whether a gateway with this state dir and store has made its key store (so its rows are sealed):
+    a PostgreSQL store's is in its database, made at the gateway's first start; else keys.db."""
+    return is_postgres_url(store_url) or (Path(state_dir) / KEYS_DB).exists()

@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 
 from gateway.privacy.crypto import CryptoError
-from gateway.privacy.keys import KEYS_DB, KeyStoreError
+from gateway.privacy.keys import DEFAULT_KEY_SCHEMA, KeyStoreError
 from gateway.privacy.profile import Profile, ProfileError, unseal
-from gateway.privacy.sealing import KeySealer, open_sealer
+from gateway.privacy.sealing import KeySealer, has_key_store, open_sealer
 from gateway.privacy.stats import (
     DEFAULT_DELTA,
     Budget,
@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--delta", type=_positive, default=DEFAULT_DELTA, help=f"δ it spends (default {DEFAULT_DELTA})"
     )
     p.add_argument("--state-dir", type=Path, help="budget and audit key (default: as `bandgate serve`)")
+    p.add_argument(
+        "--key-schema",
+        default=DEFAULT_KEY_SCHEMA,
+        help=f"a PostgreSQL store's key schema, as the gateway's key_schema (default {DEFAULT_KEY_SCHEMA})",
+    )
     p.add_argument(
         "--cohorts",
         type=Path,
@@ -88,8 +93,8 @@ def _cmd_stats(args: argparse.Namespace, console: Console) -> int:
         store = store_for_url(args.store)
         if isinstance(store, SqliteStore) and not store.path.is_file():
             raise ValueError(f"no store at {store.path}")  # opening would create an empty one
-        if (state / KEYS_DB).exists():  # the gateway's keys: its records and profiles are sealed
-            sealer = open_sealer(state)
+        if has_key_store(state, args.store):  # the gateway's keys: its records and profiles are sealed
+            sealer = open_sealer(state, args.store, key_schema=args.key_schema)
         with open_store(args.store, sealer) as store:
             if args.cohorts is not None:
                 cohorts = _read_cohorts(args.cohorts)

@@ -126,5 +126,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         add_client_arguments(p)
         p.set_defaults(run=_run)
 
+    from gateway.security import dbgrants  # no gateway call: the registry from the store, SQL to a DBA
+
+    dbgrants.add_parser(asub)
+
 
 __all__ = ["add_parser"]

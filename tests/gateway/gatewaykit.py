@@ -22,7 +22,7 @@ from decoder.frames import Frame, encode_container, encode_frame
 from gateway.auth import device_metadata
 from gateway.config import GatewayConfig
 from gateway.privacy.keys import TOMBSTONE_FILE, load_tombstone_key
-from gateway.privacy.sealing import open_sealer
+from gateway.privacy.sealing import has_key_store, open_sealer
 from gateway.replay import replay_batches
 from gateway.security.audit import audit_pseudonym
 from gateway.security.client import ClientIdentity, enrol_device, local_identity
@@ -120,12 +120,12 @@ def key(record: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def gateway_store(url: str) -> Iterator[Store]:
-    """The store of a gateway `tls_config` made (its state dir beside the database), opened as the gateway
-    opens it: with the state dir's keys, so sealed values open. A store without a state dir beside it
-    opens in clear."""
-    state = Path(url.removeprefix("sqlite:///")).parent / "state"
-    sealer = open_sealer(state) if (state / "keys.db").exists() else None
+def gateway_store(url: str, state_dir: Path | None = None) -> Iterator[Store]:
+    """The store of a gateway `tls_config` made (its state dir beside an SQLite database, else
+    `state_dir`), opened as the gateway opens it: with its keys (keys.db there, or a PostgreSQL store's key
+    schema), so sealed values open. A store without a key store opens in clear."""
+    state = Path(url.removeprefix("sqlite:///")).parent / "state" if state_dir is None else Path(state_dir)
+    sealer = open_sealer(state, url) if has_key_store(state, url) else None
     try:
         with open_store(url, sealer) as store:
             yield store

@@ -41,6 +41,7 @@ def test_precedence_file_env_flags(tmp_path):
         ({"environ": {"BANDGATE_RETENTION_CHECK_S": "0"}}, "retention_check_s"),
         ({"environ": {"BANDGATE_AUDIT_SEGMENT_ENTRIES": "0"}}, "audit_segment_entries"),
         ({"environ": {"BANDGATE_AUDIT_SEGMENT_DAYS": "-1"}}, "audit_segment_days"),
+        ({"environ": {"BANDGATE_KEY_SCHEMA": "Keys; DROP"}}, "key_schema"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, named):

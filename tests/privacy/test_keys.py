@@ -1,7 +1,11 @@
-"""Encryption at rest (gateway/privacy/crypto.py and keys.py) with real keys, real SQLite files and real
-threads: what is sealed opens only in its own row, erasure is destroying the key (and a key store backup
-taken before is the one thing that undoes it), KEKs from a file or the environment, and no key or
-plaintext ever shows in a repr, a message or a file."""
+"""Encryption at rest (gateway/privacy/crypto.py, keys.py and keys_postgres.py) with real keys, real
+databases and real threads: what is sealed opens only in its own row, erasure is destroying the key (and a
+key store backup taken before is the one thing that undoes it), KEKs from a file or the environment, and
+no key or plaintext ever shows in a repr, a message or a file.
+
+The key store tests run once per key store (test IDs `[sqlite]`, `[postgres]`): the SQLite file, and the
+PostgreSQL schema in a fresh schema per test at tests/services.py's database (skipped when it is
+unreachable, failed under CI=true)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -35,18 +41,22 @@ from gateway.privacy.crypto import (
     wrap_aad,
 )
 from gateway.privacy.keys import (
+    DEFAULT_CACHE_SIZE,
     KEK_ENV,
     KEK_FILE,
     KEYS_DB,
+    DataKeyStore,
     KekError,
     KeyEncryptionKey,
     KeyStore,
     KeyStoreError,
     LocalKek,
     NoDataKey,
+    key_store_for_url,
     load_kek,
     load_tombstone_key,
 )
+from tests.services import postgres_url, unique_name
 
 DEV_A = "00000000000000a1"
 DEV_B = "00000000000000b2"
@@ -89,6 +99,114 @@ def backup(db: Path, to: Path) -> Path:
     return to
 
 
+class SqliteKeys:
+    """The SQLite key store under test: keys.db in the test's directory."""
+
+    name = "sqlite"
+
+    def __init__(self, tmp_path: Path):
+        self.where = tmp_path / KEYS_DB
+        self._tmp = tmp_path
+
+    def store(self, kek: KeyEncryptionKey, *, cache_size: int = DEFAULT_CACHE_SIZE, where: Any = None):
+        return KeyStore(self.where if where is None else where, kek, cache_size=cache_size)
+
+    def execute(self, query: str, params: tuple = ()) -> list[tuple]:
+        """Raw SQL on the key table (`{t}`), as someone with write access to the database runs it."""
+        conn = sqlite3.connect(self.where)
+        try:
+            with conn:
+                return conn.execute(query.format(t="data_keys"), params).fetchall()
+        finally:
+            conn.close()
+
+    def backup(self) -> Path:
+        """A consistent copy of the live key store, as an operator's backup job takes it."""
+        return backup(self.where, self._tmp / "keys-backup.db")
+
+    def at_rest(self) -> bytes:
+        """Everything the key store holds on disk."""
+        return files_of(self.where)
+
+
+class PostgresKeys:
+    """The PostgreSQL key store under test: a fresh schema (and its backups' schemas), dropped after."""
+
+    name = "postgres"
+
+    def __init__(self, url: str):
+        import psycopg
+
+        self.url = url
+        self.where = unique_name("test_keys")
+        self._schemas = [self.where]
+        self._conn = psycopg.connect(url, autocommit=True)
+
+    def store(self, kek: KeyEncryptionKey, *, cache_size: int = DEFAULT_CACHE_SIZE, where: Any = None):
+        from gateway.privacy.keys_postgres import PostgresKeyStore
+
+        return PostgresKeyStore(
+            self.url, kek, schema=self.where if where is None else where, cache_size=cache_size
+        )
+
+    def execute(self, query: str, params: tuple = ()) -> list[tuple]:
+        from psycopg import sql
+
+        text = sql.SQL(query.replace("?", "%s")).format(t=sql.Identifier(self.where, "data_keys"))
+        cur = self._conn.execute(text, params)
+        return cur.fetchall() if cur.description else []
+
+    def backup(self) -> str:
+        """A copy of the key schema, as `pg_dump -n` and a restore into another schema make it."""
+        from psycopg import sql
+
+        to = f"{self.where}_bak"
+        self._schemas.append(to)
+        self._conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(to)))
+        for table in ("schema_version", "data_keys"):
+            self._conn.execute(
+                sql.SQL("CREATE TABLE {} AS TABLE {}").format(
+                    sql.Identifier(to, table), sql.Identifier(self.where, table)
+                )
+            )
+        return to
+
+    def at_rest(self) -> bytes:
+        """Every live row of the key table (dead tuples until vacuum are not seen: docs/privacy-keys.md)."""
+        rows = self.execute("SELECT device, ownership, key_id::text, kek_id, wrapped FROM {t}")
+        return b"".join(b"|".join(v if isinstance(v, bytes) else str(v).encode() for v in r) for r in rows)
+
+    def drop(self) -> None:
+        from psycopg import sql
+
+        for schema in self._schemas:
+            self._conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        self._conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqliteKeys | PostgresKeys]:
+    """Each key store in turn; the test ID names it."""
+    if request.param == "sqlite":
+        yield SqliteKeys(tmp_path)
+        return
+    pg = PostgresKeys(postgres_url())
+    try:
+        yield pg
+    finally:
+        pg.drop()
+
+
+@pytest.fixture
+def postgres_keys() -> Iterator[PostgresKeys]:
+    """The PostgreSQL key store alone, for what only it has (connections, notifications)."""
+    pg = PostgresKeys(postgres_url())
+    try:
+        yield pg
+    finally:
+        pg.drop()
+
+
 @pytest.fixture
 def kek_raw() -> bytes:
     return new_key()
@@ -100,8 +218,8 @@ def kek(kek_raw: bytes) -> LocalKek:
 
 
 @pytest.fixture
-def keys(tmp_path: Path, kek: LocalKek):
-    with KeyStore(tmp_path / KEYS_DB, kek) as store:
+def keys(backend: SqliteKeys | PostgresKeys, kek: LocalKek) -> Iterator[DataKeyStore]:
+    with backend.store(kek) as store:
         yield store
 
 
@@ -185,7 +303,7 @@ def test_a_value_moved_to_another_row_does_not_open(
         assert_refused_without_leak(caught.value, plaintext, key.device_id)
 
 
-def test_another_devices_key_refuses_and_names_the_row(keys: KeyStore) -> None:
+def test_another_devices_key_refuses_and_names_the_row(keys: DataKeyStore) -> None:
     plaintext = values_json()
     token = keys.data_key(DEV_A, OWNER).seal(plaintext, family="heart", start_us=1_700_000_000_000_000)
     with pytest.raises(TamperedCiphertext) as caught:
@@ -295,29 +413,30 @@ def test_wrapped_key_opens_only_in_its_own_row() -> None:
         KekCipher(new_key()).unwrap(blob, wrap_aad(DEV_A, OWNER, 5))
 
 
-def test_a_wrapped_key_moved_to_another_devices_row_does_not_unwrap(tmp_path: Path, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as keys:
+def test_a_wrapped_key_moved_to_another_devices_row_does_not_unwrap(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
+    with backend.store(kek) as keys:
         keys.data_key(DEV_A, OWNER)
         keys.data_key(DEV_B, OWNER)
-    with sqlite3.connect(db) as conn:  # someone with write access to keys.db gives B the key of A
-        conn.execute(
-            "UPDATE data_keys SET wrapped = (SELECT wrapped FROM data_keys WHERE device = ?), "
-            "key_id = (SELECT key_id FROM data_keys WHERE device = ?) WHERE device = ?",
-            (DEV_A, DEV_A, DEV_B),
-        )
-    conn.close()
-    with KeyStore(db, kek) as keys, pytest.raises(KeyStoreError, match=f"device {DEV_B}.*does not unwrap"):
+    # someone with write access to the key store gives B the key of A
+    backend.execute(
+        "UPDATE {t} SET wrapped = (SELECT wrapped FROM {t} WHERE device = ?), "
+        "key_id = (SELECT key_id FROM {t} WHERE device = ?) WHERE device = ?",
+        (DEV_A, DEV_A, DEV_B),
+    )
+    with backend.store(kek) as keys, pytest.raises(KeyStoreError, match=f"device {DEV_B}.*does not unwrap"):
         keys.data_key(DEV_B, OWNER)
 
 
 # the key store: erasure
 
 
-def test_destroy_is_erasure_and_a_key_store_backup_is_its_horizon(tmp_path: Path, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
+def test_destroy_is_erasure_and_a_key_store_backup_is_its_horizon(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
     feature_rows: list[tuple[str, str, int, bytes]] = []  # the feature store's sealed rows (and backups)
-    with KeyStore(db, kek) as keys:
+    with backend.store(kek) as keys:
         for device in (DEV_A, DEV_B):
             key = keys.data_key(device, OWNER)
             for i, family in enumerate(FAMILIES):
@@ -325,10 +444,9 @@ def test_destroy_is_erasure_and_a_key_store_backup_is_its_horizon(tmp_path: Path
                 token = key.seal(values_json(i), family=family, start_us=start_us)
                 feature_rows.append((device, family, start_us, token))
         held = keys.data_key(DEV_A, OWNER)  # a compute thread holding the key mid-batch
-        with sqlite3.connect(db) as conn:
-            wrapped_a = conn.execute("SELECT wrapped FROM data_keys WHERE device = ?", (DEV_A,)).fetchone()[0]
-        conn.close()
-        key_store_backup = backup(db, tmp_path / "keys-backup.db")
+        ((wrapped_a,),) = backend.execute("SELECT wrapped FROM {t} WHERE device = ?", (DEV_A,))
+        wrapped_a = bytes(wrapped_a)
+        key_store_backup = backend.backup()
 
         assert keys.destroy(DEV_A) == 1
         assert keys.destroy(DEV_A) == 0  # idempotent
@@ -340,8 +458,9 @@ def test_destroy_is_erasure_and_a_key_store_backup_is_its_horizon(tmp_path: Path
             held.open(feature_rows[0][3], family=feature_rows[0][1], start_us=feature_rows[0][2])
         with pytest.raises(KeyDestroyed):
             held.seal(b"late record", family="steps", start_us=0)
-        # nothing of the destroyed key is left in the key store's files: zeroed, and the WAL truncated
-        assert wrapped_a not in files_of(db)
+        # nothing of the destroyed key is left in the key store's files (SQLite: zeroed, and the WAL
+        # truncated) or its live rows (PostgreSQL: dead tuples stay until vacuum, docs/privacy-keys.md)
+        assert wrapped_a not in backend.at_rest()
 
         fresh = keys.data_key(DEV_A, OWNER)  # the device comes back after erasure: a new key
         assert fresh.key_id != held.key_id
@@ -353,17 +472,17 @@ def test_destroy_is_erasure_and_a_key_store_backup_is_its_horizon(tmp_path: Path
                 assert keys.data_key(device, OWNER).open(token, family=family, start_us=start_us)
 
     # The erasure horizon: a key store backup taken before, with the KEK, still opens the erased rows.
-    with KeyStore(key_store_backup, kek) as restored:
+    with backend.store(kek, where=key_store_backup) as restored:
         old = restored.data_key(DEV_A, OWNER, create=False)
         assert old.key_id == held.key_id
         device, family, start_us, token = feature_rows[0]
         assert old.open(token, family=family, start_us=start_us) == values_json(0)
     # ...and without the KEK it is only wrapped bytes.
     with pytest.raises(KekError, match="not by this KEK"):
-        KeyStore(key_store_backup, LocalKek(new_key(), "another")).open()
+        backend.store(LocalKek(new_key(), "another"), where=key_store_backup).open()
 
 
-def test_destroy_one_ownership_keeps_the_others(keys: KeyStore) -> None:
+def test_destroy_one_ownership_keeps_the_others(keys: DataKeyStore) -> None:
     first = keys.data_key(DEV_A, "owner-1")
     second = keys.data_key(DEV_A, "owner-2")
     assert first.key_id != second.key_id
@@ -375,8 +494,10 @@ def test_destroy_one_ownership_keeps_the_others(keys: KeyStore) -> None:
     assert keys.destroy(0xA1) == 1
 
 
-def test_destroy_reaches_a_key_evicted_from_the_cache(tmp_path: Path, kek: LocalKek) -> None:
-    with KeyStore(tmp_path / KEYS_DB, kek, cache_size=2) as keys:
+def test_destroy_reaches_a_key_evicted_from_the_cache(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
+    with backend.store(kek, cache_size=2) as keys:
         held = keys.data_key(DEV_A, OWNER)
         for d in range(1, 10):  # pushes DEV_A out of the LRU
             keys.data_key(d, OWNER)
@@ -387,33 +508,87 @@ def test_destroy_reaches_a_key_evicted_from_the_cache(tmp_path: Path, kek: Local
         assert held.destroyed
 
 
-def test_a_destroy_by_another_process_is_noticed(tmp_path: Path, kek: LocalKek) -> None:
-    """The gateway's key store and an erasure run from a second connection (a CLI) on the same file."""
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as gateway, KeyStore(db, kek) as eraser:
+def noticed(keys: DataKeyStore, device: str, within_s: float) -> None:
+    """`keys` answers NoDataKey for `device` within `within_s` (SQLite: at once; PostgreSQL: once the
+    destroy's notification has arrived)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            keys.data_key(device, OWNER, create=False)
+        except NoDataKey:
+            return
+        assert time.monotonic() < deadline, f"a destroy of {device} by another store not noticed"
+        time.sleep(0.002)
+
+
+def test_a_destroy_by_another_process_is_noticed(backend: SqliteKeys | PostgresKeys, kek: LocalKek) -> None:
+    """The gateway's key store and an erasure run from a second connection (a CLI, another gateway)."""
+    with backend.store(kek) as gateway, backend.store(kek) as eraser:
         held = gateway.data_key(DEV_A, OWNER)
         token = held.seal(b"v", family="steps", start_us=0)
         assert eraser.data_key(DEV_A, OWNER).key_id == held.key_id
         assert eraser.destroy(DEV_A) == 1
-        with pytest.raises(NoDataKey):
-            gateway.data_key(DEV_A, OWNER, create=False)
+        noticed(gateway, DEV_A, within_s=0.0 if backend.name == "sqlite" else 1.0)
         assert held.destroyed
         recreated = gateway.data_key(DEV_A, OWNER)
         with pytest.raises(TamperedCiphertext):
             recreated.open(token, family="steps", start_us=0)
 
 
-def test_keys_survive_a_restart(tmp_path: Path, kek_raw: bytes, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as keys:
+def test_the_store_url_picks_the_key_store(tmp_path: Path, kek: LocalKek) -> None:
+    from gateway.privacy.keys_postgres import PostgresKeyStore
+
+    sqlite_keys = key_store_for_url("sqlite:///features.db", tmp_path, kek)
+    assert isinstance(sqlite_keys, KeyStore) and sqlite_keys.path == tmp_path / KEYS_DB
+    for url in ("postgresql://gw:pw@db.example/bandgate", "postgres://db.example/bandgate"):
+        pg_keys = key_store_for_url(url, tmp_path, kek, schema="fleet_keys")
+        assert isinstance(pg_keys, PostgresKeyStore) and pg_keys.schema == "fleet_keys"
+        assert "pw" not in repr(pg_keys) and "gw" not in repr(pg_keys)  # the URL's credentials
+    # the feature store's own URL options are its own; libpq's are kept
+    pg_keys = key_store_for_url("postgresql://db/x?schema=fleet&pool_max=4&sslmode=require", tmp_path, kek)
+    assert isinstance(pg_keys, PostgresKeyStore) and pg_keys.url == "postgresql://db/x?sslmode=require"
+    for bad in ("Keys", "1keys", "keys; drop", "k" * 64, ""):
+        with pytest.raises(ValueError, match="key schema"):
+            key_store_for_url("postgresql://db/x", tmp_path, kek, schema=bad)
+
+
+def test_an_unreachable_postgres_key_store_is_unavailable(kek: LocalKek) -> None:
+    from gateway.privacy.keys import KeyStoreUnavailable
+    from gateway.privacy.keys_postgres import PostgresKeyStore
+
+    keys = PostgresKeyStore("postgresql://postgres@127.0.0.1:1/test", kek, connect_timeout_s=1)
+    with pytest.raises(KeyStoreUnavailable, match="cannot be opened"):
+        keys.open()
+
+
+def test_a_destroy_missed_while_disconnected_is_noticed_on_reconnecting(
+    postgres_keys: PostgresKeys, kek: LocalKek
+) -> None:
+    """PostgreSQL only: the gateway's connections are cut (a failover, pg_terminate_backend) and another
+    gateway erases the device meanwhile; its notification is lost, so reconnecting checks every held key."""
+    backend = postgres_keys
+    with backend.store(kek) as gateway, backend.store(kek) as eraser:
+        held = gateway.data_key(DEV_A, OWNER)
+        kept = gateway.data_key(DEV_B, OWNER)
+        pids = [gateway._conn.info.backend_pid, gateway._listen.info.backend_pid]  # type: ignore[union-attr]
+        backend.execute("SELECT pg_terminate_backend(pid) FROM unnest(?::int[]) AS pid", (pids,))
+        assert eraser.destroy(DEV_A) == 1
+        with pytest.raises(NoDataKey):
+            gateway.data_key(DEV_A, OWNER, create=False)
+        assert held.destroyed and not kept.destroyed
+        assert gateway.data_key(DEV_B, OWNER) is kept
+
+
+def test_keys_survive_a_restart(backend: SqliteKeys | PostgresKeys, kek_raw: bytes, kek: LocalKek) -> None:
+    with backend.store(kek) as keys:
         token = keys.data_key(DEV_A, OWNER).seal(values_json(), family="day", start_us=86_400_000_000)
     restarted = LocalKek.from_env(environ={KEK_ENV: base64.b64encode(kek_raw).decode() + "\n"})
-    with KeyStore(db, restarted) as keys:
+    with backend.store(restarted) as keys:
         assert keys.data_key(DEV_A, OWNER).open(token, family="day", start_us=86_400_000_000) == values_json()
 
 
-def test_key_store_lifecycle(tmp_path: Path, kek: LocalKek) -> None:
-    keys = KeyStore(tmp_path / KEYS_DB, kek)
+def test_key_store_lifecycle(backend: SqliteKeys | PostgresKeys, kek: LocalKek) -> None:
+    keys = backend.store(kek)
     keys.close()  # before open: fine
     keys.open()
     keys.open()  # twice: fine
@@ -423,7 +598,8 @@ def test_key_store_lifecycle(tmp_path: Path, kek: LocalKek) -> None:
     assert key.destroyed  # closing forgets every unwrapped key
     with pytest.raises(KeyStoreError, match="not open"):
         keys.data_key(DEV_A, OWNER)
-    assert stat.S_IMODE((tmp_path / KEYS_DB).stat().st_mode) == 0o600
+    if backend.name == "sqlite":
+        assert stat.S_IMODE(backend.where.stat().st_mode) == 0o600
 
 
 # KEKs
@@ -500,13 +676,14 @@ def test_a_malformed_env_kek_is_refused_without_echoing_it() -> None:
         assert (value or "\0") not in str(caught.value)
 
 
-def test_a_wrong_kek_is_refused_at_open_with_both_ids(tmp_path: Path, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as keys:
+def test_a_wrong_kek_is_refused_at_open_with_both_ids(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
+    with backend.store(kek) as keys:
         keys.data_key(DEV_A, OWNER)
     wrong_raw = new_key()
     wrong = LocalKek(wrong_raw, "env:BANDGATE_KEK")
-    store = KeyStore(db, wrong)
+    store = backend.store(wrong)
     with pytest.raises(KekError) as caught:
         store.open()
     message = str(caught.value)
@@ -534,11 +711,12 @@ class ClaimingKek(KeyEncryptionKey):
         return self._cipher.unwrap(blob, aad)
 
 
-def test_a_kek_that_only_claims_the_id_fails_to_unwrap_clearly(tmp_path: Path, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as keys:
+def test_a_kek_that_only_claims_the_id_fails_to_unwrap_clearly(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
+    with backend.store(kek) as keys:
         keys.data_key(DEV_A, OWNER)
-    with KeyStore(db, ClaimingKek(kek.key_id)) as keys:
+    with backend.store(ClaimingKek(kek.key_id)) as keys:
         with pytest.raises(KeyStoreError, match=f"device {DEV_A} ownership 'owner-1'.*does not unwrap"):
             keys.data_key(DEV_A, OWNER)
         fresh = keys.data_key(DEV_B, OWNER)  # the interface is enough to make new keys
@@ -548,12 +726,13 @@ def test_a_kek_that_only_claims_the_id_fails_to_unwrap_clearly(tmp_path: Path, k
 # threads
 
 
-def test_threads_creating_the_same_key_at_once_get_one_key(tmp_path: Path, kek: LocalKek) -> None:
-    db = tmp_path / KEYS_DB
-    with KeyStore(db, kek) as one, KeyStore(db, kek) as other:  # two connections, as two processes
+def test_threads_creating_the_same_key_at_once_get_one_key(
+    backend: SqliteKeys | PostgresKeys, kek: LocalKek
+) -> None:
+    with backend.store(kek) as one, backend.store(kek) as other:  # two connections, as two gateways
         barrier, got = threading.Barrier(16), []
 
-        def ask(store: KeyStore) -> None:
+        def ask(store: DataKeyStore) -> None:
             barrier.wait()
             got.append((store, store.data_key(DEV_A, OWNER)))
 
@@ -568,12 +747,49 @@ def test_threads_creating_the_same_key_at_once_get_one_key(tmp_path: Path, kek: 
             assert len({id(key) for s, key in got if s is store}) == 1  # one object per store
         token = got[0][1].seal(b"v", family="steps", start_us=3)
         assert all(key.open(token, family="steps", start_us=3) == b"v" for _, key in got)
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM data_keys").fetchone()[0] == 1
-    conn.close()
+    assert backend.execute("SELECT count(*) FROM {t}") == [(1,)]
 
 
-def test_sealing_threads_and_a_destroy(keys: KeyStore) -> None:
+def test_a_gateway_creating_a_key_another_has_not_yet_committed_takes_theirs(
+    postgres_keys: PostgresKeys, kek: LocalKek
+) -> None:
+    """The exact interleaving two gateways race into: ours finds no key, theirs inserts one and has not
+    committed when ours inserts. Ours waits on the row, does nothing, and reads and unwraps theirs."""
+    import psycopg
+
+    backend = postgres_keys
+    with backend.store(kek) as ours:  # creates the schema
+        theirs_raw, theirs_id = new_key(), 0x7E1F5
+        wrapped = kek.wrap(theirs_raw, wrap_aad(DEV_A, OWNER, theirs_id))
+        with psycopg.connect(backend.url) as theirs:  # a transaction left open
+            theirs.execute(
+                f'INSERT INTO "{backend.where}".data_keys VALUES (%s, %s, %s, %s, %s, 0)',
+                (DEV_A, OWNER, theirs_id, kek.key_id, wrapped),
+            )
+            got: list[DataKey] = []
+            asking = threading.Thread(target=lambda: got.append(ours.data_key(DEV_A, OWNER)))
+            asking.start()
+            time.sleep(0.3)
+            assert got == []  # blocked on their uncommitted row
+            (waiting,) = backend.execute(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+            )[0]
+            assert waiting >= 1
+            theirs.commit()
+        asking.join(5)
+        assert len(got) == 1 and got[0].key_id == theirs_id
+        assert (
+            got[0].open(
+                DataKey(DEV_A, OWNER, theirs_id, theirs_raw).seal(b"v", family="steps", start_us=1),
+                family="steps",
+                start_us=1,
+            )
+            == b"v"
+        )
+        assert backend.execute("SELECT count(*) FROM {t}") == [(1,)]
+
+
+def test_sealing_threads_and_a_destroy(keys: DataKeyStore) -> None:
     """Compute threads seal while the writer erases one device: the other device is untouched, and no
     seal under the erased key begins after the destroy returned."""
     stop, destroyed_at = threading.Event(), [float("inf")]
@@ -612,12 +828,12 @@ def test_sealing_threads_and_a_destroy(keys: KeyStore) -> None:
 # secrets never shown
 
 
-def test_reprs_show_no_key_material(tmp_path: Path) -> None:
+def test_reprs_show_no_key_material(backend: SqliteKeys | PostgresKeys) -> None:
     raw = new_key()
     data_key = DataKey(DEV_A, OWNER, 0xABCDEF01, raw)
     kek = LocalKek(raw, "test")
     shown = [repr(data_key), str(data_key), repr(kek), repr(KekCipher(raw)), repr(PseudonymKey(raw))]
-    with KeyStore(tmp_path / KEYS_DB, kek) as keys:
+    with backend.store(kek) as keys:
         shown += [repr(keys), repr(keys.data_key(DEV_A, OWNER))]
     for text in shown:
         for form in key_material_forms(raw):
@@ -631,11 +847,11 @@ def test_reprs_show_no_key_material(tmp_path: Path) -> None:
         copy.deepcopy(data_key)
 
 
-def test_sentinel_never_reaches_a_file_or_a_token(tmp_path: Path) -> None:
+def test_sentinel_never_reaches_a_file_or_a_token(tmp_path: Path, backend: SqliteKeys | PostgresKeys) -> None:
     kek = LocalKek.from_file(tmp_path / KEK_FILE)
     kek_raw = (tmp_path / KEK_FILE).read_bytes()
     features = tmp_path / "features.db"
-    with KeyStore(tmp_path / KEYS_DB, kek) as keys, sqlite3.connect(features) as conn:
+    with backend.store(kek) as keys, sqlite3.connect(features) as conn:
         conn.execute("CREATE TABLE records (device TEXT, family TEXT, start_us INTEGER, sealed BLOB)")
         conn.execute("CREATE TABLE devices (device TEXT, state BLOB)")
         tokens = []
@@ -646,12 +862,12 @@ def test_sentinel_never_reaches_a_file_or_a_token(tmp_path: Path) -> None:
                 tokens.append(token)
                 conn.execute("INSERT INTO records VALUES (?, ?, ?, ?)", (key.device_id, "heart", i, token))
             conn.execute("INSERT INTO devices VALUES (?, ?)", (key.device_id, key.seal_state(SENTINEL * 4)))
-        on_disk = files_of(features) + files_of(tmp_path / KEYS_DB)
+        on_disk = files_of(features) + backend.at_rest()
     conn.close()
     assert all(SENTINEL not in t and SENTINEL[:12] not in t for t in tokens)
     assert SENTINEL[:12] not in on_disk
     for form in key_material_forms(kek_raw):
-        assert form not in files_of(tmp_path / KEYS_DB)
+        assert form not in backend.at_rest()
 
 
 # pseudonyms
@@ -679,7 +895,7 @@ def test_pseudonyms_are_one_to_one_in_practice(a: int, b: int) -> None:
 # throughput
 
 
-def test_seal_and_open_throughput(keys: KeyStore) -> None:
+def test_seal_and_open_throughput(keys: DataKeyStore) -> None:
     """The gateway seals every record of every batch: tens of thousands a second on one core is the need.
     Prints the figures (pytest -s); the bound is a floor far below them, for slow CI machines."""
     n = 50_000
@@ -703,3 +919,55 @@ def test_seal_and_open_throughput(keys: KeyStore) -> None:
         f"data_key cache hit {lookup_s / n * 1e6:.2f} µs"
     )
     assert n / seal_s > 20_000 and n / open_s > 20_000
+
+
+# the sealer: the store URL picks its key store
+
+
+def test_the_sealer_of_a_postgres_store_seals_with_the_fleets_key_store(
+    tmp_path: Path, postgres_keys: PostgresKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.privacy.keys_postgres import PostgresKeyStore
+    from gateway.privacy.sealing import has_key_store, open_sealer
+
+    monkeypatch.delenv(KEK_ENV, raising=False)
+    url = postgres_keys.url + "?schema=fleet_store"  # the store's own option, dropped for the key store
+    assert has_key_store(tmp_path, url) and not has_key_store(tmp_path, "sqlite:///x.db")
+    one = open_sealer(tmp_path, url, key_schema=postgres_keys.where)
+    other = open_sealer(tmp_path, url, key_schema=postgres_keys.where)  # a second gateway, same KEK
+    try:
+        assert isinstance(one.keys, PostgresKeyStore) and not (tmp_path / KEYS_DB).exists()
+        token = one.seal_values(DEV_A, OWNER, "steps", 60, b"values")
+        assert other.open_values(DEV_A, OWNER, "steps", 60, token) == b"values"
+        assert postgres_keys.execute("SELECT count(*) FROM {t}") == [(1,)]
+    finally:
+        one.keys.close()
+        other.keys.close()
+
+
+def test_a_key_store_that_cannot_be_reached_is_unavailable_not_unreadable() -> None:
+    """A row whose key cannot be looked up now is not a tampered or erased row: the store must answer
+    UNAVAILABLE (the band resends, the reader retries), never skip the row as unreadable."""
+    from gateway.privacy.keys import KeyStoreUnavailable
+    from gateway.privacy.sealing import KeySealer
+    from gateway.store.base import StoreUnavailable, Unreadable
+
+    class Away:
+        def data_key(self, device_id: str | int, ownership: str, *, create: bool = True) -> DataKey:
+            raise KeyStoreUnavailable("key store postgresql://db/x: connection refused")
+
+    class Erased:
+        def data_key(self, device_id: str | int, ownership: str, *, create: bool = True) -> DataKey:
+            raise NoDataKey("no data key")
+
+    away = KeySealer(Away(), PseudonymKey(new_key()))  # type: ignore[arg-type]
+    for call in (
+        lambda: away.seal_values(DEV_A, OWNER, "steps", 0, b"v"),
+        lambda: away.open_values(DEV_A, OWNER, "steps", 0, b"token"),
+        lambda: away.seal_state(DEV_A, OWNER, b"s"),
+        lambda: away.open_state(DEV_A, OWNER, b"token"),
+    ):
+        with pytest.raises(StoreUnavailable, match="connection refused"):
+            call()
+    with pytest.raises(Unreadable, match="NoDataKey"):
+        KeySealer(Erased(), PseudonymKey(new_key())).open_values(DEV_A, OWNER, "steps", 0, b"t")  # type: ignore[arg-type]
