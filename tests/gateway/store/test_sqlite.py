@@ -48,6 +48,9 @@ class SqliteHarness:
         path = self.dir / f"fresh-{self._databases}.db"
         return lambda: SqliteStore(path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
+    def outbox_store(self) -> SqliteStore:
+        return SqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer, outbox=True)
+
     def newer_store(self) -> SqliteStore:
         return _NewerSqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
