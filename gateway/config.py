@@ -31,6 +31,9 @@ class GatewayConfig:
     listen: str = "127.0.0.1:50051"  # mutual TLS: bands, relays and consumers with certificates
     store: str = "sqlite:///bandgate.db"
     metrics_listen: str = ""  # host:port for Prometheus; empty = no metrics endpoint
+    # The feature stream (docs/streams.md): nats://[user:password@]host:port[?prefix=p]; empty = none.
+    # Records reach it through the store's outbox, so an unreachable stream never holds up an ack.
+    stream: str = ""
 
     # Identity and transport (docs/security.md). Credentials and keys live in `state_dir` (empty: the
     # default, $BANDGATE_STATE_DIR or $XDG_DATA_HOME/bandgate); with no tls_* files given, the first start
@@ -137,6 +140,13 @@ class GatewayConfig:
         self.retention_settings()  # refuses unknown families and negative days
         if "://" not in self.store:
             raise ConfigError(f"store: {self.store!r} is not a store URL (e.g. sqlite:///bandgate.db)")
+        if self.stream:
+            from gateway.stream import check_stream_url
+
+            try:
+                check_stream_url(self.stream)
+            except ValueError as e:
+                raise ConfigError(f"stream: {e}") from None
         for name in (
             "max_message_bytes",
             "max_frames_per_batch",
