@@ -7,6 +7,7 @@ A missing service skips its tests saying why; under CI=true it fails them instea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -158,7 +159,8 @@ async def stream_messages(url: str, prefix: str, family: str) -> list[tuple[str,
                     msg = await jsm.get_msg(name, seq)
                 except nats.js.errors.NotFoundError:
                     continue  # purged or deleted
-                out.append((msg.subject, (msg.headers or {}).get(MSG_ID_HEADER, ""), decode_message(msg.data)))
+                msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
+                out.append((msg.subject, msg_id, decode_message(msg.data)))
         return out
     finally:
         await nc.close()
@@ -177,10 +179,8 @@ async def delete_streams(url: str, prefix: str) -> None:
     try:
         jsm = nc.jsm()
         for family in FAMILIES:
-            try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
                 await jsm.delete_stream(stream_name(prefix, family))
-            except nats.js.errors.NotFoundError:
-                pass
     finally:
         await nc.close()
 
