@@ -235,8 +235,15 @@ class NatsStream:
             for f in futures:
                 f.cancel()
             raise StreamUnavailable(f"publish: {type(e).__name__}") from e
-        if futures:
-            await asyncio.wait(futures, timeout=self.publish_timeout_s)
+        # the acks, for up to publish_timeout_s; a connection lost meanwhile fails the page at once (the
+        # messages wait in the client's buffer, and are sent again by the next round anyway)
+        deadline = asyncio.get_running_loop().time() + self.publish_timeout_s
+        pending = set(futures)
+        while pending and nc.is_connected:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
         acked = []
         for f in futures:
             if not f.done():
