@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 
 import msgpack
 import nats
-import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 LAYOUT_VERSION = 1  # docs/streams.md: refuse a layout this reader does not know
@@ -51,7 +50,7 @@ async def consume(
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=idle_s)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats.errors.TimeoutError, or asyncio's from inside fetch: no more now
                 if follow:
                     continue
                 return
