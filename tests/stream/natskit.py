@@ -166,6 +166,26 @@ async def stream_messages(url: str, prefix: str, family: str) -> list[tuple[str,
         await nc.close()
 
 
+async def raw_messages(url: str, prefix: str) -> list[bytes]:
+    """Every message of every family stream under `prefix` as bytes: subject, headers and payload."""
+    nc = await nats.connect(url)
+    out = []
+    try:
+        jsm = nc.jsm()
+        for family in FAMILIES:
+            try:
+                info = await jsm.stream_info(stream_name(prefix, family))
+            except nats.js.errors.NotFoundError:
+                continue
+            for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    msg = await jsm.get_msg(stream_name(prefix, family), seq)
+                    out.append(msg.subject.encode() + repr(msg.headers).encode() + msg.data)
+    finally:
+        await nc.close()
+    return out
+
+
 async def all_messages(url: str, prefix: str) -> list[tuple[str, str, dict]]:
     out = []
     for family in FAMILIES:
