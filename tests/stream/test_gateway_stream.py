@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from decoder.records import FAMILIES
-from gateway.server import Gateway
-from tests.gateway.gatewaykit import Uploader, band, gateway_store, key
+from gateway.server import Gateway, run_server
+from tests.gateway.gatewaykit import Credentials, Uploader, band, gateway_store, key, tls_config
 from tests.privacy.privacykit import OK, Owner, hexid, privacy_gateway, send_all
-from tests.stream.natskit import all_messages, delete_streams, record_of, run, shared_nats, unique_prefix
+from tests.stream.natskit import (
+    all_messages,
+    delete_streams,
+    free_port,
+    record_of,
+    run,
+    shared_nats,
+    unique_prefix,
+)
 
 
 @pytest.fixture
@@ -84,3 +94,38 @@ def test_the_stream_equals_the_stored_records_and_erasure_purges_it(tmp_path, ur
     b_only = [r for r in stored if r["device"] == hexid(b)]
     assert snapshots["after"] == b_only  # a's messages purged, b's kept (heart and steps included)
     assert sorted(snapshots["stored_after"], key=key) == b_only
+
+
+def test_an_unreachable_stream_holds_up_no_ack_and_the_backlog_shows(tmp_path) -> None:
+    """NATS down from the start: every batch is acked (its records and outbox rows are stored), health
+    stays SERVING, and the metrics show the backlog waiting in the outbox and the failed rounds."""
+    device, batches = band(seed=33, minutes=20, batch_minutes=5)
+    cfg = tls_config(tmp_path, stream=f"nats://127.0.0.1:{free_port()}?prefix=down")
+
+    async def scenario() -> tuple[list, int, float, int]:
+        async with run_server(cfg) as gw:
+            creds = Credentials(cfg.state_dir, gw.address)
+            async with await creds.band_channel(device) as ch:
+                up = Uploader(ch, device)
+                acks = await send_all(up, batches)
+                await up.close()
+            async with grpc.aio.insecure_channel(gw.health_address) as ch:
+                health = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status
+            await asyncio.sleep(0.6)  # a drainer round or two, failing
+            gw.drainer.wake()
+            for _ in range(100):
+                depth = gw.metrics.registry.get_sample_value("bandgate_stream_outbox_depth")
+                if depth:
+                    break
+                await asyncio.sleep(0.05)
+            errors = gw.metrics.registry.get_sample_value(
+                "bandgate_stream_errors_total", {"reason": "stream"}
+            )
+            return acks, health, errors or 0, int(depth or 0)
+
+    acks, health, errors, depth = run(scenario())
+    assert acks and all(ack.code == 0 for ack in acks)
+    assert health == health_pb2.HealthCheckResponse.SERVING
+    assert errors > 0
+    stored = stored_records(f"sqlite:///{tmp_path}/gw.db")
+    assert depth == len(stored) > 0  # all of it waits, on disk
