@@ -147,6 +147,23 @@ def test_wal_and_full_synchronous(tmp_path: Path) -> None:
     other.close()
 
 
+def test_the_outbox_drainer_writes_without_fsync_and_commits_stay_full(tmp_path: Path) -> None:
+    """outbox_take/outbox_done run at synchronous=NORMAL (losing one only republishes a deduplicated
+    message) and leave the connection at FULL for the commits of records."""
+    with SqliteStore(tmp_path / "p.db", outbox=True) as store:
+        conn = store._conn
+        assert conn is not None
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        rows = store.outbox_take(10)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        store.outbox_done([r.id for r in rows])
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=1").outbox  # type: ignore[attr-defined]
+    assert not store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=0").outbox  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=yes")
+
+
 def test_full_disk_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:
     with SqliteStore(tmp_path / "full.db") as store:
         store.commit(A, 1, 0, 0, b"s0", minutes(A, 0, 2))
