@@ -74,6 +74,7 @@ class Drainer:
         self._depth_at = 0.0
         self._last_ack = time.monotonic()
         self._backlog = False  # the last round found entries waiting
+        self._sleep = asyncio.sleep  # the back-off's wait: a test records it instead
         if metrics is not None:
             metrics.stream_ack_age.set_function(self.ack_age_s)
 
@@ -181,7 +182,7 @@ class Drainer:
                 "feature stream round failed; backing off",
                 extra={"fields": {"event": "stream_backoff", "reason": reason, "error": error, "s": backoff}},
             )
-            await asyncio.sleep(backoff)
+            await self._sleep(backoff)
             backoff = min(2 * backoff, BACKOFF_MAX_S)
 
 
