@@ -151,6 +151,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
             overrides={
                 "listen": args.listen,
                 "store": args.store,
+                "stream": args.stream,
                 "metrics_listen": args.metrics_listen,
                 "state_dir": args.state_dir,
                 "token_listen": args.token_listen,
@@ -344,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the gateway (gRPC ingest, feature subscriptions, metrics)")
     srv.add_argument("--listen", help="HOST:PORT to serve gRPC on (default 127.0.0.1:50051)")
     srv.add_argument("--store", help="store URL (default sqlite:///bandgate.db)")
+    srv.add_argument(
+        "--stream",
+        help="feature stream URL, nats://[user:password@]host:port[?prefix=p] (default: none)",
+    )
     srv.add_argument("--metrics-listen", help="HOST:PORT for Prometheus /metrics (default: off)")
     srv.add_argument("--config", type=Path, help="TOML file of settings (gateway/config.py names them)")
     srv.add_argument(

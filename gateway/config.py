@@ -32,6 +32,9 @@ class GatewayConfig:
     listen: str = "127.0.0.1:50051"  # mutual TLS: bands, relays and consumers with certificates
     store: str = "sqlite:///bandgate.db"
     metrics_listen: str = ""  # host:port for Prometheus; empty = no metrics endpoint
+    # The feature stream (docs/streams.md): nats://[user:password@]host:port[?prefix=p]; empty = none.
+    # Records reach it through the store's outbox, so an unreachable stream never holds up an ack.
+    stream: str = ""
 
     # Identity and transport (docs/security.md). Credentials and keys live in `state_dir` (empty: the
     # default, $BANDGATE_STATE_DIR or $XDG_DATA_HOME/bandgate); with no tls_* files given, the first start
@@ -155,6 +158,18 @@ class GatewayConfig:
             check_key_schema(self.key_schema)
         except ValueError as e:
             raise ConfigError(f"key_schema: {e}") from None
+        if self.stream and not self.store.startswith("sqlite:"):
+            raise ConfigError(
+                "stream: the feature stream's outbox is in the SQLite store only so far; "
+                "the PostgreSQL store has none yet"
+            )
+        if self.stream:
+            from gateway.stream import check_stream_url
+
+            try:
+                check_stream_url(self.stream)
+            except ValueError as e:
+                raise ConfigError(f"stream: {e}") from None
         for name in (
             "max_message_bytes",
             "max_frames_per_batch",

@@ -65,6 +65,29 @@ class Metrics:
         self.token_lookups = Counter(
             "bandgate_token_lookups", "Bearer tokens hashed and looked up", registry=r
         )
+        # the feature stream (gateway/stream): its backlog is on disk, in the store's outbox
+        self.outbox_depth = Gauge(
+            "bandgate_stream_outbox_depth", "Outbox entries waiting to be published or purged", registry=r
+        )
+        self.stream_published = Counter(
+            "bandgate_stream_published", "Records the feature stream acked", registry=r
+        )
+        self.stream_errors = Counter(
+            "bandgate_stream_errors",
+            "Drainer rounds that failed, by what failed (stream, store, bug)",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_ack_age = Gauge(
+            "bandgate_stream_last_ack_age_seconds",
+            "Seconds since the feature stream last acked while entries wait (0: none wait)",
+            registry=r,
+        )
+        self.stream_unguarded = Counter(
+            "bandgate_stream_unguarded_republish",
+            "Outbox entries published again after the duplicate window: a second copy is possible",
+            registry=r,
+        )
         self._http = None
 
     def start(self, listen: str) -> None:

@@ -51,9 +51,11 @@ from gateway.security.audit import AuditEvent, Segments
 from gateway.security.policy import Policy, Principal
 from gateway.security.registry import Refusal, Registry
 from gateway.security.tls import ReloadingCredentials
-from gateway.store import store_for_url
+from gateway.store import outbox_url, store_for_url
 from gateway.store.base import UNOWNED, RegistryOp
 from gateway.storewatch import StoreWatch
+from gateway.stream import stream_for_url
+from gateway.stream.drainer import Drainer
 
 log = logging.getLogger("bandgate.server")
 
@@ -522,6 +524,7 @@ class Gateway:
         self._draining: asyncio.Event | None = None
         self._ingest: IngestService | None = None
         self._retention: asyncio.Future | None = None
+        self.drainer: Drainer | None = None  # the feature stream's publisher (with `stream` set)
 
     async def start(self) -> str:
         """Open the store, bind, serve; returns the bound HOST:PORT of the main listener."""
@@ -552,16 +555,32 @@ class Gateway:
             ),
             c.consent_settings(),
         )
+        # store → ack. With a stream, the same commits write the outbox (in every process that commits),
+        # and the drainer publishes it beside the batch path: an unreachable stream never holds up an ack.
+        store_url = outbox_url(c.store) if c.stream else c.store
+
+        def committed() -> None:
+            signal_.notify()
+            if self.drainer is not None:
+                self.drainer.wake()
+
         self._pipeline = Pipeline(
-            c,
-            store_for_url(c.store, sealer),
-            lambda: store_for_url(c.store, sealer),
+            c.replace(store=store_url),
+            store_for_url(store_url, sealer),
+            lambda: store_for_url(store_url, sealer),
             self.consent or self.privacy,
             self.metrics,
-            on_commit=signal_.notify,
+            on_commit=committed,
             sealing_dir=str(security.state.root) if sealer is not None else "",
         )
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
+        if c.stream:
+            outbox = StoreThread(store_for_url(store_url, sealer), "outbox")
+            await asyncio.to_thread(outbox.start)
+            self.drainer = Drainer(
+                outbox, stream_for_url(c.stream, c.retention_settings().days), self.metrics
+            )
+            await self.drainer.start()
         self._reader = StoreThread(store_for_url(c.store, sealer), "reader")
         await asyncio.to_thread(self._reader.start)
         self._registry_thread = StoreThread(store_for_url(c.store), "registry")
@@ -687,6 +706,7 @@ class Gateway:
                     "tls": not c.insecure,
                     "state_dir": str(security.state.root),
                     "store": _safe_url(c.store),
+                    "stream": _safe_url(c.stream),
                 }
             },
         )
@@ -755,6 +775,10 @@ class Gateway:
         pipeline, self._pipeline = self._pipeline, None
         if pipeline is not None:
             await pipeline.shutdown()
+        drainer, self.drainer = self.drainer, None
+        if drainer is not None:  # after the last commits: a clean stop publishes them (what is left waits)
+            await drainer.shutdown(flush_s=min(self.config.shutdown_grace_s, 5.0))
+            await asyncio.to_thread(drainer.outbox.shutdown)
         for attr in ("_reader", "_registry_thread"):
             thread = getattr(self, attr)
             setattr(self, attr, None)
@@ -773,7 +797,7 @@ class Gateway:
 
 
 def _safe_url(url: str) -> str:
-    """A store URL without credentials, for logs."""
+    """A store or stream URL without credentials, for logs."""
     scheme, sep, rest = url.partition("://")
     return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 

@@ -97,6 +97,14 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "first_time_us": AUDIT,
             "last_time_us": AUDIT,
         },
+        # the feature stream's outbox: names a record by cursor (its values stay in the record, sealed),
+        # or an erased device until its stream subjects are purged
+        "outbox": {
+            "id": SYSTEM,
+            "cursor": DEVICE_METADATA,
+            "purge_device": IDENTIFIER,
+            "taken_us": DEVICE_METADATA,
+        },
         "ownerships": {
             "device": IDENTIFIER,
             "ownership": IDENTIFIER,

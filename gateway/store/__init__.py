@@ -36,6 +36,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "open_store",
+    "outbox_url",
     "store_for_url",
 ]
 
@@ -53,6 +54,14 @@ def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
     if scheme not in _SCHEMES:
         raise ValueError(f"store URL {url!r}: scheme must be one of {sorted(_SCHEMES)}")
     return _SCHEMES[scheme](url, sealer)
+
+
+def outbox_url(url: str) -> str:
+    """`url` with the outbox on (`outbox=1`): every store object made from it, in this process or a
+    compute worker's, writes outbox entries for the feature stream in its commits."""
+    if "outbox=" in url.partition("?")[2]:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}outbox=1"
 
 
 def open_store(url: str, sealer: Sealer | None = None) -> Store:

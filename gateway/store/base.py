@@ -101,6 +101,26 @@ class CommitItem:
     ownership: str = ""
 
 
+@dataclass(frozen=True)
+class OutboxRow:
+    """One entry of the transactional outbox (`Store.outbox_take`): a stored record still to be published
+    to the feature stream (`record`, with its `cursor`), or an erased device whose stream messages are
+    still to be purged (`record` None). `taken_us` is when a drainer first took the entry: an entry taken
+    before may have been published already, and only the stream's duplicate window makes its republish
+    harmless (gateway/stream/drainer.py)."""
+
+    id: int
+    device: str
+    ownership: str
+    cursor: int | None
+    record: dict | None
+    taken_us: int
+
+    def __repr__(self) -> str:  # ids only: a record's values stay out of logs
+        kind = f"record {self.cursor}" if self.record is not None else "purge"
+        return f"OutboxRow({self.id}, {kind}, {self.device})"
+
+
 PRINCIPAL_KINDS = frozenset({"device", "relay", "consumer"})
 PRINCIPAL_STATES = frozenset({"active", "revoked"})
 OPERATIONS = frozenset({"subscribe", "export", "admin"})
@@ -440,6 +460,25 @@ class Store(Protocol):
         so commits wait one chunk at most; returns the number deleted. Only a purge of every family also
         drops the high-water of past boots last written before `start_us` (a boot's batches may hold any
         family). `ValueError` for an unknown family."""
+        ...
+
+    # the transactional outbox (gateway/stream): on a store opened with the outbox on, `commit_many`
+    # writes an outbox entry for every record it inserts, in the same transaction, and `erase_device` one
+    # purge entry for the device; the entries name stored records and hold no values of their own, so
+    # erasure and retention take them with their records, and encryption at rest covers them
+
+    def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
+        """Up to `limit` outbox entries, oldest first, each marked taken (its first `taken_us` is kept).
+        Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries
+        whose record does not open (a destroyed key) are dropped here, never returned."""
+        ...
+
+    def outbox_done(self, ids: Sequence[int]) -> int:
+        """Delete the outbox entries `ids` (published, or purged); returns how many were still there."""
+        ...
+
+    def outbox_depth(self) -> int:
+        """How many outbox entries wait: the stream's backlog (a metric)."""
         ...
 
     # registry and audit (gateway/security): who may connect, for which devices, and what was done

@@ -36,6 +36,7 @@ from gateway.store.base import (
     DeviceRow,
     GrantRow,
     GuardianRow,
+    OutboxRow,
     OwnershipRow,
     PrincipalRow,
     PrivacyHistory,
@@ -262,6 +263,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_time_us INTEGER NOT NULL
         )""",
     ),
+    (
+        # The transactional outbox of the feature stream (gateway/stream): an entry per record to publish,
+        # written in the record's own transaction, naming it by cursor (the values stay in the record,
+        # sealed), or an erased device whose stream subjects are still to be purged. AUTOINCREMENT: an
+        # id is never reused, so a late `outbox_done` of one drainer cannot delete another's new entry.
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            cursor INTEGER UNIQUE,
+            purge_device TEXT,
+            taken_us INTEGER,
+            CHECK ((cursor IS NULL) != (purge_device IS NULL))
+        )""",
+    ),
 )
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
@@ -308,6 +322,7 @@ class SqliteStore(Store):
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         sealer: Sealer | None = None,
+        outbox: bool = False,
     ):
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise ValueError("a SQLite store needs a file path (in-memory databases are not durable)")
@@ -316,13 +331,17 @@ class SqliteStore(Store):
         self.path = Path(path)
         self.busy_timeout_ms = int(busy_timeout_ms)
         self.sealer = sealer  # None: values and state in clear (benchmarks of the cost, tests of other parts)
+        # Commits write outbox entries for the feature stream (a gateway with --stream); the flag travels
+        # in the URL (`?outbox=1`), so compute worker processes that commit write them too.
+        self.outbox = bool(outbox)
         self.unreadable = 0  # sealed values that did not open, skipped (reported in the log)
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
     def from_url(cls, url: str, sealer: Sealer | None = None) -> SqliteStore:
         """`sqlite:///relative.db` (relative to the working directory now) or `sqlite:////abs/path.db`,
-        optionally `?busy_timeout_ms=N`; anything else is refused, so a typo does not start a gateway."""
+        optionally `?busy_timeout_ms=N` and `outbox=1` (commits write outbox entries for the feature
+        stream); anything else is refused, so a typo does not start a gateway."""
         scheme, sep, rest = url.partition("://")
         if scheme != "sqlite" or not sep:
             raise ValueError(f"not a sqlite URL: {url!r}")
@@ -331,16 +350,22 @@ class SqliteStore(Store):
             raise ValueError(f"{url!r}: use sqlite:///relative.db or sqlite:////abs/path.db (no host)")
         options: dict[str, Any] = {}
         for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-            if key != "busy_timeout_ms" or not value.isdigit():
-                raise ValueError(f"{url!r}: unknown option {key}={value!r} (only busy_timeout_ms=<int>)")
-            options[key] = int(value)
+            if key == "busy_timeout_ms" and value.isdigit():
+                options[key] = int(value)
+            elif key == "outbox" and value in ("0", "1"):
+                options[key] = value == "1"
+            else:
+                raise ValueError(
+                    f"{url!r}: unknown option {key}={value!r} (only busy_timeout_ms=<int>, outbox=0|1)"
+                )
         name = unquote(location[1:])
         if name == ":memory:":
             raise ValueError(f"{url!r}: a SQLite store needs a file (in-memory databases are not durable)")
         return cls(Path(name).absolute(), sealer=sealer, **options)
 
     def __repr__(self) -> str:
-        return f"SqliteStore({str(self.path)!r}, open={self._conn is not None})"
+        outbox = ", outbox" if self.outbox else ""
+        return f"SqliteStore({str(self.path)!r}, open={self._conn is not None}{outbox})"
 
     # lifecycle
 
@@ -498,7 +523,9 @@ class SqliteStore(Store):
                     latest = _latest_cursor(conn)
                     for i, item, rows in prepared:
                         try:
-                            results[i], latest = _apply(conn, item, rows, now_us, latest, self.sealer)
+                            results[i], latest = _apply(
+                                conn, item, rows, now_us, latest, self.sealer, self.outbox
+                            )
                         except SequenceError as e:
                             results[i] = e
                     if _latest_cursor(conn) != latest:  # one check a group that the cursors were right
@@ -700,19 +727,26 @@ class SqliteStore(Store):
                 )
             conn.execute("DELETE FROM boots WHERE device = ?", (device,))
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)
+            if self.outbox:  # the drainer purges the device's stream subjects after what it has in flight
+                conn.execute("INSERT INTO outbox (purge_device) VALUES (?)", (device,))
         self._checkpoint()
         return deleted
 
     def _delete_in_chunks(self, table: str, where: str, args: tuple) -> int:
         """DELETE FROM `table` WHERE `where`, PURGE_CHUNK rows a transaction with a pause between, so a
-        writer waits one chunk at most; the rows deleted."""
+        writer waits one chunk at most; the rows deleted. Their outbox entries go in the same transaction:
+        an erased or expired record is never published afterwards."""
         deleted = 0
         while True:
             with self._write() as conn:
-                n = conn.execute(
-                    f"DELETE FROM {table} WHERE cursor IN (SELECT cursor FROM {table} WHERE {where} LIMIT ?)",
+                gone = conn.execute(
+                    f"DELETE FROM {table} WHERE cursor IN (SELECT cursor FROM {table} WHERE {where} LIMIT ?) "
+                    "RETURNING cursor",
                     (*args, PURGE_CHUNK),
-                ).rowcount
+                ).fetchall()
+                if gone and conn.execute("SELECT 1 FROM outbox WHERE cursor IS NOT NULL LIMIT 1").fetchone():
+                    conn.executemany("DELETE FROM outbox WHERE cursor = ?", gone)
+            n = len(gone)
             deleted += n
             if n < PURGE_CHUNK:
                 return deleted
@@ -745,6 +779,74 @@ class SqliteStore(Store):
                 (start_us,),
             )
         return total
+
+    # the outbox
+
+    def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
+        """One write transaction marks the page taken and reads its records; their values are opened
+        after it, so the write lock is held for two index lookups a row, not for the decryption."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        now_us = time.time_ns() // 1000
+        with self._unsynced_write() as conn:
+            page = conn.execute(
+                "SELECT id, cursor, purge_device, taken_us FROM outbox ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
+            if not page:
+                return []
+            if any(taken is None for *_, taken in page):
+                conn.execute(
+                    "UPDATE outbox SET taken_us = ? WHERE id <= ? AND taken_us IS NULL", (now_us, page[-1][0])
+                )
+            cursors = [c for _, c, _, _ in page if c is not None]
+            found: dict[int, tuple] = {}
+            if cursors:
+                marks = ", ".join("?" * len(cursors))
+                for table in RECORD_TABLES.values():
+                    sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor IN ({marks})"
+                    found.update((row[0], row) for row in conn.execute(sql, cursors))
+        out: list[OutboxRow] = []
+        dead: list[int] = []
+        for id_, cursor, purge_device, taken_us in page:
+            taken = now_us if taken_us is None else int(taken_us)
+            if cursor is None:
+                out.append(OutboxRow(id_, purge_device, "", None, None, taken))
+                continue
+            row = found.get(cursor)
+            record = None if row is None else self._record(row)
+            if record is None:  # its key is destroyed (or the row is gone): it can never be published
+                dead.append(id_)
+                continue
+            out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+        if dead:
+            self.outbox_done(dead)
+        return out
+
+    def outbox_done(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        with self._unsynced_write() as conn:
+            return sum(conn.execute("DELETE FROM outbox WHERE id = ?", (i,)).rowcount for i in ids)
+
+    @contextmanager
+    def _unsynced_write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that does not fsync at its commit (synchronous=NORMAL on this connection for
+        its duration): the drainer's marks and deletions need no durability of their own, as losing one
+        to a power cut only republishes entries the stream drops as duplicates; and every later commit of
+        records fsyncs the WAL, these frames with it. So the drainer adds no fsync to the batch path."""
+        conn = self._connection()
+        with _errors():
+            conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self._write() as conn:
+                yield conn
+        finally:
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA synchronous = FULL")
+
+    def outbox_depth(self) -> int:
+        with _errors():
+            return int(self._connection().execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     # registry and audit
 
@@ -967,6 +1069,7 @@ def _apply(
     now_us: int,
     latest: int,
     sealer: Sealer | None = None,
+    outbox: bool = False,
 ) -> tuple[CommitResult, int]:
     """The sequence check, then the writes of one item, inside the caller's transaction; `latest` is
     the newest cursor before it, and the newest after it is returned beside the result. Nothing is
@@ -1018,6 +1121,8 @@ def _apply(
                     )
                 )
             cursors = tuple(c if c in stored else None for c in range(first, latest + 1))
+        if outbox:  # the stream gets what the store got: the first version of each record, once
+            conn.executemany("INSERT INTO outbox (cursor) VALUES (?)", [(c,) for c in cursors if c])
     ownership = item.ownership
     state = item.state
     if sealer is not None and state:

@@ -9,6 +9,7 @@ import logging
 
 import grpc
 import numpy as np
+import pytest
 from prometheus_client import generate_latest
 
 from bandgate.v1 import features_pb2, features_pb2_grpc, privacy_pb2
@@ -16,12 +17,19 @@ from decoder.records import FAMILIES
 from gateway.logs import JsonFormatter
 from tests.gateway.gatewaykit import Uploader, band, encode, envelope, frames_of, stored
 from tests.privacy.privacykit import OK, Owner, call, hexid, privacy_gateway, run, send_all
+from tests.stream.natskit import delete_streams, raw_messages, shared_nats, unique_prefix
 
 HEIGHT = 187.3456  # a profile value nobody else has
 PATTERN = -1717  # a distinctive 12-bit count
 
 
-def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd):
+@pytest.mark.parametrize("feature_stream", [False, True], ids=["store", "store+nats"])
+def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd, feature_stream):
+    """With `feature_stream`, the gateway also publishes to NATS JetStream (its outbox rows are in the
+    store files checked here) and every message of every family stream is checked too."""
+    nats_url = prefix = ""
+    if feature_stream:
+        nats_url, prefix = shared_nats(), unique_prefix()
     a = 0x00000000CAFEF00D
     b, b_batches = band(seed=91, minutes=20, batch_minutes=5)
     accel = np.full((3000, 3), PATTERN, np.int16)
@@ -37,7 +45,8 @@ def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd):
     logger.setLevel(logging.DEBUG)
 
     async def scenario():
-        async with privacy_gateway(tmp_path) as (gw, creds, _cfg):
+        stream = f"{nats_url}?prefix={prefix}" if feature_stream else ""
+        async with privacy_gateway(tmp_path, stream=stream) as (gw, creds, _cfg):
             errors = []
             async with await creds.band_channel(a) as ch:
                 owner = Owner(ch, a)
@@ -70,10 +79,15 @@ def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd):
                 ]
             return acks, own, theirs, peek, errors, stream, generate_latest(gw.metrics.registry).decode()
 
+    published: list[bytes] = []
     try:
         acks, own, theirs, peek, errors, stream, metrics_text = run(scenario())
+        if feature_stream:  # the gateway's shutdown drained its outbox
+            published = run(raw_messages(nats_url, prefix))
     finally:
         logger.removeHandler(handler)
+        if feature_stream:
+            run(delete_streams(nats_url, prefix))
     assert [x.code for x in acks] and own.code == OK and theirs.code == OK
     assert peek.code == grpc.StatusCode.PERMISSION_DENIED
     assert str(HEIGHT).encode() in own.reply  # the owner's own export holds it: the planting worked
@@ -85,12 +99,14 @@ def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd):
     # state dir
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "keys.db" for p in files) and any(p.name.startswith("gw.db") for p in files)
-    for path in files:
-        data = path.read_bytes()
-        assert raw not in data, path.name
+    if feature_stream:
+        assert len(published) == len(stream)  # every record the consumer saw was published, once
+    for path, data in [*((p, p.read_bytes()) for p in files), *(("nats", m) for m in published)]:
+        assert raw not in data, path
         for needle in height:
-            assert needle not in data, path.name
+            assert needle not in data, path
     text = "\n".join(captured) + metrics_text + "\n".join(map(str, stream)) + "\n".join(errors)
     text += theirs.reply.decode() + "".join(capfd.readouterr())
+    text += "".join(m.decode(errors="replace") for m in published)
     for needle in (str(PATTERN), "1717", str(HEIGHT), "71.25", np.int16(PATTERN).tobytes().hex()):
         assert needle not in text, needle

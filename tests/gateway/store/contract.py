@@ -74,6 +74,10 @@ class Harness(Protocol):
         """A maker of unopened store objects on a new, empty database (one per hypothesis example)."""
         ...
 
+    def outbox_store(self) -> Store:
+        """Like `new_store`, with the outbox on (a gateway with a feature stream configured)."""
+        ...
+
     def newer_store(self) -> Store:
         """Like `new_store`, but its schema is one (test-only) migration ahead of the real one."""
         ...
@@ -566,6 +570,100 @@ def consent_op(device: str, ownership: str, family: str, granted: bool) -> Regis
         granted=granted,
         actor=f"device:{device}",
     )
+
+
+class OutboxContract:
+    """The transactional outbox (gateway/stream): entries commit with their records, name them, go with
+    them (erasure, retention), and stay until done. Mixed into `StoreContract`."""
+
+    @pytest.fixture
+    def outbox(self, harness: Harness) -> Iterator[Store]:
+        s = harness.outbox_store()
+        s.open()
+        yield s
+        s.close()
+
+    def test_the_outbox_is_off_unless_asked_for(self, store: Store) -> None:
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+        store.erase_device(A)
+        assert store.outbox_take(10) == [] and store.outbox_depth() == 0
+
+    def test_an_entry_per_inserted_record_in_commit_order(self, outbox: Store) -> None:
+        first = outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 2), *minutes(A, 0, 1, "heart")])
+        outbox.commit(A, 1, 0, 0, b"a", minutes(A, 5, 2))  # a duplicate batch: nothing new
+        outbox.commit(A, 1, 1, 1, b"a", [*minutes(A, 0, 1), *minutes(A, 9, 1)])  # one replayed record
+        outbox.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1, "sleep"))
+        assert outbox.outbox_depth() == 5
+        before = now_us()
+        rows = outbox.outbox_take(100)
+        assert [(r.cursor, r.record) for r in rows] == everything(outbox)
+        assert [r.cursor for r in rows][:3] == list(first.cursors)
+        assert [r.id for r in rows] == sorted({r.id for r in rows})
+        assert all(r.device == r.record["device"] and r.ownership == "" for r in rows if r.record)
+        assert all(before <= r.taken_us <= now_us() for r in rows)
+        assert "steps" not in repr(rows[0]) and "values" not in repr(rows[0])  # ids only
+
+    def test_entries_stay_until_done_and_keep_their_first_taken_time(self, outbox: Store) -> None:
+        outbox.commit(A, 1, 0, 0, b"a", minutes(A, 0, 4))
+        first = outbox.outbox_take(2)
+        assert len(first) == 2
+        time.sleep(0.002)
+        again = outbox.outbox_take(10)  # a drainer that died before the ack: taken again, same times
+        assert [r.id for r in again[:2]] == [r.id for r in first]
+        assert [r.taken_us for r in again[:2]] == [r.taken_us for r in first]
+        assert again[2].taken_us > first[0].taken_us
+        assert outbox.outbox_done([r.id for r in first]) == 2
+        assert outbox.outbox_done([r.id for r in first]) == 0  # twice: a no-op
+        assert [r.id for r in outbox.outbox_take(10)] == [r.id for r in again[2:]]
+        assert outbox.outbox_depth() == 2
+        outbox.commit(A, 1, 1, 1, b"a", minutes(A, 10, 1))
+        assert max(r.id for r in outbox.outbox_take(10)) > max(r.id for r in again)  # ids never reused
+
+    def test_entries_commit_only_with_their_records(self, harness: Harness, outbox: Store) -> None:
+        outbox.commit(A, 1, 0, 0, b"a", minutes(A, 0, 1))
+        results = outbox.commit_many(
+            [
+                CommitItem(A, 1, 5, 5, b"a", minutes(A, 1, 2)),  # a gap: refused, nothing written
+                CommitItem(B, 1, 0, 0, b"b", minutes(B, 0, 2)),
+            ]
+        )
+        assert isinstance(results[0], SequenceError) and not isinstance(results[1], Exception)
+        assert [r.record for r in outbox.outbox_take(10)] == [*minutes(A, 0, 1), *minutes(B, 0, 2)]
+        with harness.exclusive_lock():
+            (locked,) = outbox.commit_many([CommitItem(C, 1, 0, 0, b"c", minutes(C, 0, 3))])
+        assert isinstance(locked, StoreUnavailable)
+        assert outbox.outbox_depth() == 3
+
+    def test_erasure_takes_the_device_entries_and_leaves_one_purge(self, outbox: Store) -> None:
+        outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 3), *minutes(A, 0, 2, "heart")])
+        outbox.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+        outbox.erase_device(A)
+        rows = outbox.outbox_take(100)
+        assert [r.record["device"] for r in rows if r.record] == [DEV2, DEV2]
+        (purge,) = [r for r in rows if r.record is None]
+        assert purge.device == DEV1 and purge.cursor is None
+        assert outbox.outbox_done([purge.id]) == 1
+        outbox.erase_device(A)  # again: one more purge, no other change
+        assert sum(r.record is None for r in outbox.outbox_take(100)) == 1
+
+    def test_retention_takes_the_entries_of_what_it_deletes(self, outbox: Store) -> None:
+        outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 10), *minutes(A, 0, 10, "heart")])
+        cut = T0 + 5 * MINUTE_US
+        outbox.purge_before(cut, ["heart"])
+        outbox.purge_before(cut - MINUTE_US)
+        left = [(r.record["family"], r.record["start_us"]) for r in outbox.outbox_take(100) if r.record]
+        assert left == [("steps", T0 + m * MINUTE_US) for m in range(4, 10)] + [
+            ("heart", T0 + m * MINUTE_US) for m in range(5, 10)
+        ]
+        assert outbox.outbox_depth() == len(left)
+
+    def test_the_outbox_survives_reopening(self, harness: Harness) -> None:
+        with harness.outbox_store() as s:
+            s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+            taken = s.outbox_take(1)
+        with harness.outbox_store() as s:
+            rows = s.outbox_take(10)
+        assert len(rows) == 3 and rows[0].taken_us == taken[0].taken_us
 
 
 class StoreContract(RegistryContract, PrivacyContract):

@@ -22,7 +22,7 @@ from gateway.store import (
 )
 from gateway.store.sqlite import MIGRATIONS
 
-from .contract import A, B, StoreContract, everything, minutes
+from .contract import A, B, OutboxContract, StoreContract, everything, minutes
 
 BUSY_MS = 100
 
@@ -48,6 +48,9 @@ class SqliteHarness:
         path = self.dir / f"fresh-{self._databases}.db"
         return lambda: SqliteStore(path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
+    def outbox_store(self) -> SqliteStore:
+        return SqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer, outbox=True)
+
     def newer_store(self) -> SqliteStore:
         return _NewerSqliteStore(self.path, busy_timeout_ms=BUSY_MS, sealer=self.sealer)
 
@@ -72,13 +75,13 @@ class SqliteHarness:
             conn.close()
 
 
-class TestSqliteContract(StoreContract):
+class TestSqliteContract(StoreContract, OutboxContract):
     @pytest.fixture
     def harness(self, tmp_path: Path) -> SqliteHarness:
         return SqliteHarness(tmp_path)
 
 
-class TestSealedSqliteContract(StoreContract):
+class TestSealedSqliteContract(StoreContract, OutboxContract):
     """The same promises with encryption at rest: values and state sealed under real data keys."""
 
     @pytest.fixture
@@ -142,6 +145,23 @@ def test_wal_and_full_synchronous(tmp_path: Path) -> None:
     other = sqlite3.connect(tmp_path / "p.db")
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # persistent in the file
     other.close()
+
+
+def test_the_outbox_drainer_writes_without_fsync_and_commits_stay_full(tmp_path: Path) -> None:
+    """outbox_take/outbox_done run at synchronous=NORMAL (losing one only republishes a deduplicated
+    message) and leave the connection at FULL for the commits of records."""
+    with SqliteStore(tmp_path / "p.db", outbox=True) as store:
+        conn = store._conn
+        assert conn is not None
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        rows = store.outbox_take(10)
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+        store.outbox_done([r.id for r in rows])
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=1").outbox  # type: ignore[attr-defined]
+    assert not store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=0").outbox  # type: ignore[attr-defined]
+    with pytest.raises(ValueError):
+        store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=yes")
 
 
 def test_full_disk_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Runnable examples of bandgate's consumer side (not part of the installed package)."""

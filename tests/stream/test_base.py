@@ -1,0 +1,93 @@
+"""The message layout, the stream URL, the outbox bounds and the reader permissions: no server needed."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from gateway.config import ConfigError, GatewayConfig
+from gateway.store import outbox_url
+from gateway.store.base import OutboxRow
+from gateway.stream import FeatureStream, check_stream_url, decode_message, message_of
+from gateway.stream.base import (
+    BACKOFF_MAX_S,
+    CRASH_BOUND_S,
+    DUPLICATE_WINDOW_S,
+    LAYOUT_VERSION,
+    PUBLISH_TIMEOUT_S,
+)
+from gateway.stream.nats import NatsStream, parse_nats_url, reader_permissions, stream_name, subject
+
+DEV = "f123456789abcdef"
+RECORD = {
+    "family": "heart",
+    "device": DEV,
+    "start_us": 1_767_225_600_000_000,
+    "duration_s": 300,
+    "algo": "heart/1",
+    "values": {"hr_bpm": 61.25, "label": "résumé", "n": 3, "ok": True},
+}
+
+
+def test_a_message_is_the_record_its_cursor_and_layout_under_the_record_key() -> None:
+    m = message_of(OutboxRow(9, DEV, "o-1a2b", 41, RECORD, 0))
+    assert (m.outbox_id, m.family, m.device) == (9, "heart", DEV)
+    assert m.msg_id == f"{DEV}/heart/1767225600000000/o-1a2b"
+    body = decode_message(m.payload)
+    assert body == {"v": LAYOUT_VERSION, "cursor": 41, **RECORD}
+    assert type(body["values"]["hr_bpm"]) is float and body["values"]["ok"] is True
+    # the same record taken again (a republish) is the same message: the stream's dedup key
+    assert message_of(OutboxRow(10, DEV, "o-1a2b", 41, dict(RECORD), 5)).msg_id == m.msg_id
+    assert message_of(OutboxRow(9, DEV, "", 41, RECORD, 0)).msg_id.endswith("/-")
+    assert "61.25" not in repr(m) and "hr_bpm" not in repr(m)
+
+
+def test_a_purge_entry_is_no_message_and_an_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError):
+        message_of(OutboxRow(1, DEV, "", None, None, 0))
+    with pytest.raises(ValueError, match="layout"):
+        decode_message(msgpack.packb({"v": LAYOUT_VERSION + 1, **RECORD}))
+
+
+def test_the_duplicate_window_covers_the_crash_bound_which_covers_a_running_drainer() -> None:
+    """A taken entry is done or taken again within CRASH_BOUND_S; the stream dedups over twice that."""
+    assert PUBLISH_TIMEOUT_S + BACKOFF_MAX_S < CRASH_BOUND_S
+    assert DUPLICATE_WINDOW_S >= 2 * CRASH_BOUND_S
+    stream = NatsStream(["nats://127.0.0.1:4222"], retention_days={"heart": 90})
+    assert stream.stream_config("heart").duplicate_window == DUPLICATE_WINDOW_S
+    assert stream.stream_config("heart").max_age == 90 * 86_400
+    assert stream.stream_config("steps").max_age is None  # kept until erased
+    assert stream.stream_config("steps").subjects == ["bandgate.steps.*"]
+    assert isinstance(stream, FeatureStream)
+
+
+def test_stream_urls() -> None:
+    assert parse_nats_url("nats://u:p%40ss@h1:4222,h2:4223?prefix=fleet-a") == (
+        ["nats://h1:4222", "nats://h2:4223"],
+        "u",
+        "p@ss",
+        "fleet-a",
+    )
+    assert parse_nats_url("nats://127.0.0.1:4222")[3] == "bandgate"
+    for bad in ("nats://h", "http://h:1", "nats://h:1?prefix=A", "nats://h:1?prefix=a.b", "nats://h:1?x=1"):
+        with pytest.raises(ValueError):
+            check_stream_url(bad)
+    with pytest.raises(ConfigError, match="stream"):
+        GatewayConfig(stream="nats://h:1?prefix=Bad").validate()
+    GatewayConfig(stream="nats://h:1").validate()
+    assert "secret" not in repr(NatsStream.from_url("nats://u:secret@h:1"))
+
+
+def test_names() -> None:
+    assert stream_name("fleet-a", "steps") == "FLEET-A_STEPS"
+    assert subject("fleet-a", "steps", DEV) == f"fleet-a.steps.{DEV}"
+    assert outbox_url("sqlite:///x.db") == "sqlite:///x.db?outbox=1"
+    assert outbox_url("sqlite:///x.db?busy_timeout_ms=5") == "sqlite:///x.db?busy_timeout_ms=5&outbox=1"
+
+
+def test_a_reader_may_use_its_family_stream_and_its_own_inbox_only() -> None:
+    perms = reader_permissions("p", "steps", "_INBOX_steps")
+    allowed = perms["publish"]["allow"]
+    assert all("P_STEPS" in s or s == "$JS.API.INFO" for s in allowed)
+    assert perms["subscribe"]["allow"] == ["_INBOX_steps.>"]
+    assert not any(s.startswith("p.") for s in allowed)  # publishes no data

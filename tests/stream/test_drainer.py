@@ -1,0 +1,123 @@
+"""The drainer on the in-memory stream (no server): the back-off that bounds how long a taken entry waits
+in a running drainer, a bug that does not end it, and the order of purges and records."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+from decoder.records import device_key
+from gateway.metrics import Metrics
+from gateway.pipeline import StoreThread
+from gateway.store import SqliteStore
+from gateway.stream import FeatureStream
+from gateway.stream.base import BACKOFF_MAX_S, CRASH_BOUND_S, PUBLISH_TIMEOUT_S
+from gateway.stream.drainer import BACKOFF_MIN_S, Drainer
+from gateway.stream.memory import MemoryStream
+from tests.gateway.store.contract import A, B, minutes
+from tests.stream.natskit import run
+
+
+async def _drainer(path: Path, stream: MemoryStream, **kw) -> Drainer:
+    thread = StoreThread(SqliteStore(path, outbox=True), "outbox")
+    await asyncio.to_thread(thread.start)
+    return Drainer(thread, stream, **kw)
+
+
+def test_a_failing_stream_is_retried_with_a_capped_back_off_within_the_bound(tmp_path) -> None:
+    """Every wait between two publishes of a taken entry is at most BACKOFF_MAX_S, and a publish gives up
+    after PUBLISH_TIMEOUT_S: inside a running drainer an entry is retried well within CRASH_BOUND_S."""
+    with SqliteStore(tmp_path / "gw.db", outbox=True) as s:
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+    stream = MemoryStream()
+    stream.down = True
+    metrics = Metrics()
+    waits: list[float] = []
+
+    async def scenario() -> Drainer:
+        drainer = await _drainer(tmp_path / "gw.db", stream, metrics=metrics)
+
+        async def sleep(s: float) -> None:
+            waits.append(s)
+            if len(waits) == 10:
+                stream.down = False  # the server is back
+
+        drainer._sleep = sleep
+        task = asyncio.ensure_future(drainer.run())
+        for _ in range(200):
+            if drainer.published == 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(drainer.outbox.shutdown)
+        return drainer
+
+    drainer = run(scenario())
+    assert drainer.published == 3 and len(stream.messages) == 3
+    assert waits[0] == BACKOFF_MIN_S and max(waits) == BACKOFF_MAX_S
+    assert all(b == min(2 * a, BACKOFF_MAX_S) for a, b in itertools.pairwise(waits))
+    assert PUBLISH_TIMEOUT_S + max(waits) < CRASH_BOUND_S
+    assert metrics.registry.get_sample_value("bandgate_stream_errors_total", {"reason": "stream"}) == 10
+
+
+class Buggy(MemoryStream):
+    calls = 0
+
+    async def publish(self, messages):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("a bug")
+        return await super().publish(messages)
+
+
+def test_a_bug_in_a_round_does_not_end_the_drainer(tmp_path) -> None:
+    with SqliteStore(tmp_path / "gw.db", outbox=True) as s:
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+    stream = Buggy()
+    metrics = Metrics()
+
+    async def scenario() -> Drainer:
+        drainer = await _drainer(tmp_path / "gw.db", stream, metrics=metrics)
+        drainer._sleep = lambda s: asyncio.sleep(0)
+        task = asyncio.ensure_future(drainer.run())
+        for _ in range(200):
+            if drainer.published == 2:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(drainer.outbox.shutdown)
+        return drainer
+
+    assert run(scenario()).published == 2
+    assert metrics.registry.get_sample_value("bandgate_stream_errors_total", {"reason": "bug"}) == 1
+
+
+def test_a_purge_runs_before_the_records_behind_it_and_republishes_dedup(tmp_path) -> None:
+    stream = MemoryStream()
+    assert isinstance(stream, FeatureStream)
+    with SqliteStore(tmp_path / "gw.db", outbox=True) as s:
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        s.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1))
+
+        async def first() -> None:
+            drainer = await _drainer(tmp_path / "gw.db", stream)
+            await drainer.flush()
+            await asyncio.to_thread(drainer.outbox.shutdown)
+
+        run(first())
+        s.erase_device(A)
+        s.commit(A, 2, 0, 0, b"a", minutes(A, 10, 1))  # new data after the erasure, behind the purge
+
+        async def second() -> Drainer:
+            drainer = await _drainer(tmp_path / "gw.db", stream)
+            await drainer.flush()
+            await asyncio.to_thread(drainer.outbox.shutdown)
+            return drainer
+
+        run(second())
+        assert s.outbox_depth() == 0
+    devices = [m.device for m in stream.messages]
+    assert devices == [device_key(B), device_key(A)]  # A's old two purged, its new one kept
