@@ -607,7 +607,7 @@ class SqliteStore(Store):
             cursor = rows[-1][0]
 
     def _record(
-        self, row: tuple, openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]]
+        self, row: tuple, openers: dict[tuple[str, str], Callable[[str, int, bytes], bytes]] | None = None
     ) -> dict | None:
         """A stored row as a record, its values opened; None (counted, logged) if they do not open."""
         record = open_record(row, self.sealer, str(self.path), openers)
