@@ -459,7 +459,9 @@ def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
     """The real gateway (compute workers, sealing, the writer) with `--store postgresql://...`: batches are
     acked once stored, a resend is a duplicate, and while the record tables are locked past the lock
     timeout the batch is UNAVAILABLE and not acked; its retry is stored once."""
-    cfg = config(tmp_path, store=pg_harness.store_url(lock_timeout_ms=500))
+    keys = f"{pg_harness.schema}_keys"  # its own key schema: the default is shared by every run here
+    pg_harness.schemas.append(keys)
+    cfg = config(tmp_path, store=pg_harness.store_url(lock_timeout_ms=500), key_schema=keys)
     device, batches = band()
 
     async def scenario() -> list:
@@ -476,7 +478,7 @@ def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
     acks = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert [a.code for a in acks] == [OK, OK, ALREADY_EXISTS, UNAVAILABLE, OK]
     assert not acks[3].has_acked_seq
-    sealer = open_sealer(tmp_path / "state")
+    sealer = open_sealer(tmp_path / "state", pg_harness.store_url(), key_schema=keys)
     try:
         with open_store(pg_harness.store_url(), sealer) as store:
             records = [r for _, r in everything(store)]
