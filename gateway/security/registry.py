@@ -124,6 +124,8 @@ class Registry:
         self._loop: asyncio.Future | None = None
         self._lock = asyncio.Lock()
         self._reload = asyncio.Lock()
+        self._refreshing = asyncio.Lock()  # one `refresh` read at a time
+        self._refreshed_newer = False  # what the last `refresh` read found
 
     async def start(self) -> None:
         if self._loop is not None:
@@ -181,19 +183,27 @@ class Registry:
         return self.policy
 
     async def refresh(self) -> bool:
-        """Read the registry again now if the store holds a newer version (another gateway changed it since
-        the last poll), at most once per REFRESH_S; True if a newer policy was installed."""
-        now = time.monotonic()
-        if now - self._refreshed < REFRESH_S:
-            return False
-        self._refreshed = now
-        version = await self.thread.call(self.thread.store.registry_version)
-        if self.policy is not None and version == self.policy.version:
-            return False
-        async with self._reload:
-            if self.policy is None or self.policy.version < version:
-                self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
-        return True
+        """Read the registry again if the store holds a newer version (another gateway changed it since the
+        last poll); True if a newer policy was installed. Reads are at most one per REFRESH_S: a caller
+        that comes sooner waits for the next read rather than being refused on stale state, and callers
+        that arrive together share one read (a flood of unknown certificates costs ten reads a second)."""
+        asked = time.monotonic()
+        async with self._refreshing:
+            if self._refreshed >= asked:  # a read that began after we asked has been made
+                return self._refreshed_newer
+            wait = self._refreshed + REFRESH_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._refreshed = time.monotonic()
+            self._refreshed_newer = False
+            version = await self.thread.call(self.thread.store.registry_version)
+            if self.policy is not None and version == self.policy.version:
+                return False
+            async with self._reload:
+                if self.policy is None or self.policy.version < version:
+                    self._install(Policy(await self.thread.call(self.thread.store.registry_snapshot)))
+            self._refreshed_newer = True
+            return True
 
     async def _background(self) -> None:
         last_flush = time.monotonic()
@@ -294,8 +304,9 @@ class Registry:
         assert self.policy is not None
         decision = self.policy.check_credential(identity.kind, identity.name, credential)
         unknown = not decision and self.policy.principal(identity.kind, identity.name) is None
-        if unknown and await self.refresh():
-            # registered a moment ago through another gateway on the same store: not yet polled here
+        if unknown:
+            # perhaps registered a moment ago through another gateway on the same store: not yet polled here
+            await self.refresh()
             decision = self.policy.check_credential(identity.kind, identity.name, credential)
         if (
             not decision
