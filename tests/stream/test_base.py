@@ -7,7 +7,7 @@ import pytest
 
 from decoder.records import FAMILIES
 from gateway.config import ConfigError, GatewayConfig
-from gateway.store import outbox_url
+from gateway.store import outbox_url, store_for_url
 from gateway.store.base import OutboxRow
 from gateway.store.postgres import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_POOL_TIMEOUT_S, OUTBOX_LEASE_S
 from gateway.stream import FeatureStream, check_stream_url, decode_message, message_of
@@ -88,6 +88,7 @@ def test_stream_urls() -> None:
     with pytest.raises(ConfigError, match="stream"):
         GatewayConfig(stream="nats://h:1?prefix=Bad").validate()
     GatewayConfig(stream="nats://h:1").validate()
+    GatewayConfig(stream="nats://h:1", store="postgresql://db.example/bandgate").validate()  # both outboxes
     assert "secret" not in repr(NatsStream.from_url("nats://u:secret@h:1"))
 
 
@@ -96,6 +97,9 @@ def test_names() -> None:
     assert subject("fleet-a", "steps", DEV) == f"fleet-a.steps.{DEV}"
     assert outbox_url("sqlite:///x.db") == "sqlite:///x.db?outbox=1"
     assert outbox_url("sqlite:///x.db?busy_timeout_ms=5") == "sqlite:///x.db?busy_timeout_ms=5&outbox=1"
+    pg = outbox_url("postgresql://u:pw@db.example/bandgate?schema=fleet")
+    assert pg == "postgresql://u:pw@db.example/bandgate?schema=fleet&outbox=1"
+    assert store_for_url(pg).outbox and not store_for_url("postgresql://db.example/bandgate").outbox
 
 
 def test_a_reader_may_use_its_family_stream_and_its_own_inbox_only() -> None:

@@ -180,6 +180,7 @@ def test_urls_name_the_database_schema_and_options() -> None:
         "postgresql://127.0.0.1/test?pool_max=1",
         "postgresql://127.0.0.1/test?pool_timeout_s=soon",
         "postgresql://127.0.0.1/test?schema=a&schema=b",
+        "postgresql://127.0.0.1/test?outbox=yes",
         "postgresql://127.0.0.1/test?sslmod=require",  # a typo of a libpq option
         "postgresql://127.0.0.1/",
         "postgresql:127.0.0.1/test",
