@@ -5,7 +5,10 @@ connections cut under the store, migrations an older gateway runs beside)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +41,7 @@ from tests.services import postgres_url
 from .contract import A, B, OutboxContract, StoreContract, everything, minutes
 
 LOCK_TIMEOUT_MS = 100
+REPO = Path(__file__).resolve().parents[3]
 
 
 class _NewerPostgresStore(PostgresStore):
@@ -418,19 +422,35 @@ def test_an_erased_device_is_purged_only_after_the_drainer_with_its_records_is_d
         assert [r.record is None for r in two.outbox_take(100)] == [True, False]  # the purge, then the new
 
 
+_CRASHING_DRAINER = """
+import os, sys
+from gateway.store import PostgresStore
+store = PostgresStore.from_url(sys.argv[1])
+store.outbox_lease_s = float(sys.argv[2])
+store.open()
+print(" ".join(f"{r.id}:{r.taken_us}" for r in store.outbox_take(100)), flush=True)
+os._exit(137)  # dies with its page in flight: no done, no close
+"""
+
+
 def test_a_crashed_drainers_devices_go_to_another_after_the_lease(pg_harness: PostgresHarness) -> None:
+    lease_s = 3.0
     with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as survivor:
         writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
-        crashed = pg_harness.outbox_store()
-        crashed.outbox_lease_s = 0.5
-        crashed.open()
-        taken = crashed.outbox_take(100)
-        crashed._leasing = False  # as if the process died: nothing given back at close
-        crashed.close()
-        assert survivor.outbox_take(100) == []
-        time.sleep(0.6)
+        crash = subprocess.run(
+            [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), str(lease_s)],
+            capture_output=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert crash.returncode == 137, crash.stderr.decode()[-2000:]
+        taken = [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+        assert len(taken) == 3
+        assert survivor.outbox_take(100) == []  # the crashed drainer still holds the device
+        time.sleep(max(0.0, taken[0][1] / 1e6 + lease_s + 0.2 - time.time()))
         again = survivor.outbox_take(100)
-        assert [(r.id, r.taken_us) for r in again] == [(r.id, r.taken_us) for r in taken]  # first taken time
+        assert [(r.id, r.taken_us) for r in again] == taken  # taken again, the first taken time kept
         assert survivor.outbox_done([r.id for r in again]) == 3
 
 
