@@ -419,8 +419,7 @@ class PostgresStore(Store):
     def from_url(cls, url: str, sealer: Sealer | None = None) -> PostgresStore:
         """`postgresql://user@host:port/db?schema=s&lock_timeout_ms=N&pool_max=N&pool_timeout_s=X` (also
         `postgres://`), and `outbox=0|1` (commits write outbox entries for the feature stream); other
-        parameters are libpq's, checked by libpq now, so a typo does not start a
-        gateway."""
+        parameters are libpq's, checked by libpq now, so a typo does not start a gateway."""
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres") or not url.startswith(f"{parts.scheme}://"):
             raise ValueError(f"not a PostgreSQL URL: {url!r}")

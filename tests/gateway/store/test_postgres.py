@@ -1,6 +1,7 @@
 """The PostgreSQL store: the store contract on a fresh schema of the test database, plus what only many
 gateways over one database need (cursors that commit out of order, two writers holding one device,
-connections cut under the store, migrations an older gateway runs beside)."""
+several drainers on one outbox, connections cut under the store, migrations an older gateway runs
+beside)."""
 
 from __future__ import annotations
 
