@@ -158,11 +158,6 @@ class GatewayConfig:
             check_key_schema(self.key_schema)
         except ValueError as e:
             raise ConfigError(f"key_schema: {e}") from None
-        if self.stream and not self.store.startswith("sqlite:"):
-            raise ConfigError(
-                "stream: the feature stream's outbox is in the SQLite store only so far; "
-                "the PostgreSQL store has none yet"
-            )
         if self.stream:
             from gateway.stream import check_stream_url
 

@@ -470,7 +470,9 @@ class Store(Protocol):
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """Up to `limit` outbox entries, oldest first, each marked taken (its first `taken_us` is kept).
         Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries
-        whose record does not open (a destroyed key) are dropped here, never returned."""
+        whose record does not open (a destroyed key) are dropped here, never returned. A drainer holds
+        one page at a time: a take ends its previous page. A store several drainers share (PostgreSQL)
+        gives each the entries of devices no other has in flight, so a page may pass older entries by."""
         ...
 
     def outbox_done(self, ids: Sequence[int]) -> int:

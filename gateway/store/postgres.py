@@ -2,8 +2,9 @@
 
 `postgresql://user@host:5432/db?schema=bandgate` (or `postgres://`): the tables live in `schema` (default
 `bandgate`, created if missing), `lock_timeout_ms` bounds how long a write waits for a lock before it is
-`StoreUnavailable` (as SQLite's busy timeout), `pool_max` and `pool_timeout_s` size the connection pool;
-every other query parameter goes to libpq as it is (`sslmode`, `connect_timeout`, ...).
+`StoreUnavailable` (as SQLite's busy timeout), `pool_max` and `pool_timeout_s` size the connection pool,
+`outbox=1` turns the feature stream's outbox on (as in SQLite); every other query parameter goes to libpq
+as it is (`sslmode`, `connect_timeout`, ...).
 
 The schema and the rules are SQLite's (sqlite.py): records by sensitivity class in records_activity,
 records_heart and records_sleep under one cursor order, one transaction per batch group for records,
@@ -25,6 +26,9 @@ device state and high-water marks, idempotent on resend. What many gateways add:
   that where it was, so older gateways keep working beside a newer one in a rolling upgrade; a
   contracting one (a drop, a NOT NULL older code cannot fill) raises it, and older gateways refuse to
   start (SchemaVersionError), as they do on a newer SQLite file.
+- The outbox has many drainers (one a gateway), and each takes a device's entries only while it holds
+  the device's lease (`outbox_take`): a device's messages go out in order and its purge after whatever
+  another drainer had in flight, as with SQLite's one drainer. docs/streams.md.
 
 Threads: a store object is used from one thread at a time (as SqliteStore); it holds a small pool, so an
 export iterator and a commit on the same object each have a connection of their own.
@@ -32,11 +36,13 @@ export iterator and a commit on the same object each have a connection of their 
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -60,6 +66,7 @@ from gateway.store.base import (
     DeviceRow,
     GrantRow,
     GuardianRow,
+    OutboxRow,
     OwnershipRow,
     PrincipalRow,
     PrivacyHistory,
@@ -97,8 +104,13 @@ PURGE_CHUNK = 1000  # records an erasure or retention transaction deletes: a wri
 # transaction (a bigger group commits in several), and transaction IDs (xid8, epoch included) up to 2**43.
 CURSOR_BITS = 20
 CURSOR_ROWS = 1 << CURSOR_BITS
+# How long a drainer holds the devices of the page it took (`outbox_take`) without taking again or being
+# done: longer than a running drainer's round (ROUND_BUDGET_S, then one purge or publish: 8 purge requests
+# or a publish and its acks, 5 s each), so only a crashed or stalled gateway loses its devices to another
+# drainer. A crashed gateway's entries are taken again by the others after this, well within CRASH_BOUND_S.
+OUTBOX_LEASE_S = 120.0
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_OWN_OPTIONS = frozenset({"schema", "lock_timeout_ms", "pool_max", "pool_timeout_s"})
+_OWN_OPTIONS = frozenset({"schema", "lock_timeout_ms", "pool_max", "pool_timeout_s", "outbox"})
 # Where readers stop (PostgresStore._frontier): the next transaction ID, and the transaction IDs of this
 # schema's writers (holders of its writer lock) now, from one read of the lock table.
 _WRITERS = (
@@ -273,6 +285,31 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         contract=True,  # the first version: nothing older can use it
     ),
+    Migration(
+        (
+            # The transactional outbox of the feature stream (gateway/stream), as SQLite's migration 6: an
+            # entry per record to publish, written in the record's own transaction and naming it by
+            # cursor, or (cursor NULL) an erased device whose stream subjects are still to be purged. The
+            # device is on every entry, so drainers share the work out by device (outbox_leases). An
+            # identity never hands a value out twice, so a late `outbox_done` deletes no one's new entry;
+            # ids of one device grow in commit order, as its commits hold the device's lock.
+            """CREATE TABLE outbox (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                device text NOT NULL,
+                cursor bigint UNIQUE,
+                taken_us bigint
+            )""",
+            # the device a drainer holds while its entries are in flight there, until `until_us` (the
+            # database's clock: gateways' clocks may disagree); no row: the device is free
+            """CREATE TABLE outbox_leases (
+                device text PRIMARY KEY,
+                holder text NOT NULL,
+                until_us bigint NOT NULL
+            )""",
+        )
+        # expanding: older gateways keep working beside it, but they neither write entries nor delete
+        # them with erased records; docs/storage.md says to finish the upgrade before turning the stream on
+    ),
 )
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value_text, value_sealed"
@@ -281,7 +318,11 @@ _INSERT_RECORDS = (
     "%({alias}_dev)b::text[], %({alias}_own)b::text[], %({alias}_f)b::text[], %({alias}_s)b::bigint[], "
     "%({alias}_d)b::integer[], %({alias}_a)b::text[], %({alias}_vt)b::text[], %({alias}_vs)b::bytea[]) "
     # in cursor order, so of a key repeated in the group the first is stored, as in SQLite
-    "AS u ORDER BY 1 ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor)"
+    "AS u ORDER BY 1 ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor, device)"
+)
+# An outbox entry per record inserted (the `r` CTEs return only those), ids in cursor order.
+_INSERT_OUTBOX = (
+    "ob AS (INSERT INTO outbox (device, cursor) SELECT device, cursor FROM ({inserted}) AS n ORDER BY cursor)"
 )
 _UPSERT_BOOTS_AND_DEVICES = (
     "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
@@ -299,6 +340,24 @@ _UNAVAILABLE_CLASSES = frozenset(
     {"08", "40", "53", "57", "58"}
 )  # connection, rollback, resources, admin, I/O
 _UNAVAILABLE_STATES = frozenset({"55P03", "25006"})  # lock_not_available, read_only_sql_transaction
+_NOW_US = "(extract(epoch FROM now()) * 1000000)::bigint"  # the database's clock: the same for every gateway
+# The devices of the oldest entries that no other drainer holds, claimed (or renewed) for this one: those
+# it now holds. The candidates' rows locked SKIP LOCKED, and each device under an advisory lock tried, not
+# waited for: two drainers taking at once pass each other by, and never both claim one device (one would
+# wait for the other's lease row while the other waits for its row locks).
+_CLAIM_DEVICES = (
+    "WITH candidates AS MATERIALIZED (SELECT o.device FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM "
+    f"outbox_leases l WHERE l.device = o.device AND l.holder <> %(me)s AND l.until_us > {_NOW_US}) "
+    "ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED), "
+    "devices AS MATERIALIZED (SELECT DISTINCT device FROM candidates), "
+    "free AS MATERIALIZED (SELECT device FROM devices "
+    "WHERE pg_try_advisory_xact_lock(%(key)s, hashtext(device))) "
+    "INSERT INTO outbox_leases (device, holder, until_us) "
+    f"SELECT device, %(me)s, {_NOW_US} + %(lease)s FROM free ORDER BY device "
+    "ON CONFLICT (device) DO UPDATE SET holder = excluded.holder, until_us = excluded.until_us "
+    f"WHERE outbox_leases.holder = excluded.holder OR outbox_leases.until_us <= {_NOW_US} "
+    "RETURNING device"
+)
 
 
 class PostgresStore(Store):
@@ -315,6 +374,7 @@ class PostgresStore(Store):
         pool_max: int = DEFAULT_POOL_MAX,
         pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S,
         sealer: Sealer | None = None,
+        outbox: bool = False,
     ):
         if not _SCHEMA_NAME.fullmatch(schema) or schema.startswith("pg_"):
             raise ValueError(f"schema {schema!r}: 1-63 of [a-z0-9_], not starting with a digit or pg_")
@@ -338,18 +398,28 @@ class PostgresStore(Store):
         self.pool_timeout_s = float(pool_timeout_s)
         self.sealer = sealer  # None: values and state in clear
         self.unreadable = 0  # sealed values that did not open, skipped (reported in the log)
+        # Commits write outbox entries for the feature stream (a gateway with --stream); the flag travels
+        # in the URL (`?outbox=1`), so compute worker processes that commit write them too.
+        self.outbox = bool(outbox)
+        # This object as a drainer: its name in outbox_leases, and the entries of its last page not yet
+        # done, by id, with their devices (a device is released when none of its entries is left here).
+        self.outbox_holder = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self.outbox_lease_s = OUTBOX_LEASE_S
+        self._in_flight: dict[int, str] = {}
+        self._leasing = False  # this object took entries: close() releases its devices
         # advisory lock keys of this schema (two gateways on other schemas of one database never wait
         # on each other, but for a hash collision: a short wait, never a wrong result)
         self._device_lock_key = _int32(zlib.crc32(f"bandgate-device:{schema}".encode()))
         self._migrate_lock_key = _int32(zlib.crc32(f"bandgate-migrate:{schema}".encode()))
         self._writer_lock_key = _int32(zlib.crc32(f"bandgate-writers:{schema}".encode()))
+        self._outbox_lock_key = _int32(zlib.crc32(f"bandgate-outbox:{schema}".encode()))
         self._pool: psycopg_pool.ConnectionPool | None = None
 
     @classmethod
     def from_url(cls, url: str, sealer: Sealer | None = None) -> PostgresStore:
         """`postgresql://user@host:port/db?schema=s&lock_timeout_ms=N&pool_max=N&pool_timeout_s=X` (also
-        `postgres://`); other parameters are libpq's, checked by libpq now, so a typo does not start a
-        gateway."""
+        `postgres://`), and `outbox=0|1` (commits write outbox entries for the feature stream); other
+        parameters are libpq's, checked by libpq now, so a typo does not start a gateway."""
         parts = urlsplit(url)
         if parts.scheme not in ("postgresql", "postgres") or not url.startswith(f"{parts.scheme}://"):
             raise ValueError(f"not a PostgreSQL URL: {url!r}")
@@ -362,6 +432,10 @@ class PostgresStore(Store):
                 raise ValueError(f"{_redacted(url)}: {key} given twice")
             elif key == "schema":
                 ours[key] = value
+            elif key == "outbox":
+                if value not in ("0", "1"):
+                    raise ValueError(f"{_redacted(url)}: outbox={value!r} is not 0 or 1")
+                ours[key] = value == "1"
             elif key == "pool_timeout_s":
                 try:
                     ours[key] = float(value)
@@ -379,7 +453,10 @@ class PostgresStore(Store):
         return cls(libpq_url, sealer=sealer, **ours)
 
     def __repr__(self) -> str:  # never the password
-        return f"PostgresStore({self._display!r}, schema={self.schema!r}, open={self._pool is not None})"
+        outbox = ", outbox" if self.outbox else ""
+        return (
+            f"PostgresStore({self._display!r}, schema={self.schema!r}, open={self._pool is not None}{outbox})"
+        )
 
     # lifecycle
 
@@ -415,6 +492,11 @@ class PostgresStore(Store):
         self._pool = pool
 
     def close(self) -> None:
+        if self._leasing and self._pool is not None:
+            # the devices this drainer held go to the others at once, not after the lease (best effort: a
+            # store that is down lets them expire)
+            with suppress(StoreError):
+                self._release_all()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -687,6 +769,9 @@ class PostgresStore(Store):
                 }
             )
         selects = " UNION ALL ".join(f"SELECT cursor FROM r{k}" for k in range(len(ctes)))
+        if self.outbox and ctes:  # the stream gets what the store got: the first version of each record
+            inserted = " UNION ALL ".join(f"SELECT cursor, device FROM r{k}" for k in range(len(ctes)))
+            ctes.append(_INSERT_OUTBOX.format(inserted=inserted))
         query = f"WITH {', '.join([*ctes, _UPSERT_BOOTS_AND_DEVICES])} {selects or 'SELECT NULL::bigint'}"
         stored = {c for (c,) in conn.execute(query, params).fetchall()}  # type: ignore[call-overload]
         for i, (first, end, last_seq) in firsts.items():
@@ -884,11 +969,14 @@ class PostgresStore(Store):
                 )
             conn.execute("DELETE FROM boots WHERE device = %s", (device,))
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)  # type: ignore[arg-type]
+            if self.outbox:  # the stream's purge, after the device's entries in flight (outbox_take)
+                conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device,))
         return deleted
 
     def _delete_in_chunks(self, table: str, where: str, args: tuple) -> int:
         """DELETE FROM `table` WHERE `where`, PURGE_CHUNK rows a transaction, raising record_cursor's
-        high mark to the newest cursor deleted; the rows deleted."""
+        high mark to the newest cursor deleted; the rows deleted. Their outbox entries go in the same
+        statement: an erased or expired record is never published afterwards."""
         deleted = 0
         while True:
             with self._write() as conn:
@@ -897,7 +985,8 @@ class PostgresStore(Store):
                     f"(SELECT cursor FROM {table} WHERE {where} LIMIT %s) RETURNING cursor), "
                     "top AS (SELECT max(cursor) AS c FROM gone), "
                     "mark AS (UPDATE record_cursor SET high = (SELECT c FROM top) "
-                    "WHERE high < (SELECT c FROM top)) "
+                    "WHERE high < (SELECT c FROM top)), "
+                    "ob AS (DELETE FROM outbox WHERE cursor IN (SELECT cursor FROM gone)) "
                     "SELECT count(*) FROM gone",
                     (*args, PURGE_CHUNK),
                 ).fetchone()
@@ -932,6 +1021,125 @@ class PostgresStore(Store):
                 (start_us,),
             )
         return total
+
+    # the outbox
+
+    def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
+        """As SQLite's, for several drainers on one database (one a gateway). A drainer takes a device's
+        entries only while it holds the device: a row of outbox_leases, claimed or renewed by each take,
+        released when the page's entries of the device are done (`outbox_done`), by the next take, at
+        close, or after `outbox_lease_s` without a take (a crashed gateway). So a device is published by
+        one drainer at a time, in id order, and an erased device's purge entry is taken only after the
+        drainer that had its records in flight is done with them (the erasure deleted their entries: only
+        the lease still knows they are out).
+
+        One transaction, in which no drainer waits for another: the oldest entries of devices no other
+        drainer holds, `FOR UPDATE SKIP LOCKED` (drainers taking at the same moment pass each other's
+        candidates by), their devices claimed under a transaction-scoped advisory lock each, tried and
+        not waited for; then the page: the oldest entries of the devices held, locked `SKIP LOCKED` too and
+        cut, per device, before the first entry another drainer has locked (so a device's entries are
+        never taken out of order; the rest come next round); marked taken; their records. The values are
+        opened after the commit. A take ends this object's previous page."""
+        if limit <= 0:
+            raise ValueError("limit must be positive")
+        now_us = time.time_ns() // 1000
+        me = self.outbox_holder
+        self._leasing = True
+        with self._write() as conn:
+            held = [
+                d
+                for (d,) in conn.execute(
+                    _CLAIM_DEVICES,
+                    {
+                        "me": me,
+                        "limit": limit,
+                        "lease": int(self.outbox_lease_s * 1e6),
+                        "key": self._outbox_lock_key,
+                    },
+                )
+            ]
+            listed = conn.execute(
+                "SELECT id, device, cursor, taken_us FROM outbox WHERE device = ANY(%s::text[]) "
+                "ORDER BY id LIMIT %s",
+                (held, limit),
+            ).fetchall()
+            locked = {
+                id_
+                for (id_,) in conn.execute(
+                    "SELECT id FROM outbox WHERE id = ANY(%s::bigint[]) FOR UPDATE SKIP LOCKED",
+                    ([row[0] for row in listed],),
+                )
+            }
+            page, cut = [], set()
+            for row in listed:  # a device's entries up to the first one locked elsewhere (or gone)
+                if row[1] in cut or row[0] not in locked:
+                    cut.add(row[1])
+                    continue
+                page.append(row)
+            # the previous page is over: the devices held without an entry in this one go back
+            conn.execute(
+                "DELETE FROM outbox_leases WHERE holder = %s AND device <> ALL(%s::text[])",
+                (me, sorted({device for _, device, _, _ in page})),
+            )
+            if any(taken is None for *_, taken in page):
+                conn.execute(
+                    "UPDATE outbox SET taken_us = %s WHERE id = ANY(%s::bigint[]) AND taken_us IS NULL",
+                    (now_us, [id_ for id_, _, _, taken in page if taken is None]),
+                )
+            cursors = [c for _, _, c, _ in page if c is not None]
+            found: dict[int, tuple] = {}
+            if cursors:
+                union = " UNION ALL ".join(
+                    f"SELECT {_RECORD_COLUMNS} FROM {t} WHERE cursor = ANY(%(c)s::bigint[])"
+                    for t in RECORD_TABLES.values()
+                )
+                found = {row[0]: row for row in conn.execute(union, {"c": cursors})}  # type: ignore[call-overload]
+        self._in_flight = {id_: device for id_, device, _, _ in page}
+        out: list[OutboxRow] = []
+        dead: list[int] = []
+        for id_, device, cursor, taken_us in page:
+            taken = now_us if taken_us is None else int(taken_us)
+            if cursor is None:
+                out.append(OutboxRow(id_, device, "", None, None, taken))
+                continue
+            row = found.get(cursor)
+            record = None if row is None else self._record(row)
+            if record is None:  # its key is destroyed (or the row is gone): it can never be published
+                dead.append(id_)
+                continue
+            out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+        if dead:
+            self.outbox_done(dead)
+        return out
+
+    def outbox_done(self, ids: Sequence[int]) -> int:
+        """Delete the entries; the devices of this object's page with no entry of it left are released
+        (in the same transaction), so another drainer may take their newer entries."""
+        if not ids:
+            return 0
+        done = set(ids)
+        left = {id_: device for id_, device in self._in_flight.items() if id_ not in done}
+        finished = {self._in_flight[i] for i in done if i in self._in_flight} - set(left.values())
+        with self._write() as conn:
+            n = conn.execute("DELETE FROM outbox WHERE id = ANY(%s::bigint[])", (sorted(done),)).rowcount
+            if finished:
+                conn.execute(
+                    "DELETE FROM outbox_leases WHERE holder = %s AND device = ANY(%s::text[])",
+                    (self.outbox_holder, sorted(finished)),
+                )
+        self._in_flight = left
+        return n
+
+    def _release_all(self) -> None:
+        """Give back every device this object holds."""
+        self._in_flight = {}
+        with self._write() as conn:
+            conn.execute("DELETE FROM outbox_leases WHERE holder = %s", (self.outbox_holder,))
+
+    def outbox_depth(self) -> int:
+        with self._connection() as conn:
+            (n,) = conn.execute("SELECT count(*) FROM outbox").fetchone()  # type: ignore[misc]
+        return int(n)
 
     # registry and audit
 

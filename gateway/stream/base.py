@@ -31,6 +31,10 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT_S = 5.0
 BACKOFF_MAX_S = 15.0
 CRASH_BOUND_S = 600.0
+# A drainer starts no purge and no publish later than this after its take, leaving the rest of the page to
+# the next round: a round ends within it plus one purge or publish, so a store that lends a page's devices
+# to one drainer for a while (PostgreSQL: OUTBOX_LEASE_S) can lend them for longer than a round lasts.
+ROUND_BUDGET_S = 20.0
 # Twice the bound: an entry republished within it is dropped by the stream as a duplicate. JetStream keeps
 # each message ID this long in memory (about 100 bytes each: 12 MB per 100 records/s).
 DUPLICATE_WINDOW_S = 2 * CRASH_BOUND_S

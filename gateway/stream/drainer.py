@@ -10,7 +10,9 @@ stream is down the drainer backs off (up to BACKOFF_MAX_S) and the backlog stays
 holds one page at a time.
 
 Erasure leaves a purge entry in the outbox; the drainer purges the device's subjects when it reaches it,
-after any page it had in flight, so a record taken before the erasure cannot land after the purge.
+after any page it had in flight, so a record taken before the erasure cannot land after the purge. With
+several drainers on one store (PostgreSQL, a gateway each) the store hands a device to one drainer at a
+time, for a while; a round starts nothing after ROUND_BUDGET_S, so it never outlasts that while.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gateway.stream.base import (
     BACKOFF_MAX_S,
     DUPLICATE_WINDOW_S,
     PUBLISH_TIMEOUT_S,
+    ROUND_BUDGET_S,
     FeatureStream,
     StreamUnavailable,
     message_of,
@@ -58,6 +61,7 @@ class Drainer:
         page: int = PAGE,
         idle_s: float = IDLE_S,
         duplicate_window_s: float = DUPLICATE_WINDOW_S,
+        round_budget_s: float = ROUND_BUDGET_S,
         clock: Callable[[], float] = time.time,
     ):
         self.outbox = outbox
@@ -66,6 +70,7 @@ class Drainer:
         self.page = page
         self.idle_s = idle_s
         self.duplicate_window_s = duplicate_window_s
+        self.round_budget_s = round_budget_s
         self.clock = clock  # wall clock (s), compared with the entries' taken_us: a test injects its own
         self.published = 0  # messages acked by the stream
         self.unguarded = 0  # entries republished after the duplicate window: a copy may be in the stream
@@ -111,19 +116,25 @@ class Drainer:
 
     async def drain_once(self) -> int:
         """One round: take a page, purge, publish, delete what was acked; returns the entries done.
-        `StreamUnavailable` (after deleting what was acked) if any message went unacked."""
+        `StreamUnavailable` (after deleting what was acked) if any message went unacked. Past
+        `round_budget_s` after the take, nothing more is started: the rest is taken again next round."""
         store = self.outbox.store
+        started = time.monotonic()
         rows = await self.outbox.call(store.outbox_take, self.page)
         self._backlog = bool(rows)
         await self._update_depth(force=not rows)
         if not rows:
             return 0
         purges = [r for r in rows if r.record is None]
-        for row in purges:  # before the page's records: those after a purge entry are new data
+        for n, row in enumerate(purges):  # before the page's records: those after a purge entry are new data
+            if n and time.monotonic() - started > self.round_budget_s:  # (a round always makes progress)
+                return n
             await self.stream.purge(row.device)
             await self.outbox.call(store.outbox_done, [row.id])
             log.info("stream purged", extra={"fields": {"event": "stream_purged", "device": row.device}})
         messages = [message_of(r) for r in rows if r.record is not None]
+        if purges and time.monotonic() - started > self.round_budget_s:
+            return len(purges)
         # taken before, longer ago than the window: if that earlier publish reached the stream, this one
         # is a second copy (the drainer was down longer than CRASH_BOUND_S)
         stale_before_us = (self.clock() - self.duplicate_window_s + PUBLISH_TIMEOUT_S) * 1e6

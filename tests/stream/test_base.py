@@ -5,9 +5,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from decoder.records import FAMILIES
 from gateway.config import ConfigError, GatewayConfig
-from gateway.store import outbox_url
+from gateway.store import outbox_url, store_for_url
 from gateway.store.base import OutboxRow
+from gateway.store.postgres import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_POOL_TIMEOUT_S, OUTBOX_LEASE_S
 from gateway.stream import FeatureStream, check_stream_url, decode_message, message_of
 from gateway.stream.base import (
     BACKOFF_MAX_S,
@@ -15,6 +17,7 @@ from gateway.stream.base import (
     DUPLICATE_WINDOW_S,
     LAYOUT_VERSION,
     PUBLISH_TIMEOUT_S,
+    ROUND_BUDGET_S,
 )
 from gateway.stream.nats import NatsStream, parse_nats_url, reader_permissions, stream_name, subject
 
@@ -61,6 +64,16 @@ def test_the_duplicate_window_covers_the_crash_bound_which_covers_a_running_drai
     assert isinstance(stream, FeatureStream)
 
 
+def test_a_round_ends_well_within_the_lease_a_store_lends_a_page_for() -> None:
+    """A running drainer's round (the budget, then one purge of every family or one publish and its
+    acks, then the store call that marks them done) ends before PostgreSQL lends its devices to another
+    drainer; a crashed drainer's devices go to another well within the crash bound."""
+    store_call_s = DEFAULT_POOL_TIMEOUT_S + DEFAULT_LOCK_TIMEOUT_MS / 1000
+    one_action_s = max(len(FAMILIES) * PUBLISH_TIMEOUT_S, 2 * PUBLISH_TIMEOUT_S)
+    assert ROUND_BUDGET_S + one_action_s + store_call_s < OUTBOX_LEASE_S
+    assert OUTBOX_LEASE_S + BACKOFF_MAX_S + ROUND_BUDGET_S < CRASH_BOUND_S
+
+
 def test_stream_urls() -> None:
     assert parse_nats_url("nats://u:p%40ss@h1:4222,h2:4223?prefix=fleet-a") == (
         ["nats://h1:4222", "nats://h2:4223"],
@@ -75,6 +88,7 @@ def test_stream_urls() -> None:
     with pytest.raises(ConfigError, match="stream"):
         GatewayConfig(stream="nats://h:1?prefix=Bad").validate()
     GatewayConfig(stream="nats://h:1").validate()
+    GatewayConfig(stream="nats://h:1", store="postgresql://db.example/bandgate").validate()  # both outboxes
     assert "secret" not in repr(NatsStream.from_url("nats://u:secret@h:1"))
 
 
@@ -83,6 +97,9 @@ def test_names() -> None:
     assert subject("fleet-a", "steps", DEV) == f"fleet-a.steps.{DEV}"
     assert outbox_url("sqlite:///x.db") == "sqlite:///x.db?outbox=1"
     assert outbox_url("sqlite:///x.db?busy_timeout_ms=5") == "sqlite:///x.db?busy_timeout_ms=5&outbox=1"
+    pg = outbox_url("postgresql://u:pw@db.example/bandgate?schema=fleet")
+    assert pg == "postgresql://u:pw@db.example/bandgate?schema=fleet&outbox=1"
+    assert store_for_url(pg).outbox and not store_for_url("postgresql://db.example/bandgate").outbox
 
 
 def test_a_reader_may_use_its_family_stream_and_its_own_inbox_only() -> None:

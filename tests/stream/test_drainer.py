@@ -121,3 +121,34 @@ def test_a_purge_runs_before_the_records_behind_it_and_republishes_dedup(tmp_pat
         assert s.outbox_depth() == 0
     devices = [m.device for m in stream.messages]
     assert devices == [device_key(B), device_key(A)]  # A's old two purged, its new one kept
+
+
+class SlowPurges(MemoryStream):
+    async def purge(self, device: str) -> None:
+        await asyncio.sleep(0.05)
+        await super().purge(device)
+
+
+def test_a_round_starts_nothing_past_its_budget(tmp_path) -> None:
+    """Five erased devices and a record behind them, purges that take 50 ms, a budget of 80 ms: the first
+    round purges one or two devices and publishes nothing (the lease a store lends the page for outlives
+    the round); the next rounds do the rest, in order."""
+    with SqliteStore(tmp_path / "gw.db", outbox=True) as s:
+        for k in range(5):
+            s.commit(B + k, 1, 0, 0, b"b", minutes(B + k, 0, 1))
+            s.erase_device(B + k)
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+    stream = SlowPurges()
+
+    async def scenario() -> tuple[int, int, int]:
+        drainer = await _drainer(tmp_path / "gw.db", stream, round_budget_s=0.08)
+        first = await drainer.drain_once()
+        published_then = len(stream.messages)
+        await drainer.flush()
+        depth = await drainer.outbox.call(drainer.outbox.store.outbox_depth)
+        await asyncio.to_thread(drainer.outbox.shutdown)
+        return first, published_then, depth
+
+    first, published_then, depth = run(scenario())
+    assert first in (1, 2) and published_then == 0
+    assert depth == 0 and [m.device for m in stream.messages] == [device_key(A)] * 2

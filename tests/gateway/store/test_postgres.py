@@ -1,12 +1,17 @@
 """The PostgreSQL store: the store contract on a fresh schema of the test database, plus what only many
 gateways over one database need (cursors that commit out of order, two writers holding one device,
-connections cut under the store, migrations an older gateway runs beside)."""
+several drainers on one outbox, connections cut under the store, migrations an older gateway runs
+beside)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from decoder.records import device_key
 from gateway.pipeline import ALREADY_EXISTS, OK, UNAVAILABLE
 from gateway.privacy.sealing import KeySealer, open_sealer
 from gateway.server import run_server
@@ -33,9 +39,10 @@ from gateway.store.postgres import CURSOR_BITS, MIGRATIONS, Migration
 from tests.gateway.gatewaykit import Uploader, band, config, processed, same_records
 from tests.services import postgres_url
 
-from .contract import A, B, StoreContract, everything, minutes
+from .contract import A, B, OutboxContract, StoreContract, everything, minutes
 
 LOCK_TIMEOUT_MS = 100
+REPO = Path(__file__).resolve().parents[3]
 
 
 class _NewerPostgresStore(PostgresStore):
@@ -85,6 +92,9 @@ class PostgresHarness:
         self.schemas.append(schema)
         return lambda: PostgresStore.from_url(self.store_url(schema), self.sealer)
 
+    def outbox_store(self) -> PostgresStore:
+        return PostgresStore.from_url(self.store_url(outbox=1), self.sealer)
+
     def newer_store(self) -> PostgresStore:
         return _NewerPostgresStore.from_url(self.store_url(), self.sealer)
 
@@ -130,13 +140,13 @@ def pg_harness() -> Iterator[PostgresHarness]:
     harness.drop()
 
 
-class TestPostgresContract(StoreContract):
+class TestPostgresContract(StoreContract, OutboxContract):
     @pytest.fixture
     def harness(self, pg_harness: PostgresHarness) -> PostgresHarness:
         return pg_harness
 
 
-class TestSealedPostgresContract(StoreContract):
+class TestSealedPostgresContract(StoreContract, OutboxContract):
     """The same promises with encryption at rest: values and state sealed under real data keys."""
 
     @pytest.fixture
@@ -175,6 +185,7 @@ def test_urls_name_the_database_schema_and_options() -> None:
         "postgresql://127.0.0.1/test?pool_max=1",
         "postgresql://127.0.0.1/test?pool_timeout_s=soon",
         "postgresql://127.0.0.1/test?schema=a&schema=b",
+        "postgresql://127.0.0.1/test?outbox=yes",
         "postgresql://127.0.0.1/test?sslmod=require",  # a typo of a libpq option
         "postgresql://127.0.0.1/",
         "postgresql:127.0.0.1/test",
@@ -304,6 +315,146 @@ def test_two_gateways_holding_one_device_lose_nothing_and_store_nothing_twice(
         assert store.device(A) == DeviceRow(A, 1, n - 1, f"g{winner}-{n - 1}".encode())
 
 
+# several drainers on one outbox (a gateway each)
+
+
+def test_drainers_taking_at_once_share_the_devices_and_keep_each_device_in_order(
+    pg_harness: PostgresHarness,
+) -> None:
+    """Two drainers drain while a gateway commits for eight devices: every record is published exactly
+    once, each device's records in commit order, a device is never in flight at both at once, and no
+    take waits for another (the lock timeout is 100 ms: a wait would be StoreUnavailable)."""
+    devices = [B + k for k in range(8)]
+    n_batches = 25
+    committed = threading.Event()
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+    holder_of: dict[str, int] = {}
+    published: dict[str, list[int]] = {}
+    rounds = [0, 0]
+
+    def write() -> None:
+        try:
+            with pg_harness.outbox_store() as writer:
+                for i in range(n_batches):
+                    for d in devices:
+                        writer.commit(d, 1, i, i, b"", minutes(d, 3 * i, 3))
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            committed.set()
+
+    def drain(k: int) -> None:
+        try:
+            with pg_harness.outbox_store() as drainer:
+                idle = 0
+                while idle < 3:
+                    done = committed.is_set()
+                    rows = drainer.outbox_take(7)  # small pages: the drainers interleave
+                    if not rows:
+                        idle += done
+                        continue
+                    rounds[k] += 1
+                    with guard:
+                        for r in rows:
+                            assert holder_of.setdefault(r.device, k) == k, f"{r.device} at both drainers"
+                    for r in rows:  # "publish"
+                        published.setdefault(r.device, []).append(r.cursor)
+                    with guard:  # given back before done releases them: the check stays strict
+                        for r in rows:
+                            holder_of.pop(r.device, None)
+                    drainer.outbox_done([r.id for r in rows])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write), *(threading.Thread(target=drain, args=(k,)) for k in (0, 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    with pg_harness.new_store() as store:
+        want: dict[str, list[int]] = {}
+        for c, r in everything(store):
+            want.setdefault(r["device"], []).append(c)
+        assert store.outbox_depth() == 0
+    assert published == want  # each device: every cursor once, in commit order
+    assert all(rounds), rounds  # both drained
+
+
+def test_a_take_passes_entries_another_take_has_locked_by_and_keeps_each_device_in_order(
+    pg_harness: PostgresHarness,
+) -> None:
+    """An entry locked by another drainer's take in progress is not waited for (the lock timeout is
+    100 ms) and not jumped: its device's page stops before it, other devices are taken whole."""
+    with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as drainer:
+        a = writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3)).cursors
+        b = writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2)).cursors
+        with pg_harness.connect() as other, other.transaction():
+            other.execute("SELECT id FROM outbox WHERE cursor = %s FOR UPDATE", (a[1],))
+            assert [r.cursor for r in drainer.outbox_take(100)] == [a[0], *b]
+        assert [r.cursor for r in drainer.outbox_take(100)] == [*a, *b]
+
+
+def test_an_erased_device_is_purged_only_after_the_drainer_with_its_records_is_done(
+    pg_harness: PostgresHarness,
+) -> None:
+    """Drainer 1 has a device's records in flight when the device is erased: the erasure deletes their
+    entries, but drainer 2 gets the purge only once drainer 1 is done, so the records cannot land in
+    the stream after the purge."""
+    with (
+        pg_harness.outbox_store() as writer,
+        pg_harness.outbox_store() as one,
+        pg_harness.outbox_store() as two,
+    ):
+        writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+        writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+        in_flight = one.outbox_take(100)
+        assert len(in_flight) == 5
+        writer.erase_device(A)
+        assert two.outbox_take(100) == []  # A's purge waits for drainer 1
+        assert one.outbox_done([r.id for r in in_flight if r.device == device_key(B)]) == 2
+        assert two.outbox_take(100) == []  # B is done; A is still out
+        assert one.outbox_done([r.id for r in in_flight if r.device == device_key(A)]) == 0  # erased
+        (purge,) = two.outbox_take(100)
+        assert purge.record is None and purge.device == device_key(A)
+        writer.commit(A, 1, 5, 5, b"a", minutes(A, 10, 1))  # new data after the erasure
+        assert one.outbox_take(100) == []  # A is drainer 2's until its purge is done
+        assert [r.record is None for r in two.outbox_take(100)] == [True, False]  # the purge, then the new
+
+
+_CRASHING_DRAINER = """
+import os, sys
+from gateway.store import PostgresStore
+store = PostgresStore.from_url(sys.argv[1])
+store.outbox_lease_s = float(sys.argv[2])
+store.open()
+print(" ".join(f"{r.id}:{r.taken_us}" for r in store.outbox_take(100)), flush=True)
+os._exit(137)  # dies with its page in flight: no done, no close
+"""
+
+
+def test_a_crashed_drainers_devices_go_to_another_after_the_lease(pg_harness: PostgresHarness) -> None:
+    lease_s = 3.0
+    with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as survivor:
+        writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+        crash = subprocess.run(
+            [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), str(lease_s)],
+            capture_output=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert crash.returncode == 137, crash.stderr.decode()[-2000:]
+        taken = [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+        assert len(taken) == 3
+        assert survivor.outbox_take(100) == []  # the crashed drainer still holds the device
+        time.sleep(max(0.0, taken[0][1] / 1e6 + lease_s + 0.2 - time.time()))
+        again = survivor.outbox_take(100)
+        assert [(r.id, r.taken_us) for r in again] == taken  # taken again, the first taken time kept
+        assert survivor.outbox_done([r.id for r in again]) == 3
+
+
 # connections cut under the store
 
 
@@ -383,9 +534,11 @@ def test_an_expanding_migration_leaves_older_gateways_working(pg_harness: Postgr
     with pg_harness.new_store() as restarted:  # an older gateway (re)starts on the newer schema
         assert restarted.device(A) == DeviceRow(A, 1, 2, b"old")
     with pg_harness.connect() as conn:
+        # an expansion leaves `compatible` at the last contraction (the outbox expanded too)
+        last_contract = max(n for n, m in enumerate(MIGRATIONS, 1) if m.contract)
         assert conn.execute("SELECT version, compatible FROM schema_version").fetchone() == (
             len(MIGRATIONS) + 1,
-            len(MIGRATIONS),
+            last_contract,
         )
 
 
