@@ -32,6 +32,7 @@ from bandgate.v1 import (
 )
 from gateway.auth import Authenticator, InsecureLoopbackAuthenticator, TlsAuthenticator, claimed_device
 from gateway.config import GatewayConfig
+from gateway.listen import PortLocks
 from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
 from gateway.privacy.access import erase, export_lines
@@ -820,7 +821,8 @@ async def run_server(
 
 
 def serve(config: GatewayConfig) -> int:
-    """Run until SIGTERM or SIGINT, then drain and return 0."""
+    """Run until SIGTERM or SIGINT, then drain and return 0. The ports of `listen` and `token_listen` are
+    locked first (gateway/listen.py): a second `serve` on them fails at once, saying who holds them."""
 
     async def main() -> int:
         gateway = Gateway(config)
@@ -835,7 +837,8 @@ def serve(config: GatewayConfig) -> int:
             await gateway.shutdown()
         return 0
 
-    return asyncio.run(main())
+    with PortLocks([config.listen, config.token_listen]):
+        return asyncio.run(main())
 
 
 __all__ = ["Gateway", "feature_record", "run_server", "serve"]
