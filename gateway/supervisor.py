@@ -487,8 +487,10 @@ def _serve_process(fd: int) -> int:
             try:
                 await gateway.start()
             except Exception as e:
-                log.error("serving process failed to start", exc_info=True)
-                writer.write(json.dumps({"event": "failed", "error": _error(e)}).encode() + b"\n")
+                if not _expected(e):  # a bug: its traceback here; the supervisor prints the message
+                    log.error("serving process failed to start", exc_info=True)
+                error = str(e) if _expected(e) else f"{type(e).__name__}: {e}"
+                writer.write(json.dumps({"event": "failed", "error": error}).encode() + b"\n")
                 await writer.drain()
                 return 2
             said = {
@@ -512,14 +514,12 @@ def _serve_process(fd: int) -> int:
     return asyncio.run(main())
 
 
-def _error(e: Exception) -> str:
-    """A start error as `serve` prints it: the message of the errors it expects, else the type too."""
+def _expected(e: Exception) -> bool:
+    """A start error `serve` answers with its message alone (gateway/cli.py): a store, URL, port or key."""
     from gateway.security.audit import AuditError
     from gateway.store import StoreError
 
-    if isinstance(e, (StoreError, AuditError, ValueError, OSError, RuntimeError)):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
+    return isinstance(e, (StoreError, AuditError, ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

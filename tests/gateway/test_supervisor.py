@@ -357,3 +357,19 @@ def test_a_process_that_keeps_dying_stops_the_supervisor_with_status_1(tmp_path)
     code, pids = run(scenario())
     assert code == 1
     assert pids[1] == 0 and not running(pids[0])
+
+
+def test_a_process_that_cannot_start_stops_serve_with_its_error(tmp_path):
+    log_path = tmp_path / "serve.log"
+    proc = _serve(
+        tmp_path,
+        log_path,
+        "--workers", "2",
+        "--listen", "127.0.0.1:0",
+        "--store", f"sqlite:///{tmp_path / 'no-such-dir' / 'gw.db'}",
+        "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert proc.wait(timeout=60) == 2
+    last = log_path.read_text().splitlines()[-1]
+    assert last.startswith("serve: serving process 0: sqlite: unable to open database file"), last
+    assert "Traceback" not in log_path.read_text()  # an expected error: its message, as a single serve's
