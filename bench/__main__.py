@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.e2e_bench import e2e_figures
 
     figures.update(e2e_figures(args.quick))
+    from bench.workers_bench import workers_figures
+
+    figures.update(workers_figures(args.quick))
     from bench.privacy_bench import privacy_figures
 
     figures.update(privacy_figures(args.quick))

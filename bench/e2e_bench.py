@@ -79,9 +79,11 @@ class Gateway:
         env: dict[str, str] | None = None,
         insecure: bool = True,
         state_dir: Path | None = None,
+        extra: tuple[str, ...] = (),
     ):
         self.workdir = workdir
         self.insecure = insecure
+        self.extra = extra  # more `serve` flags (`--workers 2`: bench/workers_bench.py)
         # The benchmark's simulated bands have no owners to consent: the operator's settings consent to
         # every family for them (the gate is still asked for every batch). A caller's env overrides.
         self.env = {"BANDGATE_DEFAULT_CONSENT": "all", "BANDGATE_AGE_UNKNOWN": "adult", **(env or os.environ)}
@@ -104,6 +106,7 @@ class Gateway:
         ]  # fmt: skip
         if self.insecure:
             args.append("--insecure")
+        args += self.extra
         with open(self.log, "w") as err:
             self.launched = time.perf_counter()
             self.proc = subprocess.Popen(

@@ -160,12 +160,17 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 "region": args.region,
                 "insecure": True if args.insecure else None,
                 "auto_register": True if args.auto_register else None,
+                "workers": args.workers,
             },
         )
     except ConfigError as e:
         return _fail(f"serve: {e}")
     configure_logging()
     try:
+        if config.workers > 1:
+            from gateway.supervisor import supervise
+
+            return supervise(config)
         return serve(config)
     except (StoreError, AuditError, ValueError, OSError, RuntimeError) as e:  # a store, URL, port or key
         return _fail(f"serve: {e}")
@@ -376,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto-register",
         action="store_true",
         help="register unknown devices whose certificate the CA signed",
+    )
+    srv.add_argument(
+        "--workers",
+        type=_positive(int),
+        help="serving processes on the one port (SO_REUSEPORT), each with its own compute workers "
+        "(default 1; docs/operations.md)",
     )
     srv.set_defaults(run=_cmd_serve)
 

@@ -83,6 +83,10 @@ class GatewayConfig:
     compute_queue: int = 1024  # batches decoding or waiting for a compute worker (bounds memory, not speed)
     overload_wait_ms: int = 250  # wait this long for room in either queue, then RESOURCE_EXHAUSTED
     retry_after_ms: int = 1000  # what an overloaded gateway tells the band
+    # Serving processes on the one port (`serve --workers N`, gateway/supervisor.py): each a whole gateway
+    # with its own gRPC server and its own `compute_processes`, over the shared store and state dir.
+    # 1 = this process serves, no supervisor.
+    workers: int = 1
     compute_processes: int = 2  # decode + features worker processes; 0 = compute threads in this process
     compute_threads: int = 2  # decode + features threads when compute_processes = 0
     # A compute worker holding batches that answers none of them for this long is killed and replaced
@@ -172,6 +176,7 @@ class GatewayConfig:
             "commit_queue",
             "compute_queue",
             "compute_threads",
+            "workers",
             "subscribe_page",
             "keepalive_time_ms",
             "keepalive_timeout_ms",

@@ -9,7 +9,12 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "msg", ...fields}`, where fields come from `extra={"fields": {...}}`."""
+    """`{"ts", "level", "logger", "msg", ...fields}`, where fields come from `extra={"fields": {...}}`,
+    after `stamp` (fields every line of this process carries, such as the serving process's number)."""
+
+    def __init__(self, stamp: dict | None = None):
+        super().__init__()
+        self.stamp = dict(stamp or {})
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -18,6 +23,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.stamp,
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
@@ -25,13 +31,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stderr for the `bandgate` loggers (idempotent)."""
+def configure_logging(level: int = logging.INFO, stamp: dict | None = None) -> None:
+    """JSON lines on stderr for the `bandgate` loggers (idempotent), each carrying `stamp`'s fields."""
     logger = logging.getLogger("bandgate")
     if any(getattr(h, "_bandgate", False) for h in logger.handlers):
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(stamp))
     handler._bandgate = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level)

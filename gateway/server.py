@@ -32,6 +32,7 @@ from bandgate.v1 import (
 )
 from gateway.auth import Authenticator, InsecureLoopbackAuthenticator, TlsAuthenticator, claimed_device
 from gateway.config import GatewayConfig
+from gateway.listen import PortLocks
 from gateway.metrics import Metrics
 from gateway.pipeline import ALL_FAMILIES, Pipeline, StoreThread
 from gateway.privacy.access import erase, export_lines
@@ -491,7 +492,10 @@ class Gateway:
     a no-op); shutdown drains (see the module docstring) and is safe without start, and twice.
 
     Listeners: `address` (mutual TLS; plaintext with `insecure`), `token_address` (server-authenticated
-    TLS for bearer tokens) and `health_address` (plaintext gRPC health, loopback only)."""
+    TLS for bearer tokens) and `health_address` (plaintext gRPC health, loopback only). `shared_port`: the
+    first two are bound with SO_REUSEPORT, as one of the serving processes of `serve --workers N`
+    (gateway/supervisor.py, whose port lock keeps any other gateway off them); otherwise a second gateway
+    on the same port fails to bind instead of sharing it."""
 
     def __init__(
         self,
@@ -500,8 +504,10 @@ class Gateway:
         authenticator: Authenticator | None = None,
         consent: ConsentGate | None = None,
         clock: Callable[[], float] = time.time,
+        shared_port: bool = False,
     ):
         self.config = config.validate()
+        self.shared_port = shared_port
         self.authenticator = authenticator
         self.consent = consent  # None: the registry's consent and minors rules (gateway/privacy)
         self.clock = clock  # wall clock (s) of the retention sweeper: a test injects its own
@@ -623,7 +629,7 @@ class Gateway:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
             ("grpc.http2.max_ping_strikes", 3),
-            ("grpc.so_reuseport", 0),  # a second gateway on the same port fails instead of sharing it
+            ("grpc.so_reuseport", int(self.shared_port)),
         ]
         if c.max_connection_idle_ms:
             options.append(("grpc.max_connection_idle_ms", c.max_connection_idle_ms))
@@ -820,7 +826,8 @@ async def run_server(
 
 
 def serve(config: GatewayConfig) -> int:
-    """Run until SIGTERM or SIGINT, then drain and return 0."""
+    """Run until SIGTERM or SIGINT, then drain and return 0. The ports of `listen` and `token_listen` are
+    locked first (gateway/listen.py): a second `serve` on them fails at once, saying who holds them."""
 
     async def main() -> int:
         gateway = Gateway(config)
@@ -835,7 +842,8 @@ def serve(config: GatewayConfig) -> int:
             await gateway.shutdown()
         return 0
 
-    return asyncio.run(main())
+    with PortLocks([config.listen, config.token_listen]):
+        return asyncio.run(main())
 
 
 __all__ = ["Gateway", "feature_record", "run_server", "serve"]

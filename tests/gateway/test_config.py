@@ -33,6 +33,7 @@ def test_precedence_file_env_flags(tmp_path):
         ({"environ": {"BANDGATE_RATE_SAMPLES_PER_S": "-1"}}, "rate_samples_per_s"),
         ({"environ": {"BANDGATE_COMPUTE_PROCESSES": "-1"}}, "compute_processes"),
         ({"environ": {"BANDGATE_COMPUTE_QUEUE": "0"}}, "compute_queue"),
+        ({"environ": {"BANDGATE_WORKERS": "0"}}, "workers"),
         ({"environ": {"BANDGATE_RETENTION_DAYS": "-1"}}, "retention_days"),
         ({"environ": {"BANDGATE_RETENTION": "pulse=30"}}, "retention: unknown family 'pulse'"),
         ({"environ": {"BANDGATE_RETENTION": "heart=-1"}}, "retention: heart: days must be >= 0"),

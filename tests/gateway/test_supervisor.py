@@ -1,0 +1,375 @@
+"""`bandgate serve --workers 2` as a process, over mutual TLS as it runs by default: two serving processes
+take streams on one port; a band that reconnects to the other process continues its sequence with nothing
+lost or doubled; SIGTERM drains both and exits 0; a second `serve` on the port is refused with a message;
+a killed serving process is started again and health recovers; one that keeps dying stops the supervisor
+with exit status 1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.pipeline import ALREADY_EXISTS, OK
+from gateway.simulator.client import run_fleet
+from gateway.simulator.recorder import fleet_batches
+from gateway.store import open_store
+from gateway.supervisor import Supervisor
+from tests.gateway.gatewaykit import (
+    REPO,
+    SERVE,
+    Credentials,
+    Uploader,
+    band,
+    config,
+    processed,
+    running,
+    same_records,
+    stored,
+    wait_until,
+)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class Supervised:
+    """`bandgate serve --workers N` as a subprocess, its JSON log in a file; addresses and the serving
+    processes' pids from the supervisor's "supervisor_serving" line."""
+
+    def __init__(self, tmp_path: Path, db: Path, *, workers: int = 2, listen: str = "127.0.0.1:0"):
+        self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
+        self.state_dir = tmp_path / "state"
+        self.db = db
+        self.proc = _serve(
+            tmp_path,
+            self.log_path,
+            "--workers", str(workers),
+            "--listen", listen,
+            "--store", f"sqlite:///{db}",
+            "--state-dir", str(self.state_dir),
+            "--metrics-listen", "127.0.0.1:0",
+        )  # fmt: skip
+        line = self.wait_for('"event":"supervisor_serving"', 60)
+        self.address = _field(line, "address")
+        self.health_address = _field(line, "health_address")
+        self.metrics_address = _field(line, "metrics_address")
+        self.pids = [int(p) for p in re.search(r'"pids":\[([\d,]+)\]', line).group(1).split(",")]
+        self.credentials = Credentials(self.state_dir, self.address)
+
+    @property
+    def lines(self) -> list[str]:
+        return self.log_path.read_text().splitlines()
+
+    def wait_for(self, text: str, timeout: float, after: int = 0) -> str:
+        """The first log line (from line `after` on) that holds `text`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None  # before reading: its last lines are then in the file
+            for line in self.lines[after:]:
+                if text in line:
+                    return line
+            if exited or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"serve did not log {text!r}: {self.lines[-30:]}")
+
+    def worker_pids(self, process: int) -> list[int]:
+        """The compute workers serving process `process` logged as started."""
+        found = (
+            re.search(rf'"process":{process},"event":"worker_started".*"pid":(\d+)', x) for x in self.lines
+        )
+        return [int(m.group(1)) for m in found if m]
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """The supervisor's /metrics: (sample name, labels) -> value."""
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def per_process(self, name: str, **labels: str) -> dict[str, float]:
+        """Sample `name` with `labels`, by the `process` label."""
+        want = set(labels.items())
+        return {
+            dict(lbl)["process"]: v
+            for (n, lbl), v in self.metrics().items()
+            if n == name and want <= lbl and "process" in dict(lbl)
+        }
+
+    def health(self) -> int:
+        try:
+            with grpc.insecure_channel(self.health_address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return -1
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def _serve(tmp_path: Path, log_path: Path, *args: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}:{REPO / 'protos'}",
+        "BANDGATE_DEFAULT_CONSENT": "all",
+        "BANDGATE_AGE_UNKNOWN": "adult",
+    }
+    common = ["--token-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [*SERVE, *common, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log, env=env
+        )
+
+
+def _field(line: str, name: str) -> str:
+    return re.search(rf'"{name}":"([^"]*)"', line).group(1)
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_two_processes_serve_one_port_and_both_take_streams(tmp_path):
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db)
+    fleet = [(rec.device_id, b) for rec, b in fleet_batches(bands=16, minutes=20, seed=21, batch_minutes=5)]
+    try:
+        assert server.health() == SERVING
+        assert len(server.pids) == 2 and all(map(running, server.pids))
+
+        async def scenario():
+            credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
+            return await run_fleet(server.address, fleet, give_up_after_s=30, credentials=credentials)
+
+        stats = run(scenario())
+        assert not any(s.refused for s in stats)
+        # every band on a connection of its own: the kernel spread them over both processes
+        ok = server.per_process("bandgate_batches_total", code="OK")
+        assert set(ok) == {"0", "1"} and all(ok.values()), ok
+        assert sum(ok.values()) == sum(len(b) for _, b in fleet)
+        assert set(server.per_process("bandgate_compute_workers")) == {"0", "1"}
+        assert server.metrics()[("bandgate_serving_processes", frozenset())] == 2
+    finally:
+        assert server.terminate() == 0
+    expected = processed(b for _, batches in fleet for b in batches)
+    got = stored(f"sqlite:///{db}")
+    assert len(got) == len(expected) > 0 and same_records(got, expected)
+
+
+async def _stream_on(
+    server: Supervised, device: int, want: str | None
+) -> tuple[Uploader, grpc.aio.Channel, str]:
+    """An Upload stream of `device` on a new connection, opened again until the kernel gives it to process
+    `want` (any when None); the process that holds it, from the devices_connected gauge."""
+    identity = await server.credentials.band(device)
+    for _ in range(40):
+        # a local subchannel pool: a connection of its own, so the kernel chooses a process anew
+        channel = grpc.aio.secure_channel(
+            server.address, identity.credentials(), options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        up = Uploader(channel, device)
+        await up.call.wait_for_connection()
+        holders: list[str] = []
+        for _ in range(100):
+            gauges = await asyncio.to_thread(server.per_process, "bandgate_devices_connected")
+            holders = [p for p, v in gauges.items() if v == 1]
+            if holders:
+                break
+            await asyncio.sleep(0.05)
+        assert len(holders) == 1, gauges
+        if want is None or holders[0] == want:
+            return up, channel, holders[0]
+        up.call.cancel()
+        await channel.close()
+        assert await asyncio.to_thread(
+            wait_until, lambda: not any(server.per_process("bandgate_devices_connected").values())
+        )
+    raise AssertionError(f"40 connections, none to process {want}")
+
+
+def test_a_band_that_reconnects_to_the_other_process_continues_its_sequence(tmp_path):
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db)
+    device, batches = band(seed=51, minutes=60, batch_minutes=5)
+    parts = [batches[:4], batches[4:8], batches[8:]]
+
+    async def scenario():
+        acks, took = [], []
+        want = None
+        for part in parts:  # first process, the other one, and back
+            up, channel, process = await _stream_on(server, device, want)
+            acks += [(await up.send(b)).code for b in part]
+            await up.close()
+            await channel.close()
+            took.append(process)
+            want = "1" if process == "0" else "0"
+        # a resend of what the first process stored, to the other one: acknowledged, not stored again
+        up, channel, _ = await _stream_on(server, device, want)
+        resent = await up.send(batches[0])
+        await up.close()
+        await channel.close()
+        return acks, took, resent
+
+    try:
+        acks, took, resent = run(scenario())
+    finally:
+        assert server.terminate() == 0
+    assert took in (["0", "1", "0"], ["1", "0", "1"])
+    assert acks == [OK] * len(batches)
+    assert resent.code in (OK, ALREADY_EXISTS) and resent.acked_seq == batches[-1].last_seq
+    # the device's state went through the store: the records equal one uninterrupted run
+    got = stored(f"sqlite:///{db}")
+    assert len(got) == len(processed(batches)) and same_records(got, processed(batches))
+
+
+def test_sigterm_drains_every_process_acks_what_is_stored_and_exits_0(tmp_path):
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db)
+    fleet = [band(seed=s, minutes=60, batch_minutes=1) for s in (61, 62, 63, 64, 65, 66)]
+    workers = server.worker_pids(0) + server.worker_pids(1)
+    assert len(workers) == 4
+
+    async def one(device, batches, acks):
+        async with await server.credentials.band_channel(device) as ch:
+            up = Uploader(ch, device)
+            try:
+                for b in batches:
+                    acks.append(await up.send(b))
+            except (grpc.aio.AioRpcError, AssertionError):
+                pass
+            return await up.call.code()
+
+    async def scenario():
+        acks = {d: [] for d, _ in fleet}
+        for d, _ in fleet:
+            await server.credentials.band(d)  # enrolled before the clock starts
+        streams = [asyncio.ensure_future(one(d, b, acks[d])) for d, b in fleet]
+        while sum(map(len, acks.values())) < 30:
+            await asyncio.sleep(0.01)
+        server.proc.send_signal(signal.SIGTERM)
+        return acks, await asyncio.gather(*streams)
+
+    acks, codes = run(scenario(), 60)
+    assert server.proc.wait(timeout=60) == 0
+    assert '"exit_codes":[0,0]' in server.wait_for('"event":"supervisor_stopped"', 1)
+    assert not any(map(running, server.pids + workers))  # the serving processes and their workers went
+    assert all(c in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL) for c in codes), codes
+    with open_store(f"sqlite:///{db}") as store:
+        for device, batches in fleet:
+            assert all(a.code == OK for a in acks[device])
+            assert len(acks[device]) < len(batches)
+            if acks[device]:  # acked = stored, no more, no less
+                assert store.device(device).last_seq == acks[device][-1].acked_seq
+
+
+def test_a_second_serve_on_the_same_port_is_refused_with_a_message(tmp_path):
+    server = Supervised(tmp_path, tmp_path / "gw.db")
+    try:
+        for workers in ("1", "2"):
+            other = tmp_path / f"other-{workers}"
+            other.mkdir()
+            log_path = other / "serve.log"
+            second = _serve(
+                other,
+                log_path,
+                "--workers", workers,
+                "--listen", server.address,
+                "--store", f"sqlite:///{other / 'gw.db'}",
+                "--state-dir", str(other / "state"),
+            )  # fmt: skip
+            assert second.wait(timeout=60) == 2
+            message = log_path.read_text()
+            port = server.address.rsplit(":", 1)[1]
+            assert f"port {port} ({server.address}) is held by another bandgate serve" in message, message
+            assert f"pid {server.proc.pid}" in message
+            assert not (other / "gw.db").exists()  # refused before it opened anything
+        assert server.health() == SERVING
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_killed_serving_process_is_started_again_and_health_recovers(tmp_path):
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db)
+    try:
+        killed = server.pids[1]
+        orphans = server.worker_pids(1)
+        seen = len(server.lines)
+        os.kill(killed, signal.SIGKILL)
+        lost = server.wait_for('"event":"serving_process_lost"', 10, after=seen)
+        assert f'"pid":{killed}' in lost and '"process":1' in lost
+        assert server.health() != SERVING  # not every process serves
+        # its compute workers see their sockets close and exit: no orphan keeps computing
+        assert wait_until(lambda: not any(map(running, orphans)), 20)
+        restarted = server.wait_for('"event":"serving_process_started","process":1', 60, after=seen)
+        assert int(re.search(r'"pid":(\d+)', restarted).group(1)) != killed
+        assert wait_until(lambda: server.health() == SERVING, 20)
+        metrics = server.metrics()
+        assert metrics[("bandgate_serving_process_restarts_total", frozenset())] == 1
+        assert metrics[("bandgate_serving_processes", frozenset())] == 2
+        assert set(server.per_process("bandgate_compute_workers")) == {"0", "1"}
+        fleet = [
+            (rec.device_id, b) for rec, b in fleet_batches(bands=8, minutes=10, seed=71, batch_minutes=5)
+        ]
+
+        async def scenario():
+            credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
+            return await run_fleet(server.address, fleet, give_up_after_s=30, credentials=credentials)
+
+        assert not any(s.refused for s in run(scenario()))
+    finally:
+        assert server.terminate() == 0
+    expected = processed(b for _, batches in fleet for b in batches)
+    assert same_records(stored(f"sqlite:///{db}"), expected)
+
+
+def test_a_process_that_keeps_dying_stops_the_supervisor_with_status_1(tmp_path):
+    async def scenario():
+        # one compute worker each: what is tested is the supervisor, and starts are most of the time
+        settings = config(tmp_path, workers=2, compute_processes=1)
+        supervisor = Supervisor(settings, restart_delay_s=0.05, give_up_after=2)
+        try:
+            await supervisor.start()
+            for _ in range(2):  # dies young twice: the second time, no third start
+                pid = supervisor.pids[1]
+                os.kill(pid, signal.SIGKILL)
+                while supervisor.pids[1] in (pid, 0) and not supervisor._stop.is_set():
+                    await asyncio.sleep(0.05)
+            await asyncio.wait_for(supervisor.wait(), 30)
+        finally:
+            code = await supervisor.shutdown()
+        return code, supervisor.pids
+
+    code, pids = run(scenario())
+    assert code == 1
+    assert pids[1] == 0 and not running(pids[0])
+
+
+def test_a_process_that_cannot_start_stops_serve_with_its_error(tmp_path):
+    log_path = tmp_path / "serve.log"
+    proc = _serve(
+        tmp_path,
+        log_path,
+        "--workers", "2",
+        "--listen", "127.0.0.1:0",
+        "--store", f"sqlite:///{tmp_path / 'no-such-dir' / 'gw.db'}",
+        "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert proc.wait(timeout=60) == 2
+    last = log_path.read_text().splitlines()[-1]
+    assert last.startswith("serve: serving process 0: sqlite: unable to open database file"), last
+    assert "Traceback" not in log_path.read_text()  # an expected error: its message, as a single serve's
