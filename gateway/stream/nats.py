@@ -40,6 +40,7 @@ DEFAULT_PREFIX = "bandgate"
 _PREFIX = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _STREAM_IN_USE = 10058  # JetStream: a stream of that name exists with another configuration
 RECONNECT_WAIT_S = 1.0
+CLOSE_S = 5.0  # a close waits this long for the client to flush and hang up, then leaves it
 DAY_S = 86_400.0
 
 
@@ -273,8 +274,9 @@ class NatsStream:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if nc is not None:
+            # nats-py's close waits for its writer and the socket without a limit: a stop must not hang
             with contextlib.suppress(Exception):
-                await nc.close()
+                await asyncio.wait_for(nc.close(), CLOSE_S)
         self._ready = False
 
 

@@ -210,5 +210,6 @@ def record_of(body: dict) -> dict:
     return {k: body[k] for k in ("family", "device", "start_us", "duration_s", "algo", "values")}
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
+def run(coro: Any, timeout_s: float = 120.0) -> Any:
+    """`coro` to completion, failing after `timeout_s` (a hang reports where it was, not a CI timeout)."""
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
