@@ -77,6 +77,9 @@ class GatewayConfig:
     rate_burst_batches: float = 10.0
     rate_samples_per_s: float = 0.0  # per device, charged after decoding; 0 = unlimited
     rate_burst_samples: float = 600_000.0
+    # The rate buckets live in the store, so they hold for a device across every serving process and
+    # gateway on it (one small write a batch with a rate set); false: each process keeps its own.
+    shared_limits: bool = True
 
     # Backpressure: bounded queues and how long a batch may wait for room.
     commit_queue: int = 64  # commits queued on the writer thread (compute_processes = 0 only)

@@ -18,9 +18,10 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -96,41 +97,67 @@ class TokenBucket:
 
 
 class Limits:
-    """Per-device rate limits (token buckets); the size limits are checked inline in `Pipeline`."""
+    """Per-device rate limits (token buckets); the size limits are checked inline in `Pipeline`.
 
-    def __init__(self, config: GatewayConfig):
+    With `take` (the store's `take_tokens`, through a store thread) the buckets live in the store, so
+    they hold for the device across every process and gateway on it: a band that reconnects elsewhere
+    keeps its level instead of starting a fresh burst (one small write a batch, only with a limit set).
+    Without, each process keeps its own."""
+
+    def __init__(self, config: GatewayConfig, take: Callable[..., Awaitable[float]] | None = None):
         self.config = config
+        self.take = take
         self._batches: dict[int, TokenBucket] = {}
         self._samples: dict[int, TokenBucket] = {}
 
-    def admit(self, device_id: int) -> None:
+    async def admit(self, device_id: int) -> None:
         """Take one batch token, or refuse naming the limit that is exhausted."""
         c = self.config
         if c.rate_samples_per_s:
-            bucket = self._samples.setdefault(
-                device_id, TokenBucket(c.rate_samples_per_s, c.rate_burst_samples)
-            )
-            if wait := bucket.wait_ms(0):
+            if self.take is not None:
+                rate, burst = c.rate_samples_per_s, c.rate_burst_samples
+                wait = _wait_ms(await self.take(device_id, "samples", rate, burst, 0, 0))
+            else:
+                bucket = self._samples.setdefault(
+                    device_id, TokenBucket(c.rate_samples_per_s, c.rate_burst_samples)
+                )
+                wait = bucket.wait_ms(0)
+            if wait:
                 raise Refused(
                     RESOURCE_EXHAUSTED,
                     f"rate_samples_per_s = {c.rate_samples_per_s:g} exceeded for this device",
                     retry_after_ms=wait,
                 )
         if c.rate_batches_per_s:
-            bucket = self._batches.setdefault(
-                device_id, TokenBucket(c.rate_batches_per_s, c.rate_burst_batches)
-            )
-            if wait := bucket.wait_ms(1):
+            if self.take is not None:
+                rate, burst = c.rate_batches_per_s, c.rate_burst_batches
+                wait = _wait_ms(await self.take(device_id, "batches", rate, burst, 1, 1))
+            else:
+                bucket = self._batches.setdefault(
+                    device_id, TokenBucket(c.rate_batches_per_s, c.rate_burst_batches)
+                )
+                wait = bucket.wait_ms(1)
+                if not wait:
+                    bucket.take(1)
+            if wait:
                 raise Refused(
                     RESOURCE_EXHAUSTED,
                     f"rate_batches_per_s = {c.rate_batches_per_s:g} exceeded for this device",
                     retry_after_ms=wait,
                 )
-            bucket.take(1)
 
-    def charge_samples(self, device_id: int, n: int) -> None:
-        if self.config.rate_samples_per_s:
+    async def charge_samples(self, device_id: int, n: int) -> None:
+        c = self.config
+        if not c.rate_samples_per_s:
+            return
+        if self.take is not None:
+            await self.take(device_id, "samples", c.rate_samples_per_s, c.rate_burst_samples, -math.inf, n)
+        else:
             self._samples[device_id].take(n)
+
+
+def _wait_ms(wait_s: float) -> int:
+    return 0 if wait_s <= 0 else max(1, math.ceil(wait_s * 1000))
 
 
 async def take_room(room: asyncio.Semaphore, config: GatewayConfig, limit: str) -> None:
@@ -304,8 +331,8 @@ class Pipeline:
         self.sealing_dir = sealing_dir  # compute workers seal with this state dir's keys ("" = in clear)
         self.consent = consent
         self.metrics = metrics
-        self.limits = Limits(config)
         self.writer = StoreWriter(store, config, metrics)
+        self.limits = Limits(config, self._take_tokens if config.shared_limits else None)
         # Each compute thread reads device rows on a store object of its own (`open_rows()`), in the
         # same job as the batch's compute: one thread hop less per batch, and a duplicate is still
         # answered while the writer is busy (WAL: a read sees every commit that returned before it).
@@ -432,7 +459,7 @@ class Pipeline:
                 f"frame_count {batch.frame_count} over max_frames_per_batch = "
                 f"{self.config.max_frames_per_batch}",
             )
-        self.limits.admit(device_id)
+        await self.limits.admit(device_id)
 
         # In a compute worker: dedup on the envelope (a duplicate is acked again, never decompressed),
         # then decompress, decode, features of the consented families, the store's checks; raw arrays
@@ -442,7 +469,7 @@ class Pipeline:
         if isinstance(outcome, int):
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
         computed, committed = outcome
-        self.limits.charge_samples(device_id, computed.n_samples)
+        await self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)
         for _, _, reason in computed.frame_errors:
@@ -576,6 +603,10 @@ class Pipeline:
             fields = {"event": "compute_failed", "error": type(e).__name__}
             log.error("compute failed", extra={"fields": fields})
             raise Refused(INTERNAL, "the batch could not be processed") from None
+
+    async def _take_tokens(self, *args: Any) -> float:
+        """`Store.take_tokens` on the writer's thread, its failures mapped as a commit's."""
+        return await self._store_call(self.writer.call, self.writer.store.take_tokens, *args)
 
     async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A store call with its failures mapped: unavailable → UNAVAILABLE (nothing stored, not acked)."""

@@ -483,6 +483,19 @@ class Store(Protocol):
         """How many outbox entries wait: the stream's backlog (a metric)."""
         ...
 
+    # per-device rate limits shared by every process and gateway on this store (gateway/pipeline.Limits)
+
+    def take_tokens(
+        self, device_id: int, bucket: str, rate: float, burst: float, need: float, charge: float
+    ) -> float:
+        """A token bucket of the device's (`bucket` names it: "batches", "samples"), kept in the store so
+        that a device moving between processes or gateways keeps its level: refilled at `rate` a second
+        up to `burst` (full when first used), then if it holds at least `need` tokens, `charge` is taken
+        and 0.0 returned; else nothing is taken and the seconds until `need` will be there are returned.
+        The level may go below zero (a charge after the fact). Atomic: concurrent takes are serialised.
+        Erasure removes the device's buckets."""
+        ...
+
     # registry and audit (gateway/security): who may connect, for which devices, and what was done
 
     def registry_snapshot(self) -> RegistrySnapshot:

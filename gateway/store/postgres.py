@@ -92,6 +92,7 @@ from gateway.store.rows import (
     encode,
     open_record,
     rows_of,
+    token_decision,
 )
 
 DEFAULT_SCHEMA = "bandgate"
@@ -310,7 +311,23 @@ MIGRATIONS: tuple[Migration, ...] = (
         # expanding: older gateways keep working beside it, but they neither write entries nor delete
         # them with erased records; docs/storage.md says to finish the upgrade before turning the stream on
     ),
+    Migration(
+        (
+            # Per-device rate limits shared by every gateway on the database (`take_tokens`), stamped by
+            # the database's clock: a band that moves to another gateway keeps its level.
+            """CREATE TABLE device_limits (
+                device text NOT NULL,
+                bucket text NOT NULL,
+                level double precision NOT NULL,
+                stamp_us bigint NOT NULL,
+                PRIMARY KEY (device, bucket)
+            )""",
+        )
+        # expanding: an older gateway keeps its limits per process, as before
+    ),
 )
+
+_NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value_text, value_sealed"
 _INSERT_RECORDS = (
@@ -969,6 +986,7 @@ class PostgresStore(Store):
                 )
             conn.execute("DELETE FROM boots WHERE device = %s", (device,))
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)  # type: ignore[arg-type]
+            conn.execute("DELETE FROM device_limits WHERE device = %s", (device,))
             if self.outbox:  # the stream's purge, after the device's entries in flight (outbox_take)
                 conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device,))
         return deleted
@@ -1140,6 +1158,29 @@ class PostgresStore(Store):
         with self._connection() as conn:
             (n,) = conn.execute("SELECT count(*) FROM outbox").fetchone()  # type: ignore[misc]
         return int(n)
+
+    def take_tokens(
+        self, device_id: int, bucket: str, rate: float, burst: float, need: float, charge: float
+    ) -> float:
+        check_device_id(device_id)
+        key = (device_key(device_id), bucket)
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO device_limits (device, bucket, level, stamp_us) "
+                f"VALUES (%s, %s, %s, {_NOW_US}) ON CONFLICT (device, bucket) DO NOTHING",
+                (*key, burst),
+            )
+            level, stamp_us, now_us = conn.execute(  # type: ignore[misc]
+                f"SELECT level, stamp_us, {_NOW_US} FROM device_limits "
+                "WHERE device = %s AND bucket = %s FOR UPDATE",
+                key,
+            ).fetchone()
+            level, wait_s = token_decision(level, (now_us - stamp_us) / 1e6, rate, burst, need, charge)
+            conn.execute(
+                "UPDATE device_limits SET level = %s, stamp_us = %s WHERE device = %s AND bucket = %s",
+                (level, now_us, *key),
+            )
+        return wait_s
 
     # registry and audit
 

@@ -112,6 +112,18 @@ def dumps(values: dict) -> str:
     return orjson.dumps(values).decode()
 
 
+def token_decision(
+    level: float, elapsed_s: float, rate: float, burst: float, need: float, charge: float
+) -> tuple[float, float]:
+    """`Store.take_tokens`' rule, the same in every store: the level refilled over `elapsed_s` (clamped
+    at 0: two gateways' clocks may disagree a little), then (new level, 0.0) if it holds `need`, else
+    (refilled level, seconds until it will)."""
+    level = min(burst, level + max(0.0, elapsed_s) * rate)
+    if level >= need:
+        return level - charge, 0.0
+    return level, (need - level) / rate
+
+
 def check_device_id(device_id: int) -> None:
     """Refuse a device ID that is not a u64."""
     if not 0 <= device_id < U64:

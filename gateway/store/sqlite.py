@@ -62,6 +62,7 @@ from gateway.store.rows import (
     encode,
     open_record,
     rows_of,
+    token_decision,
 )
 
 log = logging.getLogger("bandgate.store")
@@ -275,6 +276,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             taken_us INTEGER,
             CHECK ((cursor IS NULL) != (purge_device IS NULL))
         )""",
+    ),
+    (
+        # Per-device rate limits shared by every process on the file (`take_tokens`): a token bucket
+        # per device and limit, so a band that reconnects to another process keeps its level.
+        """CREATE TABLE device_limits (
+            device TEXT NOT NULL,
+            bucket TEXT NOT NULL,
+            level REAL NOT NULL,
+            stamp_us INTEGER NOT NULL,
+            PRIMARY KEY (device, bucket)
+        ) WITHOUT ROWID""",
     ),
 )
 
@@ -727,6 +739,7 @@ class SqliteStore(Store):
                 )
             conn.execute("DELETE FROM boots WHERE device = ?", (device,))
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)
+            conn.execute("DELETE FROM device_limits WHERE device = ?", (device,))
             if self.outbox:  # the drainer purges the device's stream subjects after what it has in flight
                 conn.execute("INSERT INTO outbox (purge_device) VALUES (?)", (device,))
         self._checkpoint()
@@ -847,6 +860,26 @@ class SqliteStore(Store):
     def outbox_depth(self) -> int:
         with _errors():
             return int(self._connection().execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+    def take_tokens(
+        self, device_id: int, bucket: str, rate: float, burst: float, need: float, charge: float
+    ) -> float:
+        check_device_id(device_id)
+        device = device_key(device_id)
+        now_us = time.time_ns() // 1000
+        with _errors(), self._write() as conn:
+            row = conn.execute(
+                "SELECT level, stamp_us FROM device_limits WHERE device = ? AND bucket = ?", (device, bucket)
+            ).fetchone()
+            level, stamp_us = (burst, now_us) if row is None else row
+            level, wait_s = token_decision(level, (now_us - stamp_us) / 1e6, rate, burst, need, charge)
+            conn.execute(
+                "INSERT INTO device_limits (device, bucket, level, stamp_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (device, bucket) DO UPDATE SET "
+                "level = excluded.level, stamp_us = excluded.stamp_us",
+                (device, bucket, level, now_us),
+            )
+        return wait_s
 
     # registry and audit
 

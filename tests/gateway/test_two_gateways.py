@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from bandgate.v1 import admin_pb2, admin_pb2_grpc
-from gateway.pipeline import ALREADY_EXISTS, OK
+from gateway.pipeline import ALREADY_EXISTS, OK, RESOURCE_EXHAUSTED
 from gateway.server import run_server
 from tests.gateway.gatewaykit import Credentials, Uploader, band, processed, same_records, stored, tls_config
 from tests.privacy.privacykit import Owner, hexid
@@ -124,3 +124,30 @@ def test_a_change_made_through_one_gateway_holds_on_the_other_within_a_second(tm
     before, took = run(scenario())
     assert before == grpc.StatusCode.OK
     assert took < WITHIN_S, f"{change} through A held on B only after {took:.2f} s"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_bands_rate_limit_goes_with_it_to_the_other_gateway(tmp_path, shared):
+    """rate_batches_per_s with a burst of 2: a band that used its burst on A and moves to B is refused
+    there too (the bucket is in the store), naming the limit; with `shared_limits = false` each gateway
+    keeps its own bucket and B lets it start afresh: what the store-held bucket prevents."""
+    device, batches = band(seed=51, minutes=20, batch_minutes=5)
+
+    async def scenario():
+        limits = dict(rate_batches_per_s=0.01, rate_burst_batches=2, shared_limits=shared)
+        async with two_gateways(tmp_path, **limits) as (a, b, creds, _url):
+            async with await creds.band_channel(device, a.address) as ch:
+                up = Uploader(ch, device)
+                first = [(await up.send(x)).code for x in batches[:2]]
+                await up.close()
+            async with await creds.band_channel(device, b.address) as ch:
+                moved = await Uploader(ch, device).send(batches[2])
+            return first, moved
+
+    first, moved = run(scenario())
+    assert first == [OK, OK]
+    if shared:
+        assert moved.code == RESOURCE_EXHAUSTED, moved
+        assert "rate_batches_per_s" in moved.reason and moved.retry_after_ms > 0
+    else:
+        assert moved.code == OK

@@ -1184,6 +1184,36 @@ class StoreContract(RegistryContract, PrivacyContract):
         assert not after.duplicate and store.device(A) == DeviceRow(A, 7, 4, b"a4")
         assert len(everything(store)) == len(b_before) + 1
 
+    # per-device rate limits (`take_tokens`)
+
+    def test_token_buckets_are_per_device_and_bucket_and_shared_by_every_store_object(
+        self, store: Store, harness: Harness
+    ) -> None:
+        slow = dict(rate=1e-3, burst=2.0, need=1.0, charge=1.0)  # refills one token in 1,000 s
+        assert store.take_tokens(A, "batches", **slow) == 0.0
+        with harness.new_store() as other:  # another process or gateway on the same store
+            assert other.take_tokens(A, "batches", **slow) == 0.0
+            assert 990 < other.take_tokens(A, "batches", **slow) <= 1000
+        assert 990 < store.take_tokens(A, "batches", **slow) <= 1000  # a refusal takes nothing
+        assert store.take_tokens(B, "batches", **slow) == 0.0
+        assert store.take_tokens(A, "samples", **slow) == 0.0
+
+    def test_token_buckets_refill_and_may_be_charged_below_zero(self, store: Store) -> None:
+        assert store.take_tokens(A, "batches", rate=2.0, burst=1.0, need=1.0, charge=1.0) == 0.0
+        assert 0 < store.take_tokens(A, "batches", rate=2.0, burst=1.0, need=1.0, charge=1.0) <= 0.5
+        time.sleep(0.55)
+        assert store.take_tokens(A, "batches", rate=2.0, burst=1.0, need=1.0, charge=1.0) == 0.0
+        # samples are charged after decoding, whatever the level: the next admission waits for the debt
+        assert store.take_tokens(A, "samples", rate=10.0, burst=5.0, need=-float("inf"), charge=25) == 0.0
+        assert 1.9 < store.take_tokens(A, "samples", rate=10.0, burst=5.0, need=0.0, charge=0.0) <= 2.0
+
+    def test_erasure_removes_the_devices_token_buckets(self, store: Store) -> None:
+        store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 1))
+        assert store.take_tokens(A, "batches", rate=1e-3, burst=1.0, need=1.0, charge=1.0) == 0.0
+        store.erase_device(A)
+        # full again: the bucket went with the device
+        assert store.take_tokens(A, "batches", rate=1e-3, burst=1.0, need=1.0, charge=1.0) == 0.0
+
     def test_purge_before(self, store: Store) -> None:
         store.commit(A, 1, 0, 0, b"a", minutes(A, 0, 10))
         store.commit(B, 1, 0, 0, b"b", minutes(B, 3, 5, "activity"))
