@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.privacy_bench import privacy_figures
 
     figures.update(privacy_figures(args.quick))
+    from bench.scaleout_bench import scaleout_figures
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bandgate-scaleout-") as tmp:
+        figures.update(scaleout_figures(args.quick, Path(tmp)))
+    figures["scaleout_bench_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures, indent=None if args.json else 2))
     return 0
 

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,9 @@ class Gateway:
     baseline every figure before the identity issue was measured on. Otherwise mutual TLS, as `serve` runs
     by default, with the development CA and local credentials its first start makes in `state_dir`.
     Readiness is polled on the plaintext loopback health listener in both modes. `restart` stops it
-    (SIGTERM) and starts it again on the same port, state dir and store."""
+    (SIGTERM) and starts it again on the same port, state dir and store. `store` (default: a new SQLite
+    file in `workdir`) and `serve_args` (more `serve` flags, e.g. `--stream URL`) say what else it runs
+    with."""
 
     module = "gateway.cli"  # what runs `serve` (its flags are `bandgate serve`'s)
 
@@ -79,18 +81,19 @@ class Gateway:
         env: dict[str, str] | None = None,
         insecure: bool = True,
         state_dir: Path | None = None,
-        extra: tuple[str, ...] = (),
+        store: str | None = None,
+        serve_args: Sequence[str] = (),
     ):
         self.workdir = workdir
         self.insecure = insecure
-        self.extra = extra  # more `serve` flags (`--workers 2`: bench/workers_bench.py)
         # The benchmark's simulated bands have no owners to consent: the operator's settings consent to
         # every family for them (the gate is still asked for every batch). A caller's env overrides.
         self.env = {"BANDGATE_DEFAULT_CONSENT": "all", "BANDGATE_AGE_UNKNOWN": "adult", **(env or os.environ)}
         self.address = f"127.0.0.1:{_free_port()}"
         self.health_address = f"127.0.0.1:{_free_port()}"
         self.state_dir = state_dir or workdir / f"state-{time.monotonic_ns()}"
-        self.store = f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}"
+        self.store = store or f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}"
+        self.serve_args = list(serve_args)  # more `serve` flags (`--workers 2`: bench/workers_bench.py)
         self.launch()
 
     def launch(self) -> None:
@@ -106,7 +109,7 @@ class Gateway:
         ]  # fmt: skip
         if self.insecure:
             args.append("--insecure")
-        args += self.extra
+        args += self.serve_args
         with open(self.log, "w") as err:
             self.launched = time.perf_counter()
             self.proc = subprocess.Popen(
@@ -519,7 +522,15 @@ async def _stream_load(
     wall = time.perf_counter() - started
     for ch in chans:
         await ch.close()
-    return {"samples": samples, "wall_s": wall, "latency_ms": latency_ms, "batches": len(latency_ms)}
+    # started_at: time.perf_counter() here, CLOCK_MONOTONIC on Linux, so the bench process can place it
+    # on its own clock (the stream figures time the drain after the last ack from it)
+    return {
+        "samples": samples,
+        "wall_s": wall,
+        "started_at": started,
+        "latency_ms": latency_ms,
+        "batches": len(latency_ms),
+    }
 
 
 def _device_batches(devices: int, seed: int = 7) -> list:

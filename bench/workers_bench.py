@@ -103,7 +103,7 @@ def workers_figures(quick: bool, workdir: Path | None = None) -> dict[str, float
     loadgen_cpu = loadgen_wall = 0.0
     try:
         gateways[1] = Gateway(workdir)
-        gateways[2] = Gateway(workdir, extra=("--workers", "2"))
+        gateways[2] = Gateway(workdir, serve_args=("--workers", "2"))
         # the inputs are made while the gateways start (their own processes, unpinned)
         recordings = _recordings(BANDS, minutes)
         warm_recordings = recordings[:16]

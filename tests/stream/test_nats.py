@@ -134,6 +134,35 @@ def test_the_drainer_publishes_everything_once_and_empties_the_outbox(tmp_path, 
     assert metrics.registry.get_sample_value("bandgate_stream_last_ack_age_seconds") == 0
 
 
+def test_pages_on_one_connection_share_one_ack_inbox(tmp_path, state, url) -> None:
+    """A JetStream context subscribes an ack inbox at its first async publish and keeps it: one context a
+    page leaked a subscription (and its reader task) a page, for as long as the gateway ran."""
+    store = outbox_store(tmp_path, state)
+    records = fill(store)
+
+    async def scenario() -> tuple[Drainer, list[int]]:
+        stream = NatsStream.from_url(url)
+        subscriptions = []
+        publish = stream.publish
+
+        async def counting(messages):  # type: ignore[no-untyped-def]
+            acked = await publish(messages)
+            subscriptions.append(len(stream._nc._subs))  # nats-py's subscriptions of this connection
+            return acked
+
+        stream.publish = counting  # type: ignore[method-assign]
+        drainer = await drain(store, stream, page=3)
+        await drainer.shutdown()
+        await asyncio.to_thread(drainer.outbox.shutdown)
+        return drainer, subscriptions
+
+    drainer, subscriptions = run(scenario())
+    assert drainer.published == len(records) == 14
+    # the same count after every page (the context's ack inbox, and the client's own request inbox)
+    assert len(subscriptions) == 5 and len(set(subscriptions)) == 1, subscriptions
+    assert_once_each(url, records)
+
+
 @pytest.mark.parametrize("when", ["before_ack", "before_delete"])
 def test_a_drainer_killed_mid_page_loses_nothing_and_doubles_nothing(tmp_path, state, url, when) -> None:
     store = outbox_store(tmp_path, state)
