@@ -119,6 +119,22 @@ def second_f1(true_seconds: np.ndarray, detected_seconds: np.ndarray, tolerance_
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+NON_WALKING_MARGIN_S = 2  # a second this close to an annotated step may hold it as the detector times it
+
+
+def non_walking_seconds(true_sec: np.ndarray, seconds: np.ndarray, margin_s: int = NON_WALKING_MARGIN_S):
+    """Mask of `seconds` with no annotated step within ±`margin_s` s: annotated non-walking time.
+
+    The annotations mark every step, so the time between them is not walking; the margin keeps a bout's
+    first and last step, which the detector may place a second or two off, out of it."""
+    steps_at = np.unique(true_sec)
+    if steps_at.size == 0:
+        return np.ones(seconds.size, bool)
+    i = np.clip(np.searchsorted(steps_at, seconds), 1, steps_at.size - 1) if steps_at.size > 1 else 0
+    gap = np.minimum(np.abs(steps_at[i] - seconds), np.abs(steps_at[np.maximum(i - 1, 0)] - seconds))
+    return gap > margin_s
+
+
 def score(rec: Recording, fs: int, params: steps.StepParams = steps.DEFAULT_PARAMS) -> dict:
     """True and detected steps, signed error and per-second F1 of one recording at one band rate."""
     out = steps.steps_of_recording(to_band(rec, fs), fs, rec.start_us, params=params)
@@ -126,6 +142,9 @@ def score(rec: Recording, fs: int, params: steps.StepParams = steps.DEFAULT_PARA
     true = len(rec.step_times_s)
     true_sec = np.floor(rec.start_us / 1e6 + (rec.step_times_s - rec.time_s[0])).astype(np.int64)
     det_sec = out.seconds["second"][out.seconds["steps"] > 0]
+    idle = non_walking_seconds(true_sec, out.seconds["second"])
+    idle_h = float(idle.sum()) / 3600.0
+    idle_steps = float(out.seconds["steps"][idle].sum(dtype=np.float64))
     return {
         "true_steps": true,
         "detected_steps": round(detected, 1),
@@ -134,6 +153,9 @@ def score(rec: Recording, fs: int, params: steps.StepParams = steps.DEFAULT_PARA
         "second_f1": round(second_f1(true_sec, det_sec), 3),
         "minutes_steps": round(float(out.minutes["steps"].sum(dtype=np.float64)), 1),
         "bouts": len(out.bouts),
+        "non_walking_min": round(60.0 * idle_h, 1),
+        "non_walking_steps": round(idle_steps, 1),
+        "false_steps_per_hour": round(idle_steps / idle_h, 1) if idle_h > 0 else None,
     }
 
 

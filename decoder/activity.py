@@ -5,7 +5,8 @@ The data path for one device, one sample at a time (docs/activity-heart.md):
     int16 counts → g → |a| (ENMO, MAD) ─────────────────────────────────────────┐
                  → per-second axis sums → z-angle → 5-s angles → changes > 5° ───┼→ 30-s epoch row
                  → ActiGraph counts: resample to 30 Hz → band-pass → ×scale →   │
-                   trim 4..128 → 10 Hz (floor of mean of 3) → epoch sums ───────┘
+                   trim 4..128 → 10 Hz (floor of mean of 3) → epoch sums ───────┤
+                                                            → 1-s sums → VM → Σ ┘
                  → per-axis n, Σ, Σ², min, max per 15-min block → 60-min window → non-wear row
 
 Counts follow agcounts 0.2.6 (Neishabouri et al. 2022) step by step, with its coefficients and the same
@@ -31,7 +32,7 @@ from numba import njit
 from decoder import config
 
 # --- constants -------------------------------------------------------------------------------------------
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-second count sums for counts_vm_1s_sum
 EPOCH_US = 30_000_000
 SECOND_US = 1_000_000
 EPOCH_S = 30
@@ -105,6 +106,10 @@ EPOCH_DTYPE = np.dtype(
         ("counts_n10", "i2"),  # 10-Hz count values summed (300 when complete)
         ("z_angle_deg", "f4"),  # mean of the epoch's per-second arm angles, NaN if none
         ("angle_changes", "u1"),  # 5-s windows ending in the epoch whose angle moved > 5° from the last
+        # Σ over the epoch's UTC seconds of √(x² + y² + z²) of that second's axis counts: the sleep stager's
+        # movement input, the `counts` of the Sleep-Accel nights it is trained on (agcounts with epoch=1,
+        # vector magnitude per second, summed over 30 s; docs/sleep.md)
+        ("counts_vm_1s_sum", "f4"),
     ]
 )
 NONWEAR_DTYPE = np.dtype(
@@ -157,7 +162,8 @@ _B_MIN = _B_SQ + 3
 _B_MAX = _B_MIN + 3
 _RING = _B_MAX + 3  # WINDOW_BLOCKS closed blocks: index, n, Σ×3, Σ²×3, min×3, max×3, flag
 _SLOT = 15
-_I_LEN = _RING + WINDOW_BLOCKS * _SLOT
+_S_CX = _RING + WINDOW_BLOCKS * _SLOT  # the open second's counts per axis (3 slots)
+_I_LEN = _S_CX + 3
 # float64 slots
 (
     _G_PER_COUNT,
@@ -171,7 +177,8 @@ _E_MAG = _E_ENMO + 1
 _E_ANGLE = _E_MAG + 1
 _F5_ANGLE = _E_ANGLE + 1
 _PREV5_ANGLE = _F5_ANGLE + 1
-_MAG_BUF = _PREV5_ANGLE + 1  # the open epoch's |a| (g), for MAD
+_E_VM1S = _PREV5_ANGLE + 1  # the open epoch's Σ of per-second vector magnitudes
+_MAG_BUF = _E_VM1S + 1  # the open epoch's |a| (g), for MAD
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,13 @@ class ActivityState:
     def from_arrays(cls, arrays: dict) -> ActivityState:
         iv = np.array(arrays["ints"], dtype=np.int64, copy=True)
         fv = np.array(arrays["floats"], dtype=np.float64, copy=True)
+        if int(arrays["version"]) == 1 and iv.ndim == 1 and iv.size == _S_CX and iv[_VERSION] == 1:
+            # Version 1 lacked the per-second count sums: they start at zero, so the epoch open at the
+            # upgrade carries only its later seconds in counts_vm_1s_sum.
+            iv = np.concatenate([iv, np.zeros(3, np.int64)])
+            iv[_VERSION] = STATE_VERSION
+            fv = np.insert(fv, _E_VM1S, 0.0) if fv.ndim == 1 and fv.size >= _E_VM1S else fv
+            arrays = {"version": STATE_VERSION}
         if int(arrays["version"]) != STATE_VERSION or iv.ndim != 1 or iv.size != _I_LEN:
             raise ValueError(f"not an activity state of version {STATE_VERSION}")
         if iv[_VERSION] != STATE_VERSION or iv[_FS] not in SAMPLE_RATES_HZ:
@@ -312,6 +326,15 @@ def _round_mg(v, table):
 
 @njit(**config.JIT)
 def _close_second(iv, fv):
+    # A 10-Hz count value belongs to the second of the sample that completes it; with the stream on the
+    # UTC second grid that is agcounts' grouping of ten values per second (epoch=1).
+    scx = iv[_S_CX]
+    scy = iv[_S_CX + 1]
+    scz = iv[_S_CX + 2]
+    fv[_E_VM1S] += math.sqrt(float(scx * scx + scy * scy + scz * scz))
+    iv[_S_CX] = 0
+    iv[_S_CX + 1] = 0
+    iv[_S_CX + 2] = 0
     if iv[_S_N] > 0:
         sx = iv[_S_SX]
         sy = iv[_S_SY]
@@ -370,12 +393,14 @@ def _close_epoch(iv, fv, epoch, out, n_out):
         out[n_out, 8] = iv[_E_N10]
         out[n_out, 9] = fv[_E_ANGLE] / iv[_E_NSEC] if iv[_E_NSEC] > 0 else np.nan
         out[n_out, 10] = iv[_E_CHANGES]
+        out[n_out, 11] = fv[_E_VM1S]
         n_out += 1
     for k in range(_E_N, _E_CHANGES + 1):
         iv[k] = 0
     fv[_E_ENMO] = 0.0
     fv[_E_MAG] = 0.0
     fv[_E_ANGLE] = 0.0
+    fv[_E_VM1S] = 0.0
     return n_out
 
 
@@ -527,6 +552,9 @@ def _run(x, y, z, iv, fv, table, out, nw_out, counts, up, down):
         cy = iv[_E_CY]
         cz = iv[_E_CZ]
         n10 = iv[_E_N10]
+        scx = iv[_S_CX]
+        scy = iv[_S_CX + 1]
+        scz = iv[_S_CX + 2]
         for j in range(i, i + seg):
             xi = np.int64(x[j])
             yi = np.int64(y[j])
@@ -580,6 +608,9 @@ def _run(x, y, z, iv, fv, table, out, nw_out, counts, up, down):
                         cx += ax3 // 3
                         cy += ay3 // 3
                         cz += az3 // 3
+                        scx += ax3 // 3
+                        scy += ay3 // 3
+                        scz += az3 // 3
                         n10 += 1
                         n3 = 0
                         ax3 = 0
@@ -621,6 +652,9 @@ def _run(x, y, z, iv, fv, table, out, nw_out, counts, up, down):
         iv[_E_CY] = cy
         iv[_E_CZ] = cz
         iv[_E_N10] = n10
+        iv[_S_CX] = scx
+        iv[_S_CX + 1] = scy
+        iv[_S_CX + 2] = scz
         iv[_N_SEEN] += seg
         i += seg
 

@@ -162,8 +162,8 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
     """Each family's state as its kernel checks it (version, sizes, invariants): the feature path runs the
     kernels on these arrays without checking them again, so a state is checked once, where it comes in."""
     for name, fam in families.items():
-        if name == "activity":
-            activity.ActivityState.from_arrays(fam)
+        if name == "activity":  # an older version's arrays are upgraded here
+            families[name] = activity.ActivityState.from_arrays(fam).to_arrays()
         elif name == "heart":
             heart.HeartState.from_arrays(fam)
         elif name == "steps":
@@ -473,6 +473,7 @@ _ACTIVITY = _Layout(
         ("enmo_mg", _A["enmo_mg"], 2),
         ("mad_mg", _A["mad_mg"], 2),
         ("counts", _A["counts_vm"], 1),
+        ("counts_vm_1s_sum", _A["counts_vm_1s_sum"], sleep.INPUT_DIGITS),
         ("counts_x", _A["counts_x"], None),
         ("counts_y", _A["counts_y"], None),
         ("counts_z", _A["counts_z"], None),
@@ -772,14 +773,8 @@ def process(
             epoch_us = act_epochs[:, 0].astype(np.int64)
             hr, done = _join_hr(buffer["epoch_us"], buffer["hr"], epoch_us)
             buffer = {"epoch_us": buffer["epoch_us"][done:], "hr": buffer["hr"][done:]}
-            staged, night = _feed_sleep(
-                device,
-                fam.get("sleep"),
-                run.utc_offset_min,
-                epoch_us,
-                act_epochs[:, _A["counts_vm"]].astype(np.float32).astype(np.float64),
-                hr,
-            )
+            hr, counts = sleep.stager_inputs(hr, act_epochs[:, _A[sleep.COUNTS_FIELD]])
+            staged, night = _feed_sleep(device, fam.get("sleep"), run.utc_offset_min, epoch_us, counts, hr)
             records += staged
             if night is None:
                 fam.pop("sleep", None)

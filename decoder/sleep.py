@@ -80,6 +80,29 @@ COLE_KRIPKE_WEIGHTS = np.array([106.0, 54.0, 58.0, 76.0, 230.0, 74.0, 67.0])  # 
 COLE_KRIPKE_SCALE = 100.0
 COLE_KRIPKE_CAP = 300.0
 
+# --- the stager's input: one definition for training, the raw path and per-epoch replay ----------------
+# Movement is the `counts` of the Sleep-Accel nights the model is fitted on: per-second ActiGraph counts
+# (agcounts 0.2.6, raw acceleration resampled to 30 Hz), the vector magnitude of each second, summed over
+# the 30-s epoch. On the raw path that is the activity kernel's `counts_vm_1s_sum` column (not
+# `counts_vm`, the magnitude of the epoch's axis sums, which is smaller whenever the wrist turns within
+# an epoch). Both inputs are taken at the precision the activity and heart records publish them, so a
+# backend replaying stored records gets the stages the gateway emitted.
+COUNTS_FIELD = "counts_vm_1s_sum"  # decoder/activity.py EPOCH_DTYPE column
+COUNTS_DEFINITION = "agcounts-vm-1s-sum"  # named in sleep_params.json; params fitted on another are refused
+INPUT_DIGITS = 1  # decimals of counts and heart rate in the activity and heart records
+
+
+def stager_inputs(hr_bpm: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Heart rate and counts per epoch as the stager takes them: through float32 (the kernels' precision)
+    and rounded to INPUT_DIGITS as the records round them (half to even). NaN stays NaN."""
+
+    def published(v: np.ndarray) -> np.ndarray:
+        scale = 10.0**INPUT_DIGITS
+        return np.rint(np.asarray(v, dtype=np.float32).astype(np.float64) * scale) / scale
+
+    return published(hr_bpm), published(counts)
+
+
 # --- state layout (one flat float64 array per device) ---------------------------------------------
 STATE_VERSION = 1
 _H_VERSION, _H_N_IN, _H_N_FEAT, _H_N_OUT, _H_T0 = 0, 1, 2, 3, 4
@@ -531,6 +554,8 @@ class SleepParams:
             raise ValueError("sleep params were fitted on a different feature set")
         if d.get("version") != PARAMS_VERSION:
             raise ValueError(f"sleep params version {d.get('version')!r}, this code reads {PARAMS_VERSION}")
+        if d.get("counts") != COUNTS_DEFINITION:
+            raise ValueError(f"sleep params fitted on counts {d.get('counts')!r}, not {COUNTS_DEFINITION}")
         f = np.ascontiguousarray
         p = cls(
             tree_feature=f(d["tree_feature"], dtype=np.int64),
@@ -606,8 +631,9 @@ def stage_epochs(
     """Stages of the 30-s epochs that became final with these new epochs (LAG_EPOCHS behind the newest).
 
     `hr_bpm` is NaN (or 0) where the band gave no heart rate; `counts` is the epoch's sum of per-second
-    activity counts. `finish=True` ends the night and finalises everything pending. `state` is updated in
-    place; feeding a night in any chunks gives the same result as feeding it at once.
+    vector-magnitude activity counts (COUNTS_DEFINITION), both as `stager_inputs` gives them.
+    `finish=True` ends the night and finalises everything pending. `state` is updated in place; feeding
+    a night in any chunks gives the same result as feeding it at once.
     """
     p = load_params() if params is None else params
     time_s = np.ascontiguousarray(time_s, dtype=np.float64)

@@ -129,6 +129,9 @@ def write_csv(records: Iterable[dict], out: io.TextIOBase) -> int:
 def replay_epochs(path: str | Path, *, device_id: int = 1, start_us: int | None = None) -> Iterator[dict]:
     """The sleep stager alone on per-epoch input (columns epoch,time_s,hr_bpm,counts; others ignored).
 
+    `counts` follow the stager's one definition (sleep.COUNTS_DEFINITION): the activity records'
+    `counts_vm_1s_sum`, and the `counts` of ../shared/data/sleep/epochs.
+
     Exactly one `sleep` record per row, in row order, with the row's `epoch` beside the stage; the
     record's period is the 30 s before the row's `time_s` (as in ../shared/data/sleep/epochs).
     """
@@ -153,7 +156,8 @@ def replay_epochs(path: str | Path, *, device_id: int = 1, start_us: int | None 
     if not rows:
         return iter(())
     data = np.asarray(rows)
-    stages = sleep.stage_night(data[:, 1], data[:, 2], data[:, 3])
+    hr_bpm, counts = sleep.stager_inputs(data[:, 2], data[:, 3])
+    stages = sleep.stage_night(data[:, 1], hr_bpm, counts)
     origin = parse_start(DEFAULT_START) if start_us is None else start_us
     device = device_key(device_id)
     return (

@@ -60,12 +60,15 @@ def load_nights(root: Path) -> list[Night]:
     nights = []
     for path in sorted((Path(root) / "sleep" / "epochs").glob("subject_*.csv")):
         a = np.genfromtxt(path, delimiter=",", names=True)
+        # The files' `counts` are the stager's definition (sleep.COUNTS_DEFINITION); both inputs are taken
+        # as the raw path and replay take them.
+        hr_bpm, counts = sleep.stager_inputs(a["hr_bpm"], a["counts"])
         nights.append(
             Night(
                 subject=path.stem.removeprefix("subject_"),
                 time_s=np.asarray(a["time_s"], dtype=np.float64),
-                hr_bpm=np.asarray(a["hr_bpm"], dtype=np.float64),
-                counts=np.asarray(a["counts"], dtype=np.float64),
+                hr_bpm=hr_bpm,
+                counts=counts,
                 stage=sleep.PSG_TO_STAGE[np.asarray(a["stage"], dtype=np.int64)],
             )
         )
@@ -208,6 +211,7 @@ def fit_params(
     return {
         "version": sleep.PARAMS_VERSION,
         "feature_names": list(sleep.FEATURE_NAMES),
+        "counts": sleep.COUNTS_DEFINITION,
         "subjects": sorted(keep),
         "tree_feature": feature.tolist(),
         # +inf (no split) as the string "inf": strict JSON has no infinity; numpy reads it back as inf

@@ -130,6 +130,7 @@ def naive_activity(
             tens, done_at = axis_counts(xyz[:, axis] * g, sample_rate_hz)
             per_axis.append(tens)
         tens_epoch = epochs[done_at] if len(done_at) else np.zeros(0, np.int64)
+        tens_second = seconds[done_at] if len(done_at) else np.zeros(0, np.int64)
     angle = z_angles(xyz, seconds)
     five_angle = {}
     for f in sorted({s // 5 for s in angle}):
@@ -149,6 +150,11 @@ def naive_activity(
             rows[i]["counts_x"], rows[i]["counts_y"], rows[i]["counts_z"] = c
             rows[i]["counts_vm"] = math.sqrt(sum(v * v for v in c))
             rows[i]["counts_n10"] = te.sum()
+            vm_1s = 0.0
+            for sec in np.unique(tens_second[te]):
+                ts = tens_second == sec
+                vm_1s += math.sqrt(sum(int(per_axis[k][ts].sum()) ** 2 for k in range(3)))
+            rows[i]["counts_vm_1s_sum"] = vm_1s
         secs = [s for s in angle if s // 30 == e]
         rows[i]["z_angle_deg"] = np.mean([angle[s] for s in secs])
         rows[i]["angle_changes"] = sum(

@@ -121,6 +121,32 @@ def test_counts_match_agcounts(seed, kind, fs):
     )
 
 
+def _vm_1s_sums(per_second: np.ndarray) -> np.ndarray:
+    """Σ over each whole 30 s of √(x² + y² + z²) of agcounts' per-second counts (epoch=1)."""
+    vm = np.sqrt((per_second.astype(np.float64) ** 2).sum(axis=1))
+    k = vm.size // 30
+    return vm[: 30 * k].reshape(k, 30).sum(axis=1)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    kind=st.sampled_from(["walk", "noise", "chaos"]),
+    fs=st.sampled_from([50, 100]),
+)
+def test_vm_1s_sum_is_agcounts_per_second_vm_summed(seed, kind, fs):
+    """The sleep stager's movement input is agcounts' per-second vector magnitude summed over the epoch
+    (exact but for the float32 column)."""
+    from agcounts.extract import get_counts
+
+    xyz = _signal(seed, fs * 30 * 6, kind)
+    ref = _vm_1s_sums(get_counts(xyz * G, fs, 1))
+    out = activity_of_recording(*xyz.T, fs, EPOCH_ALIGNED)
+    np.testing.assert_allclose(out.epochs["counts_vm_1s_sum"][: ref.size], ref, rtol=1e-6)
+    # never below the magnitude of the epoch's axis sums (triangle inequality), equal only without turns
+    assert np.all(out.epochs["counts_vm_1s_sum"] >= out.epochs["counts_vm"] * (1 - 1e-6))
+
+
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["walk", "noise"]))
 def test_counts_25hz_match_agcounts_after_resampling(seed, kind):
@@ -150,7 +176,7 @@ def _compare(rows: np.ndarray, ref: np.ndarray) -> None:
         "angle_changes",
     ):
         np.testing.assert_array_equal(rows[name], ref[name], err_msg=name)
-    for name in ("enmo_mg", "mad_mg", "counts_vm", "z_angle_deg"):
+    for name in ("enmo_mg", "mad_mg", "counts_vm", "counts_vm_1s_sum", "z_angle_deg"):
         np.testing.assert_allclose(rows[name], ref[name], rtol=2e-6, atol=2e-4, err_msg=name)
 
 
@@ -263,3 +289,29 @@ def test_state_does_not_change_under_a_call():
     before = state.to_arrays()
     activity_epochs(*_signal(4, 2000, "walk").T, state)
     assert np.array_equal(before["ints"], state.ints) and np.array_equal(before["floats"], state.floats)
+
+
+def test_a_version_1_state_is_upgraded_and_goes_on():
+    """A stream stored before counts_vm_1s_sum existed goes on after an upgrade: every row is the same
+    as if it had never stopped, except the open epoch's counts_vm_1s_sum, which lacks its earlier
+    seconds."""
+    fs = 50
+    xyz = _signal(7, fs * 100, "walk")
+    cut = fs * 45  # mid-epoch
+    first, state = activity_epochs(*xyz[:cut].T, new_activity_state(fs, EPOCH_ALIGNED))
+    v1 = {
+        "version": 1,
+        "ints": state.ints[: activity._S_CX].copy(),
+        "floats": np.delete(state.floats, activity._E_VM1S),
+    }
+    v1["ints"][activity._VERSION] = 1
+    upgraded = ActivityState.from_arrays(v1)
+    rest, _ = activity_epochs(*xyz[cut:].T, upgraded)
+    straight, _ = activity_epochs(*xyz[cut:].T, state)
+    for name in activity.EPOCH_DTYPE.names:
+        if name != "counts_vm_1s_sum":
+            np.testing.assert_array_equal(rest.epochs[name], straight.epochs[name], err_msg=name)
+    vm = rest.epochs["counts_vm_1s_sum"]
+    assert vm[0] < straight.epochs["counts_vm_1s_sum"][0]
+    np.testing.assert_array_equal(vm[1:], straight.epochs["counts_vm_1s_sum"][1:])
+    assert first.epochs.size == 1

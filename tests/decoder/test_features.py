@@ -319,3 +319,97 @@ def test_distance_is_steps_times_stride_and_names_the_profile_version() -> None:
         assert r["duration_s"] == 60 and r["algo"] == "distance/1"
     only, state = process(decoded, DeviceState(rec.device_id), frozenset({"distance"}), stride_m=0.72)
     assert {r["family"] for r in only} == {"distance"} and set(state.families) == {"steps"}
+
+
+# --- the sleep stager's input: one count definition (decoder/sleep.py COUNTS_DEFINITION) -----------------
+
+
+def _staged_inputs(monkeypatch, frames: list[Frame], device_id: int) -> tuple[list[dict], dict[str, list]]:
+    """The records of `frames` through the whole path, and every (time_s, hr_bpm, counts) the stager got."""
+    from decoder import sleep
+
+    fed: dict[str, list] = {"time_s": [], "hr_bpm": [], "counts": []}
+    stage_epochs = sleep.stage_epochs
+
+    def spy(time_s, hr_bpm, counts, *args, **kwargs):
+        for name, v in (("time_s", time_s), ("hr_bpm", hr_bpm), ("counts", counts)):
+            fed[name] += np.asarray(v, dtype=np.float64).tolist()
+        return stage_epochs(time_s, hr_bpm, counts, *args, **kwargs)
+
+    monkeypatch.setattr(sleep, "stage_epochs", spy)
+    return _run(frames, [], device_id, serialise=False), fed
+
+
+def test_stager_gets_agcounts_per_second_vm_of_a_real_recording(monkeypatch) -> None:
+    """OxWalk P30 (real wrist data, 30 min) sent as a 50 Hz 12-bit band: the counts the stager receives
+    are agcounts' per-second vector magnitudes summed over each epoch — exactly (to the record's 0.1) on
+    the samples the band measured, and within what the 12-bit quantisation moves on the signal itself."""
+    from agcounts.extract import get_counts
+
+    from bench.accuracy_steps import BAND_G_PER_COUNT, have_data, load_recordings, to_band
+
+    if not have_data():
+        pytest.skip("shared data absent (set BANDGATE_DATA): no real recording to check against")
+    rec = load_recordings()["oxwalk_p30"]
+    fs = 50
+    band = to_band(rec, fs)
+    n = band.shape[0]
+    exact = rec.time_s[0] + np.arange(n) / fs
+    signal_g = np.stack([np.interp(exact, rec.time_s, rec.xyz_g[:, k]) for k in range(3)], axis=1)
+    start_us = 1_767_650_400_000_000  # 22:00 UTC, on the 30-s grid: inside the night window
+    frames = [
+        Frame(
+            device_id=7,
+            boot_id=1,
+            seq=k,
+            start_us=start_us + a * 1_000_000 // fs,
+            accel=band[a : a + 60 * fs],
+            hr_bpm=np.zeros(min(60, (n - a) // fs), np.uint8),
+            sample_rate_mhz=fs * 1000,
+            utc_offset_min=0,
+        )
+        for k, a in enumerate(range(0, n, 60 * fs))
+    ]
+    records, fed = _staged_inputs(monkeypatch, frames, 7)
+
+    def vm_1s_sums(per_second: np.ndarray) -> np.ndarray:
+        vm = np.sqrt((per_second.astype(np.float64) ** 2).sum(axis=1))
+        k = vm.size // 30
+        return vm[: 30 * k].reshape(k, 30).sum(axis=1)
+
+    on_samples = vm_1s_sums(get_counts(band * BAND_G_PER_COUNT, fs, 1))  # agcounts on what the band sent
+    on_signal = vm_1s_sums(get_counts(signal_g, fs, 1))  # agcounts on the unquantised signal
+    got = np.asarray(fed["counts"])  # the epoch closed by the stream's flush is not staged
+    assert got.size >= on_samples.size - 1 >= 58 and np.count_nonzero(got) > 50
+    on_samples, on_signal = on_samples[: got.size], on_signal[: got.size]
+    np.testing.assert_allclose(got, on_samples, rtol=0, atol=0.05 + 1e-6)
+    # what the records publish is what the stager got
+    published = [r["values"]["counts_vm_1s_sum"] for r in records if r["family"] == "activity"]
+    assert published[: got.size] == got.tolist()
+    # quantisation (±2 mg) moves a 10-Hz count value by at most one step where it crosses one: allow one
+    # count per second per epoch, and 0.5 % over the recording
+    assert np.all(np.abs(got - on_signal) <= 30.0)
+    assert abs(got.sum() - on_signal.sum()) <= 0.005 * on_signal.sum()
+
+
+def test_replaying_the_records_per_epoch_gives_the_streamed_stages(monkeypatch, tmp_path) -> None:
+    """A night streamed through the raw path, then its own activity and heart records replayed per epoch
+    (`bandgate replay --epochs`): the same stage for every epoch."""
+    from gateway.replay import replay_epochs
+
+    rec, frames = _night_and_morning()
+    records, fed = _staged_inputs(monkeypatch, frames, rec.device_id)
+    stages = {r["start_us"]: r["values"]["stage"] for r in records if r["family"] == "sleep"}
+    assert len(stages) == len(fed["counts"]) > 300
+    counts = {r["start_us"]: r["values"]["counts_vm_1s_sum"] for r in records if r["family"] == "activity"}
+    hr = {r["start_us"]: r["values"].get("hr_mean_bpm") for r in records if r["family"] == "heart"}
+    first = min(stages)
+    lines = ["epoch,time_s,hr_bpm,counts"]
+    for k, t in enumerate(sorted(stages)):
+        h = hr.get(t)
+        lines.append(f"{k},{(t - first) / 1e6 + 30.0},{'nan' if h is None else h},{counts[t]}")
+    path = tmp_path / "night.csv"
+    path.write_text("\n".join(lines) + "\n")
+    replayed = [r["values"]["stage"] for r in replay_epochs(path)]
+    assert replayed == [stages[t] for t in sorted(stages)]
+    assert {"light", "deep"} <= set(replayed)

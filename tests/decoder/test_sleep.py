@@ -208,6 +208,24 @@ def test_shipped_params_load_and_match_the_kernel():
     np.testing.assert_allclose(np.exp(p.log_a).sum(axis=1), 1.0)
     d = json.loads(sleep.PARAMS_PATH.read_text())
     assert d["lag_epochs"] == sleep.LAG_EPOCHS
+    assert d["counts"] == sleep.COUNTS_DEFINITION
+    for other in ({**d, "counts": "epoch-vm"}, {k: v for k, v in d.items() if k != "counts"}):
+        with pytest.raises(ValueError, match="counts"):
+            sleep.SleepParams.from_dict(other)
+
+
+def test_stager_inputs_are_what_the_records_publish():
+    """Rounded as `_Layout` rounds a record's value (float32, then half to even); NaN passes."""
+    from decoder.features import _round_columns
+
+    rng = np.random.default_rng(3)
+    v = np.r_[rng.uniform(0, 5000, 200), 0.05, 0.15, 2.25, np.nan]
+    hr, counts = sleep.stager_inputs(v, v)
+    f, _ = _round_columns(
+        v[:, None], np.array([0]), np.array([10.0**sleep.INPUT_DIGITS]), np.zeros(0, np.int64)
+    )
+    np.testing.assert_array_equal(counts, f[0])
+    np.testing.assert_array_equal(hr, counts)
 
 
 def test_fitted_trees_learn_a_toy_rule_and_the_kernel_reads_them():

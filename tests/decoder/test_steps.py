@@ -323,3 +323,14 @@ def test_params_survive_the_state():
     params = dataclasses.replace(P, min_cover=3)
     state = steps.new_state(50, START_US, params=params)
     assert steps.StepState.from_array(state.to_array()).params == params
+
+
+def test_non_walking_time_is_the_seconds_two_away_from_every_annotated_step():
+    from bench.accuracy_steps import non_walking_seconds
+
+    seconds = np.arange(100, 121)
+    idle = non_walking_seconds(np.array([105, 105, 106, 115]), seconds)
+    want = [not any(abs(s - t) <= 2 for t in (105, 106, 115)) for s in seconds]
+    assert idle.tolist() == want
+    assert non_walking_seconds(np.array([110]), seconds).sum() == seconds.size - 5
+    assert non_walking_seconds(np.zeros(0, np.int64), seconds).all()
