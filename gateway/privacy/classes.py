@@ -105,6 +105,13 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "purge_device": IDENTIFIER,
             "taken_us": DEVICE_METADATA,
         },
+        # per-device rate limits shared by processes and gateways: a bucket's level, nothing measured
+        "device_limits": {
+            "device": IDENTIFIER,
+            "bucket": DEVICE_METADATA,
+            "level": DEVICE_METADATA,
+            "stamp_us": DEVICE_METADATA,
+        },
         "ownerships": {
             "device": IDENTIFIER,
             "ownership": IDENTIFIER,
