@@ -163,9 +163,63 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
 }
 
 
-def class_of(database: str, table: str, column: str) -> str | None:
+# The PostgreSQL store and key store (gateway/store/postgres.py, gateway/privacy/keys_postgres.py): the
+# same tables, with these columns added (table → column → class) and these removed (SQLite's own).
+_POSTGRES_ADDED: Mapping[str, Mapping[str, Mapping[str, str]]] = {
+    "features": {
+        "schema_version": {"compatible": SYSTEM},  # the oldest code version that may use the schema
+        "record_cursor": {"high": SYSTEM},
+        # a record's value is stored in clear (encrypt_at_rest off) or sealed, in one of two columns
+        **{
+            table: {"value_text": cls, "value_sealed": cls}
+            for table, cls in (
+                ("records_activity", ACTIVITY),
+                ("records_heart", HEART),
+                ("records_sleep", SLEEP),
+            )
+        },
+        "outbox": {"device": IDENTIFIER},  # drainers share the outbox out by device
+        "outbox_leases": {"device": IDENTIFIER, "holder": SYSTEM, "until_us": DEVICE_METADATA},
+    },
+    "keys": {"schema_version": {"version": SYSTEM}},
+}
+_POSTGRES_REMOVED: Mapping[str, Mapping[str, frozenset[str]]] = {
+    "features": {
+        "sqlite_sequence": frozenset({"name", "seq"}),
+        "record_cursor": frozenset({"next"}),
+        "outbox": frozenset({"purge_device"}),  # a purge entry is an entry whose cursor is NULL
+        "records_activity": frozenset({"value"}),
+        "records_heart": frozenset({"value"}),
+        "records_sleep": frozenset({"value"}),
+    },
+    "keys": {"data_keys": frozenset({"id"})},  # keyed by (device, ownership) alone
+}
+
+
+def _postgres_columns() -> dict[str, dict[str, dict[str, str]]]:
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for db, tables in COLUMNS.items():
+        removed = _POSTGRES_REMOVED.get(db, {})
+        out[db] = {
+            table: {c: cls for c, cls in columns.items() if c not in removed.get(table, frozenset())}
+            for table, columns in tables.items()
+        }
+        for table, columns in _POSTGRES_ADDED.get(db, {}).items():
+            out[db].setdefault(table, {}).update(columns)
+        out[db] = {table: columns for table, columns in out[db].items() if columns}
+    return out
+
+
+# store kind ("sqlite", "postgresql") → database → table → column → class
+COLUMNS_BY_STORE: Mapping[str, Mapping[str, Mapping[str, Mapping[str, str]]]] = {
+    "sqlite": COLUMNS,
+    "postgresql": _postgres_columns(),
+}
+
+
+def class_of(database: str, table: str, column: str, store: str = "sqlite") -> str | None:
     """The class of a stored column, None if it has none (which the classification test refuses)."""
-    return COLUMNS.get(database, {}).get(table, {}).get(column)
+    return COLUMNS_BY_STORE[store].get(database, {}).get(table, {}).get(column)
 
 
 def health_columns() -> list[tuple[str, str, str]]:
