@@ -162,7 +162,15 @@ def _accuracy_figures() -> dict:
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    keys = ("sleep_kappa_4class", "sleep_kappa_3class", "sleep_kappa_sleepwake", "steps_error_pct")
+    keys = (
+        "sleep_kappa_4class",
+        "sleep_kappa_3class",
+        "sleep_kappa_sleepwake",
+        "hgb_kappa_4class",  # the HistGradientBoosting baseline in the same folds, beside ours
+        "hgb_kappa_3class",
+        "hgb_kappa_sleepwake",
+        "steps_error_pct",
+    )
     return {k: saved[k] for k in keys if k in saved}
 
 
