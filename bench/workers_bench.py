@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench.e2e_bench import FRAME_SAMPLES, Gateway, _children, _fleet_file, _load, _recordings
+from bench.tls_bench import _cpu_s
 
 BANDS = 64
 LOADERS = 2  # load-generator processes, BANDS / LOADERS bands each
@@ -45,18 +46,6 @@ def _tree(pid: int) -> list[int]:
         found.append(p)
         todo += _children(p)
     return found
-
-
-def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of `pids` so far (/proc; a process that has ended counts 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_s() -> float:

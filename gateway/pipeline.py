@@ -113,36 +113,23 @@ class Limits:
     async def admit(self, device_id: int) -> None:
         """Take one batch token, or refuse naming the limit that is exhausted."""
         c = self.config
-        if c.rate_samples_per_s:
+        for name, rate, burst, need, local in (
+            ("samples", c.rate_samples_per_s, c.rate_burst_samples, 0, self._samples),
+            ("batches", c.rate_batches_per_s, c.rate_burst_batches, 1, self._batches),
+        ):
+            if not rate:
+                continue
             if self.take is not None:
-                rate, burst = c.rate_samples_per_s, c.rate_burst_samples
-                wait = _wait_ms(await self.take(device_id, "samples", rate, burst, 0, 0))
+                wait = _wait_ms(await self.take(device_id, name, rate, burst, need, need))
             else:
-                bucket = self._samples.setdefault(
-                    device_id, TokenBucket(c.rate_samples_per_s, c.rate_burst_samples)
-                )
-                wait = bucket.wait_ms(0)
-            if wait:
-                raise Refused(
-                    RESOURCE_EXHAUSTED,
-                    f"rate_samples_per_s = {c.rate_samples_per_s:g} exceeded for this device",
-                    retry_after_ms=wait,
-                )
-        if c.rate_batches_per_s:
-            if self.take is not None:
-                rate, burst = c.rate_batches_per_s, c.rate_burst_batches
-                wait = _wait_ms(await self.take(device_id, "batches", rate, burst, 1, 1))
-            else:
-                bucket = self._batches.setdefault(
-                    device_id, TokenBucket(c.rate_batches_per_s, c.rate_burst_batches)
-                )
-                wait = bucket.wait_ms(1)
+                bucket = local.setdefault(device_id, TokenBucket(rate, burst))
+                wait = bucket.wait_ms(need)
                 if not wait:
-                    bucket.take(1)
+                    bucket.take(need)
             if wait:
                 raise Refused(
                     RESOURCE_EXHAUSTED,
-                    f"rate_batches_per_s = {c.rate_batches_per_s:g} exceeded for this device",
+                    f"rate_{name}_per_s = {rate:g} exceeded for this device",
                     retry_after_ms=wait,
                 )
 

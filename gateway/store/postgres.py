@@ -91,6 +91,7 @@ from gateway.store.rows import (
     check_device_id,
     encode,
     open_record,
+    outbox_page,
     rows_of,
     token_decision,
 )
@@ -1113,19 +1114,7 @@ class PostgresStore(Store):
                 )
                 found = {row[0]: row for row in conn.execute(union, {"c": cursors})}  # type: ignore[call-overload]
         self._in_flight = {id_: device for id_, device, _, _ in page}
-        out: list[OutboxRow] = []
-        dead: list[int] = []
-        for id_, device, cursor, taken_us in page:
-            taken = now_us if taken_us is None else int(taken_us)
-            if cursor is None:
-                out.append(OutboxRow(id_, device, "", None, None, taken))
-                continue
-            row = found.get(cursor)
-            record = None if row is None else self._record(row)
-            if record is None:  # its key is destroyed (or the row is gone): it can never be published
-                dead.append(id_)
-                continue
-            out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+        out, dead = outbox_page(page, found, self._record, now_us)
         if dead:
             self.outbox_done(dead)
         return out

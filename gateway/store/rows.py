@@ -19,6 +19,7 @@ from gateway.store.base import (
     U64,
     UNOWNED,
     CommitItem,
+    OutboxRow,
     Sealer,
     StoreError,
     Unreadable,
@@ -177,3 +178,28 @@ def open_record(
         "algo": algo,
         "values": values,
     }
+
+
+def outbox_page(
+    entries: list[tuple[int, str | None, int | None, int | None]],
+    found: dict[int, tuple],
+    open_row: Callable[[tuple], dict | None],
+    now_us: int,
+) -> tuple[list[OutboxRow], list[int]]:
+    """`Store.outbox_take`'s answer from a page of entries (id, the device a purge entry names, cursor,
+    taken_us) and the record rows of their cursors (`found`, by cursor), opened with `open_row`: the
+    rows, and the ids of entries that can never be published (a destroyed key, or a record gone)."""
+    out: list[OutboxRow] = []
+    dead: list[int] = []
+    for id_, purge_device, cursor, taken_us in entries:
+        taken = now_us if taken_us is None else int(taken_us)
+        if cursor is None:
+            out.append(OutboxRow(id_, purge_device or "", "", None, None, taken))
+            continue
+        row = found.get(cursor)
+        record = None if row is None else open_row(row)
+        if record is None:
+            dead.append(id_)
+            continue
+        out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+    return out, dead

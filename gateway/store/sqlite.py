@@ -61,6 +61,7 @@ from gateway.store.rows import (
     check_device_id,
     encode,
     open_record,
+    outbox_page,
     rows_of,
     token_decision,
 )
@@ -818,19 +819,8 @@ class SqliteStore(Store):
                 for table in RECORD_TABLES.values():
                     sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor IN ({marks})"
                     found.update((row[0], row) for row in conn.execute(sql, cursors))
-        out: list[OutboxRow] = []
-        dead: list[int] = []
-        for id_, cursor, purge_device, taken_us in page:
-            taken = now_us if taken_us is None else int(taken_us)
-            if cursor is None:
-                out.append(OutboxRow(id_, purge_device, "", None, None, taken))
-                continue
-            row = found.get(cursor)
-            record = None if row is None else self._record(row)
-            if record is None:  # its key is destroyed (or the row is gone): it can never be published
-                dead.append(id_)
-                continue
-            out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+        entries = [(id_, purge_device, cursor, taken_us) for id_, cursor, purge_device, taken_us in page]
+        out, dead = outbox_page(entries, found, self._record, now_us)
         if dead:
             self.outbox_done(dead)
         return out
