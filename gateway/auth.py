@@ -59,7 +59,7 @@ class TlsAuthenticator(Authenticator):
         if certs:
             principal = await self.registry.identify_certificate(peer, certs[0])
         elif auth.get("transport_security_type") == [b"ssl"]:
-            principal = self.registry.identify_token(peer, tuple(context.invocation_metadata() or ()))
+            principal = await self.registry.identify_token(peer, tuple(context.invocation_metadata() or ()))
         else:  # grpc never serves our services without TLS unless --insecure; refuse if it ever did
             raise self.registry.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, "TLS is required")
         self.registry.seen(principal)

@@ -161,13 +161,14 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
                 "insecure": True if args.insecure else None,
                 "auto_register": True if args.auto_register else None,
                 "workers": args.workers,
+                "token_process": True if args.token_process else None,
             },
         )
     except ConfigError as e:
         return _fail(f"serve: {e}")
     configure_logging()
     try:
-        if config.workers > 1:
+        if config.workers > 1 or config.token_process:
             from gateway.supervisor import supervise
 
             return supervise(config)
@@ -387,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         help="serving processes on the one port (SO_REUSEPORT), each with its own compute workers "
         "(default 1; docs/operations.md)",
+    )
+    srv.add_argument(
+        "--token-process",
+        action="store_true",
+        help="serve the token listener from a process of its own, so that a flood of bad tokens cannot "
+        "slow the mutual-TLS bands (docs/security.md)",
     )
     srv.set_defaults(run=_cmd_serve)
 

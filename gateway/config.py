@@ -90,6 +90,10 @@ class GatewayConfig:
     # with its own gRPC server and its own `compute_processes`, over the shared store and state dir.
     # 1 = this process serves, no supervisor.
     workers: int = 1
+    # The token listener in a serving process of its own, beside the `workers` that serve mutual TLS
+    # (gateway/supervisor.py): callers there have proved nothing at the handshake, so a flood of bad tokens
+    # takes that process's event loop, not the one the bands are served from (docs/security.md).
+    token_process: bool = False
     compute_processes: int = 2  # decode + features worker processes; 0 = compute threads in this process
     compute_threads: int = 2  # decode + features threads when compute_processes = 0
     # A compute worker holding batches that answers none of them for this long is killed and replaced
@@ -146,6 +150,8 @@ class GatewayConfig:
                 )
         if self.token_listen:
             _address("token_listen", self.token_listen)
+        if self.token_process and (not self.token_listen or self.insecure):
+            raise ConfigError("token_process needs a token listener (token_listen) and TLS (not --insecure)")
         for name in self.server_hosts():
             if any(c.isspace() or c in "/:@" for c in name) and not _is_ip(name):
                 raise ConfigError(f"server_names: {name!r} is neither a DNS name nor an IP address")

@@ -495,7 +495,8 @@ class Gateway:
     TLS for bearer tokens) and `health_address` (plaintext gRPC health, loopback only). `shared_port`: the
     first two are bound with SO_REUSEPORT, as one of the serving processes of `serve --workers N`
     (gateway/supervisor.py, whose port lock keeps any other gateway off them); otherwise a second gateway
-    on the same port fails to bind instead of sharing it."""
+    on the same port fails to bind instead of sharing it. `listeners`: "all", or only the mutual-TLS one
+    ("tls") or only the token one ("token"), for a supervisor that serves them from separate processes."""
 
     def __init__(
         self,
@@ -505,9 +506,17 @@ class Gateway:
         consent: ConsentGate | None = None,
         clock: Callable[[], float] = time.time,
         shared_port: bool = False,
+        listeners: str = "all",
     ):
         self.config = config.validate()
         self.shared_port = shared_port
+        if listeners not in ("all", "tls", "token"):
+            raise ValueError(f"listeners: 'all', 'tls' or 'token', not {listeners!r}")
+        if listeners != "all" and (self.config.insecure or not self.config.token_listen):
+            raise ValueError(
+                "listeners 'tls' or 'token' split TLS listeners: not with insecure, nor without token_listen"
+            )
+        self.listeners = listeners
         self.authenticator = authenticator
         self.consent = consent  # None: the registry's consent and minors rules (gateway/privacy)
         self.clock = clock  # wall clock (s) of the retention sweeper: a test injects its own
@@ -535,8 +544,8 @@ class Gateway:
     async def start(self) -> str:
         """Open the store, bind, serve; returns the bound HOST:PORT of the main listener."""
         if self._server is not None:
-            assert self.address is not None
-            return self.address
+            assert (self.address or self.token_address) is not None
+            return self.address or self.token_address
         c = self.config
         # credentials first: a gateway that cannot serve TLS must not have started anything
         self.security = security = await asyncio.to_thread(security_setup.prepare, c)
@@ -674,15 +683,17 @@ class Gateway:
                 extra={"fields": {"event": "insecure", "listen": c.listen}},
             )
             port = server.add_insecure_port(c.listen)
+            self.address = f"{c.listen.rpartition(':')[0]}:{port}"
         else:
             assert security.tls is not None
-            mtls = ReloadingCredentials(security.tls, require_client_auth=True)
-            port = server.add_secure_port(c.listen, mtls.server_credentials())
-            if c.token_listen:
+            if self.listeners != "token":
+                mtls = ReloadingCredentials(security.tls, require_client_auth=True)
+                port = server.add_secure_port(c.listen, mtls.server_credentials())
+                self.address = f"{c.listen.rpartition(':')[0]}:{port}"
+            if c.token_listen and self.listeners != "tls":
                 tls_only = ReloadingCredentials(security.tls, require_client_auth=False)
                 token_port = server.add_secure_port(c.token_listen, tls_only.server_credentials())
                 self.token_address = f"{c.token_listen.rpartition(':')[0]}:{token_port}"
-        self.address = f"{c.listen.rpartition(':')[0]}:{port}"
         if c.health_listen:
             # Probes have no client certificate: a plaintext server of its own, health only, loopback only.
             health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -716,7 +727,7 @@ class Gateway:
                 }
             },
         )
-        return self.address
+        return self.address or self.token_address
 
     async def _reapply_erasures(
         self, journal: ErasureJournal, registry: Registry, keys: DataKeyStore

@@ -15,6 +15,12 @@ ports of `listen` and `token_listen` (port 0 is resolved there), so that nothing
 SO_REUSEPORT takes one while its processes restart, and locks them, so that a stray second `serve`
 fails with a message instead of sharing them.
 
+With `token_process` (`serve --token-process`) one more serving process serves the token listener alone
+and the `workers` serve mutual TLS alone: a token caller has proved nothing at the handshake, so a flood
+of bad tokens (each answered, throttled, in Python) then takes the event loop of that process, not the
+one the bands' batches are acked from, and it runs TOKEN_PROCESS_NICE nicer, so that it yields the CPU
+to them too (docs/security.md, "Hostile peers").
+
 Health and metrics are the supervisor's own listeners (`health_listen`, `metrics_listen`). Each serving
 process has private loopback listeners for both, which the supervisor polls (health, every
 HEALTH_POLL_S) and scrapes (metrics, on every scrape of its own endpoint, each sample labelled with its
@@ -72,6 +78,9 @@ STABLE_S = 60.0  # a process that served this long before it ended is not counte
 GIVE_UP_AFTER = 5  # failures in a row of one slot: the supervisor stops and exits 1
 KILL_AFTER_S = 30.0  # on shutdown, beyond shutdown_grace_s: then a process is killed
 PRIVATE_LISTEN = "127.0.0.1:0"  # a serving process's own health and metrics listeners
+# The token process runs this much nicer than the bands' (`os.nice`; its compute workers inherit it): when
+# a flood and the bands want the same core, the kernel gives the bands about three times the share.
+TOKEN_PROCESS_NICE = 5
 
 
 class ServingProcessError(RuntimeError):
@@ -92,7 +101,8 @@ class _Process:
 
 
 class Supervisor:
-    """`config.workers` serving processes on `config.listen`, and health and metrics for all of them.
+    """`config.workers` serving processes on `config.listen` (and with `token_process` one more on
+    `config.token_listen`), and health and metrics for all of them.
 
     start/shutdown: start locks and reserves the ports, binds health and metrics, and starts every
     process (ServingProcessError if one does not start; what had started is stopped); `wait` returns
@@ -119,8 +129,9 @@ class Supervisor:
         self.exit_code = 0
         self._locks = PortLocks([])
         self._reserved: list[socket.socket] = []
-        self._slots: list[_Process | None] = [None] * config.workers
-        self._failures = [0] * config.workers
+        slots = config.workers + int(config.token_process)
+        self._slots: list[_Process | None] = [None] * slots
+        self._failures = [0] * slots
         self._restarts: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
         self._stopping = False
@@ -167,6 +178,7 @@ class Supervisor:
             health_listen=PRIVATE_LISTEN,
             metrics_listen=PRIVATE_LISTEN if c.metrics_listen else "",
             workers=1,
+            token_process=False,
         )
         self._health = health.aio.HealthServicer()
         await self._set_health(False)
@@ -184,7 +196,9 @@ class Supervisor:
         # Process 0 alone first: a first start creates the state dir's credentials and keys and migrates
         # the store, which processes starting side by side would race for.
         self._slots[0] = await self._launch(0)
-        rest = await asyncio.gather(*(self._launch(i) for i in range(1, c.workers)), return_exceptions=True)
+        rest = await asyncio.gather(
+            *(self._launch(i) for i in range(1, len(self._slots))), return_exceptions=True
+        )
         for i, started in enumerate(rest, start=1):
             if not isinstance(started, BaseException):
                 self._slots[i] = started
@@ -238,7 +252,11 @@ class Supervisor:
             theirs.close()
         try:
             reader, writer = await asyncio.open_connection(sock=ours)
-            hello = {"process": slot, "config": dataclasses.asdict(self._child_config)}
+            hello = {
+                "process": slot,
+                "listeners": self.listeners(slot),
+                "config": dataclasses.asdict(self._child_config),
+            }
             writer.write(json.dumps(hello).encode() + b"\n")
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)
@@ -315,6 +333,13 @@ class Supervisor:
         task = asyncio.ensure_future(self._restart(p.slot))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
+
+    def listeners(self, slot: int) -> str:
+        """What serving process `slot` listens on (`Gateway`'s `listeners`): with `token_process`, the last
+        slot serves the token listener alone and the others mutual TLS alone; otherwise each serves both."""
+        if not self.config.token_process:
+            return "all"
+        return "token" if slot == self.config.workers else "tls"
 
     def restart_delay(self, slot: int) -> float:
         """`restart_delay_s`, doubled for each failure in a row after the first, up to `restart_max_s`."""
@@ -476,9 +501,11 @@ def _serve_process(fd: int) -> int:
         reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
         hello = json.loads(await reader.readline())
         configure_logging(stamp={"process": hello["process"]})
+        if hello["listeners"] == "token":
+            os.nice(TOKEN_PROCESS_NICE)
         from gateway.server import Gateway
 
-        gateway = Gateway(GatewayConfig(**hello["config"]), shared_port=True)
+        gateway = Gateway(GatewayConfig(**hello["config"]), shared_port=True, listeners=hello["listeners"])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

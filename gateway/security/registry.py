@@ -352,9 +352,11 @@ class Registry:
                 ops += ownership_ops(self.policy.snapshot if self.policy else None, name)[1]
         await self.apply(events, ops)
 
-    def identify_token(self, peer: str, metadata: Sequence[tuple[str, Any]]) -> Principal:
+    async def identify_token(self, peer: str, metadata: Sequence[tuple[str, Any]]) -> Principal:
         """The principal a bearer token proves (`authorization: Bearer <token>`); throttled per peer address
-        before the token is even hashed."""
+        before the token is even hashed. A token not found is looked for once more in a fresh read of the
+        registry (issued a moment ago through another process or gateway); the throttle bounds those reads
+        as it bounds the lookups."""
         host = peer_host(peer)
         if self.peer_throttle.blocked(host):
             raise self._throttled()
@@ -371,6 +373,8 @@ class Registry:
         credential = token_id(tokens[0][7:].strip())
         assert self.policy is not None
         owner = self.policy.token_owner(credential)
+        if owner is None and await self.refresh():
+            owner = self.policy.token_owner(credential)
         if owner is None:
             raise self.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, "unknown token")
         decision = self.policy.check_credential(owner.kind, owner.name, credential)

@@ -43,6 +43,8 @@ def test_precedence_file_env_flags(tmp_path):
         ({"environ": {"BANDGATE_AUDIT_SEGMENT_ENTRIES": "0"}}, "audit_segment_entries"),
         ({"environ": {"BANDGATE_AUDIT_SEGMENT_DAYS": "-1"}}, "audit_segment_days"),
         ({"environ": {"BANDGATE_KEY_SCHEMA": "Keys; DROP"}}, "key_schema"),
+        ({"environ": {"BANDGATE_TOKEN_PROCESS": "true", "BANDGATE_TOKEN_LISTEN": ""}}, "token_process"),
+        ({"environ": {"BANDGATE_TOKEN_PROCESS": "true"}, "overrides": {"insecure": True}}, "token_process"),
     ],
 )
 def test_bad_values_name_the_setting(kwargs, named):

@@ -2,7 +2,7 @@
 take streams on one port; a band that reconnects to the other process continues its sequence with nothing
 lost or doubled; SIGTERM drains both and exits 0; a second `serve` on the port is refused with a message;
 a killed serving process is started again and health recovers; one that keeps dying stops the supervisor
-with exit status 1."""
+with exit status 1; `--token-process` serves the token listener from a process of its own."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from bandgate.v1 import admin_pb2, admin_pb2_grpc
 from gateway.pipeline import ALREADY_EXISTS, OK
 from gateway.simulator.client import run_fleet
 from gateway.simulator.recorder import fleet_batches
@@ -45,7 +46,7 @@ class Supervised:
     """`bandgate serve --workers N` as a subprocess, its JSON log in a file; addresses and the serving
     processes' pids from the supervisor's "supervisor_serving" line."""
 
-    def __init__(self, tmp_path: Path, db: Path, *, workers: int = 2, listen: str = "127.0.0.1:0"):
+    def __init__(self, tmp_path: Path, db: Path, *extra: str, workers: int = 2, listen: str = "127.0.0.1:0"):
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
         self.state_dir = tmp_path / "state"
         self.db = db
@@ -57,9 +58,11 @@ class Supervised:
             "--store", f"sqlite:///{db}",
             "--state-dir", str(self.state_dir),
             "--metrics-listen", "127.0.0.1:0",
+            *extra,
         )  # fmt: skip
         line = self.wait_for('"event":"supervisor_serving"', 60)
         self.address = _field(line, "address")
+        self.token_address = _field(line, "token_address")
         self.health_address = _field(line, "health_address")
         self.metrics_address = _field(line, "metrics_address")
         self.pids = [int(p) for p in re.search(r'"pids":\[([\d,]+)\]', line).group(1).split(",")]
@@ -373,3 +376,42 @@ def test_a_process_that_cannot_start_stops_serve_with_its_error(tmp_path):
     last = log_path.read_text().splitlines()[-1]
     assert last.startswith("serve: serving process 0: sqlite: unable to open database file"), last
     assert "Traceback" not in log_path.read_text()  # an expected error: its message, as a single serve's
+
+
+def test_token_process_serves_the_token_listener_alone_and_nicer(tmp_path):
+    """`serve --workers 1 --token-process`: process 0 takes the bands (mutual TLS) and process 1, niced, the
+    token callers; each listener reaches only its own process."""
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db, "--token-process", workers=1)
+    device, batches = band(seed=61, minutes=15, batch_minutes=5)
+    try:
+        assert server.health() == SERVING
+        assert len(server.pids) == 2 and all(map(running, server.pids))
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in server.pids] == [
+            os.getpriority(os.PRIO_PROCESS, 0),
+            min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5),
+        ]
+
+        async def scenario():
+            async with server.credentials.channel("operator") as op:
+                reply = await admin_pb2_grpc.AdminServiceStub(op).Register(
+                    admin_pb2.RegisterRequest(kind="relay", name="phone-1", issue_token=True)
+                )
+            ca = grpc.ssl_channel_credentials((server.state_dir / "ca.pem").read_bytes())
+            async with grpc.aio.secure_channel(server.token_address, ca) as ch:
+                me = await admin_pb2_grpc.IdentityServiceStub(ch).WhoAmI(
+                    admin_pb2.WhoAmIRequest(), metadata=(("authorization", f"Bearer {reply.token}"),)
+                )
+            up, channel, _ = await _stream_on(server, device, None)
+            acks = [(await up.send(b)).code for b in batches]
+            await up.close()
+            await channel.close()
+            return f"{me.kind}:{me.name}", acks
+
+        whoami, acks = run(scenario())
+        assert whoami == "relay:phone-1" and acks == [OK] * len(batches)
+        assert server.per_process("bandgate_batches_total", code="OK") == {"0": float(len(batches))}
+        lookups = server.per_process("bandgate_token_lookups_total")
+        assert lookups.get("1") == 1.0 and not lookups.get("0"), lookups
+    finally:
+        assert server.terminate() == 0

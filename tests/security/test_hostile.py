@@ -29,8 +29,10 @@ from gateway.envelope import build_batch
 from gateway.pipeline import OK as ACK_OK
 from gateway.security.client import local_ca
 from gateway.security.pki import LocalState
+from gateway.security.registry import Throttle
 from gateway.server import Gateway, run_server
 from gateway.store import open_store
+from gateway.supervisor import Supervisor
 from tests.gateway.gatewaykit import REPO, Credentials, Uploader, frames_of, tls_config
 
 BANDS = 20
@@ -55,6 +57,17 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
 
 def sample(registry, name: str) -> float:
     return registry.get_sample_value(name) or 0.0
+
+
+def counters(supervisor: Supervisor) -> tuple[float, float]:
+    """Token lookups and throttled calls, summed over the supervisor's serving processes (its metrics
+    scrape each of them)."""
+    totals = {"bandgate_token_lookups_total": 0.0, "bandgate_auth_throttled_total": 0.0}
+    for family in supervisor.registry.collect():
+        for s in family.samples:
+            if s.name in totals:
+                totals[s.name] += s.value
+    return totals["bandgate_token_lookups_total"], totals["bandgate_auth_throttled_total"]
 
 
 def high_water(url: str, device_id: int) -> int | None:
@@ -168,54 +181,58 @@ def test_bad_token_flood_is_throttled_without_lookups_while_bands_stream(tmp_pat
     """20 bands, each on its own mutual-TLS channel, send a 1-minute batch every 100 ms: 10 s quiet, then
     30 s while one client floods the token listener with bad tokens (WhoAmI, the cheapest call that needs
     a token, `IN_FLIGHT` at a time). The attacker is refused, mostly RESOURCE_EXHAUSTED, and only the
-    throttle's burst and refill are looked up; the bands keep their pace and lose nothing."""
-    cfg = tls_config(tmp_path)
+    throttle's burst and refill are looked up; the bands keep their pace and lose nothing.
+
+    The gateway runs as `serve --token-process` does (gateway/supervisor.py): the token listener in a
+    serving process of its own, the bands on another, and the bands' client here in a third."""
+    cfg = tls_config(tmp_path, token_process=True, metrics_listen="127.0.0.1:0")
     devices = [0x0B0B_0000_0000_0000 + i for i in range(BANDS)]
     per_band = int((QUIET_S + FLOOD_S) / INTERVAL_S) + 40
     batches = {d: band_batches(d, per_band + 1) for d in devices}
 
     async def scenario():
-        async with run_server(cfg) as gw:
-            assert gw.registry is not None
-            creds = Credentials(cfg.state_dir, gw.address)
-            attacker = Attacker(gw.token_address, LocalState.at(cfg.state_dir).ca_cert, FLOOD_S, IN_FLIGHT)
-            try:
-                channels = [await creds.band_channel(d) for d in devices]
-                uploaders = {d: Uploader(ch, d) for d, ch in zip(devices, channels, strict=True)}
-                for d, up in uploaders.items():  # connected and warm before anything is measured
-                    assert (await up.send(batches[d][0])).code == ACK_OK
-                await asyncio.to_thread(attacker.ready)
-                before = (
-                    sample(gw.metrics.registry, "bandgate_token_lookups_total"),
-                    sample(gw.metrics.registry, "bandgate_auth_throttled_total"),
+        supervisor = Supervisor(cfg)
+        attacker = None
+        try:
+            address = await supervisor.start()
+            assert supervisor.token_address is not None
+            assert supervisor.listeners(0) == "tls" and supervisor.listeners(1) == "token"
+            creds = Credentials(cfg.state_dir, address)
+            attacker = Attacker(
+                supervisor.token_address, LocalState.at(cfg.state_dir).ca_cert, FLOOD_S, IN_FLIGHT
+            )
+            channels = [await creds.band_channel(d) for d in devices]
+            uploaders = {d: Uploader(ch, d) for d, ch in zip(devices, channels, strict=True)}
+            for d, up in uploaders.items():  # connected and warm before anything is measured
+                assert (await up.send(batches[d][0])).code == ACK_OK
+            await asyncio.to_thread(attacker.ready)
+            before = await asyncio.to_thread(counters, supervisor)
+            loop = asyncio.get_running_loop()
+            start = loop.time() + 0.1
+            stop = start + QUIET_S + FLOOD_S
+            sent: dict[int, list] = {d: [] for d in devices}
+            bands = [
+                asyncio.ensure_future(
+                    stream(up, batches[d][1:], start + k * INTERVAL_S / BANDS, stop, sent[d])
                 )
-                loop = asyncio.get_running_loop()
-                start = loop.time() + 0.1
-                stop = start + QUIET_S + FLOOD_S
-                sent: dict[int, list] = {d: [] for d in devices}
-                bands = [
-                    asyncio.ensure_future(
-                        stream(up, batches[d][1:], start + k * INTERVAL_S / BANDS, stop, sent[d])
-                    )
-                    for k, (d, up) in enumerate(uploaders.items())
-                ]
-                await asyncio.sleep(max(0.0, start + QUIET_S - loop.time()))
-                attacker.go()
-                await asyncio.gather(*bands)
-                report = await asyncio.to_thread(attacker.result)
-                after = (
-                    sample(gw.metrics.registry, "bandgate_token_lookups_total"),
-                    sample(gw.metrics.registry, "bandgate_auth_throttled_total"),
-                )
-                closed = [await up.close() for up in uploaders.values()]
-                for ch in channels:
-                    await ch.close()
-                throttle = gw.registry.peer_throttle
-                return sent, report, before, after, closed, (throttle.rate, throttle.burst)
-            finally:
+                for k, (d, up) in enumerate(uploaders.items())
+            ]
+            await asyncio.sleep(max(0.0, start + QUIET_S - loop.time()))
+            attacker.go()
+            await asyncio.gather(*bands)
+            report = await asyncio.to_thread(attacker.result)
+            after = await asyncio.to_thread(counters, supervisor)
+            closed = [await up.close() for up in uploaders.values()]
+            for ch in channels:
+                await ch.close()
+            throttle = Throttle()  # the token process's, with its defaults
+            return sent, report, before, after, closed, (throttle.rate, throttle.burst)
+        finally:
+            if attacker is not None:
                 attacker.kill()
+            assert await supervisor.shutdown() == 0
 
-    sent, report, before, after, closed, (rate, burst) = asyncio.run(asyncio.wait_for(scenario(), 120))
+    sent, report, before, after, closed, (rate, burst) = asyncio.run(asyncio.wait_for(scenario(), 180))
     codes = report["codes"]
     calls = sum(codes.values())
     attack_s = report["end"] - report["start"]
