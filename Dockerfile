@@ -29,11 +29,14 @@ RUN groupadd --system --gid 10001 bandgate \
  && chown bandgate:bandgate /data /var/cache/bandgate/numba
 COPY --from=builder /opt/venv /opt/venv
 # The Numba cache lives outside the (root-owned) venv, in a directory the gateway's user can write.
+# BANDGATE_TOKEN_PROCESS: token callers (phones, consumers) in a serving process of their own, so that a
+# flood of bad tokens on 50052 cannot starve the bands' acks on 50051 (docs/security.md, "Hostile peers").
 ENV PATH=/opt/venv/bin:$PATH \
     NUMBA_CACHE_DIR=/var/cache/bandgate/numba \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    BANDGATE_STATE_DIR=/data/state
+    BANDGATE_STATE_DIR=/data/state \
+    BANDGATE_TOKEN_PROCESS=true
 USER bandgate:bandgate
 # Compile every kernel now, as the runtime user, against the installed sources (Numba's cache is keyed
 # by source path and mtime): the container serves its first batch without ~45 s of JIT compilation.

@@ -120,6 +120,7 @@ def test_dockerfile_shape() -> None:
     (exposed,) = [r.split() for w, r in runtime if w == "EXPOSE"]
     assert sorted(exposed) == ["50051", "50052"], "health is not published"
     assert env.get("BANDGATE_STATE_DIR", "").startswith("/data/"), "keys and CA live on the volume"
+    assert env.get("BANDGATE_TOKEN_PROCESS") == "true", "token callers in a process of their own"
 
 
 class Image:
@@ -241,13 +242,15 @@ def cache_files(image: Image) -> set[str]:
 
 
 def wait_for_address(log: Path, proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """The TLS and health addresses of the gateway's "serving" log line."""
+    """The TLS and health addresses of the gateway's "serving" log line, or with serving processes under a
+    supervisor (the token process) the supervisor's: its processes' lines name their `process`."""
     deadline = time.monotonic() + timeout
+    serving = r'"event":"(?:supervisor_)?serving".*?"address":"([^"]+)".*?"health_address":"([^"]+)"'
     while time.monotonic() < deadline and proc.poll() is None:
-        serving = r'"event":"serving".*?"address":"([^"]+)".*?"health_address":"([^"]+)"'
-        m = re.search(serving, log.read_text())
-        if m:
-            return m.group(1), m.group(2)
+        for line in log.read_text().splitlines():
+            m = re.search(serving, line)
+            if m and '"process":' not in line:
+                return m.group(1), m.group(2)
         time.sleep(0.05)
     raise AssertionError(f"serve did not start: {log.read_text()[-3000:]}")
 
