@@ -58,6 +58,13 @@ class Throttle:
         level = self._refilled(key, time.monotonic())
         return level is not None and level < 1.0
 
+    def refund(self, key: str) -> None:
+        """Give back what `fail` took (a refusal that turned out not to be one)."""
+        entry = self._level.get(key)
+        if entry is not None:
+            level, stamp = entry
+            self._level[key] = (min(self.burst, level + 1.0), stamp)
+
     def fail(self, key: str) -> None:
         now = time.monotonic()
         level = self._refilled(key, now)
@@ -373,10 +380,16 @@ class Registry:
         credential = token_id(tokens[0][7:].strip())
         assert self.policy is not None
         owner = self.policy.token_owner(credential)
-        if owner is None and await self.refresh():
-            owner = self.policy.token_owner(credential)
         if owner is None:
-            raise self.refuse(peer, None, grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+            # charged before the read, so that calls arriving meanwhile see the throttle this one used
+            self.peer_throttle.fail(host)
+            if await self.refresh():
+                owner = self.policy.token_owner(credential)
+            if owner is None:
+                raise self.refuse(
+                    peer, None, grpc.StatusCode.UNAUTHENTICATED, "unknown token", charge_peer=False
+                )
+            self.peer_throttle.refund(host)
         decision = self.policy.check_credential(owner.kind, owner.name, credential)
         if not decision:
             raise self.refuse(
