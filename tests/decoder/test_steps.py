@@ -13,9 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+# The repository first, tests/ (for naive_steps) last: tests/ holds a package named `decoder` too, and
+# ahead of the repository it would shadow the real one (whose modules the editable install then finds in
+# whichever checkout it points at, not this one).
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
 import naive_steps as naive  # noqa: E402
 
