@@ -47,12 +47,13 @@ class StepParams:
     run_cadence_hz: float = 2.5  # at or above: running (150 steps/min)
     bout_min_s: int = 10  # shorter gait still counts steps but is not reported as a bout
     bout_max_gap_s: int = 3  # pauses up to this long do not end a bout
+    edge_credit: float = 0.65  # share of a step-second credited at a bout edge (gait seen on one side only)
 
 
 DEFAULT_PARAMS = StepParams()
 FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
 SHIFT_ENERGY_FLOOR = 0.05  # r(lag) divides by at least this share of the window's own energy
-STATE_VERSION = 2  # 2: a block records whether its lag sums beyond lag 0 were computed
+STATE_VERSION = 3  # 2: a block records whether its lag sums beyond lag 0 were computed; 3: edge_credit
 REST, WALK, RUN = 0, 1, 2
 
 # Parameter slots at the head of the state (StepParams field order).
@@ -75,8 +76,9 @@ REST, WALK, RUN = 0, 1, 2
     _RUN_CADENCE_HZ,
     _BOUT_MIN_S,
     _BOUT_MAX_GAP_S,
-) = range(18)
-_N_PARAMS = 18
+    _EDGE_CREDIT,
+) = range(19)
+_N_PARAMS = 19
 # Stream header after the parameters; the rings follow at offsets stored in the header.
 (
     _VERSION,
@@ -221,6 +223,7 @@ def new_state(
         or not (2 <= p.window_s <= 60 and 1 <= p.min_cover <= p.window_s)
         or not (2 <= round(p.min_lag_s * FS_DEC) < nlag - 2)
         or not (0 < p.min_cadence_hz < p.max_cadence_hz)
+        or not (0.0 <= p.edge_credit <= 1.0)
     ):
         raise ValueError("inconsistent step parameters")
     k = p.window_s
@@ -373,20 +376,35 @@ def _finalise(st, upto, out, counts):
         e_last = int(min(j + k - 1, last_window))
         n_gait = 0
         cad_sum = 0.0
+        # Whether the group holds a window that ends within the first half of those covering j (the
+        # second sits late in it: gait before j) and one that ends in the second half (gait after j).
+        seen_before = False
+        seen_after = False
+        half = j + k // 2
         for e in range(j, e_last + 1):
             ce = st[off_win + 2 * (e % k)]
             if ce <= 0.0:
                 continue
             n_agree = 0
             agree_sum = 0.0
+            before = False
+            after = False
             for f in range(j, e_last + 1):
                 cf = st[off_win + 2 * (f % k)]
                 if cf > 0.0 and abs(cf - ce) <= st[_CADENCE_AGREEMENT] * ce:
                     n_agree += 1
                     agree_sum += cf
+                    if f < half:
+                        before = True
+                    else:
+                        after = True
             if n_agree > n_gait:
                 n_gait = n_agree
                 cad_sum = agree_sum
+                seen_before = before
+                seen_after = after
+        if e_last < half:  # the stream ended before the later windows: no sign that the walk stopped
+            seen_after = True
         cadence = 0.0
         activity = REST
         # A still second at the edge of a walk sits in gait windows but holds no steps.
@@ -397,6 +415,10 @@ def _finalise(st, upto, out, counts):
             activity = RUN if cadence >= st[_RUN_CADENCE_HZ] else WALK
         # The stream's first and last seconds may be partial: credit the part present.
         frac = st[off_win + 2 * (j % k) + 1] / st[_FS]
+        # Gait seen on one side only: j is where a walk starts or stops, and windows reach into it from
+        # the walk beside it; the walk covers only part of it (docs/steps.md, bout edges).
+        if not (seen_before and seen_after):
+            frac *= st[_EDGE_CREDIT]
         _emit_second(st, j, cadence * frac, cadence, activity, out, counts)
         st[_NEXT_FINAL] = j + 1
 

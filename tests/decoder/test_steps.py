@@ -309,7 +309,9 @@ def accuracy():
 
 
 @pytest.mark.parametrize("fs", [50, 25])
-@pytest.mark.parametrize("name", ["oxwalk_p30", "clemson_p15_regular", "clemson_p15_semiregular"])
+@pytest.mark.parametrize(
+    "name", ["oxwalk_p30", "clemson_p15_regular", "clemson_p15_semiregular", "clemson_p15_irregular"]
+)
 def test_real_recordings_within_ten_percent(accuracy, name, fs):
     r = accuracy[f"{name}@{fs}"]
     assert abs(r["error_pct"]) <= 10.0, r
@@ -318,10 +320,30 @@ def test_real_recordings_within_ten_percent(accuracy, name, fs):
 
 
 @pytest.mark.parametrize("fs", [50, 25])
-def test_irregular_walk_is_not_flooded_with_false_steps(accuracy, fs):
-    # Mostly standing with 178 scattered steps: reported, held only to a loose bound.
+def test_irregular_walk_standing_time_gets_few_steps(accuracy, fs):
+    # Twelve minutes of standing between short bouts: false steps there stay rare.
     r = accuracy[f"clemson_p15_irregular@{fs}"]
-    assert abs(r["error_steps"]) <= 60, r
+    assert r["non_walking_steps"] <= 5, r
+
+
+@pytest.mark.parametrize("fs", [25, 50])
+def test_bout_edges_get_the_edge_share(fs):
+    # Rest, a 20-s walk, rest: the seconds where gait is seen on one side only (the walk's edges) are
+    # credited edge_credit of their cadence; full credit would only add to those seconds.
+    rng = np.random.default_rng(4)
+    rest = 1.0 + 0.005 * rng.standard_normal(fs * 10)
+    mag = np.concatenate([rest, walk(fs, 20, 1.8, noise_g=0.02, seed=4), rest])
+    xyz = band_counts(mag)
+    full = run_all(xyz, fs, params=dataclasses.replace(P, edge_credit=1.0)).seconds
+    ours = run_all(xyz, fs).seconds
+    np.testing.assert_array_equal(ours["cadence_spm"], full["cadence_spm"])
+    edge = ours["steps"] < full["steps"]
+    assert 1 <= edge.sum() <= 4  # a second or two at each end
+    np.testing.assert_allclose(ours["steps"][edge], P.edge_credit * full["steps"][edge], rtol=1e-6)
+    np.testing.assert_array_equal(ours["steps"][~edge], full["steps"][~edge])
+    # In still rest a window with one clean second of gait is already gait, so this sharp-edged walk is
+    # seen about 2 s early and late (docs/steps.md, weaknesses): the edge share trims only part of that.
+    assert 1.8 * 20 < total_steps(run_all(xyz, fs)) < 1.8 * 20 * 1.2
 
 
 def test_params_survive_the_state():
