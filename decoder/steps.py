@@ -44,16 +44,18 @@ class StepParams:
     max_cadence_hz: float = 3.6
     min_cover: int = 2  # agreeing gait windows (of the `window_s` covering a second) to credit it
     cadence_agreement: float = 0.15  # windows agree when their cadences differ by at most this fraction
+    stride_agreement: bool = True  # a window at half another's cadence (it read the stride) agrees with it
     run_cadence_hz: float = 2.5  # at or above: running (150 steps/min)
     bout_min_s: int = 10  # shorter gait still counts steps but is not reported as a bout
     bout_max_gap_s: int = 3  # pauses up to this long do not end a bout
-    edge_credit: float = 0.65  # share of a step-second credited at a bout edge (gait seen on one side only)
+    edge_credit: float = 0.6  # share of a step-second credited at a bout edge (gait seen on one side only)
 
 
 DEFAULT_PARAMS = StepParams()
 FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
 SHIFT_ENERGY_FLOOR = 0.05  # r(lag) divides by at least this share of the window's own energy
-STATE_VERSION = 3  # 2: a block records whether its lag sums beyond lag 0 were computed; 3: edge_credit
+# 2: a block records whether its lag sums beyond lag 0 were computed; 3: edge_credit, stride_agreement
+STATE_VERSION = 3
 REST, WALK, RUN = 0, 1, 2
 
 # Parameter slots at the head of the state (StepParams field order).
@@ -73,12 +75,13 @@ REST, WALK, RUN = 0, 1, 2
     _MAX_CADENCE_HZ,
     _MIN_COVER,
     _CADENCE_AGREEMENT,
+    _STRIDE_AGREEMENT,
     _RUN_CADENCE_HZ,
     _BOUT_MIN_S,
     _BOUT_MAX_GAP_S,
     _EDGE_CREDIT,
-) = range(19)
-_N_PARAMS = 19
+) = range(20)
+_N_PARAMS = 20
 # Stream header after the parameters; the rings follow at offsets stored in the header.
 (
     _VERSION,
@@ -391,13 +394,20 @@ def _finalise(st, upto, out, counts):
             after = False
             for f in range(j, e_last + 1):
                 cf = st[off_win + 2 * (f % k)]
-                if cf > 0.0 and abs(cf - ce) <= st[_CADENCE_AGREEMENT] * ce:
-                    n_agree += 1
-                    agree_sum += cf
-                    if f < half:
-                        before = True
-                    else:
-                        after = True
+                if cf <= 0.0:
+                    continue
+                if abs(cf - ce) > st[_CADENCE_AGREEMENT] * ce:
+                    # The half-cadence ambiguity (_window_cadence) is not always resolved the same way in
+                    # neighbouring windows: one that read the stride of this cadence saw the same gait.
+                    if st[_STRIDE_AGREEMENT] == 0.0 or abs(2.0 * cf - ce) > st[_CADENCE_AGREEMENT] * ce:
+                        continue
+                    cf = 2.0 * cf
+                n_agree += 1
+                agree_sum += cf
+                if f < half:
+                    before = True
+                else:
+                    after = True
             if n_agree > n_gait:
                 n_gait = n_agree
                 cad_sum = agree_sum
