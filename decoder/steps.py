@@ -161,7 +161,11 @@ class StepState:
 
     @classmethod
     def from_array(cls, values: np.ndarray) -> StepState:
+        """Check a serialised state; a version-2 state (before edge_credit and stride_agreement) is
+        upgraded, taking their defaults, so that streams survive a gateway upgrade."""
         v = np.array(values, dtype=np.float64, copy=True)
+        if v.ndim == 1 and v.size >= _HDR_LEN - 2 and v[_VERSION - 2] == 2 and v.size == v[_LEN - 2]:
+            v = _upgrade_v2(v)
         if v.ndim != 1 or v.size < _HDR_LEN or v[_VERSION] != STATE_VERSION:
             raise ValueError(f"not a step state of version {STATE_VERSION}")
         if v.size != v[_LEN] or not np.all(np.isfinite(v)):
@@ -180,6 +184,24 @@ class StepState:
     def params(self) -> StepParams:
         p = self.values[:_N_PARAMS]
         return StepParams(*(type(d)(x) for d, x in zip(astuple(DEFAULT_PARAMS), p, strict=True)))
+
+
+def _upgrade_v2(v: np.ndarray) -> np.ndarray:
+    """Version 2 had no stride_agreement (after cadence_agreement) and no edge_credit (last parameter):
+    insert them, and move the header's ring offsets by the two slots."""
+    up = np.concatenate(
+        [
+            v[:_STRIDE_AGREEMENT],
+            [float(DEFAULT_PARAMS.stride_agreement)],
+            v[_STRIDE_AGREEMENT : _N_PARAMS - 2],
+            [DEFAULT_PARAMS.edge_credit],
+            v[_N_PARAMS - 2 :],
+        ]
+    )
+    up[_VERSION] = STATE_VERSION
+    for slot in (_LEN, _OFF_HIST, _OFF_BLOCKS, _OFF_WIN):
+        up[slot] += 2
+    return up
 
 
 @njit(**config.JIT)

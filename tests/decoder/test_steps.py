@@ -346,6 +346,25 @@ def test_bout_edges_get_the_edge_share(fs):
     assert 1.8 * 20 < total_steps(run_all(xyz, fs)) < 1.8 * 20 * 1.2
 
 
+def test_a_version_2_state_is_upgraded():
+    # Version 2 is version 3 without stride_agreement and edge_credit in the parameters, its ring offsets
+    # two slots earlier: a stream saved by the previous release continues as a new one would.
+    xyz = band_counts(walk(50, 40, 1.8, seed=6))
+    _, state = steps.count_steps(xyz[:1234], steps.new_state(50, START_US))
+    v3 = state.to_array()
+    v2 = np.delete(v3, [steps._STRIDE_AGREEMENT, steps._EDGE_CREDIT])
+    v2[steps._VERSION - 2] = 2
+    for slot in (steps._LEN, steps._OFF_HIST, steps._OFF_BLOCKS, steps._OFF_WIN):
+        v2[slot - 2] -= 2
+    upgraded = steps.StepState.from_array(v2)
+    np.testing.assert_array_equal(upgraded.values, v3)
+    a, _ = steps.count_steps(xyz[1234:], upgraded)
+    b, _ = steps.count_steps(xyz[1234:], state)
+    np.testing.assert_array_equal(a.seconds, b.seconds)
+    with pytest.raises(ValueError):
+        steps.StepState.from_array(v2[:-1])
+
+
 def test_params_survive_the_state():
     params = dataclasses.replace(P, min_cover=3)
     state = steps.new_state(50, START_US, params=params)
