@@ -44,15 +44,18 @@ class StepParams:
     max_cadence_hz: float = 3.6
     min_cover: int = 2  # agreeing gait windows (of the `window_s` covering a second) to credit it
     cadence_agreement: float = 0.15  # windows agree when their cadences differ by at most this fraction
+    stride_agreement: bool = True  # a window at half another's cadence (it read the stride) agrees with it
     run_cadence_hz: float = 2.5  # at or above: running (150 steps/min)
     bout_min_s: int = 10  # shorter gait still counts steps but is not reported as a bout
     bout_max_gap_s: int = 3  # pauses up to this long do not end a bout
+    edge_credit: float = 0.6  # share of a step-second credited at a bout edge (gait seen on one side only)
 
 
 DEFAULT_PARAMS = StepParams()
 FS_DEC = 25  # analysis rate, Hz: every supported band rate is a multiple of it
 SHIFT_ENERGY_FLOOR = 0.05  # r(lag) divides by at least this share of the window's own energy
-STATE_VERSION = 2  # 2: a block records whether its lag sums beyond lag 0 were computed
+# 2: a block records whether its lag sums beyond lag 0 were computed; 3: edge_credit, stride_agreement
+STATE_VERSION = 3
 REST, WALK, RUN = 0, 1, 2
 
 # Parameter slots at the head of the state (StepParams field order).
@@ -72,11 +75,13 @@ REST, WALK, RUN = 0, 1, 2
     _MAX_CADENCE_HZ,
     _MIN_COVER,
     _CADENCE_AGREEMENT,
+    _STRIDE_AGREEMENT,
     _RUN_CADENCE_HZ,
     _BOUT_MIN_S,
     _BOUT_MAX_GAP_S,
-) = range(18)
-_N_PARAMS = 18
+    _EDGE_CREDIT,
+) = range(20)
+_N_PARAMS = 20
 # Stream header after the parameters; the rings follow at offsets stored in the header.
 (
     _VERSION,
@@ -156,7 +161,11 @@ class StepState:
 
     @classmethod
     def from_array(cls, values: np.ndarray) -> StepState:
+        """Check a serialised state; a version-2 state (before edge_credit and stride_agreement) is
+        upgraded, taking their defaults, so that streams survive a gateway upgrade."""
         v = np.array(values, dtype=np.float64, copy=True)
+        if v.ndim == 1 and v.size >= _HDR_LEN - 2 and v[_VERSION - 2] == 2 and v.size == v[_LEN - 2]:
+            v = _upgrade_v2(v)
         if v.ndim != 1 or v.size < _HDR_LEN or v[_VERSION] != STATE_VERSION:
             raise ValueError(f"not a step state of version {STATE_VERSION}")
         if v.size != v[_LEN] or not np.all(np.isfinite(v)):
@@ -175,6 +184,24 @@ class StepState:
     def params(self) -> StepParams:
         p = self.values[:_N_PARAMS]
         return StepParams(*(type(d)(x) for d, x in zip(astuple(DEFAULT_PARAMS), p, strict=True)))
+
+
+def _upgrade_v2(v: np.ndarray) -> np.ndarray:
+    """Version 2 had no stride_agreement (after cadence_agreement) and no edge_credit (last parameter):
+    insert them, and move the header's ring offsets by the two slots."""
+    up = np.concatenate(
+        [
+            v[:_STRIDE_AGREEMENT],
+            [float(DEFAULT_PARAMS.stride_agreement)],
+            v[_STRIDE_AGREEMENT : _N_PARAMS - 2],
+            [DEFAULT_PARAMS.edge_credit],
+            v[_N_PARAMS - 2 :],
+        ]
+    )
+    up[_VERSION] = STATE_VERSION
+    for slot in (_LEN, _OFF_HIST, _OFF_BLOCKS, _OFF_WIN):
+        up[slot] += 2
+    return up
 
 
 @njit(**config.JIT)
@@ -221,6 +248,7 @@ def new_state(
         or not (2 <= p.window_s <= 60 and 1 <= p.min_cover <= p.window_s)
         or not (2 <= round(p.min_lag_s * FS_DEC) < nlag - 2)
         or not (0 < p.min_cadence_hz < p.max_cadence_hz)
+        or not (0.0 <= p.edge_credit <= 1.0)
     ):
         raise ValueError("inconsistent step parameters")
     k = p.window_s
@@ -373,20 +401,42 @@ def _finalise(st, upto, out, counts):
         e_last = int(min(j + k - 1, last_window))
         n_gait = 0
         cad_sum = 0.0
+        # Whether the group holds a window that ends within the first half of those covering j (the
+        # second sits late in it: gait before j) and one that ends in the second half (gait after j).
+        seen_before = False
+        seen_after = False
+        half = j + k // 2
         for e in range(j, e_last + 1):
             ce = st[off_win + 2 * (e % k)]
             if ce <= 0.0:
                 continue
             n_agree = 0
             agree_sum = 0.0
+            before = False
+            after = False
             for f in range(j, e_last + 1):
                 cf = st[off_win + 2 * (f % k)]
-                if cf > 0.0 and abs(cf - ce) <= st[_CADENCE_AGREEMENT] * ce:
-                    n_agree += 1
-                    agree_sum += cf
+                if cf <= 0.0:
+                    continue
+                if abs(cf - ce) > st[_CADENCE_AGREEMENT] * ce:
+                    # The half-cadence ambiguity (_window_cadence) is not always resolved the same way in
+                    # neighbouring windows: one that read the stride of this cadence saw the same gait.
+                    if st[_STRIDE_AGREEMENT] == 0.0 or abs(2.0 * cf - ce) > st[_CADENCE_AGREEMENT] * ce:
+                        continue
+                    cf = 2.0 * cf
+                n_agree += 1
+                agree_sum += cf
+                if f < half:
+                    before = True
+                else:
+                    after = True
             if n_agree > n_gait:
                 n_gait = n_agree
                 cad_sum = agree_sum
+                seen_before = before
+                seen_after = after
+        if e_last < half:  # the stream ended before the later windows: no sign that the walk stopped
+            seen_after = True
         cadence = 0.0
         activity = REST
         # A still second at the edge of a walk sits in gait windows but holds no steps.
@@ -397,6 +447,10 @@ def _finalise(st, upto, out, counts):
             activity = RUN if cadence >= st[_RUN_CADENCE_HZ] else WALK
         # The stream's first and last seconds may be partial: credit the part present.
         frac = st[off_win + 2 * (j % k) + 1] / st[_FS]
+        # Gait seen on one side only: j is where a walk starts or stops, and windows reach into it from
+        # the walk beside it; the walk covers only part of it (docs/steps.md, bout edges).
+        if not (seen_before and seen_after):
+            frac *= st[_EDGE_CREDIT]
         _emit_second(st, j, cadence * frac, cadence, activity, out, counts)
         st[_NEXT_FINAL] = j + 1
 

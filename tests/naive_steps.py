@@ -134,14 +134,30 @@ def naive_steps(xyz, sample_rate_hz, start_us, params: StepParams, g_per_count=1
     rows = []
     n_final = closed if flush else max(0, closed - k + 1)
     for j in range(n_final):
-        gait = [cadence[e] for e in range(j, min(j + k, closed)) if cadence[e] > 0]
+        gait = [(e, cadence[e]) for e in range(j, min(j + k, closed)) if cadence[e] > 0]
+
+        def agreeing(c, ref):
+            # The cadence a window adds to a group referenced at `ref`, or None: its own when close, twice
+            # its own when it read the stride of `ref`.
+            if abs(c - ref) <= p.cadence_agreement * ref:
+                return c
+            if p.stride_agreement and abs(2 * c - ref) <= p.cadence_agreement * ref:
+                return 2 * c
+            return None
+
         # The largest group of windows agreeing with one of them (the first such group on ties).
-        groups = [[c for c in gait if abs(c - ref) <= p.cadence_agreement * ref] for ref in gait]
+        groups = [[(e, agreeing(c, ref)) for e, c in gait if agreeing(c, ref) is not None] for _, ref in gait]
         group = max(groups, key=len) if groups else []
         quiet = np.sum(y[dec_of[j]] ** 2) < p.min_second_rms_g**2 * len(dec_of[j])
-        c = float(np.mean(group)) if len(group) >= p.min_cover and not quiet else 0.0
+        c = float(np.mean([c for _, c in group])) if len(group) >= p.min_cover and not quiet else 0.0
         act = 0 if c == 0 else (RUN if c >= p.run_cadence_hz else WALK)
-        rows.append((int(seconds[j]), c * samples[j] / fs, 60 * c, act))
+        # A bout edge: the agreeing windows all end before j + k//2 (gait only before j) or all from it on
+        # (gait only after j). Windows past the end of the stream count as gait after j.
+        ends = [e for e, _ in group]
+        before = any(e < j + k // 2 for e in ends)
+        after = any(e >= j + k // 2 for e in ends) or min(j + k, closed) <= j + k // 2
+        share = 1.0 if before and after else p.edge_credit
+        rows.append((int(seconds[j]), c * share * samples[j] / fs, 60 * c, act))
     minutes = {}
     for sec, st, _, act in rows:
         m = minutes.setdefault(sec // 60, [0.0, 0, 0, 0])

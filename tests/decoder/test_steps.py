@@ -13,9 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+# The repository first, tests/ (for naive_steps) last: tests/ holds a package named `decoder` too, and
+# ahead of the repository it would shadow the real one (whose modules the editable install then finds in
+# whichever checkout it points at, not this one).
+if str(ROOT) in sys.path:
+    sys.path.remove(str(ROOT))
+sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
 import naive_steps as naive  # noqa: E402
 
@@ -304,7 +309,9 @@ def accuracy():
 
 
 @pytest.mark.parametrize("fs", [50, 25])
-@pytest.mark.parametrize("name", ["oxwalk_p30", "clemson_p15_regular", "clemson_p15_semiregular"])
+@pytest.mark.parametrize(
+    "name", ["oxwalk_p30", "clemson_p15_regular", "clemson_p15_semiregular", "clemson_p15_irregular"]
+)
 def test_real_recordings_within_ten_percent(accuracy, name, fs):
     r = accuracy[f"{name}@{fs}"]
     assert abs(r["error_pct"]) <= 10.0, r
@@ -313,10 +320,49 @@ def test_real_recordings_within_ten_percent(accuracy, name, fs):
 
 
 @pytest.mark.parametrize("fs", [50, 25])
-def test_irregular_walk_is_not_flooded_with_false_steps(accuracy, fs):
-    # Mostly standing with 178 scattered steps: reported, held only to a loose bound.
+def test_irregular_walk_standing_time_gets_few_steps(accuracy, fs):
+    # Twelve minutes of standing between short bouts: false steps there stay rare.
     r = accuracy[f"clemson_p15_irregular@{fs}"]
-    assert abs(r["error_steps"]) <= 60, r
+    assert r["non_walking_steps"] <= 5, r
+
+
+@pytest.mark.parametrize("fs", [25, 50])
+def test_bout_edges_get_the_edge_share(fs):
+    # Rest, a 20-s walk, rest: the seconds where gait is seen on one side only (the walk's edges) are
+    # credited edge_credit of their cadence; full credit would only add to those seconds.
+    rng = np.random.default_rng(4)
+    rest = 1.0 + 0.005 * rng.standard_normal(fs * 10)
+    mag = np.concatenate([rest, walk(fs, 20, 1.8, noise_g=0.02, seed=4), rest])
+    xyz = band_counts(mag)
+    full = run_all(xyz, fs, params=dataclasses.replace(P, edge_credit=1.0)).seconds
+    ours = run_all(xyz, fs).seconds
+    np.testing.assert_array_equal(ours["cadence_spm"], full["cadence_spm"])
+    edge = ours["steps"] < full["steps"]
+    assert 1 <= edge.sum() <= 4  # a second or two at each end
+    np.testing.assert_allclose(ours["steps"][edge], P.edge_credit * full["steps"][edge], rtol=1e-6)
+    np.testing.assert_array_equal(ours["steps"][~edge], full["steps"][~edge])
+    # In still rest a window with one clean second of gait is already gait, so this sharp-edged walk is
+    # seen about 2 s early and late (docs/steps.md, weaknesses): the edge share trims only part of that.
+    assert 1.8 * 20 < total_steps(run_all(xyz, fs)) < 1.8 * 20 * 1.2
+
+
+def test_a_version_2_state_is_upgraded():
+    # Version 2 is version 3 without stride_agreement and edge_credit in the parameters, its ring offsets
+    # two slots earlier: a stream saved by the previous release continues as a new one would.
+    xyz = band_counts(walk(50, 40, 1.8, seed=6))
+    _, state = steps.count_steps(xyz[:1234], steps.new_state(50, START_US))
+    v3 = state.to_array()
+    v2 = np.delete(v3, [steps._STRIDE_AGREEMENT, steps._EDGE_CREDIT])
+    v2[steps._VERSION - 2] = 2
+    for slot in (steps._LEN, steps._OFF_HIST, steps._OFF_BLOCKS, steps._OFF_WIN):
+        v2[slot - 2] -= 2
+    upgraded = steps.StepState.from_array(v2)
+    np.testing.assert_array_equal(upgraded.values, v3)
+    a, _ = steps.count_steps(xyz[1234:], upgraded)
+    b, _ = steps.count_steps(xyz[1234:], state)
+    np.testing.assert_array_equal(a.seconds, b.seconds)
+    with pytest.raises(ValueError):
+        steps.StepState.from_array(v2[:-1])
 
 
 def test_params_survive_the_state():
