@@ -17,8 +17,9 @@ nats, nats, postgres, sqlite (twice in a full run), a gateway's second run on ot
 in the shared machine's load falls on every side alike. Samples/s is the runs' samples over their wall
 time (first write to last ack). For the stream a record counts once JetStream has acked it: a run's
 time ends when the outbox is empty after its last band's ack (the drainer deletes an entry only after
-its publish ack), sampled every 5 ms from the bench process; the stream is then checked to hold one
-message for each stored record, and every side to have stored the same records.
+its publish ack), sampled every 5 ms from the bench process; the stream is then read back and checked to
+hold as many records as its store (a message holds a batch's records of a family), and every side to
+have stored the same records.
 
 A service that does not answer leaves its keys out (POSTGRES_KEYS, NATS_KEYS), saying why on stderr.
 `python -m bench.scaleout_bench [--quick]` runs these figures alone; `BENCH_DEBUG=1` prints each run.
@@ -108,15 +109,34 @@ async def _nats_connect(url: str) -> Any:  # nats.aio.client.Client, imported wh
     return await asyncio.wait_for(connect, 10)
 
 
-async def _stream_messages(url: str, prefix: str) -> int:
-    """Messages the prefix's family streams hold, all together."""
+async def _stream_records(url: str, prefix: str) -> int:
+    """Records the prefix's family streams hold, all together: each message read (a batch's records of a
+    family, docs/streams.md) and its records counted, so a record in two messages counts twice."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
     from decoder.records import FAMILIES
+    from gateway.stream.base import records_of
     from gateway.stream.nats import stream_name
 
     nc = await _nats_connect(url)
     try:
-        jsm = nc.jsm(timeout=5)
-        return sum([(await jsm.stream_info(stream_name(prefix, f))).state.messages for f in FAMILIES])
+        js, jsm = nc.jetstream(timeout=5), nc.jsm(timeout=5)
+        total = 0
+        for family in FAMILIES:
+            left = (await jsm.stream_info(stream_name(prefix, family))).state.messages
+            if not left:
+                continue
+            sub = await js.pull_subscribe(
+                f"{prefix}.{family}.*",
+                stream=stream_name(prefix, family),
+                config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL),
+            )
+            while left > 0:
+                for msg in await sub.fetch(min(left, 512), timeout=5):
+                    total += len(records_of(msg.data))
+                    left -= 1
+            await sub.unsubscribe()
+        return total
     finally:
         await nc.close()
 
@@ -418,16 +438,16 @@ def _figures(tallies: dict[str, Tally]) -> dict[str, float]:
 
 def _check(gateways: dict[str, Gateway], tallies: dict[str, Tally], prefix: str) -> None:
     """What was measured is what was meant: every side stored the same records in its runs, and the stream
-    holds one message for each record its gateway stored (the warm-up band's too)."""
+    holds as many records as its gateway stored (the warm-up band's too)."""
     base = tallies["sqlite"].records
     for side in ("postgres", "nats"):
         if side in tallies and tallies[side].records != base:
             raise RuntimeError(f"{side} stored {tallies[side].records} records in its runs, sqlite {base}")
     if "nats" in gateways:
         stored = _sqlite_records(_sqlite_path(gateways["nats"]))
-        streamed = asyncio.run(_stream_messages(NATS_URL, prefix))
+        streamed = asyncio.run(_stream_records(NATS_URL, prefix))
         if streamed != stored:
-            raise RuntimeError(f"nats: the stream holds {streamed} messages, the store {stored} records")
+            raise RuntimeError(f"nats: the stream holds {streamed} records, the store {stored}")
 
 
 def _say(text: str) -> None:

@@ -3,7 +3,8 @@
     python examples/consume_nats.py nats://steps_reader:PASSWORD@127.0.0.1:4222 steps \\
         --prefix bandgate --inbox _INBOX_steps [--follow]
 
-One JSON line per record, as the gateway stored it (docs/streams.md has the message layout). The user
+One JSON line per record, as the gateway stored it (docs/streams.md has the message layout: a message
+holds a batch's records of the family, for one device). The user
 needs only the permissions `gateway.stream.nats.reader_permissions` lists: its family's stream, and its
 own inbox prefix (`--inbox`), which the server config gives that user alone. Nothing here depends on
 bandgate: a consumer in any language does the same with its NATS client and msgpack.
@@ -22,7 +23,7 @@ import msgpack
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-LAYOUT_VERSION = 1  # docs/streams.md: refuse a layout this reader does not know
+LAYOUTS = (1, 2)  # docs/streams.md: refuse a layout this reader does not know (1: a record a message)
 
 
 async def consume(
@@ -38,7 +39,8 @@ async def consume(
 ) -> AsyncIterator[dict]:
     """Every record of `family` in the stream, oldest first (an ephemeral consumer of our own: nothing is
     left on the server); then, with `follow`, new ones as they arrive. Each record dict carries its
-    `msg_id` (device/family/start_us/ownership): a reader that restarts dedups by it."""
+    message's `msg_id` (device/family/start_us of its first record/ownership) and its `index` in it: a
+    reader that restarts dedups by the pair."""
     nc = await nats.connect(url, inbox_prefix=inbox, max_reconnect_attempts=-1)
     try:
         js = nc.jetstream(timeout=timeout_s)
@@ -56,9 +58,22 @@ async def consume(
                 return
             for msg in msgs:
                 body = msgpack.unpackb(msg.data)
-                if body.get("v") != LAYOUT_VERSION:
+                if body.get("v") not in LAYOUTS:
                     raise ValueError(f"message layout {body.get('v')!r} is newer than this reader")
-                yield {**body, "msg_id": (msg.headers or {}).get("Nats-Msg-Id", "")}
+                msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+                records = body["records"] if body["v"] == 2 else [body]
+                for index, r in enumerate(records):
+                    yield {
+                        "device": body["device"],
+                        "family": body["family"],
+                        "cursor": r["cursor"],
+                        "start_us": r["start_us"],
+                        "duration_s": r["duration_s"],
+                        "algo": r["algo"],
+                        "values": r["values"],
+                        "msg_id": msg_id,
+                        "index": index,
+                    }
     finally:
         await nc.close()
 

@@ -104,6 +104,7 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "cursor": DEVICE_METADATA,
             "purge_device": IDENTIFIER,
             "taken_us": DEVICE_METADATA,
+            "batch": DEVICE_METADATA,  # the first cursor of the entry's commit: its stream message
         },
         # per-device rate limits shared by processes and gateways: a bucket's level, nothing measured
         "device_limits": {
@@ -187,7 +188,8 @@ _POSTGRES_REMOVED: Mapping[str, Mapping[str, frozenset[str]]] = {
     "features": {
         "sqlite_sequence": frozenset({"name", "seq"}),
         "record_cursor": frozenset({"next"}),
-        "outbox": frozenset({"purge_device"}),  # a purge entry is an entry whose cursor is NULL
+        # a purge entry is an entry whose cursor is NULL; no batch yet (a message a record)
+        "outbox": frozenset({"purge_device", "batch"}),
         "records_activity": frozenset({"value"}),
         "records_heart": frozenset({"value"}),
         "records_sleep": frozenset({"value"}),

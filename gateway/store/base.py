@@ -107,7 +107,9 @@ class OutboxRow:
     to the feature stream (`record`, with its `cursor`), or an erased device whose stream messages are
     still to be purged (`record` None). `taken_us` is when a drainer first took the entry: an entry taken
     before may have been published already, and only the stream's duplicate window makes its republish
-    harmless (gateway/stream/drainer.py)."""
+    harmless (gateway/stream/drainer.py). `batch` names the commit that wrote the entry (the first cursor
+    it inserted; None from a store or a gateway version that does not say): the stream publishes a
+    batch's entries of one family as one message, so a take never splits a batch's entries."""
 
     id: int
     device: str
@@ -115,6 +117,7 @@ class OutboxRow:
     cursor: int | None
     record: dict | None
     taken_us: int
+    batch: int | None = None
 
     def __repr__(self) -> str:  # ids only: a record's values stay out of logs
         kind = f"record {self.cursor}" if self.record is not None else "purge"
@@ -472,7 +475,8 @@ class Store(Protocol):
         Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries
         whose record does not open (a destroyed key) are dropped here, never returned. A drainer holds
         one page at a time: a take ends its previous page. A store several drainers share (PostgreSQL)
-        gives each the entries of devices no other has in flight, so a page may pass older entries by."""
+        gives each the entries of devices no other has in flight, so a page may pass older entries by.
+        A page ends at the end of a batch (entries sharing `batch`), so it may hold more than `limit`."""
         ...
 
     def outbox_done(self, ids: Sequence[int]) -> int:

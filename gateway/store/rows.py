@@ -181,17 +181,17 @@ def open_record(
 
 
 def outbox_page(
-    entries: list[tuple[int, str | None, int | None, int | None]],
+    entries: list[tuple],
     found: dict[int, tuple],
     open_row: Callable[[tuple], dict | None],
     now_us: int,
 ) -> tuple[list[OutboxRow], list[int]]:
     """`Store.outbox_take`'s answer from a page of entries (id, the device a purge entry names, cursor,
-    taken_us) and the record rows of their cursors (`found`, by cursor), opened with `open_row`: the
+    taken_us[, batch]) and the record rows of their cursors (`found`, by cursor), opened with `open_row`: the
     rows, and the ids of entries that can never be published (a destroyed key, or a record gone)."""
     out: list[OutboxRow] = []
     dead: list[int] = []
-    for id_, purge_device, cursor, taken_us in entries:
+    for id_, purge_device, cursor, taken_us, *batch in entries:
         taken = now_us if taken_us is None else int(taken_us)
         if cursor is None:
             out.append(OutboxRow(id_, purge_device or "", "", None, None, taken))
@@ -201,5 +201,5 @@ def outbox_page(
         if record is None:
             dead.append(id_)
             continue
-        out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken))
+        out.append(OutboxRow(id_, row[1], row[2], cursor, record, taken, batch[0] if batch else None))
     return out, dead

@@ -12,6 +12,7 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sqlite3
 import time
@@ -289,9 +290,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (device, bucket)
         ) WITHOUT ROWID""",
     ),
+    (
+        # The batch an outbox entry came from (the first cursor its commit inserted): the stream publishes
+        # a batch's records of one family as one message (gateway/stream/base.py), so which records a
+        # message holds is fixed at the commit. NULL in entries written before.
+        "ALTER TABLE outbox ADD COLUMN batch INTEGER",
+    ),
 )
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
+_OUTBOX_COLUMNS = "id, purge_device, cursor, taken_us, batch"  # as rows.outbox_page reads an entry
 # ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
 # silently. The first version of a record wins, so a cursor a subscriber has read never changes.
 _INSERT_RECORD = {
@@ -798,29 +806,47 @@ class SqliteStore(Store):
 
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """One write transaction marks the page taken and reads its records; their values are opened
-        after it, so the write lock is held for two index lookups a row, not for the decryption."""
+        after it, so the write lock is held for two index lookups a row, not for the decryption. The page
+        goes on to the end of its last entry's batch (a batch's entries have consecutive ids: one commit
+        writes them)."""
         if limit <= 0:
             raise ValueError("limit must be positive")
         now_us = time.time_ns() // 1000
         with self._unsynced_write() as conn:
             page = conn.execute(
-                "SELECT id, cursor, purge_device, taken_us FROM outbox ORDER BY id LIMIT ?", (limit,)
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox ORDER BY id LIMIT ?", (limit,)
             ).fetchall()
             if not page:
                 return []
-            if any(taken is None for *_, taken in page):
+            batch = page[-1][4]
+            while batch is not None and len(page) >= limit:  # on, in steps, while the batch goes on
+                more = conn.execute(
+                    f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT 64",
+                    (page[-1][0],),
+                ).fetchall()
+                rest = list(itertools.takewhile(lambda row: row[4] == batch, more))
+                page += rest
+                if len(rest) < len(more) or not more:
+                    break
+            if any(row[3] is None for row in page):
                 conn.execute(
                     "UPDATE outbox SET taken_us = ? WHERE id <= ? AND taken_us IS NULL", (now_us, page[-1][0])
                 )
-            cursors = [c for _, c, _, _ in page if c is not None]
+            cursors = [row[2] for row in page if row[2] is not None]
             found: dict[int, tuple] = {}
             if cursors:
-                marks = ", ".join("?" * len(cursors))
+                # one range a table: a page's cursors are nearly consecutive, and IN (…) of thousands is
+                # slower to bind and plan than the few rows of other commits a range passes over
+                lo, hi = min(cursors), max(cursors)
+                if hi - lo < 2 * len(cursors):
+                    where, args = "cursor BETWEEN ? AND ?", [lo, hi]
+                else:  # entries far apart (an outbox turned on later, a long backlog): only theirs
+                    where, args = f"cursor IN ({', '.join('?' * len(cursors))})", cursors
                 for table in RECORD_TABLES.values():
-                    sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE cursor IN ({marks})"
-                    found.update((row[0], row) for row in conn.execute(sql, cursors))
-        entries = [(id_, purge_device, cursor, taken_us) for id_, cursor, purge_device, taken_us in page]
-        out, dead = outbox_page(entries, found, self._record, now_us)
+                    sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE {where}"
+                    found.update((row[0], row) for row in conn.execute(sql, args))
+        openers: dict = {}  # a key a device and ownership for the page, not a lookup a record
+        out, dead = outbox_page(page, found, lambda row: self._record(row, openers), now_us)
         if dead:
             self.outbox_done(dead)
         return out
@@ -828,8 +854,13 @@ class SqliteStore(Store):
     def outbox_done(self, ids: Sequence[int]) -> int:
         if not ids:
             return 0
+        n = 0
         with self._unsynced_write() as conn:
-            return sum(conn.execute("DELETE FROM outbox WHERE id = ?", (i,)).rowcount for i in ids)
+            for at in range(0, len(ids), 10_000):  # under SQLite's limit of bound parameters
+                chunk = list(ids[at : at + 10_000])
+                marks = ", ".join("?" * len(chunk))
+                n += conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
+        return n
 
     @contextmanager
     def _unsynced_write(self) -> Iterator[sqlite3.Connection]:
@@ -1145,7 +1176,11 @@ def _apply(
                 )
             cursors = tuple(c if c in stored else None for c in range(first, latest + 1))
         if outbox:  # the stream gets what the store got: the first version of each record, once
-            conn.executemany("INSERT INTO outbox (cursor) VALUES (?)", [(c,) for c in cursors if c])
+            inserted = [c for c in cursors if c]
+            if inserted:
+                conn.executemany(
+                    "INSERT INTO outbox (cursor, batch) VALUES (?, ?)", [(c, inserted[0]) for c in inserted]
+                )
     ownership = item.ownership
     state = item.state
     if sealer is not None and state:

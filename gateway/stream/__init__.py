@@ -20,6 +20,8 @@ from gateway.stream.base import (
     StreamUnavailable,
     decode_message,
     message_of,
+    messages_of,
+    records_of,
 )
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "check_stream_url",
     "decode_message",
     "message_of",
+    "messages_of",
+    "records_of",
     "stream_for_url",
 ]
 

@@ -5,9 +5,11 @@ Why a package of its own beside `gateway/store/`: a stream is not a `Store` (no 
 rows, nothing the gateway reads back); it is fed from the store's transactional outbox by the drainer, so
 it sits downstream of the store and the `Store` protocol stays small.
 
-Messages (docs/streams.md): one per stored record, msgpack, on `<prefix>.<family>.<device>`, with the
-header `Nats-Msg-Id` = `<device>/<family>/<start_us>/<ownership>`: the record's key in the store, so a
-record republished after a crash is the same message and the stream drops it as a duplicate.
+Messages (docs/streams.md): one per committed batch and family, msgpack, on `<prefix>.<family>.<device>`:
+the records of that family the batch added to the store, as a list. Its header `Nats-Msg-Id` is the key
+of its first record in the store, `<device>/<family>/<start_us>/<ownership>`, and which records a
+message holds is fixed when they commit (the outbox entries name their batch), so a message republished
+after a crash is the same message and the stream drops it as a duplicate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import msgpack
 
 from gateway.store.base import OutboxRow
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+LAYOUTS = (1, 2)  # what decode_message reads; 1: a record a message (before 2026-12-06)
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 # The bound the stream's duplicate window must cover (docs/streams.md): an outbox entry a drainer has
@@ -47,44 +50,84 @@ class StreamUnavailable(Exception):  # noqa: N818 - a state of the stream, like 
 
 @dataclass(frozen=True)
 class Message:
-    """One record as the stream carries it: where it goes (`family`, `device`), its ID, its bytes."""
+    """A batch's records of one family as the stream carries them: where it goes (`family`, `device`), its
+    ID, its bytes, and the outbox entries it publishes (`outbox_ids`, done together on its ack)."""
 
-    outbox_id: int
+    outbox_ids: tuple[int, ...]
     family: str
     device: str
     msg_id: str
     payload: bytes
 
     def __repr__(self) -> str:  # the payload holds feature values: never in logs
-        return f"Message({self.outbox_id}, {self.family}, {self.device}, {len(self.payload)} bytes)"
+        n, size = len(self.outbox_ids), len(self.payload)
+        return f"Message({self.outbox_ids[0]}, {n} entries, {self.family}, {self.device}, {size} bytes)"
+
+
+def messages_of(rows: Sequence[OutboxRow]) -> list[Message]:
+    """The messages of a page's record entries (purge entries are skipped): one a batch and family, in
+    the order of their first entries, so a device's messages of a family go out in commit order. An
+    entry without a batch (written by an older gateway, or by a store that does not group) is a message
+    of its own. See docs/streams.md for the layout."""
+    groups: dict[tuple, list[OutboxRow]] = {}
+    for row in rows:
+        record = row.record
+        if record is None:
+            continue
+        key = (row.device, row.batch, record["family"]) if row.batch is not None else (row.id,)
+        groups.setdefault(key, []).append(row)
+    return [_message(group) for group in groups.values()]
 
 
 def message_of(row: OutboxRow) -> Message:
-    """The message of a record's outbox entry (see docs/streams.md for the layout)."""
-    record = row.record
-    if record is None:
+    """The message of one record's outbox entry alone."""
+    if row.record is None:
         raise ValueError(f"{row!r} is a purge entry, not a record")
+    return _message([row])
+
+
+def _message(group: list[OutboxRow]) -> Message:
+    first = group[0].record
+    assert first is not None
+    device, family = first["device"], first["family"]
     body = {
         "v": LAYOUT_VERSION,
-        "cursor": row.cursor,
-        "device": record["device"],
-        "family": record["family"],
-        "start_us": record["start_us"],
-        "duration_s": record["duration_s"],
-        "algo": record["algo"],
-        "values": record["values"],
+        "device": device,
+        "family": family,
+        "records": [
+            {
+                "cursor": row.cursor,
+                "start_us": r["start_us"],
+                "duration_s": r["duration_s"],
+                "algo": r["algo"],
+                "values": r["values"],
+            }
+            for row in group
+            if (r := row.record) is not None
+        ],
     }
-    msg_id = f"{record['device']}/{record['family']}/{record['start_us']}/{row.ownership or '-'}"
-    return Message(row.id, record["family"], record["device"], msg_id, msgpack.packb(body))
+    msg_id = f"{device}/{family}/{first['start_us']}/{group[0].ownership or '-'}"
+    return Message(tuple(row.id for row in group), family, device, msg_id, msgpack.packb(body))
 
 
 def decode_message(payload: bytes) -> dict:
-    """A message's record (and its `cursor` and layout `v`); ValueError for a layout this code does not
-    know, so a consumer never misreads a newer one."""
+    """A message's body: its layout `v`, `device`, `family` and `records`; ValueError for a layout this
+    code does not know, so a consumer never misreads a newer one. A layout-1 message (a record alone) is
+    read as a list of one."""
     body = msgpack.unpackb(payload)
-    if not isinstance(body, dict) or body.get("v") != LAYOUT_VERSION:
-        raise ValueError(f"unknown message layout {body.get('v') if isinstance(body, dict) else None!r}")
+    v = body.get("v") if isinstance(body, dict) else None
+    if v not in LAYOUTS:
+        raise ValueError(f"unknown message layout {v!r}")
+    if v == 1:
+        record = {k: body[k] for k in ("cursor", "start_us", "duration_s", "algo", "values")}
+        return {"v": 1, "device": body["device"], "family": body["family"], "records": [record]}
     return body
+
+
+def records_of(payload: bytes) -> list[dict]:
+    """A message's records, each with its `device`, `family` and `cursor`, as the store holds them."""
+    body = decode_message(payload)
+    return [{"device": body["device"], "family": body["family"], **r} for r in body["records"]]
 
 
 @runtime_checkable

@@ -32,7 +32,7 @@ from gateway.stream.base import (
     ROUND_BUDGET_S,
     FeatureStream,
     StreamUnavailable,
-    message_of,
+    messages_of,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bandgate.stream")
 
-PAGE = 500  # entries a round: one page of messages in flight, then their acks
+PAGE = 500  # entries a round (to the end of a batch): one page of messages in flight, then their acks
 IDLE_S = 1.0  # with nothing to do, look again this often (commits of other gateways, other processes)
 BACKOFF_MIN_S = 0.25
 DEPTH_EVERY_S = 1.0  # the outbox depth metric is a count(*): at most this often
@@ -72,7 +72,7 @@ class Drainer:
         self.duplicate_window_s = duplicate_window_s
         self.round_budget_s = round_budget_s
         self.clock = clock  # wall clock (s), compared with the entries' taken_us: a test injects its own
-        self.published = 0  # messages acked by the stream
+        self.published = 0  # records acked by the stream (a message holds a batch's records of a family)
         self.unguarded = 0  # entries republished after the duplicate window: a copy may be in the stream
         self._task: asyncio.Future | None = None
         self._wake = asyncio.Event()
@@ -132,7 +132,7 @@ class Drainer:
             await self.stream.purge(row.device)
             await self.outbox.call(store.outbox_done, [row.id])
             log.info("stream purged", extra={"fields": {"event": "stream_purged", "device": row.device}})
-        messages = [message_of(r) for r in rows if r.record is not None]
+        messages = messages_of(rows)
         if purges and time.monotonic() - started > self.round_budget_s:
             return len(purges)
         # taken before, longer ago than the window: if that earlier publish reached the stream, this one
@@ -148,15 +148,16 @@ class Drainer:
                 extra={"fields": {"event": "stream_unguarded_republish", "entries": unguarded}},
             )
         acked = await self.stream.publish(messages)
-        done = [m.outbox_id for m, ok in zip(messages, acked, strict=True) if ok]
+        done = [i for m, ok in zip(messages, acked, strict=True) if ok for i in m.outbox_ids]
         if done:
             self._last_ack = time.monotonic()
             await self.outbox.call(store.outbox_done, done)
-            self.published += len(done)
+            self.published += len(done)  # records, as the metric counts them
             if self.metrics is not None:
                 self.metrics.stream_published.inc(len(done))
-        if len(done) < len(messages):
-            raise StreamUnavailable(f"{len(messages) - len(done)} of {len(messages)} messages not acked")
+        if not all(acked):
+            unacked = len(acked) - sum(acked)
+            raise StreamUnavailable(f"{unacked} of {len(messages)} messages not acked")
         return len(purges) + len(done)
 
     async def _update_depth(self, force: bool) -> None:

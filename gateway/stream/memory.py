@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.stream.base import Message, StreamUnavailable
+from gateway.stream.base import Message, StreamUnavailable, records_of
 
 
 class MemoryStream:
@@ -31,6 +31,11 @@ class MemoryStream:
                 self._ids.add(m.msg_id)
                 self.messages.append(m)
         return [True] * len(messages)
+
+    @property
+    def records(self) -> list[dict]:
+        """The records of the messages kept, in publish order."""
+        return [r for m in self.messages for r in records_of(m.payload)]
 
     async def purge(self, device: str) -> None:
         if self.down:

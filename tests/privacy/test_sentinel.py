@@ -17,7 +17,7 @@ from decoder.records import FAMILIES
 from gateway.logs import JsonFormatter
 from tests.gateway.gatewaykit import Uploader, band, encode, envelope, frames_of, stored
 from tests.privacy.privacykit import OK, Owner, call, hexid, privacy_gateway, run, send_all
-from tests.stream.natskit import delete_streams, raw_messages, shared_nats, unique_prefix
+from tests.stream.natskit import all_messages, delete_streams, raw_messages, shared_nats, unique_prefix
 
 HEIGHT = 187.3456  # a profile value nobody else has
 PATTERN = -1717  # a distinctive 12-bit count
@@ -80,10 +80,12 @@ def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd, feature_str
             return acks, own, theirs, peek, errors, stream, generate_latest(gw.metrics.registry).decode()
 
     published: list[bytes] = []
+    published_records: list = []
     try:
         acks, own, theirs, peek, errors, stream, metrics_text = run(scenario())
         if feature_stream:  # the gateway's shutdown drained its outbox
             published = run(raw_messages(nats_url, prefix))
+            published_records = run(all_messages(nats_url, prefix))  # a message holds a batch's records
     finally:
         logger.removeHandler(handler)
         if feature_stream:
@@ -100,7 +102,7 @@ def test_no_raw_sample_or_profile_value_in_any_sink(tmp_path, capfd, feature_str
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.name == "keys.db" for p in files) and any(p.name.startswith("gw.db") for p in files)
     if feature_stream:
-        assert len(published) == len(stream)  # every record the consumer saw was published, once
+        assert len(published_records) == len(stream)  # every record the consumer saw was published, once
     for path, data in [*((p, p.read_bytes()) for p in files), *(("nats", m) for m in published)]:
         assert raw not in data, path
         for needle in height:

@@ -25,7 +25,7 @@ import nats.js.errors
 import pytest
 
 from decoder.records import FAMILIES
-from gateway.stream.base import MSG_ID_HEADER, decode_message
+from gateway.stream.base import MSG_ID_HEADER, records_of
 from gateway.stream.nats import stream_name
 
 SHARED = os.environ.get("BANDGATE_TEST_NATS", "nats://127.0.0.1:4222")
@@ -143,7 +143,8 @@ class PrivateNats:
 
 
 async def stream_messages(url: str, prefix: str, family: str) -> list[tuple[str, str, dict]]:
-    """(subject, message ID, decoded body) of every message `family`'s stream holds, in order."""
+    """(subject, `<message ID>#<index>`, record) of every record in the messages `family`'s stream holds,
+    in order: a record twice in the stream (in one message republished, or in two) shows twice."""
     nc = await nats.connect(url)
     try:
         jsm = nc.jsm()
@@ -160,7 +161,7 @@ async def stream_messages(url: str, prefix: str, family: str) -> list[tuple[str,
                 except nats.js.errors.NotFoundError:
                     continue  # purged or deleted
                 msg_id = (msg.headers or {}).get(MSG_ID_HEADER, "")
-                out.append((msg.subject, msg_id, decode_message(msg.data)))
+                out += [(msg.subject, f"{msg_id}#{i}", r) for i, r in enumerate(records_of(msg.data))]
         return out
     finally:
         await nc.close()
@@ -206,7 +207,7 @@ async def delete_streams(url: str, prefix: str) -> None:
 
 
 def record_of(body: dict) -> dict:
-    """A message body as the store's record (without the layout version and cursor)."""
+    """A streamed record as the store's record (without its cursor)."""
     return {k: body[k] for k in ("family", "device", "start_us", "duration_s", "algo", "values")}
 
 

@@ -10,7 +10,14 @@ from gateway.config import ConfigError, GatewayConfig
 from gateway.store import outbox_url, store_for_url
 from gateway.store.base import OutboxRow
 from gateway.store.postgres import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_POOL_TIMEOUT_S, OUTBOX_LEASE_S
-from gateway.stream import FeatureStream, check_stream_url, decode_message, message_of
+from gateway.stream import (
+    FeatureStream,
+    check_stream_url,
+    decode_message,
+    message_of,
+    messages_of,
+    records_of,
+)
 from gateway.stream.base import (
     BACKOFF_MAX_S,
     CRASH_BOUND_S,
@@ -34,15 +41,61 @@ RECORD = {
 
 def test_a_message_is_the_record_its_cursor_and_layout_under_the_record_key() -> None:
     m = message_of(OutboxRow(9, DEV, "o-1a2b", 41, RECORD, 0))
-    assert (m.outbox_id, m.family, m.device) == (9, "heart", DEV)
+    assert (m.outbox_ids, m.family, m.device) == ((9,), "heart", DEV)
     assert m.msg_id == f"{DEV}/heart/1767225600000000/o-1a2b"
     body = decode_message(m.payload)
-    assert body == {"v": LAYOUT_VERSION, "cursor": 41, **RECORD}
-    assert type(body["values"]["hr_bpm"]) is float and body["values"]["ok"] is True
+    record = {k: RECORD[k] for k in ("start_us", "duration_s", "algo", "values")}
+    assert body == {
+        "v": LAYOUT_VERSION,
+        "device": DEV,
+        "family": "heart",
+        "records": [{"cursor": 41, **record}],
+    }
+    assert records_of(m.payload) == [{"cursor": 41, **RECORD}]
+    assert (
+        type(body["records"][0]["values"]["hr_bpm"]) is float and body["records"][0]["values"]["ok"] is True
+    )
     # the same record taken again (a republish) is the same message: the stream's dedup key
     assert message_of(OutboxRow(10, DEV, "o-1a2b", 41, dict(RECORD), 5)).msg_id == m.msg_id
     assert message_of(OutboxRow(9, DEV, "", 41, RECORD, 0)).msg_id.endswith("/-")
     assert "61.25" not in repr(m) and "hr_bpm" not in repr(m)
+
+
+def later(minutes: int, family: str = "heart") -> dict:
+    return {**RECORD, "family": family, "start_us": RECORD["start_us"] + minutes * 60_000_000}
+
+
+def test_a_batchs_entries_of_a_family_are_one_message_under_its_first_records_key() -> None:
+    """Entries of one batch (their commit's first cursor) go out as one message a family, in entry order;
+    the same entries taken again make the same messages; an entry without a batch is a message alone."""
+    rows = [
+        OutboxRow(1, DEV, "", 40, None, 0),  # a purge entry: no message
+        OutboxRow(2, DEV, "", 41, later(0), 0, batch=41),
+        OutboxRow(3, DEV, "", 42, later(0, "steps"), 0, batch=41),
+        OutboxRow(4, DEV, "", 43, later(1), 0, batch=41),
+        OutboxRow(5, DEV, "", 44, later(2), 0, batch=44),
+        OutboxRow(6, DEV, "", 45, later(3), 0),
+    ]
+    messages = messages_of(rows)
+    assert [(m.outbox_ids, m.family) for m in messages] == [
+        ((2, 4), "heart"),
+        ((3,), "steps"),
+        ((5,), "heart"),
+        ((6,), "heart"),
+    ]
+    assert [m.msg_id for m in messages] == [
+        f"{DEV}/heart/{later(0)['start_us']}/-",
+        f"{DEV}/steps/{later(0)['start_us']}/-",
+        f"{DEV}/heart/{later(2)['start_us']}/-",
+        f"{DEV}/heart/{later(3)['start_us']}/-",
+    ]
+    assert [r["cursor"] for r in records_of(messages[0].payload)] == [41, 43]
+    assert [r["start_us"] for r in records_of(messages[0].payload)] == [
+        later(0)["start_us"],
+        later(1)["start_us"],
+    ]
+    again = [OutboxRow(r.id, r.device, r.ownership, r.cursor, r.record, 7, r.batch) for r in rows]
+    assert messages_of(again) == messages  # taken again: the same messages, IDs and bytes
 
 
 def test_a_purge_entry_is_no_message_and_an_unknown_layout_is_refused() -> None:
@@ -50,6 +103,12 @@ def test_a_purge_entry_is_no_message_and_an_unknown_layout_is_refused() -> None:
         message_of(OutboxRow(1, DEV, "", None, None, 0))
     with pytest.raises(ValueError, match="layout"):
         decode_message(msgpack.packb({"v": LAYOUT_VERSION + 1, **RECORD}))
+
+
+def test_a_layout_1_message_still_reads_as_its_record() -> None:
+    """Streams written before layout 2 hold a record a message: a reader of layout 2 reads them too."""
+    v1 = msgpack.packb({"v": 1, "cursor": 41, **RECORD})
+    assert records_of(v1) == [{"cursor": 41, **RECORD}]
 
 
 def test_the_duplicate_window_covers_the_crash_bound_which_covers_a_running_drainer() -> None:

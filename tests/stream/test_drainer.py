@@ -55,7 +55,7 @@ def test_a_failing_stream_is_retried_with_a_capped_back_off_within_the_bound(tmp
         return drainer
 
     drainer = run(scenario())
-    assert drainer.published == 3 and len(stream.messages) == 3
+    assert drainer.published == 3 and len(stream.records) == 3
     assert waits[0] == BACKOFF_MIN_S and max(waits) == BACKOFF_MAX_S
     assert all(b == min(2 * a, BACKOFF_MAX_S) for a, b in itertools.pairwise(waits))
     assert PUBLISH_TIMEOUT_S + max(waits) < CRASH_BOUND_S
@@ -119,7 +119,7 @@ def test_a_purge_runs_before_the_records_behind_it_and_republishes_dedup(tmp_pat
 
         run(second())
         assert s.outbox_depth() == 0
-    devices = [m.device for m in stream.messages]
+    devices = [r["device"] for r in stream.records]
     assert devices == [device_key(B), device_key(A)]  # A's old two purged, its new one kept
 
 
@@ -151,4 +151,5 @@ def test_a_round_starts_nothing_past_its_budget(tmp_path) -> None:
 
     first, published_then, depth = run(scenario())
     assert first in (1, 2) and published_then == 0
-    assert depth == 0 and [m.device for m in stream.messages] == [device_key(A)] * 2
+    assert depth == 0 and [r["device"] for r in stream.records] == [device_key(A)] * 2
+    assert len(stream.messages) == 1  # A's two records, one batch: one message

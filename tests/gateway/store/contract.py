@@ -604,7 +604,8 @@ class OutboxContract:
         assert "steps" not in repr(rows[0]) and "values" not in repr(rows[0])  # ids only
 
     def test_entries_stay_until_done_and_keep_their_first_taken_time(self, outbox: Store) -> None:
-        outbox.commit(A, 1, 0, 0, b"a", minutes(A, 0, 4))
+        for m in range(4):  # a batch a record: a take may run on to the end of a batch
+            outbox.commit(A, 1, m, m, b"a", minutes(A, m, 1))
         first = outbox.outbox_take(2)
         assert len(first) == 2
         time.sleep(0.002)
@@ -616,8 +617,28 @@ class OutboxContract:
         assert outbox.outbox_done([r.id for r in first]) == 0  # twice: a no-op
         assert [r.id for r in outbox.outbox_take(10)] == [r.id for r in again[2:]]
         assert outbox.outbox_depth() == 2
-        outbox.commit(A, 1, 1, 1, b"a", minutes(A, 10, 1))
+        outbox.commit(A, 1, 4, 4, b"a", minutes(A, 10, 1))
         assert max(r.id for r in outbox.outbox_take(10)) > max(r.id for r in again)  # ids never reused
+
+    def test_a_take_never_splits_a_batch(self, outbox: Store) -> None:
+        """A batch's entries of a family go out as one message (gateway/stream), so a page holds all of a
+        batch's entries or none; the entries of a store that names no batch are pages of `limit`."""
+        first = outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 3), *minutes(A, 0, 2, "heart")])
+        second = outbox.commit(A, 1, 1, 1, b"a", minutes(A, 5, 2))
+        rows = outbox.outbox_take(2)
+        if rows[0].batch is None:
+            assert len(rows) == 2
+            return
+        assert [r.cursor for r in rows] == list(first.cursors)
+        assert {r.batch for r in rows} == {first.cursors[0]}
+        outbox.outbox_done([r.id for r in rows])
+        rows = outbox.outbox_take(1)
+        assert [r.cursor for r in rows] == list(second.cursors)
+        assert {r.batch for r in rows} == {second.cursors[0]}
+        outbox.outbox_done([r.id for r in rows])
+        big = outbox.commit(A, 1, 2, 2, b"a", minutes(A, 10, 150))  # longer than a step of the take
+        outbox.commit(A, 1, 3, 3, b"a", minutes(A, 200, 1))
+        assert [r.cursor for r in outbox.outbox_take(3)] == list(big.cursors)
 
     def test_entries_commit_only_with_their_records(self, harness: Harness, outbox: Store) -> None:
         outbox.commit(A, 1, 0, 0, b"a", minutes(A, 0, 1))
