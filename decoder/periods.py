@@ -52,6 +52,9 @@ HR_OPEN_MARGIN = 6.0  # bpm above that level that still opens a period
 HR_STAY_MARGIN = 10.0  # bpm above it that keeps an epoch still (hysteresis: REM and arousals)
 HR_OPEN_DROP = 6.0  # bpm below the wearer's median of about the last day that opens a period
 HR_HALF_LIFE = 2880  # epochs (1 day): half-life of the heart-rate histogram
+FRESH_QUANTILE = 0.25  # with no period open in SLEEPLESS epochs, a period opens only this far below
+FRESH_DROP = 2.0  # (bpm) this quantile of the history: its low end is sitting still awake
+SLEEPLESS = 2880  # epochs (1 day): with no period in this long, the history holds no sleep to judge by
 HR_MIN_HISTORY = 120.0  # epochs of heart rate (1 h) before a period opens on it
 HR_BIN_MIN, HR_BIN_MAX = 20, 250  # 1-bpm bins
 HR_BINS = HR_BIN_MAX - HR_BIN_MIN
@@ -62,8 +65,8 @@ NO_PERIOD = -1.0
 
 # --- state layout ---------------------------------------------------------------------------------------
 STATE_VERSION = 1
-_H_VERSION, _H_N_IN, _H_N_FLAG, _H_N_DEC, _H_BLK_START, _H_BLK_LAST, _H_BLK_OPEN, _H_HR_W = range(8)
-_HEADER = 8
+_H_VERSION, _H_N_IN, _H_N_FLAG, _H_N_DEC, _H_BLK_START, _H_BLK_LAST, _H_BLK_OPEN, _H_HR_W, _H_SINCE = range(9)
+_HEADER = 9
 _OFF_TIME = _HEADER
 _OFF_HR = _OFF_TIME + RING
 _OFF_COUNTS = _OFF_HR + RING
@@ -134,6 +137,8 @@ def _flag(state, c, n_avail, buf):
         hr_med = _median(buf, n)
         hr_stay = hr_med <= level + HR_STAY_MARGIN
         hr_low = hr_med <= level + HR_OPEN_MARGIN and hr_med <= _hr_level(state, 0.5) - HR_OPEN_DROP
+        if state[_H_SINCE] >= SLEEPLESS:  # no sleep in the history to judge by
+            hr_low = hr_low and hr_med <= _hr_level(state, FRESH_QUANTILE) - FRESH_DROP
     still = counts_med <= STILL_COUNTS and hr_stay
     state[_OFF_GOOD + (c & _MASK)] = 1.0 if still and hr_low else 0.0
     state[_OFF_DEC + (c & _MASK)] = np.nan
@@ -164,6 +169,7 @@ def _flag(state, c, n_avail, buf):
         state[_H_BLK_START] = -1.0
         state[_H_BLK_LAST] = -1.0
         state[_H_BLK_OPEN] = 0.0
+    state[_H_SINCE] = 0.0 if state[_H_BLK_OPEN] > 0 else state[_H_SINCE] + 1.0
     state[_H_N_FLAG] = c + 1
 
 
@@ -246,6 +252,7 @@ class PeriodState:
         a[_H_VERSION] = STATE_VERSION
         a[_H_BLK_START] = -1.0
         a[_H_BLK_LAST] = -1.0
+        a[_H_SINCE] = SLEEPLESS
         return cls(a)
 
     @classmethod
