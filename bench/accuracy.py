@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     first = sorted(sleep["_predictions"])[0]
     accuracy_sleep.plot_night(sleep, args.data, first, PLOT_PATH)
     periods = accuracy_periods.evaluate(args.data)
-    accuracy_periods.plot_nights(periods, accuracy_periods.PLOT_NIGHTS, PERIODS_PLOT_PATH)
+    accuracy_periods.plot_nights(periods, accuracy_periods.plot_choice(periods), PERIODS_PLOT_PATH)
     seconds = time.perf_counter() - started
     figures = {
         "steps_error_pct": accuracy_steps.steps_error_pct(steps),
