@@ -21,13 +21,20 @@ Movement alone cannot tell desk work or an evening on the couch from light sleep
 as often); a heart rate near the wearer's sleeping level can. An epoch is "still" when the counts
 median is low and the heart-rate median is not clearly above the wearer's low level (HR_STAY_MARGIN);
 a period opens when MIN_PERIOD epochs of a block are still and most are also near it
-(HR_OPEN_MARGIN); it is closed when CLOSE_GAP epochs in a row are not still (the wearer is up).
+(HR_OPEN_MARGIN, and HR_OPEN_DROP below the wearer's median); it is closed when CLOSE_GAP epochs in a
+row are not still (the wearer is up). A band that has not yet seen its wearer sleep is judged more
+strictly: no period opens before HR_MIN_HISTORY epochs of heart rate, and while no period was open in
+the last SLEEPLESS epochs the heart rate must also be FRESH_DROP below the history's FRESH_QUANTILE
+(the low decile of a history without sleep is sitting still awake).
 
 An epoch's period is final DECISION_LAG epochs after it (the rolling window's half, the gap that closes
 a period, the length that opens one): `detect` returns epochs in order as they become final, each with
 its period (the start of the period in the epochs' own time unit, µs on the raw path) or -1 outside
 every period. Everything is kept in one flat float64 array, updated epoch by epoch, so any split of the
-input gives the same result. Without heart rate (NaN) the detector falls back to counts alone.
+input gives the same result. An epoch without heart rate (NaN) on a band that has given some is never
+still (off the wrist); a band that has never given heart rate is judged on counts alone.
+
+The constants live here, as decoder/sleep.py's do, until decoder/config.py takes the families' own.
 """
 
 from __future__ import annotations
