@@ -170,6 +170,9 @@ def _accuracy_figures() -> dict:
         "hgb_kappa_3class",
         "hgb_kappa_sleepwake",
         "steps_error_pct",
+        "sleep_psg_coverage",  # sleep period detection (bench/accuracy_periods.py)
+        "sleep_shifted_coverage",  # simulator only
+        "sleep_waking_day_periods",  # simulator only
     )
     return {k: saved[k] for k in keys if k in saved}
 

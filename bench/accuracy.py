@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import accuracy_sleep, accuracy_steps
+from bench import accuracy_periods, accuracy_sleep, accuracy_steps
 
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "bench" / "accuracy.json"
 MD_PATH = REPO / "ACCURACY.md"
 PLOT_PATH = REPO / "docs" / "img" / "hypnogram.png"
+PERIODS_PLOT_PATH = REPO / "docs" / "img" / "periods.png"
 PUBLISHED_STEPS = "stepcount 12.5 % (Clemson) / 12.0 % (OxWalk); Verisense 26.8 / 30.5 %; Oak 22.0 / 28.7 %"
 
 
@@ -55,7 +56,7 @@ def _sleep_table(result: dict) -> list[str]:
     return lines
 
 
-def write_report(steps: dict, sleep: dict, seconds: float) -> str:
+def write_report(steps: dict, sleep: dict, seconds: float, periods: dict | None = None) -> str:
     pooled = sleep["pooled"]["4class"]
     confusion = pooled.get("confusion")
     lines = [
@@ -108,6 +109,7 @@ def write_report(steps: dict, sleep: dict, seconds: float) -> str:
         "One night's hypnogram against the PSG: `docs/img/hypnogram.png`.",
         "",
         "Simulated nights check the raw-signal path end to end (tests/decoder/test_features.py).",
+        *(accuracy_periods.report(periods) if periods else []),
     ]
     return "\n".join(lines) + "\n"
 
@@ -127,14 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     PLOT_PATH.parent.mkdir(parents=True, exist_ok=True)
     first = sorted(sleep["_predictions"])[0]
     accuracy_sleep.plot_night(sleep, args.data, first, PLOT_PATH)
+    periods = accuracy_periods.evaluate(args.data)
+    accuracy_periods.plot_nights(periods, accuracy_periods.plot_choice(periods), PERIODS_PLOT_PATH)
     seconds = time.perf_counter() - started
     figures = {
         "steps_error_pct": accuracy_steps.steps_error_pct(steps),
         "steps_false_per_hour_non_walking": {k: v["false_steps_per_hour"] for k, v in steps.items()},
         **{k: v for k, v in sleep.items() if k.startswith(("sleep_kappa_", "sleep_accuracy_", "hgb_kappa_"))},
+        **accuracy_periods.figures(periods),
     }
     JSON_PATH.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
-    MD_PATH.write_text(write_report(steps, sleep, seconds))
+    MD_PATH.write_text(write_report(steps, sleep, seconds, periods))
     print(MD_PATH.read_text())
     return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 from numba import njit
 
-from decoder import activity, config, heart, sleep, steps
+from decoder import activity, config, heart, periods, sleep, steps
 from decoder.frames import DecodedBatch, FrameStatus
 from decoder.records import FAMILIES as FAMILIES  # re-exported: the record families
 from decoder.records import device_key
@@ -43,14 +43,10 @@ ALGO = {
 # An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
 # sedentary threshold is about 30 mg at 50 Hz).
 INACTIVE_ENMO_MG = 30.0
-# Nights are staged inside a fixed local window; the stager finds sleep onset within it. A detected
-# bed time would serve users with other hours better (docs/features.md says so).
-NIGHT_START_LOCAL_H = 21
-NIGHT_END_LOCAL_H = 9
+# Sleep is staged inside the sleep periods decoder/periods.py detects (any hour, naps included); a
+# `night` record summarises each period.
 STAGE_NAMES = ("wake", "light", "deep", "rem")
 _FRAME_OK = int(FrameStatus.OK)
-_HOUR_US = 3_600_000_000
-_DAY_US = 24 * _HOUR_US
 
 
 @dataclass(frozen=True)
@@ -170,6 +166,9 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
             steps.StepState.from_array(fam["values"])
         elif name == "sleep":
             sleep.SleepState.from_array(fam["values"])
+            periods.PeriodState.from_array(fam["periods"])
+            if fam["stages"].dtype != np.int8 or fam["stages"].ndim != 1:
+                raise ValueError("device state: sleep stages are corrupt")
         elif name == "hr_buffer":
             us, hr = fam["epoch_us"], fam["hr"]
             if (
@@ -540,76 +539,98 @@ def _heart_records(device: str, epochs: np.ndarray, resting: np.ndarray) -> list
     )
 
 
-def _night_of(epoch_start_us: int, utc_offset_min: int) -> int:
-    """UTC µs when the night window holding this epoch began, or -1 outside every window."""
-    local = epoch_start_us + utc_offset_min * 60_000_000
-    day = local - local % _DAY_US
-    hour = (local - day) // _HOUR_US
-    if hour >= NIGHT_START_LOCAL_H:
-        start = day + NIGHT_START_LOCAL_H * _HOUR_US
-    elif hour < NIGHT_END_LOCAL_H:
-        start = day - _DAY_US + NIGHT_START_LOCAL_H * _HOUR_US
-    else:
-        return -1
-    return start - utc_offset_min * 60_000_000
+def _wake_records(device: str, epoch_us: np.ndarray) -> list[dict]:
+    """Epochs outside every sleep period: wake, naming no period."""
+    return [_record("sleep", device, int(t), 30, {"stage": "wake"}) for t in epoch_us.tolist()]
 
 
-def _sleep_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[dict]:
-    first = int(fam["first_epoch_us"])
+def _staged_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[dict]:
+    first = int(fam["period_us"])
     return [
-        _record("sleep", device, first + int(k) * 30_000_000, 30, {"stage": STAGE_NAMES[int(st)]})
+        _record(
+            "sleep", device, first + int(k) * 30_000_000, 30, {"stage": STAGE_NAMES[int(st)], "period": first}
+        )
         for k, st in zip(staged.epoch.tolist(), staged.stage.tolist(), strict=True)
     ]
 
 
-def _finish_night(device: str, fam: dict) -> list[dict]:
-    """End the open night: stage what is pending and summarise the night."""
+def _close_period(device: str, fam: dict) -> tuple[list[dict], dict]:
+    """End the open sleep period: stage what is pending and summarise it in a `night` record."""
     state = sleep.SleepState.from_array(fam["values"].copy())
     staged = sleep.stage_epochs(np.zeros(0), np.zeros(0), np.zeros(0), state, finish=True)
-    records = _sleep_records(device, fam, staged)
+    records = _staged_records(device, fam, staged)
     stages = np.concatenate([fam["stages"], staged.stage.astype(np.int8)])
+    start = int(fam["period_us"])
     if stages.size:
         summary = sleep.summarize_night(stages)
         values = {k: round(float(v), 3) for k, v in summary.items() if np.isfinite(v)}
-        records.append(_record("night", device, int(fam["first_epoch_us"]), int(stages.size) * 30, values))
-    return records
+        values["period_start_us"] = start
+        values["period_end_us"] = start + int(stages.size) * 30_000_000
+        values["kind"] = "main" if stages.size * 30 >= periods.MAIN_PERIOD_S else "nap"
+        records.append(_record("night", device, start, int(stages.size) * 30, values))
+    return records, dict(fam, period_us=-1, stages=np.zeros(0, np.int8))
 
 
-def _feed_sleep(
-    device: str,
-    fam: dict | None,
-    utc_offset_min: int,
-    epoch_us: np.ndarray,
-    counts: np.ndarray,
-    hr: np.ndarray,
-) -> tuple[list[dict], dict | None]:
-    """Epochs (with counts and heart rate) into the night they belong to; nights end at their window's end."""
+def new_sleep_family() -> dict:
+    """The `sleep` entry of a device's state: the period detector, and the stager of the open period."""
+    return {
+        "periods": periods.PeriodState.new().array,
+        "values": sleep.SleepState.new().array,
+        "period_us": -1,
+        "stages": np.zeros(0, np.int8),
+    }
+
+
+def _stage_decided(device: str, fam: dict, decided: periods.DecidedEpochs) -> tuple[list[dict], dict]:
+    """Epochs whose period is final: outside a period they are wake; inside, the period's stager
+    stages them; a period ends (its `night` record) when the first epoch after it is decided."""
     records: list[dict] = []
+    epoch_us = decided.time.astype(np.int64)
+    period = decided.period.astype(np.int64)  # NO_PERIOD is -1
     i = 0
     while i < epoch_us.size:
-        night = _night_of(int(epoch_us[i]), utc_offset_min)
-        if fam is not None and int(fam["night_us"]) != night:
-            records += _finish_night(device, fam)
-            fam = None
-        j = i
-        while j < epoch_us.size and _night_of(int(epoch_us[j]), utc_offset_min) == night:
+        p = int(period[i])
+        j = i + 1
+        while j < epoch_us.size and period[j] == p:
             j += 1
-        if night >= 0:
-            if fam is None:
-                fam = {
-                    "values": sleep.SleepState.new().array,
-                    "night_us": night,
-                    "first_epoch_us": int(epoch_us[i]),
-                    "stages": np.zeros(0, np.int8),
-                }
+        if int(fam["period_us"]) >= 0 and int(fam["period_us"]) != p:
+            closed, fam = _close_period(device, fam)
+            records += closed
+        if p < 0:
+            records += _wake_records(device, epoch_us[i:j])
+        else:
+            if int(fam["period_us"]) < 0:
+                fam = dict(fam, values=sleep.SleepState.new().array, period_us=p, stages=np.zeros(0, np.int8))
             state = sleep.SleepState.from_array(fam["values"].copy())
-            time_s = (epoch_us[i:j] - fam["first_epoch_us"]) / 1e6 + 30.0
-            staged = sleep.stage_epochs(time_s, hr[i:j], counts[i:j], state)
-            records += _sleep_records(device, fam, staged)
+            time_s = (epoch_us[i:j] - p) / 1e6 + 30.0
+            staged = sleep.stage_epochs(time_s, decided.hr_bpm[i:j], decided.counts[i:j], state)
+            records += _staged_records(device, fam, staged)
             fam = dict(
                 fam, values=state.array, stages=np.concatenate([fam["stages"], staged.stage.astype(np.int8)])
             )
         i = j
+    return records, fam
+
+
+def feed_sleep(
+    device: str,
+    fam: dict | None,
+    epoch_us: np.ndarray,
+    counts: np.ndarray,
+    hr: np.ndarray,
+    finish: bool = False,
+) -> tuple[list[dict], dict]:
+    """Epochs (30-s, consecutive, with counts and heart rate as `sleep.stager_inputs` gives them) through
+    the period detector and the stager: a `sleep` record for every epoch once its period is final (wake,
+    naming no period, outside every period), a `night` record when a period ends. `finish` ends the data.
+    The one path of the raw stream and of `bandgate replay --epochs`."""
+    fam = new_sleep_family() if fam is None else fam
+    pstate = periods.PeriodState.from_array(fam["periods"])
+    decided = periods.detect(epoch_us.astype(np.float64), hr, counts, pstate, finish=finish)
+    records, fam = _stage_decided(device, dict(fam, periods=pstate.array), decided)
+    if finish and int(fam["period_us"]) >= 0:
+        closed, fam = _close_period(device, fam)
+        records += closed
     return records, fam
 
 
@@ -631,7 +652,9 @@ def _flush(state: DeviceState) -> tuple[list[dict], DeviceState]:
         _, minutes, _, _ = steps.flush_rows(fam["steps"]["values"])
         records += _step_records(device, minutes)
     if "sleep" in fam:
-        records += _finish_night(device, fam["sleep"])
+        records += feed_sleep(
+            device, fam["sleep"], np.zeros(0, np.int64), np.zeros(0), np.zeros(0), finish=True
+        )[0]
     return records, replace(state, next_us=-1, families={})
 
 
@@ -689,7 +712,7 @@ def _consented(fam: dict[str, dict], run: _Run, kernels: frozenset[str]) -> dict
     """`fam` with the kernels consent no longer needs dropped (their arrays leave the state now) and the
     ones it newly needs started at this run's first sample."""
     keep = {k: v for k, v in fam.items() if k in kernels or (k == "hr_buffer" and "sleep" in kernels)}
-    missing = kernels - keep.keys() - {"sleep"}  # a night starts by itself when its window opens
+    missing = kernels - keep.keys() - {"sleep"}  # the period detector starts with the first epoch
     if missing:
         keep.update(_open_kernels(run, frozenset(missing)))
     return keep
@@ -774,12 +797,8 @@ def process(
             hr, done = _join_hr(buffer["epoch_us"], buffer["hr"], epoch_us)
             buffer = {"epoch_us": buffer["epoch_us"][done:], "hr": buffer["hr"][done:]}
             hr, counts = sleep.stager_inputs(hr, act_epochs[:, _A[sleep.COUNTS_FIELD]])
-            staged, night = _feed_sleep(device, fam.get("sleep"), run.utc_offset_min, epoch_us, counts, hr)
+            staged, fam["sleep"] = feed_sleep(device, fam.get("sleep"), epoch_us, counts, hr)
             records += staged
-            if night is None:
-                fam.pop("sleep", None)
-            else:
-                fam["sleep"] = night
         if "sleep" in kernels:
             fam["hr_buffer"] = buffer
         if "steps" in fam:

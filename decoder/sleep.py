@@ -686,10 +686,12 @@ def night_features(time_s: np.ndarray, hr_bpm: np.ndarray, counts: np.ndarray) -
 
 
 def summarize_night(stage: np.ndarray, epoch_s: float = EPOCH_S) -> dict:
-    """Nightly summary in minutes: the sleep period runs from the first to the last sleep epoch.
+    """Summary in minutes of a detected sleep period's stages (`stage[0]` is the period's first epoch).
 
-    time in bed = all epochs; total sleep time = sleep epochs; efficiency = TST / time in bed; WASO =
-    wake between sleep onset and final awakening; onset latency; minutes per stage.
+    time in bed = all epochs of the period; sleep period = first to last sleep epoch; total sleep time =
+    sleep epochs; efficiency = TST / time in bed; WASO = wake between sleep onset and final awakening;
+    sleep onset latency `sol_min` = the period's start to the first sleep epoch (also under its older
+    name `onset_latency_min`); minutes per stage.
     """
     stage = np.asarray(stage)
     minutes = epoch_s / 60.0
@@ -710,6 +712,7 @@ def summarize_night(stage: np.ndarray, epoch_s: float = EPOCH_S) -> dict:
         "efficiency": tst / tib if tib else 0.0,
         "waso_min": waso,
         "onset_latency_min": latency,
+        "sol_min": latency,
     }
     for k, name in enumerate(STAGE_NAMES):
         out[f"{name}_min"] = float(np.count_nonzero(stage == k)) * minutes

@@ -433,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     rep.add_argument(
-        "--epochs", action="store_true", help="per-epoch input (epoch,time_s,hr_bpm,counts): sleep only"
+        "--epochs",
+        action="store_true",
+        help="per-epoch input (epoch,time_s,hr_bpm,counts): sleep periods and stages",
     )
     rep.set_defaults(run=_cmd_replay)
 

@@ -127,18 +127,21 @@ def write_csv(records: Iterable[dict], out: io.TextIOBase) -> int:
 
 
 def replay_epochs(path: str | Path, *, device_id: int = 1, start_us: int | None = None) -> Iterator[dict]:
-    """The sleep stager alone on per-epoch input (columns epoch,time_s,hr_bpm,counts; others ignored).
+    """The sleep path alone on per-epoch input (columns epoch,time_s,hr_bpm,counts; others ignored): the
+    sleep period detector and, inside each period, the stager, from counts and heart rate alone.
 
     `counts` follow the stager's one definition (sleep.COUNTS_DEFINITION): the activity records'
-    `counts_vm_1s_sum`, and the `counts` of ../shared/data/sleep/epochs.
+    `counts_vm_1s_sum`, and the `counts` of ../shared/data/sleep/epochs. Rows are 30-s epochs in order.
 
-    Exactly one `sleep` record per row, in row order, with the row's `epoch` beside the stage; the
-    record's period is the 30 s before the row's `time_s` (as in ../shared/data/sleep/epochs).
+    Exactly one `sleep` record per row, in row order, with the row's `epoch` beside the stage (and the
+    `period` it belongs to; wake and no period outside every period); then one `night` record per
+    detected period. The record's time is the 30 s before the row's `time_s` (as in
+    ../shared/data/sleep/epochs).
     """
     import numpy as np
 
     from decoder import sleep
-    from decoder.features import STAGE_NAMES, device_key
+    from decoder.features import device_key, feed_sleep
 
     columns = ("epoch", "time_s", "hr_bpm", "counts")
     rows = []
@@ -157,17 +160,13 @@ def replay_epochs(path: str | Path, *, device_id: int = 1, start_us: int | None 
         return iter(())
     data = np.asarray(rows)
     hr_bpm, counts = sleep.stager_inputs(data[:, 2], data[:, 3])
-    stages = sleep.stage_night(data[:, 1], hr_bpm, counts)
     origin = parse_start(DEFAULT_START) if start_us is None else start_us
-    device = device_key(device_id)
-    return (
-        {
-            "family": "sleep",
-            "device": device,
-            "start_us": origin + round((t - 30.0) * 1e6),
-            "duration_s": 30,
-            "algo": "sleep/1",
-            "values": {"epoch": int(e), "stage": STAGE_NAMES[int(s)]},
-        }
-        for e, t, s in zip(data[:, 0].tolist(), data[:, 1].tolist(), stages.tolist(), strict=True)
-    )
+    epoch_us = origin + np.rint((data[:, 1] - 30.0) * 1e6).astype(np.int64)
+    records, _ = feed_sleep(device_key(device_id), None, epoch_us, counts, hr_bpm, finish=True)
+    by_start = {r["start_us"]: r for r in records if r["family"] == "sleep"}
+    out = []
+    for e, t in zip(data[:, 0].tolist(), epoch_us.tolist(), strict=True):
+        r = by_start[t]
+        out.append(dict(r, values={"epoch": int(e), **r["values"]}))
+    out += [r for r in records if r["family"] == "night"]
+    return iter(out)

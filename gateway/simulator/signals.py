@@ -48,7 +48,10 @@ import numpy as np
 from gateway.simulator import stage_model
 
 DEFAULT_START_US = 1_767_600_000_000_000  # 2026-01-05T08:00:00Z
-SCENARIOS = ("day", "night", "mixed")
+SCENARIOS = ("day", "night", "mixed", "schedule")
+# Bouts a `schedule` names (minutes from sample 0): "sleep" in bed, "desk" work (typing, reaches),
+# "couch" (evening TV: lap posture, few gestures), "day" (the random day plan), "walk".
+SCHEDULE_LABELS = ("sleep", "desk", "couch", "day", "walk")
 SAMPLE_RATES_HZ = (25, 50)
 ACCEL_BITS = (12, 16)
 ACCEL_RANGES_G = (2, 4, 8, 16)
@@ -291,10 +294,41 @@ def _plan_night(rng: np.random.Generator, bed_s: int, rise_s: int, n_seconds: in
         bouts.append(Bout(SLEEP, start, stop, stages=stages[(start - bed_s) // stage_model.EPOCH_S :]))
 
 
-def _plan(rng: np.random.Generator, scenario: str, n_seconds: int, local0_s: int) -> list[Bout]:
+def _plan_schedule(rng: np.random.Generator, schedule: tuple, n_seconds: int, bouts: list[Bout]) -> None:
+    """Bouts at the minutes `schedule` gives: ((label, start_min, stop_min), ...), in order; the time it
+    leaves out is a random day plan."""
+    epoch = stage_model.EPOCH_S
+    t = 0
+    for label, start_min, stop_min in schedule:
+        if label not in SCHEDULE_LABELS:
+            raise ValueError(f"schedule label must be one of {SCHEDULE_LABELS}")
+        a = round(start_min * 60) // epoch * epoch
+        b = min(round(stop_min * 60) // epoch * epoch, n_seconds)
+        if a < t or b <= a:
+            raise ValueError("schedule bouts must be in order, not overlapping, and not empty")
+        if a > t:
+            _plan_day(rng, t, a, bouts)
+        if label == "sleep":
+            _plan_night(rng, a, b, n_seconds, bouts)
+        elif label == "day":
+            _plan_day(rng, a, b, bouts)
+        elif label == "walk":
+            bouts.append(Bout(WALK, a, b, "swing"))
+        else:
+            bouts.append(Bout(SEDENTARY, a, b, label))
+        t = b
+    if t < n_seconds:
+        _plan_day(rng, t, n_seconds, bouts)
+
+
+def _plan(
+    rng: np.random.Generator, scenario: str, n_seconds: int, local0_s: int, schedule: tuple = ()
+) -> list[Bout]:
     bouts: list[Bout] = []
     epoch = stage_model.EPOCH_S
-    if scenario == "day":
+    if scenario == "schedule":
+        _plan_schedule(rng, schedule, n_seconds, bouts)
+    elif scenario == "day":
         _plan_day(rng, 0, n_seconds, bouts)
         _ensure_walk(rng, bouts)
     elif scenario == "night":
@@ -387,18 +421,29 @@ def _add_taps(
     canvas.lin[i0 : i0 + m] += (tap[:, None] * direction).astype(np.float32)
 
 
+# Sedentary styles: posture weights (desk, lap, hanging), seconds between gestures, gesture kind weights
+# (reach, typing, periodic). "couch" is the hard case for sleep detection: an hour of TV with the arm on
+# a cushion moves the wrist about as often as light sleep does; only the heart rate stays awake.
+_SEDENTARY_STYLE = {
+    "": ((0.6, 0.3, 0.1), 90.0, (0.55, 0.25, 0.20)),
+    "desk": ((1.0, 0.0, 0.0), 60.0, (0.35, 0.60, 0.05)),
+    "couch": ((0.0, 1.0, 0.0), 300.0, (0.85, 0.0, 0.15)),
+}
+
+
 def _render_sedentary(canvas: _Canvas, rng: np.random.Generator, bout: Bout) -> None:
     subj, a, b = canvas.subject, bout.start_s, bout.stop_s
-    base = _posture(rng, (_UP_DESK, _UP_LAP, _UP_HANGING)[rng.choice(3, p=(0.6, 0.3, 0.1))], subj, 0.3)
+    posture_p, gesture_gap_s, kind_p = _SEDENTARY_STYLE[bout.style]
+    base = _posture(rng, (_UP_DESK, _UP_LAP, _UP_HANGING)[rng.choice(3, p=posture_p)], subj, 0.3)
     t = a + min(1.5, (b - a) / 2)
     while t < b:  # slow drift and posture shifts
         canvas.key(t, _turn(rng, base, rng.uniform(0.0, 0.12)))
         t += rng.uniform(15.0, 90.0)
     canvas.key(max(b - 0.5, a), base)
     canvas.hr_target[a:b] = subj.rest_hr
-    n_gestures = rng.poisson((b - a) / 90.0)
+    n_gestures = rng.poisson((b - a) / gesture_gap_s)
     for t0 in np.sort(rng.uniform(a, b, n_gestures)):
-        kind = rng.choice(3, p=(0.55, 0.25, 0.20))
+        kind = rng.choice(3, p=kind_p)
         if kind == 0:  # reach, scratch, turn the wrist: aperiodic, changes orientation
             dur = min(rng.uniform(1.0, 4.0), b - t0)
             _add_burst(canvas, rng, t0, dur, rng.uniform(0.1, 0.4), 3.0)
@@ -611,6 +656,7 @@ def _simulate(
     accel_range_g: int = 8,
     utc_offset_min: int = 60,
     scenario: str = "day",
+    schedule: tuple = (),
 ) -> tuple[BandRecording, Truth]:
     if sample_rate_hz not in SAMPLE_RATES_HZ:
         raise ValueError(f"sample_rate_hz must be one of {SAMPLE_RATES_HZ}")
@@ -631,7 +677,7 @@ def _simulate(
         raise ValueError("device_id must be a u64")
     subject = _Subject.draw(rng)
     local0_s = (start_us // 1_000_000 + utc_offset_min * 60) % 86_400
-    bouts = _plan(rng, scenario, n_seconds, local0_s)
+    bouts = _plan(rng, scenario, n_seconds, local0_s, tuple(schedule))
 
     canvas = _Canvas(fs=sample_rate_hz, n_seconds=n_seconds, subject=subject)
     step_lists = []
@@ -699,12 +745,15 @@ def simulate_band(
     accel_range_g: int = 8,
     utc_offset_min: int = 60,
     scenario: str = "day",
+    schedule: tuple = (),
 ) -> BandRecording:
     """Simulate `minutes` of one band; the same arguments always give byte-identical arrays.
 
     `scenario` is "day" (bouts of walking, running, sitting with gestures, non-wear), "night"
     (wind-down, a night in bed from the fitted stage model, getting up) or "mixed" (a 24 h pattern
-    from the local clock at `start_us` + `utc_offset_min`, truncated to `minutes`). `device_id`
+    from the local clock at `start_us` + `utc_offset_min`, truncated to `minutes`) or "schedule"
+    (`schedule` = ((label, start_min, stop_min), ...) in minutes from the start, labels in
+    SCHEDULE_LABELS: sleep at any hour, desk work, evening TV on a couch; the rest a random day). `device_id`
     defaults to one drawn from `seed`; it does not change the signals.
     """
     recording, _ = _simulate(
@@ -717,5 +766,6 @@ def simulate_band(
         accel_range_g=accel_range_g,
         utc_offset_min=utc_offset_min,
         scenario=scenario,
+        schedule=schedule,
     )
     return recording

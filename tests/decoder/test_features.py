@@ -154,7 +154,10 @@ def test_state_is_not_modified_and_round_trips() -> None:
     assert restored.keys() == state.families.keys()
     for family, arrays in state.families.items():
         for name, value in arrays.items():
-            assert np.array_equal(restored[family][name], value), (family, name)
+            nan_ok = (
+                isinstance(value, np.ndarray) and value.dtype.kind == "f"
+            )  # the stager's "not yet" is NaN
+            assert np.array_equal(restored[family][name], value, equal_nan=nan_ok), (family, name)
 
 
 def test_hostile_state_bytes_are_refused() -> None:
@@ -182,11 +185,10 @@ def test_hostile_state_bytes_are_refused() -> None:
             DeviceState.from_bytes(data)
 
 
-def test_night_is_staged_and_split_invariant() -> None:
-    """A simulated night through the whole path: sleep records and a night summary, however it is cut."""
-    rec = simulate_band(5, 3 * 60, scenario="night", start_us=1_767_646_800_000_000)  # 21:00 local
-    fs = rec.sample_rate_hz
-    frames = _frames(rec, [s * 60 * fs for s in range(1, 180)])
+def test_sleep_period_is_detected_staged_and_split_invariant() -> None:
+    """A simulated afternoon and a sleep period through the whole path: a sleep record for every epoch
+    (wake outside the period), one `night` record naming the period, however the stream is cut."""
+    rec, frames = _day_and_night()
     one = _run(frames, [], rec.device_id, serialise=False)
     rng = np.random.default_rng(0)
     cut = _run(
@@ -197,9 +199,28 @@ def test_night_is_staged_and_split_invariant() -> None:
     )
     assert _key_sorted(one) == _key_sorted(cut)
     sleep_records = [r for r in one if r["family"] == "sleep"]
-    assert len(sleep_records) > 300 and {r["values"]["stage"] for r in sleep_records} - {"wake"}
+    activity_epochs = {r["start_us"] for r in one if r["family"] == "activity"}
+    assert {r["start_us"] for r in sleep_records} >= activity_epochs - {max(activity_epochs)}
     nights = [r for r in one if r["family"] == "night"]
-    assert len(nights) == 1 and 0 < nights[0]["values"]["total_sleep_min"] <= 180
+    assert len(nights) == 1
+    night = nights[0]["values"]
+    bed_us = rec.start_us + SLEEP_FROM_MIN * 60_000_000
+    rise_us = rec.start_us + SLEEP_TO_MIN * 60_000_000
+    # the period holds the simulated sleep, begins no earlier than an hour before bed (sitting still with
+    # a low heart rate before bed is in it) and ends within 30 min of getting up
+    asleep_us = rec.start_us + np.flatnonzero(rec.stage_per_epoch > 0) * 30_000_000
+    held = (asleep_us >= night["period_start_us"]) & (asleep_us < night["period_end_us"])
+    assert held.mean() >= 0.95
+    assert bed_us - 60 * 60_000_000 <= night["period_start_us"]
+    assert abs(night["period_end_us"] - rise_us) <= 30 * 60_000_000
+    assert nights[0]["start_us"] == night["period_start_us"] and night["kind"] == "main"
+    assert 0 < night["total_sleep_min"] <= (SLEEP_TO_MIN - SLEEP_FROM_MIN) and night["sol_min"] >= 0
+    inside = [r for r in sleep_records if "period" in r["values"]]
+    assert {r["values"]["period"] for r in inside} == {night["period_start_us"]}
+    assert all(night["period_start_us"] <= r["start_us"] < night["period_end_us"] for r in inside)
+    assert {r["values"]["stage"] for r in inside} - {"wake"}
+    outside = [r for r in sleep_records if "period" not in r["values"]]
+    assert outside and {r["values"]["stage"] for r in outside} == {"wake"}
 
 
 def test_state_cache_returns_its_object_only_for_the_exact_bytes_it_kept() -> None:
@@ -232,11 +253,22 @@ def test_state_cache_returns_its_object_only_for_the_exact_bytes_it_kept() -> No
 # --- consent: only the consented families are computed, kept and returned ---------------------------------
 
 
+SLEEP_FROM_MIN, SLEEP_TO_MIN = 270, 460  # in bed 20:30-23:40 local, after an afternoon awake
+
+
 @functools.cache
-def _night_and_morning():
-    """3 h from 21:00 local: every family has records (sleep and night need activity and heart)."""
-    rec = simulate_band(5, 3 * 60, scenario="night", start_us=1_767_646_800_000_000)
-    return rec, _frames(rec, [s * 60 * rec.sample_rate_hz for s in range(1, 180)])
+def _day_and_night():
+    """From 16:00 local: an afternoon (the detector needs a few hours of the wearer's heart rate), 3 h 10 min
+    in bed, 20 min up; 25 Hz to keep it cheap. Every family has records."""
+    rec = simulate_band(
+        5,
+        SLEEP_TO_MIN + 20,
+        scenario="schedule",
+        schedule=(("day", 0, SLEEP_FROM_MIN), ("sleep", SLEEP_FROM_MIN, SLEEP_TO_MIN)),
+        sample_rate_hz=25,
+        start_us=1_767_625_200_000_000,
+    )
+    return rec, _frames(rec, [s * 60 * rec.sample_rate_hz for s in range(1, SLEEP_TO_MIN + 20)])
 
 
 def _run_consent(frames: list[Frame], device_id: int, consent: list[frozenset[str]]) -> tuple[list, list]:
@@ -260,7 +292,7 @@ def _run_consent(frames: list[Frame], device_id: int, consent: list[frozenset[st
 @example({"night"})
 @example({"wear"})
 def test_consented_families_are_exactly_the_unconsented_runs_records_of_those_families(families) -> None:
-    rec, frames = _night_and_morning()
+    rec, frames = _day_and_night()
     everything, _ = _run_consent(frames, rec.device_id, [ALL_FAMILIES] * 4)
     assert {r["family"] for r in everything} >= {"activity", "heart", "sleep", "steps", "wear"}
     consented = frozenset(families)
@@ -274,7 +306,7 @@ def test_consented_families_are_exactly_the_unconsented_runs_records_of_those_fa
 
 
 def test_withdrawal_mid_stream_drops_the_family_and_its_arrays_and_the_rest_go_on() -> None:
-    rec, frames = _night_and_morning()
+    rec, frames = _day_and_night()
     everything, _ = _run_consent(frames, rec.device_id, [ALL_FAMILIES] * 6)
     no_heart = ALL_FAMILIES - {"heart", "day"}  # sleep goes on: it needs heart rate, computed and dropped
     no_activity = frozenset({"steps"})
@@ -292,7 +324,7 @@ def test_withdrawal_mid_stream_drops_the_family_and_its_arrays_and_the_rest_go_o
 
 
 def test_a_family_consented_again_starts_afresh_at_the_next_batch() -> None:
-    rec, frames = _night_and_morning()
+    rec, frames = _day_and_night()
     steps_only = frozenset({"steps"})
     records, states = _run_consent(frames, rec.device_id, [ALL_FAMILIES, steps_only, ALL_FAMILIES])
     cut = frames[len(frames) * 2 // 3].start_us
@@ -325,23 +357,24 @@ def test_distance_is_steps_times_stride_and_names_the_profile_version() -> None:
 
 
 def _staged_inputs(monkeypatch, frames: list[Frame], device_id: int) -> tuple[list[dict], dict[str, list]]:
-    """The records of `frames` through the whole path, and every (time_s, hr_bpm, counts) the stager got."""
-    from decoder import sleep
+    """The records of `frames` through the whole path, and every (time, hr_bpm, counts) the sleep path got
+    (the period detector, which hands the same values on to the stager inside a period)."""
+    from decoder import periods
 
-    fed: dict[str, list] = {"time_s": [], "hr_bpm": [], "counts": []}
-    stage_epochs = sleep.stage_epochs
+    fed: dict[str, list] = {"time": [], "hr_bpm": [], "counts": []}
+    detect = periods.detect
 
-    def spy(time_s, hr_bpm, counts, *args, **kwargs):
-        for name, v in (("time_s", time_s), ("hr_bpm", hr_bpm), ("counts", counts)):
+    def spy(time, hr_bpm, counts, *args, **kwargs):
+        for name, v in (("time", time), ("hr_bpm", hr_bpm), ("counts", counts)):
             fed[name] += np.asarray(v, dtype=np.float64).tolist()
-        return stage_epochs(time_s, hr_bpm, counts, *args, **kwargs)
+        return detect(time, hr_bpm, counts, *args, **kwargs)
 
-    monkeypatch.setattr(sleep, "stage_epochs", spy)
+    monkeypatch.setattr(periods, "detect", spy)
     return _run(frames, [], device_id, serialise=False), fed
 
 
 def test_stager_gets_agcounts_per_second_vm_of_a_real_recording(monkeypatch) -> None:
-    """OxWalk P30 (real wrist data, 30 min) sent as a 50 Hz 12-bit band: the counts the stager receives
+    """OxWalk P30 (real wrist data, 30 min) sent as a 50 Hz 12-bit band: the counts the sleep path receives
     are agcounts' per-second vector magnitudes summed over each epoch — exactly (to the record's 0.1) on
     the samples the band measured, and within what the 12-bit quantisation moves on the signal itself."""
     from agcounts.extract import get_counts
@@ -356,7 +389,7 @@ def test_stager_gets_agcounts_per_second_vm_of_a_real_recording(monkeypatch) -> 
     n = band.shape[0]
     exact = rec.time_s[0] + np.arange(n) / fs
     signal_g = np.stack([np.interp(exact, rec.time_s, rec.xyz_g[:, k]) for k in range(3)], axis=1)
-    start_us = 1_767_650_400_000_000  # 22:00 UTC, on the 30-s grid: inside the night window
+    start_us = 1_767_650_400_000_000  # 22:00 UTC, on the 30-s grid
     frames = [
         Frame(
             device_id=7,
@@ -379,7 +412,7 @@ def test_stager_gets_agcounts_per_second_vm_of_a_real_recording(monkeypatch) -> 
 
     on_samples = vm_1s_sums(get_counts(band * BAND_G_PER_COUNT, fs, 1))  # agcounts on what the band sent
     on_signal = vm_1s_sums(get_counts(signal_g, fs, 1))  # agcounts on the unquantised signal
-    got = np.asarray(fed["counts"])  # the epoch closed by the stream's flush is not staged
+    got = np.asarray(fed["counts"])  # the epoch closed by the stream's flush is not fed
     assert got.size >= on_samples.size - 1 >= 58 and np.count_nonzero(got) > 50
     on_samples, on_signal = on_samples[: got.size], on_signal[: got.size]
     np.testing.assert_allclose(got, on_samples, rtol=0, atol=0.05 + 1e-6)
@@ -395,9 +428,9 @@ def test_stager_gets_agcounts_per_second_vm_of_a_real_recording(monkeypatch) -> 
 def test_replaying_the_records_per_epoch_gives_the_streamed_stages(monkeypatch, tmp_path) -> None:
     """A night streamed through the raw path, then its own activity and heart records replayed per epoch
     (`bandgate replay --epochs`): the same stage for every epoch."""
-    from gateway.replay import replay_epochs
+    from gateway.replay import DEFAULT_START, parse_start, replay_epochs
 
-    rec, frames = _night_and_morning()
+    rec, frames = _day_and_night()
     records, fed = _staged_inputs(monkeypatch, frames, rec.device_id)
     stages = {r["start_us"]: r["values"]["stage"] for r in records if r["family"] == "sleep"}
     assert len(stages) == len(fed["counts"]) > 300
@@ -410,6 +443,14 @@ def test_replaying_the_records_per_epoch_gives_the_streamed_stages(monkeypatch, 
         lines.append(f"{k},{(t - first) / 1e6 + 30.0},{'nan' if h is None else h},{counts[t]}")
     path = tmp_path / "night.csv"
     path.write_text("\n".join(lines) + "\n")
-    replayed = [r["values"]["stage"] for r in replay_epochs(path)]
+    out = list(replay_epochs(path))
+    replayed = [r["values"]["stage"] for r in out if r["family"] == "sleep"]
     assert replayed == [stages[t] for t in sorted(stages)]
+    streamed_nights = [r["values"] for r in records if r["family"] == "night"]
+    replayed_nights = [r["values"] for r in out if r["family"] == "night"]
+    shift = first - parse_start(DEFAULT_START)  # replay puts the first epoch at its default start
+    for night in replayed_nights:
+        night["period_start_us"] += shift
+        night["period_end_us"] += shift
+    assert replayed_nights == streamed_nights and len(streamed_nights) == 1
     assert {"light", "deep"} <= set(replayed)

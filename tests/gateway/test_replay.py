@@ -138,11 +138,13 @@ def test_simulator_file(tmp_path: Path, capsys) -> None:
     assert true_steps > 0 and abs(found - true_steps) / true_steps < 0.5
 
 
-def _epochs_csv(path: Path, n: int = 400) -> Path:
-    """A synthetic night: moving for 30 min, then still with a falling heart rate, then moving again."""
+def _epochs_csv(path: Path, n: int = 800) -> Path:
+    """A synthetic evening and night: 2 h sitting (moving a little, resting heart rate), 4 h still with a
+    lower heart rate, then up and about for 40 min."""
     rng = np.random.default_rng(3)
     t = 30 * (np.arange(n) + 1)
-    moving = (np.arange(n) < 60) | (np.arange(n) > n - 40)
+    k = np.arange(n)
+    moving = (k < 240) | (k >= n - 80)
     counts = np.where(moving, rng.integers(200, 2000, n), rng.integers(0, 3, n) * (rng.random(n) < 0.05))
     hr = np.where(moving, 75, 58) + rng.normal(0, 1.5, n)
     lines = ["epoch,time_s,hr_bpm,counts,stage"] + [f"{i},{t[i]},{hr[i]:.2f},{counts[i]},9" for i in range(n)]
@@ -151,17 +153,26 @@ def _epochs_csv(path: Path, n: int = 400) -> Path:
 
 
 def test_epochs_mode(tmp_path: Path) -> None:
+    """`replay --epochs` runs the period detector from counts and heart rate alone: one sleep record per
+    row (wake and no period outside the detected period), then the period's night record."""
     path = _epochs_csv(tmp_path / "night.csv")
     done = _replay("--epochs", str(path), "--device", "7")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(records) == 400, "exactly one record per input row"
-    assert [r["values"]["epoch"] for r in records] == list(range(400))
-    assert all(r["family"] == "sleep" and r["device"] == "0000000000000007" for r in records)
-    stages = [r["values"]["stage"] for r in records]
+    sleep_records = [r for r in records if r["family"] == "sleep"]
+    assert len(sleep_records) == 800, "exactly one sleep record per input row"
+    assert [r["values"]["epoch"] for r in sleep_records] == list(range(800))
+    assert all(r["device"] == "0000000000000007" for r in records)
+    stages = [r["values"]["stage"] for r in sleep_records]
     assert set(stages) <= {"wake", "light", "deep", "rem"}
-    assert stages[:20] == ["wake"] * 20, "before sleep onset every epoch is wake"
-    assert stages[100:300].count("wake") < 100, "the still, slow-heart middle is mostly asleep"
+    assert stages[:240] == ["wake"] * 240 and stages[-60:] == ["wake"] * 60, "outside the period: wake"
+    assert all("period" not in r["values"] for r in sleep_records[:200])
+    assert stages[300:700].count("wake") < 100, "the still, slow-heart middle is mostly asleep"
+    nights = [r for r in records if r["family"] == "night"]
+    assert len(nights) == 1 and nights[0]["values"]["kind"] == "main"
+    period = nights[0]["values"]["period_start_us"]
+    assert {r["values"].get("period") for r in sleep_records[300:700]} == {period}
+    assert sleep_records[240]["start_us"] - 10 * 60_000_000 <= period <= sleep_records[240]["start_us"]
 
 
 def test_epochs_mode_bad_input(tmp_path: Path) -> None:
