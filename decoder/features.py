@@ -556,9 +556,16 @@ def _night_of(epoch_start_us: int, utc_offset_min: int) -> int:
 
 def _sleep_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[dict]:
     first = int(fam["first_epoch_us"])
+    prob = sleep.stage_probabilities(staged.posterior).tolist()  # calibrated, 3 decimals, rows sum to 1
     return [
-        _record("sleep", device, first + int(k) * 30_000_000, 30, {"stage": STAGE_NAMES[int(st)]})
-        for k, st in zip(staged.epoch.tolist(), staged.stage.tolist(), strict=True)
+        _record(
+            "sleep",
+            device,
+            first + int(k) * 30_000_000,
+            30,
+            {"stage": STAGE_NAMES[int(st)], **dict(zip(sleep.PROBABILITY_FIELDS, p, strict=True))},
+        )
+        for k, st, p in zip(staged.epoch.tolist(), staged.stage.tolist(), prob, strict=True)
     ]
 
 

@@ -198,6 +198,9 @@ def test_night_is_staged_and_split_invariant() -> None:
     assert _key_sorted(one) == _key_sorted(cut)
     sleep_records = [r for r in one if r["family"] == "sleep"]
     assert len(sleep_records) > 300 and {r["values"]["stage"] for r in sleep_records} - {"wake"}
+    for r in sleep_records:  # calibrated stage probabilities, 3 decimals, summing to exactly 1 in thousandths
+        p = [r["values"][f] for f in ("p_wake", "p_light", "p_deep", "p_rem")]
+        assert all(0 <= v <= 1 and round(v * 1000) == v * 1000 for v in p) and round(sum(p) * 1000) == 1000
     nights = [r for r in one if r["family"] == "night"]
     assert len(nights) == 1 and 0 < nights[0]["values"]["total_sleep_min"] <= 180
 

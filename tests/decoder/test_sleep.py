@@ -214,6 +214,39 @@ def test_shipped_params_load_and_match_the_kernel():
             sleep.SleepParams.from_dict(other)
 
 
+def test_stage_probabilities_are_calibrated_rounded_rows_summing_to_one():
+    """Vector scaling (softmax(a·log p + b)) with a = 1, b = 0 is the identity; the published rows are
+    thousandths that sum to exactly 1000, each within one thousandth of the calibrated value."""
+    rng = np.random.default_rng(3)
+    post = rng.dirichlet(np.full(sleep.N_STAGES, 0.3), size=500)
+    np.testing.assert_allclose(sleep.calibrate(post, 1.0, np.zeros(4)), post, rtol=1e-12, atol=1e-15)
+    params = sleep.SleepParams(
+        **{
+            k: getattr(sleep.SleepParams.blank(), k) for k in ("tree_feature", "tree_threshold", "tree_value")
+        },
+        log_a=np.zeros((4, 4)),
+        log_pi=np.zeros(4),
+        emission_scale=1.0,
+        calibration_scale=0.5,
+        calibration_bias=np.array([0.0, 1.0, -0.5, 0.2]),
+    )
+    want = np.exp(0.5 * np.log(post) + params.calibration_bias)
+    want /= want.sum(axis=1, keepdims=True)
+    got = sleep.stage_probabilities(post, params)
+    thousandths = np.rint(got * 1000)
+    np.testing.assert_array_equal(thousandths / 1000, got)
+    assert (thousandths.sum(axis=1) == 1000).all()
+    assert np.abs(got - want).max() < 1e-3 + 1e-12
+    assert sleep.stage_probabilities(np.zeros((0, 4)), params).shape == (0, 4)
+
+
+def test_shipped_params_carry_a_calibration():
+    shipped = json.loads(sleep.PARAMS_PATH.read_text())
+    assert set(shipped["calibration"]) == {"scale", "bias"}
+    p = sleep.load_params()
+    assert p.calibration_scale > 0 and p.calibration_bias.shape == (sleep.N_STAGES,)
+
+
 def test_stager_inputs_are_what_the_records_publish():
     """Rounded as `_Layout` rounds a record's value (float32, then half to even); NaN passes."""
     from decoder.features import _round_columns
