@@ -39,6 +39,19 @@ N_BINS = 64  # candidate thresholds per feature: the training features' 1/64 …
 EMISSION_SCALE = 0.3  # overlapping feature windows make successive emissions dependent: temper them
 TRANSITION_PSEUDO = 1.0  # Laplace counts per transition
 INITIAL_PSEUDO = 1.0
+# Tuned inside every fit, from the nights it is given only (so nested inside the LOSO folds): the emission
+# scale by grouped inner cross-validation over subjects, and the probability calibration on the inner
+# out-of-fold posteriors at that scale.
+EMISSION_SCALES = (0.2, 0.3, 0.5)
+BOOSTING_ROUNDS = (N_ROUNDS,)  # candidate numbers of rounds (prefixes of one fit)
+INNER_FOLDS = 3  # subject i (sorted) is held out in inner fold i % INNER_FOLDS
+
+# class sets: name → (map from 4-class stage, label names)
+CLASS_SETS = {
+    "4class": (np.array([0, 1, 2, 3]), ("wake", "light", "deep", "rem")),
+    "3class": (np.array([0, 1, 1, 2]), ("wake", "nrem", "rem")),
+    "sleepwake": (np.array([0, 1, 1, 1]), ("wake", "sleep")),
+}
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,112 @@ def fit_params(
     }
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """Rows = truth, columns = prediction."""
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m
+
+
+def kappa(m: np.ndarray) -> float:
+    """Cohen's κ of a confusion matrix (0 when chance agreement is total)."""
+    n = m.sum()
+    if n == 0:
+        return float("nan")
+    po = np.trace(m) / n
+    pe = (m.sum(axis=0) @ m.sum(axis=1)) / (n * n)
+    return float((po - pe) / (1 - pe)) if pe < 1 else 0.0
+
+
+def mean_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The tuning criterion: the mean of the 4-class, 3-class and sleep/wake κ (all three are targets)."""
+    return float(
+        np.mean([kappa(confusion(m[y_true], m[y_pred], len(lab))) for m, lab in CLASS_SETS.values()])
+    )
+
+
+def fit_calibration(posterior: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(scale, bias) of vector scaling (Guo et al. 2017) minimising the log-loss of
+    softmax(scale · log posterior + bias) on held-out posteriors; bias[WAKE] fixed at 0."""
+    from scipy.optimize import minimize
+
+    logp = np.log(np.maximum(posterior, 1e-300))
+    n = y.size
+
+    def loss(theta):
+        z = theta[0] * logp + np.r_[0.0, theta[1:]]
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(lse - z[np.arange(n), y]))
+
+    res = minimize(
+        loss,
+        np.r_[1.0, np.zeros(sleep.N_STAGES - 1)],
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000},
+    )
+    return float(res.x[0]), np.r_[0.0, res.x[1:]]
+
+
+def stage_with_posterior(night: Night, params: sleep.SleepParams) -> tuple[np.ndarray, np.ndarray]:
+    """(stage int64, smoothed posterior) of a whole night through the streaming kernel."""
+    res = sleep.stage_epochs(night.time_s, night.hr_bpm, night.counts, sleep.SleepState.new(), params, True)
+    return res.stage.astype(np.int64), res.posterior
+
+
+def fit_tuned(
+    nights: list[Night],
+    hypnograms: dict[str, np.ndarray] | None = None,
+    features: list[np.ndarray] | None = None,
+    emission_scales: tuple[float, ...] = EMISSION_SCALES,
+    inner_folds: int = INNER_FOLDS,
+    rounds: tuple[int, ...] = BOOSTING_ROUNDS,
+    **tree_options,
+) -> dict:
+    """`fit_params` with its tuning choices made from `nights` alone: the boosting rounds and emission
+    scale that maximise the mean κ over grouped inner folds (ties: the first candidate), and the
+    calibration fitted on the inner folds' out-of-fold posteriors at that choice. What the LOSO
+    benchmark fits in every fold and what the shipped file is."""
+    if features is None:
+        features = [sleep.night_features(n.time_s, n.hr_bpm, n.counts) for n in nights]
+    order = sorted(range(len(nights)), key=lambda i: nights[i].subject)
+    group = {i: r % inner_folds for r, i in enumerate(order)}
+    # boosting is additive, so the model after r rounds is the first r·N_STAGES trees of a longer fit:
+    # one fit per inner fold serves every (rounds, scale) candidate
+    candidates = [(r, s) for r in rounds for s in emission_scales]
+    stages = {c: [None] * len(nights) for c in candidates}
+    posts = {c: [None] * len(nights) for c in candidates}
+    for g in range(inner_folds):
+        train = [i for i in range(len(nights)) if group[i] != g]
+        held = [i for i in range(len(nights)) if group[i] == g]
+        if not held or not train:
+            continue
+        base = fit_params(
+            [nights[i] for i in train],
+            hypnograms,
+            [features[i] for i in train],
+            n_rounds=max(rounds),
+            **tree_options,
+        )
+        for r, s in candidates:
+            n = r * sleep.N_STAGES
+            trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
+            params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
+            for i in held:
+                stages[r, s][i], posts[r, s][i] = stage_with_posterior(nights[i], params)
+    y = np.concatenate([n.stage for n in nights])
+    inner = {c: mean_kappa(y, np.concatenate(stages[c])) for c in candidates}
+    best = max(candidates, key=lambda c: (inner[c], -candidates.index(c)))
+    scale, bias = fit_calibration(np.concatenate(posts[best]), y)
+    out = fit_params(nights, hypnograms, features, emission_scale=best[1], n_rounds=best[0], **tree_options)
+    out["calibration"] = {"scale": scale, "bias": bias.tolist()}
+    out["tuning"] = {
+        "inner_folds": inner_folds,
+        "inner_mean_kappa": {f"rounds={r} scale={s}": inner[r, s] for r, s in candidates},
+    }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="data folder (default $BANDGATE_DATA or ../shared/data)")
@@ -234,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if not nights:
         print(f"no nights under {root}/sleep/epochs", file=sys.stderr)
         return 1
-    params = fit_params(nights, load_hypnograms(root))
+    params = fit_tuned(nights, load_hypnograms(root))
     Path(args.out).write_text(json.dumps(params, indent=1) + "\n")
     print(f"fitted on {len(nights)} nights → {args.out}")
     return 0
