@@ -42,8 +42,9 @@ INITIAL_PSEUDO = 1.0
 # Tuned inside every fit, from the nights it is given only (so nested inside the LOSO folds): the emission
 # scale by grouped inner cross-validation over subjects, and the probability calibration on the inner
 # out-of-fold posteriors at that scale.
-EMISSION_SCALES = (0.2, 0.3, 0.5)
-BOOSTING_ROUNDS = (N_ROUNDS,)  # candidate numbers of rounds (prefixes of one fit)
+EMISSION_SCALES = (0.1, 0.15, 0.2, 0.3, 0.5)
+BOOSTING_ROUNDS = (20, 40, 80)  # candidate numbers of rounds (prefixes of one fit)
+CLASS_WEIGHT_POWERS = (1.0,)  # candidate α of class weights ∝ (1/count)^α (1 = balanced); a fit each
 INNER_FOLDS = 3  # subject i (sorted) is held out in inner fold i % INNER_FOLDS
 
 # class sets: name → (map from 4-class stage, label names)
@@ -112,6 +113,7 @@ def fit_trees(
     leaf_l2: float = LEAF_L2,
     min_child_hessian: float = MIN_CHILD_HESSIAN,
     n_bins: int = N_BINS,
+    class_weight_power: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-balanced gradient-boosted trees for the multiclass log-loss, in the kernel's layout:
     (tree_feature, tree_threshold, tree_value), tree i scoring stage i % N_STAGES (sleep._tree_scores).
@@ -124,7 +126,7 @@ def fit_trees(
     n, n_feat = X.shape
     k = sleep.N_STAGES
     counts = np.bincount(y, minlength=k).astype(np.float64)
-    w_class = np.where(counts > 0, n / (k * np.maximum(counts, 1)), 0.0)
+    w_class = np.where(counts > 0, (n / (k * np.maximum(counts, 1))) ** class_weight_power, 0.0)
     sw = w_class[y]
     onehot = np.zeros((n, k))
     onehot[np.arange(n), y] = 1.0
@@ -165,6 +167,11 @@ def fit_trees(
                     v = -learning_rate * g[rows].sum() / (h[rows].sum() + leaf_l2)
                     value[tree, leaf] = v
                     F[rows, c] += v
+    if class_weight_power != 1.0:
+        # weights ∝ prior^-α make softmax(scores) ∝ p(stage | x)·prior^-α, so the likelihood the HMM needs
+        # is scores - (1-α)·log prior: a constant per stage, added to every leaf of its first tree
+        prior = np.maximum(counts, 1) / n
+        value[:k] -= (1.0 - class_weight_power) * np.log(prior)[:, None]
     return feature, threshold, value
 
 
@@ -297,6 +304,7 @@ def fit_tuned(
     emission_scales: tuple[float, ...] = EMISSION_SCALES,
     inner_folds: int = INNER_FOLDS,
     rounds: tuple[int, ...] = BOOSTING_ROUNDS,
+    class_weight_powers: tuple[float, ...] = CLASS_WEIGHT_POWERS,
     **tree_options,
 ) -> dict:
     """`fit_params` with its tuning choices made from `nights` alone: the boosting rounds and emission
@@ -308,8 +316,8 @@ def fit_tuned(
     order = sorted(range(len(nights)), key=lambda i: nights[i].subject)
     group = {i: r % inner_folds for r, i in enumerate(order)}
     # boosting is additive, so the model after r rounds is the first r·N_STAGES trees of a longer fit:
-    # one fit per inner fold serves every (rounds, scale) candidate
-    candidates = [(r, s) for r in rounds for s in emission_scales]
+    # one fit per inner fold and class weighting serves every (rounds, scale) candidate
+    candidates = [(a, r, s) for a in class_weight_powers for r in rounds for s in emission_scales]
     stages = {c: [None] * len(nights) for c in candidates}
     posts = {c: [None] * len(nights) for c in candidates}
     for g in range(inner_folds):
@@ -317,28 +325,36 @@ def fit_tuned(
         held = [i for i in range(len(nights)) if group[i] == g]
         if not held or not train:
             continue
-        base = fit_params(
-            [nights[i] for i in train],
-            hypnograms,
-            [features[i] for i in train],
-            n_rounds=max(rounds),
-            **tree_options,
-        )
-        for r, s in candidates:
-            n = r * sleep.N_STAGES
-            trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
-            params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
-            for i in held:
-                stages[r, s][i], posts[r, s][i] = stage_with_posterior(nights[i], params)
+        for a in class_weight_powers:
+            base = fit_params(
+                [nights[i] for i in train],
+                hypnograms,
+                [features[i] for i in train],
+                n_rounds=max(rounds),
+                class_weight_power=a,
+                **tree_options,
+            )
+            for r in rounds:
+                n = r * sleep.N_STAGES
+                trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
+                for s in emission_scales:
+                    params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
+                    for i in held:
+                        stages[a, r, s][i], posts[a, r, s][i] = stage_with_posterior(nights[i], params)
     y = np.concatenate([n.stage for n in nights])
     inner = {c: mean_kappa(y, np.concatenate(stages[c])) for c in candidates}
     best = max(candidates, key=lambda c: (inner[c], -candidates.index(c)))
     scale, bias = fit_calibration(np.concatenate(posts[best]), y)
-    out = fit_params(nights, hypnograms, features, emission_scale=best[1], n_rounds=best[0], **tree_options)
+    a, r, s = best
+    out = fit_params(
+        nights, hypnograms, features, emission_scale=s, n_rounds=r, class_weight_power=a, **tree_options
+    )
     out["calibration"] = {"scale": scale, "bias": bias.tolist()}
     out["tuning"] = {
         "inner_folds": inner_folds,
-        "inner_mean_kappa": {f"rounds={r} scale={s}": inner[r, s] for r, s in candidates},
+        "inner_mean_kappa": {
+            f"weight_power={a} rounds={r} scale={s}": inner[a, r, s] for a, r, s in candidates
+        },
     }
     return out
 
