@@ -280,6 +280,40 @@ def test_fitted_trees_learn_a_toy_rule_and_the_kernel_reads_them():
     assert set(feature[: sleep.N_STAGES, 0].tolist()) <= {0, 3}  # first round: roots split on the rule
 
 
+def test_fit_calibration_recovers_a_known_vector_scaling():
+    """Posteriors that are softmax(log p / 0.4 - b) of the true probabilities p: the fit undoes it."""
+    from scripts.fit_sleep import fit_calibration
+
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.full(sleep.N_STAGES, 0.7), size=20000)
+    y = np.array([rng.choice(sleep.N_STAGES, p=row) for row in p])
+    b = np.array([0.0, 0.8, -0.3, 0.4])
+    post = sleep.calibrate(p, 1 / 0.4, -b / 0.4)
+    scale, bias = fit_calibration(post, y)
+    assert scale == pytest.approx(0.4, abs=0.03)
+    np.testing.assert_allclose(bias, b, atol=0.08)
+
+
+def test_pooled_confusions_collapse_and_bootstrap_as_the_scores_do():
+    """The bench's per-night 4-class confusions, collapsed to 3 and 2 classes, give the κ that scores()
+    computes from labels; the bootstrap interval holds the pooled κ and is reproducible."""
+    from bench.accuracy_sleep import bootstrap_kappa, collapse, kappa_batch, scores
+    from scripts.fit_sleep import confusion
+
+    rng = np.random.default_rng(2)
+    truth = [rng.integers(0, 4, 300) for _ in range(8)]
+    pred = [np.where(rng.random(t.size) < 0.6, t, rng.integers(0, 4, t.size)) for t in truth]
+    m4 = np.array([confusion(t, q, 4) for t, q in zip(truth, pred, strict=True)])
+    pooled = scores(np.concatenate(truth), np.concatenate(pred))
+    for name in ("4class", "3class", "sleepwake"):
+        assert collapse(m4.sum(axis=0), name).tolist() == pooled[name]["confusion"]
+        assert kappa_batch(collapse(m4.sum(axis=0), name)) == pytest.approx(pooled[name]["kappa"], rel=1e-12)
+    ci = bootstrap_kappa(m4)
+    assert ci == bootstrap_kappa(m4)
+    for name, (lo, hi) in ci.items():
+        assert lo <= pooled[name]["kappa"] <= hi
+
+
 # --- real data ---------------------------------------------------------------------------------------
 @pytest.mark.skipif(not HAVE_DATA, reason=f"Sleep-Accel nights not found under {DATA} (set BANDGATE_DATA)")
 @pytest.mark.slow
