@@ -169,6 +169,16 @@ def _accuracy_figures() -> dict:
         "hgb_kappa_4class",  # the HistGradientBoosting baseline in the same folds, beside ours
         "hgb_kappa_3class",
         "hgb_kappa_sleepwake",
+        # 95 % bootstrap intervals over nights of the kappas above (issue 15, item 5)
+        *(
+            f"{who}_kappa_{c}_ci_{end}"
+            for who in ("sleep", "hgb")
+            for c in ("4class", "3class", "sleepwake")
+            for end in ("low", "high")
+        ),
+        "sleep_tst_abs_err_min",  # night level over the 21 nights, LOSO stages
+        "sleep_tst_bias_min",
+        "sleep_waso_abs_err_min",
         "steps_error_pct",
         "sleep_psg_coverage",  # sleep period detection (bench/accuracy_periods.py)
         "sleep_shifted_coverage",  # simulator only

@@ -28,37 +28,43 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from decoder import sleep  # noqa: E402
-from scripts.fit_sleep import data_dir, fit_params, load_hypnograms, load_nights  # noqa: E402
+from scripts.fit_sleep import (  # noqa: E402
+    CLASS_SETS,
+    confusion,
+    data_dir,
+    fit_tuned,
+    kappa,
+    load_hypnograms,
+    load_nights,
+    stage_with_posterior,
+)
 
-# class sets: name → (map from 4-class stage, label names)
-CLASS_SETS = {
-    "4class": (np.array([0, 1, 2, 3]), ("wake", "light", "deep", "rem")),
-    "3class": (np.array([0, 1, 1, 2]), ("wake", "nrem", "rem")),
-    "sleepwake": (np.array([0, 1, 1, 1]), ("wake", "sleep")),
-}
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
-    """Rows = truth, columns = prediction."""
-    m = np.zeros((k, k), dtype=np.int64)
-    np.add.at(m, (y_true, y_pred), 1)
-    return m
-
-
-def kappa(m: np.ndarray) -> float:
-    """Cohen's κ of a confusion matrix (0 when chance agreement is total)."""
-    n = m.sum()
-    if n == 0:
-        return float("nan")
-    po = np.trace(m) / n
-    pe = (m.sum(axis=0) @ m.sum(axis=1)) / (n * n)
-    return float((po - pe) / (1 - pe)) if pe < 1 else 0.0
+BOOTSTRAP_RESAMPLES = 2000  # resamples of nights for the κ intervals
+BOOTSTRAP_SEED = 0
+CALIBRATION_BINS = 10  # equal-width bins of predicted probability for ECE and the reliability diagram
+FOLD_TOLERANCE = 1e-9  # relative: what tests/test_accuracy_json.py allows between a fold and its record
 
 
 def f1_per_class(m: np.ndarray) -> np.ndarray:
     tp = np.diag(m).astype(np.float64)
     denom = m.sum(axis=0) + m.sum(axis=1)
     return np.divide(2 * tp, denom, out=np.full(tp.shape, np.nan), where=denom > 0)
+
+
+def collapse(m4: np.ndarray, name: str) -> np.ndarray:
+    """A 4-class confusion matrix (…, 4, 4) summed into the class set `name`."""
+    mapping, labels = CLASS_SETS[name]
+    onehot = np.eye(len(labels), dtype=np.int64)[mapping]  # (4, k)
+    return np.einsum("ia,...ij,jb->...ab", onehot, np.asarray(m4), onehot)
+
+
+def kappa_batch(m: np.ndarray) -> np.ndarray:
+    """Cohen's κ of a stack of confusion matrices (…, k, k)."""
+    m = np.asarray(m, dtype=np.float64)
+    n = m.sum(axis=(-2, -1))
+    po = np.trace(m, axis1=-2, axis2=-1) / n
+    pe = np.einsum("...i,...i->...", m.sum(axis=-2), m.sum(axis=-1)) / (n * n)
+    return (po - pe) / (1 - pe)
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -75,6 +81,31 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     return out
 
 
+def bootstrap_kappa(confusions: np.ndarray, seed: int = BOOTSTRAP_SEED) -> dict:
+    """95 % percentile intervals of the pooled κ per class set, resampling nights with replacement:
+    `confusions` is (nights, 4, 4), one 4-class confusion per night; each resample sums its nights'."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(confusions), (BOOTSTRAP_RESAMPLES, len(confusions)))
+    pooled = np.asarray(confusions)[idx].sum(axis=1)
+    out = {}
+    for name in CLASS_SETS:
+        k = kappa_batch(collapse(pooled, name))
+        out[name] = (float(np.percentile(k, 2.5)), float(np.percentile(k, 97.5)))
+    return out
+
+
+def expected_calibration_error(prob: np.ndarray, y: np.ndarray, bins: int = CALIBRATION_BINS) -> list[float]:
+    """Per class, one-vs-rest: Σ_b n_b/N · |mean predicted − observed frequency| over equal-width bins."""
+    out = []
+    for c in range(prob.shape[1]):
+        p, hit = prob[:, c], (y == c).astype(np.float64)
+        b = np.minimum((p * bins).astype(np.int64), bins - 1)
+        n = np.bincount(b, minlength=bins)
+        gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, hit, bins))
+        out.append(float(gap.sum() / p.size) if n.sum() else float("nan"))
+    return out
+
+
 def _hgb_predict(X_train, y_train, X_test):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -83,41 +114,81 @@ def _hgb_predict(X_train, y_train, X_test):
     return clf.predict(X_test).astype(np.int64)
 
 
-def evaluate(data_dir_: str | Path | None = None, baseline: bool = True, **fit_options) -> dict:
-    """LOSO evaluation; pooled κ under `sleep_kappa_4class` / `_3class` / `_sleepwake` (and `hgb_…`)."""
+def have_baseline() -> bool:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load(data_dir_: str | Path | None = None):
+    """(nights, hypnograms, features per night) of the shared data; FileNotFoundError without it."""
     root = data_dir(None if data_dir_ is None else str(data_dir_))
     nights = load_nights(root)
     if not nights:
         raise FileNotFoundError(f"no nights under {root}/sleep/epochs")
-    hyp = load_hypnograms(root)
     feats = [sleep.night_features(n.time_s, n.hr_bpm, n.counts) for n in nights]
+    return nights, load_hypnograms(root), feats
+
+
+def evaluate_fold(nights, hyp, feats, i: int, baseline: bool = True, **fit_options) -> tuple[dict, dict]:
+    """One LOSO fold: everything tuned and fitted without night `i`, then night `i` scored.
+
+    Returns (record, arrays): the record is what bench/accuracy.json keeps per fold (JSON numbers, the
+    staleness test recomputes it); arrays hold the stages and probabilities for pooled figures."""
+    night = nights[i]
+    train = [n for j, n in enumerate(nights) if j != i]
+    train_f = [f for j, f in enumerate(feats) if j != i]
+    fitted = fit_tuned(train, hyp, features=train_f, **fit_options)
+    params = sleep.SleepParams.from_dict(fitted)
+    pred, post = stage_with_posterior(night, params)
+    prob = sleep.calibrate(post, params.calibration_scale, params.calibration_bias)
+    ours, psg = sleep.summarize_night(pred), sleep.summarize_night(night.stage)
+    m4 = confusion(night.stage, pred, sleep.N_STAGES)
+    record = {
+        "epochs": int(night.stage.size),
+        "emission_scale": fitted["emission_scale"],
+        "boosting_rounds": len(fitted["tree_feature"]) // sleep.N_STAGES,
+        "calibration": fitted["calibration"],
+        "confusion_4class": m4.tolist(),
+        **{f"kappa_{name}": kappa(collapse(m4, name)) for name in CLASS_SETS},
+        "tst_err_min": ours["total_sleep_min"] - psg["total_sleep_min"],
+        "waso_err_min": ours["waso_min"] - psg["waso_min"],
+        "log_loss": float(-np.mean(np.log(np.maximum(prob[np.arange(pred.size), night.stage], 1e-300)))),
+    }
+    arrays = {"pred": pred, "post": post, "prob": prob}
     if baseline:
-        try:
-            import sklearn  # noqa: F401
-        except ImportError:
-            baseline = False
-    preds, base_preds, per_night = [], [], []
+        bp = _hgb_predict(np.concatenate(train_f), np.concatenate([n.stage for n in train]), feats[i])
+        record["hgb_confusion_4class"] = confusion(night.stage, bp, sleep.N_STAGES).tolist()
+        arrays["hgb"] = bp
+    return record, arrays
+
+
+def evaluate(data_dir_: str | Path | None = None, baseline: bool = True, **fit_options) -> dict:
+    """LOSO evaluation: pooled κ under `sleep_kappa_4class` / `_3class` / `_sleepwake` with bootstrap
+    intervals (`…_ci_low` / `…_ci_high`), `hgb_…` the baseline in the same folds, night-level TST and
+    WASO errors, calibration errors, and `sleep_folds` (one record per held-out subject)."""
+    nights, hyp, feats = load(data_dir_)
+    baseline = baseline and have_baseline()
+    folds, arrays, per_night = {}, [], []
     for i, night in enumerate(nights):
-        train = [n for j, n in enumerate(nights) if j != i]
-        train_f = [f for j, f in enumerate(feats) if j != i]
-        params = sleep.SleepParams.from_dict(fit_params(train, hyp, features=train_f, **fit_options))
-        pred = sleep.stage_night(night.time_s, night.hr_bpm, night.counts, params).astype(np.int64)
-        preds.append(pred)
+        record, arr = evaluate_fold(nights, hyp, feats, i, baseline, **fit_options)
+        folds[night.subject] = record
+        arrays.append(arr)
         row = {
             "subject": night.subject,
             "epochs": int(night.stage.size),
             "hr_valid_frac": float(np.mean(np.r_[True, np.diff(night.hr_bpm) != 0])),
-            "ours": scores(night.stage, pred),
-            "summary": sleep.summarize_night(pred),
+            "ours": scores(night.stage, arr["pred"]),
+            "summary": sleep.summarize_night(arr["pred"]),
             "summary_psg": sleep.summarize_night(night.stage),
         }
         if baseline:
-            bp = _hgb_predict(np.concatenate(train_f), np.concatenate([n.stage for n in train]), feats[i])
-            base_preds.append(bp)
-            row["hgb"] = scores(night.stage, bp)
+            row["hgb"] = scores(night.stage, arr["hgb"])
         per_night.append(row)
     y = np.concatenate([n.stage for n in nights])
-    pooled = scores(y, np.concatenate(preds))
+    pooled = scores(y, np.concatenate([a["pred"] for a in arrays]))
     result = {
         "lag_epochs": sleep.LAG_EPOCHS,
         "lag_minutes": sleep.LAG_EPOCHS * sleep.EPOCH_S / 60,
@@ -126,24 +197,79 @@ def evaluate(data_dir_: str | Path | None = None, baseline: bool = True, **fit_o
         "pooled": pooled,
         "per_night": per_night,
         "fit_options": fit_options,
+        "sleep_folds": folds,
     }
+    ci = bootstrap_kappa(np.array([f["confusion_4class"] for f in folds.values()]))
     for name in CLASS_SETS:
         result[f"sleep_kappa_{name}"] = pooled[name]["kappa"]
+        result[f"sleep_kappa_{name}_ci_low"], result[f"sleep_kappa_{name}_ci_high"] = ci[name]
         result[f"sleep_accuracy_{name}"] = pooled[name]["accuracy"]
         result[f"sleep_kappa_{name}_night_mean"] = float(
             np.mean([r["ours"][name]["kappa"] for r in per_night])
         )
+    tst = np.array([f["tst_err_min"] for f in folds.values()])
+    waso = np.array([f["waso_err_min"] for f in folds.values()])
+    result["sleep_tst_abs_err_min"] = float(np.median(np.abs(tst)))
+    result["sleep_tst_bias_min"] = float(np.mean(tst))
+    result["sleep_waso_abs_err_min"] = float(np.median(np.abs(waso)))
+    result["sleep_waso_bias_min"] = float(np.mean(waso))
+    post = np.concatenate([a["post"] for a in arrays])
+    prob = np.concatenate([a["prob"] for a in arrays])
+    result["sleep_ece_raw"] = dict(zip(sleep.STAGE_NAMES, expected_calibration_error(post, y), strict=True))
+    result["sleep_ece"] = dict(zip(sleep.STAGE_NAMES, expected_calibration_error(prob, y), strict=True))
+    result["sleep_emission_scales"] = sorted({f["emission_scale"] for f in folds.values()})
     if baseline:
-        pooled_b = scores(y, np.concatenate(base_preds))
+        pooled_b = scores(y, np.concatenate([a["hgb"] for a in arrays]))
+        ci_b = bootstrap_kappa(np.array([f["hgb_confusion_4class"] for f in folds.values()]))
         result["hgb_pooled"] = pooled_b
         for name in CLASS_SETS:
             result[f"hgb_kappa_{name}"] = pooled_b[name]["kappa"]
+            result[f"hgb_kappa_{name}_ci_low"], result[f"hgb_kappa_{name}_ci_high"] = ci_b[name]
             result[f"hgb_accuracy_{name}"] = pooled_b[name]["accuracy"]
             result[f"hgb_kappa_{name}_night_mean"] = float(
                 np.mean([r["hgb"][name]["kappa"] for r in per_night])
             )
-    result["_predictions"] = {n.subject: p for n, p in zip(nights, preds, strict=True)}
+    result["_predictions"] = {n.subject: a["pred"] for n, a in zip(nights, arrays, strict=True)}
+    result["_calibration"] = {"y": y, "post": post, "prob": prob}
     return result
+
+
+def plot_calibration(result: dict, path: str | Path) -> bool:
+    """Reliability diagram per stage, before and after calibration (LOSO test epochs); False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cal = result["_calibration"]
+    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+    fig, axes = plt.subplots(1, sleep.N_STAGES, figsize=(12, 3.4), sharey=True)
+    for c, ax in enumerate(axes):
+        hit = cal["y"] == c
+        for key, label, style in (("post", "smoothed posterior", "o--"), ("prob", "calibrated", "s-")):
+            p = cal[key][:, c]
+            b = np.minimum((p * CALIBRATION_BINS).astype(np.int64), CALIBRATION_BINS - 1)
+            n = np.bincount(b, minlength=CALIBRATION_BINS)
+            ok = n >= 20
+            mean_p = np.bincount(b, p, CALIBRATION_BINS)[ok] / n[ok]
+            freq = np.bincount(b, hit, CALIBRATION_BINS)[ok] / n[ok]
+            ece = result["sleep_ece_raw" if key == "post" else "sleep_ece"][sleep.STAGE_NAMES[c]]
+            ax.plot(mean_p, freq, style, ms=4, label=f"{label} (ECE {ece:.3f})")
+        ax.plot(edges[[0, -1]], edges[[0, -1]], color="grey", lw=0.8)
+        ax.set_title(sleep.STAGE_NAMES[c], fontsize=10)
+        ax.set_xlabel("predicted probability")
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("observed frequency")
+    fig.suptitle(
+        "Reliability per stage, leave-one-subject-out test epochs (bins with ≥ 20 epochs)", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def plot_night(result: dict, data_dir_: str | Path | None, subject: str, path: str | Path) -> bool:
@@ -187,6 +313,22 @@ def _print(result: dict) -> None:
             f"{result.get(f'hgb_accuracy_{name}', float('nan')):9.3f}"
             f"{result[f'sleep_kappa_{name}_night_mean']:14.3f}"
         )
+    for name in CLASS_SETS:
+        lo, hi = result[f"sleep_kappa_{name}_ci_low"], result[f"sleep_kappa_{name}_ci_high"]
+        line = f"  κ {name} 95 % CI (nights) ours [{lo:.3f}, {hi:.3f}]"
+        if f"hgb_kappa_{name}_ci_low" in result:
+            line += (
+                f"  HGB [{result[f'hgb_kappa_{name}_ci_low']:.3f}, {result[f'hgb_kappa_{name}_ci_high']:.3f}]"
+            )
+        print(line)
+    print(
+        f"nights: median |TST err| {result['sleep_tst_abs_err_min']:.1f} min, TST bias "
+        f"{result['sleep_tst_bias_min']:+.1f} min, median |WASO err| "
+        f"{result['sleep_waso_abs_err_min']:.1f} min"
+    )
+    print("ECE raw:", {k: round(v, 4) for k, v in result["sleep_ece_raw"].items()})
+    print("ECE calibrated:", {k: round(v, 4) for k, v in result["sleep_ece"].items()})
+    print("emission scales chosen in the folds:", result["sleep_emission_scales"])
     p = result["pooled"]["4class"]
     print("F1 4-class:", {k: round(v, 3) for k, v in p["f1"].items()})
     if "hgb_pooled" in result:
@@ -210,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the full result here")
     ap.add_argument("--plot", help="PNG of one night's hypnogram vs PSG")
     ap.add_argument("--plot-subject", default="1360686")
+    ap.add_argument("--calibration-plot", help="PNG of the reliability diagram")
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args(argv)
     result = evaluate(args.data, baseline=not args.no_baseline)
@@ -220,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         ok = plot_night(result, args.data, args.plot_subject, args.plot)
         print(f"plot → {args.plot}" if ok else "matplotlib not installed: no plot")
+    if args.calibration_plot:
+        ok = plot_calibration(result, args.calibration_plot)
+        print(f"plot → {args.calibration_plot}" if ok else "matplotlib not installed: no plot")
     return 0
 
 

@@ -31,13 +31,13 @@ from decoder.records import device_key
 
 STATE_VERSION = 2  # 2: zstd-compressed
 ALGO = {
-    "steps": "steps/1",
+    "steps": "steps/2",  # 2: bout-edge share and stride agreement (issue 15)
     "activity": "activity/1",
     "wear": "activity/1",
     "heart": "heart/1",
     "day": "heart/1",
-    "sleep": "sleep/1",
-    "night": "sleep/1",
+    "sleep": "sleep/2",  # 2: detected sleep periods, stage probabilities (issue 15)
+    "night": "sleep/2",
     "distance": "distance/1",
 }
 # An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
@@ -545,12 +545,23 @@ def _wake_records(device: str, epoch_us: np.ndarray) -> list[dict]:
 
 
 def _staged_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[dict]:
+    """Staged epochs of a sleep period: the stage, the calibrated stage probabilities (3 decimals, summing
+    to 1) and the period (its start, µs)."""
     first = int(fam["period_us"])
+    prob = sleep.stage_probabilities(staged.posterior).tolist()
     return [
         _record(
-            "sleep", device, first + int(k) * 30_000_000, 30, {"stage": STAGE_NAMES[int(st)], "period": first}
+            "sleep",
+            device,
+            first + int(k) * 30_000_000,
+            30,
+            {
+                "stage": STAGE_NAMES[int(st)],
+                **dict(zip(sleep.PROBABILITY_FIELDS, p, strict=True)),
+                "period": first,
+            },
         )
-        for k, st in zip(staged.epoch.tolist(), staged.stage.tolist(), strict=True)
+        for k, st, p in zip(staged.epoch.tolist(), staged.stage.tolist(), prob, strict=True)
     ]
 
 

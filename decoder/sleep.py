@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -535,6 +535,10 @@ class SleepParams:
     log_a: np.ndarray  # (N_STAGES, N_STAGES) log transition matrix, rows = from
     log_pi: np.ndarray  # (N_STAGES,) log initial distribution
     emission_scale: float  # < 1 tempers emissions of overlapping feature windows
+    # Calibration of the smoothed posterior into the probabilities the records carry (vector scaling,
+    # Guo et al. 2017): p ∝ exp(calibration_scale · log posterior + calibration_bias). Identity by default.
+    calibration_scale: float = 1.0
+    calibration_bias: np.ndarray = field(default_factory=lambda: np.zeros(N_STAGES))
 
     @property
     def model(self) -> tuple:
@@ -565,6 +569,13 @@ class SleepParams:
             log_pi=np.log(f(d["initial"], dtype=np.float64)),
             emission_scale=float(d["emission_scale"]),
         )
+        cal = d.get("calibration")  # absent in files fitted before probabilities were published: identity
+        if cal is not None:
+            p = cls(
+                **{k: getattr(p, k) for k in p.__dataclass_fields__ if not k.startswith("calibration")},
+                calibration_scale=float(cal["scale"]),
+                calibration_bias=f(cal["bias"], dtype=np.float64),
+            )
         p.validate()
         return p
 
@@ -577,6 +588,7 @@ class SleepParams:
             or (n_int + 1) & n_int  # leaves must be a power of two
             or self.log_a.shape != (N_STAGES, N_STAGES)
             or self.log_pi.shape != (N_STAGES,)
+            or np.shape(self.calibration_bias) != (N_STAGES,)
         ):
             raise ValueError("sleep params have the wrong shapes")
         if n_trees and not ((self.tree_feature >= 0) & (self.tree_feature < N_FEATURES)).all():
@@ -667,6 +679,39 @@ def stage_epochs(
         features=out_feat[:n_f].copy(),
         feature_epoch=np.arange(first_feat, first_feat + n_f, dtype=np.int64),
     )
+
+
+PROBABILITY_DIGITS = 3  # decimals of the stage probabilities in the sleep records
+PROBABILITY_FIELDS = tuple(f"p_{name}" for name in STAGE_NAMES)  # their names in the records
+
+
+def calibrate(posterior: np.ndarray, scale: float, bias: np.ndarray) -> np.ndarray:
+    """(n, N_STAGES) probabilities from smoothed posteriors: softmax(scale · log posterior + bias)."""
+    logp = np.log(np.maximum(np.asarray(posterior, dtype=np.float64), 1e-300))
+    z = scale * logp + np.asarray(bias, dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def stage_probabilities(posterior: np.ndarray, params: SleepParams | None = None) -> np.ndarray:
+    """Calibrated stage probabilities (wake, light, deep, REM) of `StagedEpochs.posterior`, rounded to
+    PROBABILITY_DIGITS decimals so that each row sums to exactly 1 in those units.
+
+    The stage is the stager's decision from the uncalibrated posterior (class-balanced, which is what
+    maximises κ); these are calibrated frequencies, so the most probable stage can differ from it.
+    """
+    p = load_params() if params is None else params
+    prob = calibrate(posterior, p.calibration_scale, p.calibration_bias)
+    unit = 10**PROBABILITY_DIGITS
+    scaled = prob * unit
+    q = np.floor(scaled).astype(np.int64)
+    # largest remainders take the units the floors left over, so the row sums to `unit`
+    short = unit - q.sum(axis=1)
+    order = np.argsort(-(scaled - q), axis=1, kind="stable")
+    for r in np.flatnonzero(short):
+        q[r, order[r, : short[r]]] += 1
+    return q / unit
 
 
 def stage_night(

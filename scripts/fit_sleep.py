@@ -39,6 +39,20 @@ N_BINS = 64  # candidate thresholds per feature: the training features' 1/64 …
 EMISSION_SCALE = 0.3  # overlapping feature windows make successive emissions dependent: temper them
 TRANSITION_PSEUDO = 1.0  # Laplace counts per transition
 INITIAL_PSEUDO = 1.0
+# Tuned inside every fit, from the nights it is given only (so nested inside the LOSO folds): the emission
+# scale by grouped inner cross-validation over subjects, and the probability calibration on the inner
+# out-of-fold posteriors at that scale.
+EMISSION_SCALES = (0.1, 0.15, 0.2, 0.3, 0.5)
+BOOSTING_ROUNDS = (20, 40, 80)  # candidate numbers of rounds (prefixes of one fit)
+CLASS_WEIGHT_POWERS = (1.0,)  # candidate α of class weights ∝ (1/count)^α (1 = balanced); a fit each
+INNER_FOLDS = 3  # subject i (sorted) is held out in inner fold i % INNER_FOLDS
+
+# class sets: name → (map from 4-class stage, label names)
+CLASS_SETS = {
+    "4class": (np.array([0, 1, 2, 3]), ("wake", "light", "deep", "rem")),
+    "3class": (np.array([0, 1, 1, 2]), ("wake", "nrem", "rem")),
+    "sleepwake": (np.array([0, 1, 1, 1]), ("wake", "sleep")),
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ def fit_trees(
     leaf_l2: float = LEAF_L2,
     min_child_hessian: float = MIN_CHILD_HESSIAN,
     n_bins: int = N_BINS,
+    class_weight_power: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-balanced gradient-boosted trees for the multiclass log-loss, in the kernel's layout:
     (tree_feature, tree_threshold, tree_value), tree i scoring stage i % N_STAGES (sleep._tree_scores).
@@ -111,7 +126,7 @@ def fit_trees(
     n, n_feat = X.shape
     k = sleep.N_STAGES
     counts = np.bincount(y, minlength=k).astype(np.float64)
-    w_class = np.where(counts > 0, n / (k * np.maximum(counts, 1)), 0.0)
+    w_class = np.where(counts > 0, (n / (k * np.maximum(counts, 1))) ** class_weight_power, 0.0)
     sw = w_class[y]
     onehot = np.zeros((n, k))
     onehot[np.arange(n), y] = 1.0
@@ -152,6 +167,11 @@ def fit_trees(
                     v = -learning_rate * g[rows].sum() / (h[rows].sum() + leaf_l2)
                     value[tree, leaf] = v
                     F[rows, c] += v
+    if class_weight_power != 1.0:
+        # weights ∝ prior^-α make softmax(scores) ∝ p(stage | x)·prior^-α, so the likelihood the HMM needs
+        # is scores - (1-α)·log prior: a constant per stage, added to every leaf of its first tree
+        prior = np.maximum(counts, 1) / n
+        value[:k] -= (1.0 - class_weight_power) * np.log(prior)[:, None]
     return feature, threshold, value
 
 
@@ -224,6 +244,121 @@ def fit_params(
     }
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """Rows = truth, columns = prediction."""
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (y_true, y_pred), 1)
+    return m
+
+
+def kappa(m: np.ndarray) -> float:
+    """Cohen's κ of a confusion matrix (0 when chance agreement is total)."""
+    n = m.sum()
+    if n == 0:
+        return float("nan")
+    po = np.trace(m) / n
+    pe = (m.sum(axis=0) @ m.sum(axis=1)) / (n * n)
+    return float((po - pe) / (1 - pe)) if pe < 1 else 0.0
+
+
+def mean_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The tuning criterion: the mean of the 4-class, 3-class and sleep/wake κ (all three are targets)."""
+    return float(
+        np.mean([kappa(confusion(m[y_true], m[y_pred], len(lab))) for m, lab in CLASS_SETS.values()])
+    )
+
+
+def fit_calibration(posterior: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(scale, bias) of vector scaling (Guo et al. 2017) minimising the log-loss of
+    softmax(scale · log posterior + bias) on held-out posteriors; bias[WAKE] fixed at 0."""
+    from scipy.optimize import minimize
+
+    logp = np.log(np.maximum(posterior, 1e-300))
+    n = y.size
+
+    def loss(theta):
+        z = theta[0] * logp + np.r_[0.0, theta[1:]]
+        z -= z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float(np.mean(lse - z[np.arange(n), y]))
+
+    res = minimize(
+        loss,
+        np.r_[1.0, np.zeros(sleep.N_STAGES - 1)],
+        method="Nelder-Mead",
+        options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000},
+    )
+    return float(res.x[0]), np.r_[0.0, res.x[1:]]
+
+
+def stage_with_posterior(night: Night, params: sleep.SleepParams) -> tuple[np.ndarray, np.ndarray]:
+    """(stage int64, smoothed posterior) of a whole night through the streaming kernel."""
+    res = sleep.stage_epochs(night.time_s, night.hr_bpm, night.counts, sleep.SleepState.new(), params, True)
+    return res.stage.astype(np.int64), res.posterior
+
+
+def fit_tuned(
+    nights: list[Night],
+    hypnograms: dict[str, np.ndarray] | None = None,
+    features: list[np.ndarray] | None = None,
+    emission_scales: tuple[float, ...] = EMISSION_SCALES,
+    inner_folds: int = INNER_FOLDS,
+    rounds: tuple[int, ...] = BOOSTING_ROUNDS,
+    class_weight_powers: tuple[float, ...] = CLASS_WEIGHT_POWERS,
+    **tree_options,
+) -> dict:
+    """`fit_params` with its tuning choices made from `nights` alone: the boosting rounds and emission
+    scale that maximise the mean κ over grouped inner folds (ties: the first candidate), and the
+    calibration fitted on the inner folds' out-of-fold posteriors at that choice. What the LOSO
+    benchmark fits in every fold and what the shipped file is."""
+    if features is None:
+        features = [sleep.night_features(n.time_s, n.hr_bpm, n.counts) for n in nights]
+    order = sorted(range(len(nights)), key=lambda i: nights[i].subject)
+    group = {i: r % inner_folds for r, i in enumerate(order)}
+    # boosting is additive, so the model after r rounds is the first r·N_STAGES trees of a longer fit:
+    # one fit per inner fold and class weighting serves every (rounds, scale) candidate
+    candidates = [(a, r, s) for a in class_weight_powers for r in rounds for s in emission_scales]
+    stages = {c: [None] * len(nights) for c in candidates}
+    posts = {c: [None] * len(nights) for c in candidates}
+    for g in range(inner_folds):
+        train = [i for i in range(len(nights)) if group[i] != g]
+        held = [i for i in range(len(nights)) if group[i] == g]
+        if not held or not train:
+            continue
+        for a in class_weight_powers:
+            base = fit_params(
+                [nights[i] for i in train],
+                hypnograms,
+                [features[i] for i in train],
+                n_rounds=max(rounds),
+                class_weight_power=a,
+                **tree_options,
+            )
+            for r in rounds:
+                n = r * sleep.N_STAGES
+                trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
+                for s in emission_scales:
+                    params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
+                    for i in held:
+                        stages[a, r, s][i], posts[a, r, s][i] = stage_with_posterior(nights[i], params)
+    y = np.concatenate([n.stage for n in nights])
+    inner = {c: mean_kappa(y, np.concatenate(stages[c])) for c in candidates}
+    best = max(candidates, key=lambda c: (inner[c], -candidates.index(c)))
+    scale, bias = fit_calibration(np.concatenate(posts[best]), y)
+    a, r, s = best
+    out = fit_params(
+        nights, hypnograms, features, emission_scale=s, n_rounds=r, class_weight_power=a, **tree_options
+    )
+    out["calibration"] = {"scale": scale, "bias": bias.tolist()}
+    out["tuning"] = {
+        "inner_folds": inner_folds,
+        "inner_mean_kappa": {
+            f"weight_power={a} rounds={r} scale={s}": inner[a, r, s] for a, r, s in candidates
+        },
+    }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="data folder (default $BANDGATE_DATA or ../shared/data)")
@@ -234,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not nights:
         print(f"no nights under {root}/sleep/epochs", file=sys.stderr)
         return 1
-    params = fit_params(nights, load_hypnograms(root))
+    params = fit_tuned(nights, load_hypnograms(root))
     Path(args.out).write_text(json.dumps(params, indent=1) + "\n")
     print(f"fitted on {len(nights)} nights → {args.out}")
     return 0

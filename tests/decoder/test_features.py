@@ -201,6 +201,12 @@ def test_sleep_period_is_detected_staged_and_split_invariant() -> None:
     sleep_records = [r for r in one if r["family"] == "sleep"]
     activity_epochs = {r["start_us"] for r in one if r["family"] == "activity"}
     assert {r["start_us"] for r in sleep_records} >= activity_epochs - {max(activity_epochs)}
+    for r in sleep_records:  # staged epochs: calibrated stage probabilities, 3 decimals, summing to 1
+        if "period" not in r["values"]:
+            assert not any(f in r["values"] for f in ("p_wake", "p_light", "p_deep", "p_rem"))
+            continue
+        p = [r["values"][f] for f in ("p_wake", "p_light", "p_deep", "p_rem")]
+        assert all(0 <= v <= 1 and round(v * 1000) == v * 1000 for v in p) and round(sum(p) * 1000) == 1000
     nights = [r for r in one if r["family"] == "night"]
     assert len(nights) == 1
     night = nights[0]["values"]

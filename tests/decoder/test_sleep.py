@@ -214,6 +214,39 @@ def test_shipped_params_load_and_match_the_kernel():
             sleep.SleepParams.from_dict(other)
 
 
+def test_stage_probabilities_are_calibrated_rounded_rows_summing_to_one():
+    """Vector scaling (softmax(a·log p + b)) with a = 1, b = 0 is the identity; the published rows are
+    thousandths that sum to exactly 1000, each within one thousandth of the calibrated value."""
+    rng = np.random.default_rng(3)
+    post = rng.dirichlet(np.full(sleep.N_STAGES, 0.3), size=500)
+    np.testing.assert_allclose(sleep.calibrate(post, 1.0, np.zeros(4)), post, rtol=1e-12, atol=1e-15)
+    params = sleep.SleepParams(
+        **{
+            k: getattr(sleep.SleepParams.blank(), k) for k in ("tree_feature", "tree_threshold", "tree_value")
+        },
+        log_a=np.zeros((4, 4)),
+        log_pi=np.zeros(4),
+        emission_scale=1.0,
+        calibration_scale=0.5,
+        calibration_bias=np.array([0.0, 1.0, -0.5, 0.2]),
+    )
+    want = np.exp(0.5 * np.log(post) + params.calibration_bias)
+    want /= want.sum(axis=1, keepdims=True)
+    got = sleep.stage_probabilities(post, params)
+    thousandths = np.rint(got * 1000)
+    np.testing.assert_array_equal(thousandths / 1000, got)
+    assert (thousandths.sum(axis=1) == 1000).all()
+    assert np.abs(got - want).max() < 1e-3 + 1e-12
+    assert sleep.stage_probabilities(np.zeros((0, 4)), params).shape == (0, 4)
+
+
+def test_shipped_params_carry_a_calibration():
+    shipped = json.loads(sleep.PARAMS_PATH.read_text())
+    assert set(shipped["calibration"]) == {"scale", "bias"}
+    p = sleep.load_params()
+    assert p.calibration_scale > 0 and p.calibration_bias.shape == (sleep.N_STAGES,)
+
+
 def test_stager_inputs_are_what_the_records_publish():
     """Rounded as `_Layout` rounds a record's value (float32, then half to even); NaN passes."""
     from decoder.features import _round_columns
@@ -245,6 +278,40 @@ def test_fitted_trees_learn_a_toy_rule_and_the_kernel_reads_them():
     log_softmax = scores[:50] - np.log(np.exp(scores[:50]).sum(axis=1, keepdims=True))
     np.testing.assert_allclose(naive.emissions(X[:50], params), log_softmax, atol=1e-9)
     assert set(feature[: sleep.N_STAGES, 0].tolist()) <= {0, 3}  # first round: roots split on the rule
+
+
+def test_fit_calibration_recovers_a_known_vector_scaling():
+    """Posteriors that are softmax(log p / 0.4 - b) of the true probabilities p: the fit undoes it."""
+    from scripts.fit_sleep import fit_calibration
+
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.full(sleep.N_STAGES, 0.7), size=20000)
+    y = np.array([rng.choice(sleep.N_STAGES, p=row) for row in p])
+    b = np.array([0.0, 0.8, -0.3, 0.4])
+    post = sleep.calibrate(p, 1 / 0.4, -b / 0.4)
+    scale, bias = fit_calibration(post, y)
+    assert scale == pytest.approx(0.4, abs=0.03)
+    np.testing.assert_allclose(bias, b, atol=0.08)
+
+
+def test_pooled_confusions_collapse_and_bootstrap_as_the_scores_do():
+    """The bench's per-night 4-class confusions, collapsed to 3 and 2 classes, give the κ that scores()
+    computes from labels; the bootstrap interval holds the pooled κ and is reproducible."""
+    from bench.accuracy_sleep import bootstrap_kappa, collapse, kappa_batch, scores
+    from scripts.fit_sleep import confusion
+
+    rng = np.random.default_rng(2)
+    truth = [rng.integers(0, 4, 300) for _ in range(8)]
+    pred = [np.where(rng.random(t.size) < 0.6, t, rng.integers(0, 4, t.size)) for t in truth]
+    m4 = np.array([confusion(t, q, 4) for t, q in zip(truth, pred, strict=True)])
+    pooled = scores(np.concatenate(truth), np.concatenate(pred))
+    for name in ("4class", "3class", "sleepwake"):
+        assert collapse(m4.sum(axis=0), name).tolist() == pooled[name]["confusion"]
+        assert kappa_batch(collapse(m4.sum(axis=0), name)) == pytest.approx(pooled[name]["kappa"], rel=1e-12)
+    ci = bootstrap_kappa(m4)
+    assert ci == bootstrap_kappa(m4)
+    for name, (lo, hi) in ci.items():
+        assert lo <= pooled[name]["kappa"] <= hi
 
 
 # --- real data ---------------------------------------------------------------------------------------
