@@ -831,11 +831,12 @@ class PostgresStore(Store):
         query = f"WITH {', '.join([*ctes, _UPSERT_BOOTS_AND_DEVICES])} {selects or 'SELECT NULL::bigint'}"
         stored = {c for (c,) in conn.execute(query, params).fetchall()}  # type: ignore[call-overload]
         messages: list[tuple] = []
+        written = {i: (item, rows) for i, item, rows in group if i in firsts}
         for i, (first, end, last_seq) in firsts.items():
             cursors = tuple(c if c in stored else None for c in range(first, end))
             out[i] = CommitResult(duplicate=False, high_water=last_seq, cursors=cursors)
             if packs is not None and i in packs:  # the stream gets what the store got: first versions
-                item, rows = next((it, rs) for j, it, rs in group if j == i)
+                item, rows = written[i]
                 device = device_key(item.device_id)
                 messages += message_rows(device, item.ownership, rows, cursors, packs[i], sealer)
         if messages:
