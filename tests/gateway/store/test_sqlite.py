@@ -432,3 +432,25 @@ def test_record_entries_of_an_older_gateway_drain_after_the_upgrade(
         published = [(r["cursor"], r["start_us"]) for m in messages for r in records_of(m.payload)]
         assert published == [(c, r["start_us"]) for c, r in everything(new)]
         assert new.outbox_done([r.id for r in rows]) == len(rows) and new.outbox_depth() == 0
+
+
+def test_outbox_messages_are_sealed_in_the_file_and_shredded_with_the_key(
+    tmp_path: Path, sealer: KeySealer
+) -> None:
+    """A message row waiting in the outbox holds its records sealed with the device's data key: no value
+    in the file while it waits, and once the key is destroyed the row never opens, so it is dropped at
+    the take and nothing of the device is published."""
+    path = tmp_path / "sealed.db"
+    sentinel = "SENTINEL-9e2f"
+    records = minutes(A, 0, 20)
+    for r in records:
+        r["values"]["tag"] = sentinel
+    with SqliteStore(path, sealer=sealer, outbox=True) as store:
+        store.commit(A, 1, 0, 0, b"a", records)
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+        files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+        assert sentinel.encode() not in files and store.outbox_depth() == 22
+        assert sealer.keys.destroy(device_key(A)) == 1
+        rows = store.outbox_take(10)
+        assert [(r.device, r.records) for r in rows] == [(device_key(B), 2)]
+        assert store.outbox_depth() == 2  # A's message was dropped, not left to block the outbox
