@@ -97,14 +97,22 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "first_time_us": AUDIT,
             "last_time_us": AUDIT,
         },
-        # the feature stream's outbox: names a record by cursor (its values stay in the record, sealed),
-        # or an erased device until its stream subjects are purged
+        # the feature stream's outbox: a message entry holds a batch's records of one family, encoded
+        # and sealed as records are (any family: classed as the most sensitive, as a device's state);
+        # an older gateway's record entry names a record by cursor (its values stay in the record); a
+        # purge entry names an erased device until its stream subjects are purged
         "outbox": {
             "id": SYSTEM,
             "cursor": DEVICE_METADATA,
             "purge_device": IDENTIFIER,
             "taken_us": DEVICE_METADATA,
-            "batch": DEVICE_METADATA,  # the first cursor of the entry's commit: its stream message
+            "batch": DEVICE_METADATA,  # the first cursor of a record entry's commit: its stream message
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "family": DEVICE_METADATA,
+            "start_us": DEVICE_METADATA,  # the message's first record's: with the above, its ID
+            "records": DEVICE_METADATA,
+            "message": HEART,
         },
         # per-device rate limits shared by processes and gateways: a bucket's level, nothing measured
         "device_limits": {
@@ -179,7 +187,6 @@ _POSTGRES_ADDED: Mapping[str, Mapping[str, Mapping[str, str]]] = {
                 ("records_sleep", SLEEP),
             )
         },
-        "outbox": {"device": IDENTIFIER},  # drainers share the outbox out by device
         "outbox_leases": {"device": IDENTIFIER, "holder": SYSTEM, "until_us": DEVICE_METADATA},
     },
     "keys": {"schema_version": {"version": SYSTEM}},
@@ -188,7 +195,8 @@ _POSTGRES_REMOVED: Mapping[str, Mapping[str, frozenset[str]]] = {
     "features": {
         "sqlite_sequence": frozenset({"name", "seq"}),
         "record_cursor": frozenset({"next"}),
-        # a purge entry is an entry whose cursor is NULL; no batch yet (a message a record)
+        # a purge entry is an entry whose cursor and message are NULL; no batch (before message entries,
+        # a PostgreSQL gateway wrote a message a record)
         "outbox": frozenset({"purge_device", "batch"}),
         "records_activity": frozenset({"value"}),
         "records_heart": frozenset({"value"}),

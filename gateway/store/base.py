@@ -103,13 +103,20 @@ class CommitItem:
 
 @dataclass(frozen=True)
 class OutboxRow:
-    """One entry of the transactional outbox (`Store.outbox_take`): a stored record still to be published
-    to the feature stream (`record`, with its `cursor`), or an erased device whose stream messages are
-    still to be purged (`record` None). `taken_us` is when a drainer first took the entry: an entry taken
-    before may have been published already, and only the stream's duplicate window makes its republish
-    harmless (gateway/stream/drainer.py). `batch` names the commit that wrote the entry (the first cursor
-    it inserted; None from a store or a gateway version that does not say): the stream publishes a
-    batch's entries of one family as one message, so a take never splits a batch's entries."""
+    """One entry of the transactional outbox (`Store.outbox_take`), of one of three kinds:
+
+    - a **message** (`message` set): a batch's records of one family, encoded as the stream carries them
+      (gateway/stream/base.py) once at the commit and sealed there, opened here; `family` and
+      `start_us` are its first record's, so its ID (`msg_id`) is fixed in the row, and `records` counts
+      what it holds. What a store writes since schema 9 (SQLite) and 4 (PostgreSQL).
+    - a **record** (`record` set, with its `cursor`): one stored record, written by an older gateway;
+      `batch` names its commit (the first cursor it inserted; None before that), so the stream still
+      publishes a batch's records of a family as one message, and a take never splits a batch.
+    - a **purge** (neither): an erased device whose stream messages are still to be purged.
+
+    `taken_us` is when a drainer first took the entry: an entry taken before may have been published
+    already, and only the stream's duplicate window makes its republish harmless
+    (gateway/stream/drainer.py)."""
 
     id: int
     device: str
@@ -118,9 +125,26 @@ class OutboxRow:
     record: dict | None
     taken_us: int
     batch: int | None = None
+    message: bytes | None = None
+    family: str = ""
+    start_us: int = 0
+    records: int = 0
+
+    @property
+    def is_purge(self) -> bool:
+        return self.record is None and self.message is None
+
+    @property
+    def msg_id(self) -> str:
+        """A message entry's stream message ID, `<device>/<family>/<start_us>/<ownership>`: the key of
+        its first record, as the drainer names a message of record entries."""
+        return f"{self.device}/{self.family}/{self.start_us}/{self.ownership or '-'}"
 
     def __repr__(self) -> str:  # ids only: a record's values stay out of logs
-        kind = f"record {self.cursor}" if self.record is not None else "purge"
+        if self.message is not None:
+            kind = f"message {self.family} {self.start_us} of {self.records}"
+        else:
+            kind = f"record {self.cursor}" if self.record is not None else "purge"
         return f"OutboxRow({self.id}, {kind}, {self.device})"
 
 
@@ -466,9 +490,11 @@ class Store(Protocol):
         ...
 
     # the transactional outbox (gateway/stream): on a store opened with the outbox on, `commit_many`
-    # writes an outbox entry for every record it inserts, in the same transaction, and `erase_device` one
-    # purge entry for the device; the entries name stored records and hold no values of their own, so
-    # erasure and retention take them with their records, and encryption at rest covers them
+    # writes, in the same transaction, a message entry for every batch and family it inserts records of
+    # (the message encoded once, sealed with the device's data key as its records are, so encryption at
+    # rest and crypto-shredding cover it), and `erase_device` deletes the device's entries and writes one
+    # purge entry. Retention takes a message entry whose first record it deletes; record entries (older
+    # gateways') go with their records
 
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """Up to `limit` outbox entries, oldest first, each marked taken (its first `taken_us` is kept).
@@ -476,7 +502,8 @@ class Store(Protocol):
         whose record does not open (a destroyed key) are dropped here, never returned. A drainer holds
         one page at a time: a take ends its previous page. A store several drainers share (PostgreSQL)
         gives each the entries of devices no other has in flight, so a page may pass older entries by.
-        A page ends at the end of a batch (entries sharing `batch`), so it may hold more than `limit`."""
+        A page ends at the end of a batch (record entries sharing `batch`), so it may hold more than
+        `limit`; a message entry is one entry however many records it holds."""
         ...
 
     def outbox_done(self, ids: Sequence[int]) -> int:
@@ -484,7 +511,8 @@ class Store(Protocol):
         ...
 
     def outbox_depth(self) -> int:
-        """How many outbox entries wait: the stream's backlog (a metric)."""
+        """How many records wait in the outbox, a purge entry counting one: the stream's backlog (a
+        metric), the same figure whether the entries are messages or records."""
         ...
 
     # per-device rate limits shared by every process and gateway on this store (gateway/pipeline.Limits)

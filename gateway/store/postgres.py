@@ -90,8 +90,12 @@ from gateway.store.rows import (
     Prepared,
     check_device_id,
     encode,
+    message_rows,
+    open_message,
     open_record,
     outbox_page,
+    pack_record,
+    packed_of,
     rows_of,
     token_decision,
 )
@@ -326,6 +330,27 @@ MIGRATIONS: tuple[Migration, ...] = (
         )
         # expanding: an older gateway keeps its limits per process, as before
     ),
+    Migration(
+        (
+            # A message entry per batch and family (gateway/store/rows.py: message_rows), as SQLite's
+            # migration 9: the stream message encoded once at the commit and sealed with the device's
+            # data key as its records are, with the family and first start_us that, with the device and
+            # ownership, make its ID. A row is a message, so the leases and SKIP LOCKED stay per row and
+            # a PostgreSQL gateway publishes a message a batch and family too. Entries written before
+            # (a record each, cursor set) and purge entries (cursor and message NULL) drain as before.
+            "ALTER TABLE outbox ADD COLUMN ownership text, ADD COLUMN family text, "
+            "ADD COLUMN start_us bigint, ADD COLUMN records integer, ADD COLUMN message bytea",
+            "ALTER TABLE outbox ADD CONSTRAINT outbox_message CHECK (message IS NULL OR (cursor IS NULL "
+            "AND ownership IS NOT NULL AND family IS NOT NULL AND start_us IS NOT NULL AND records > 0))",
+            # erasure deletes a device's message entries, and takes read a held device's entries
+            "CREATE INDEX outbox_device ON outbox (device, id)",
+        ),
+        # contracting: an older gateway's drainer would read a message entry (cursor NULL) as a purge
+        # entry, purge the device's subjects and delete the message; so older gateways refuse to start,
+        # and with the stream on every older gateway stops before the first newer one opens the database
+        # (docs/storage.md). Their record entries are drained by the newer ones.
+        contract=True,
+    ),
 )
 
 _NOW_US = "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
@@ -338,9 +363,17 @@ _INSERT_RECORDS = (
     # in cursor order, so of a key repeated in the group the first is stored, as in SQLite
     "AS u ORDER BY 1 ON CONFLICT (device, family, start_us) DO NOTHING RETURNING cursor, device)"
 )
-# An outbox entry per record inserted (the `r` CTEs return only those), ids in cursor order.
-_INSERT_OUTBOX = (
-    "ob AS (INSERT INTO outbox (device, cursor) SELECT device, cursor FROM ({inserted}) AS n ORDER BY cursor)"
+# The message entries of a group's commits (rows.message_rows), ids in the order given (commit order).
+_INSERT_MESSAGES = (
+    "INSERT INTO outbox (device, ownership, family, start_us, records, message) "
+    "SELECT device, ownership, family, start_us, records, message FROM unnest(%s::text[], %s::text[], "
+    "%s::text[], %s::bigint[], %s::integer[], %s::bytea[]) WITH ORDINALITY "
+    "AS m(device, ownership, family, start_us, records, message, n) ORDER BY n"
+)
+# An outbox entry as rows.outbox_page reads it: a purge entry names its device, a record entry has no batch
+_OUTBOX_ENTRY = (
+    "id, CASE WHEN cursor IS NULL AND message IS NULL THEN device END, cursor, taken_us, NULL, "
+    "device, ownership, family, start_us, records, message"
 )
 _UPSERT_BOOTS_AND_DEVICES = (
     "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
@@ -639,8 +672,11 @@ class PostgresStore(Store):
 
     def prepare(self, item: CommitItem) -> CommitItem:
         rows = encode(item, self.sealer)
+        packed = [pack_record(r) for r in item.records] if self.outbox else None
         token: list[dict] = []
-        return replace(item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership))
+        return replace(
+            item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership, packed)
+        )
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One transaction for the group (several if its records exceed CURSOR_ROWS): the devices'
@@ -648,9 +684,12 @@ class PostgresStore(Store):
         nothing; any database error aborts the transaction and every item of it gets that error."""
         results: list[CommitResult | Exception | None] = [None] * len(items)
         groups: list[list[tuple[int, CommitItem, list[tuple]]]] = [[]]
+        packs: dict[int, list[bytes]] = {}  # with the outbox on: each item's records packed for the stream
         in_group = 0
         for i, item in enumerate(items):
             try:
+                if self.outbox:
+                    packs[i] = packed_of(item)
                 rows = rows_of(item, self.sealer)
             except ValueError as e:
                 results[i] = e
@@ -686,7 +725,7 @@ class PostgresStore(Store):
                     base = int(xid) << CURSOR_BITS
                     if base + CURSOR_ROWS >= 2**63:
                         raise StoreError("postgresql: transaction IDs beyond 2**43: cursors would overflow")
-                    for i, result in self._apply_group(conn, group, now_us, base).items():
+                    for i, result in self._apply_group(conn, group, now_us, base, packs).items():
                         results[i] = result
             except StoreError as e:  # nothing of the transaction was written
                 for i, _, _ in group:
@@ -700,12 +739,14 @@ class PostgresStore(Store):
         group: list[tuple[int, CommitItem, list[tuple]]],
         now_us: int,
         base: int,
+        packs: dict[int, list[bytes]] | None = None,
     ) -> dict[int, CommitResult | Exception]:
         """The sequence checks of a group's items in order, then the writes of those that pass in one
         statement, inside the caller's transaction with the devices locked; records take cursors from
         `base` on, in item order. Each item is checked against the high-water the items before it left
         (as `commit` one by one would); a tombstone counts as its boot's high-water (as in SQLite). Three
-        round trips whatever the group's size: read the high-waters, write, and the commit."""
+        round trips whatever the group's size: read the high-waters, write, and the commit; a fourth with
+        the outbox on (`packs`), to write a message entry per item and family of the records it stored."""
         devices = sorted({device_key(item.device_id) for _, item, _ in group})
         sealer = self.sealer
         pseudonyms = {d: sealer.pseudonym(d) for d in devices} if sealer is not None else {}
@@ -787,17 +828,19 @@ class PostgresStore(Store):
                 }
             )
         selects = " UNION ALL ".join(f"SELECT cursor FROM r{k}" for k in range(len(ctes)))
-        if self.outbox and ctes:  # the stream gets what the store got: the first version of each record
-            inserted = " UNION ALL ".join(f"SELECT cursor, device FROM r{k}" for k in range(len(ctes)))
-            ctes.append(_INSERT_OUTBOX.format(inserted=inserted))
         query = f"WITH {', '.join([*ctes, _UPSERT_BOOTS_AND_DEVICES])} {selects or 'SELECT NULL::bigint'}"
         stored = {c for (c,) in conn.execute(query, params).fetchall()}  # type: ignore[call-overload]
+        messages: list[tuple] = []
+        written = {i: (item, rows) for i, item, rows in group if i in firsts}
         for i, (first, end, last_seq) in firsts.items():
-            out[i] = CommitResult(
-                duplicate=False,
-                high_water=last_seq,
-                cursors=tuple(c if c in stored else None for c in range(first, end)),
-            )
+            cursors = tuple(c if c in stored else None for c in range(first, end))
+            out[i] = CommitResult(duplicate=False, high_water=last_seq, cursors=cursors)
+            if packs is not None and i in packs:  # the stream gets what the store got: first versions
+                item, rows = written[i]
+                device = device_key(item.device_id)
+                messages += message_rows(device, item.ownership, rows, cursors, packs[i], sealer)
+        if messages:
+            conn.execute(_INSERT_MESSAGES, [list(column) for column in zip(*messages, strict=True)])
         return out
 
     # subscribe
@@ -989,6 +1032,7 @@ class PostgresStore(Store):
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)  # type: ignore[arg-type]
             conn.execute("DELETE FROM device_limits WHERE device = %s", (device,))
             if self.outbox:  # the stream's purge, after the device's entries in flight (outbox_take)
+                conn.execute(f"DELETE FROM outbox WHERE message IS NOT NULL AND {scope}", args)  # type: ignore[arg-type]
                 conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device,))
         return deleted
 
@@ -1031,6 +1075,13 @@ class PostgresStore(Store):
         total = 0
         for table, (where, args) in scopes.items():
             total += self._delete_in_chunks(table, f"start_us < %s{where}", (start_us, *args))
+            # a message entry goes whole with its first record (its ID), as in SQLite
+            fams = args[0] if args else sorted(f for f, t in TABLE_OF.items() if t == table)
+            with self._write() as conn:
+                conn.execute(
+                    "DELETE FROM outbox WHERE message IS NOT NULL AND start_us < %s AND family = ANY(%s)",
+                    (start_us, fams),
+                )
         if families is not None:
             return total
         with self._write() as conn:
@@ -1078,8 +1129,7 @@ class PostgresStore(Store):
                 )
             ]
             listed = conn.execute(
-                "SELECT id, device, cursor, taken_us FROM outbox WHERE device = ANY(%s::text[]) "
-                "ORDER BY id LIMIT %s",
+                f"SELECT {_OUTBOX_ENTRY} FROM outbox WHERE device = ANY(%s::text[]) ORDER BY id LIMIT %s",
                 (held, limit),
             ).fetchall()
             locked = {
@@ -1091,21 +1141,21 @@ class PostgresStore(Store):
             }
             page, cut = [], set()
             for row in listed:  # a device's entries up to the first one locked elsewhere (or gone)
-                if row[1] in cut or row[0] not in locked:
-                    cut.add(row[1])
+                if row[5] in cut or row[0] not in locked:  # row[5]: the entry's device
+                    cut.add(row[5])
                     continue
                 page.append(row)
             # the previous page is over: the devices held without an entry in this one go back
             conn.execute(
                 "DELETE FROM outbox_leases WHERE holder = %s AND device <> ALL(%s::text[])",
-                (me, sorted({device for _, device, _, _ in page})),
+                (me, sorted({row[5] for row in page})),
             )
-            if any(taken is None for *_, taken in page):
+            if any(row[3] is None for row in page):
                 conn.execute(
                     "UPDATE outbox SET taken_us = %s WHERE id = ANY(%s::bigint[]) AND taken_us IS NULL",
-                    (now_us, [id_ for id_, _, _, taken in page if taken is None]),
+                    (now_us, [row[0] for row in page if row[3] is None]),
                 )
-            cursors = [c for _, _, c, _ in page if c is not None]
+            cursors = [row[2] for row in page if row[2] is not None]
             found: dict[int, tuple] = {}
             if cursors:
                 union = " UNION ALL ".join(
@@ -1113,8 +1163,15 @@ class PostgresStore(Store):
                     for t in RECORD_TABLES.values()
                 )
                 found = {row[0]: row for row in conn.execute(union, {"c": cursors})}  # type: ignore[call-overload]
-        self._in_flight = {id_: device for id_, device, _, _ in page}
-        out, dead = outbox_page(page, found, self._record, now_us)
+        self._in_flight = {row[0]: row[5] for row in page}
+        openers: dict = {}  # a key a device and ownership for the page
+        out, dead = outbox_page(
+            page,
+            found,
+            self._record,
+            now_us,
+            lambda entry: open_message(entry, self.sealer, self._display, openers),
+        )
         if dead:
             self.outbox_done(dead)
         return out
@@ -1145,7 +1202,9 @@ class PostgresStore(Store):
 
     def outbox_depth(self) -> int:
         with self._connection() as conn:
-            (n,) = conn.execute("SELECT count(*) FROM outbox").fetchone()  # type: ignore[misc]
+            (n,) = conn.execute(  # type: ignore[misc]
+                "SELECT coalesce(sum(coalesce(records, 1)), 0) FROM outbox"
+            ).fetchone()
         return int(n)
 
     def take_tokens(

@@ -61,8 +61,12 @@ from gateway.store.rows import (
     Prepared,
     check_device_id,
     encode,
+    message_rows,
+    open_message,
     open_record,
     outbox_page,
+    pack_record,
+    packed_of,
     rows_of,
     token_decision,
 )
@@ -296,10 +300,51 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # message holds is fixed at the commit. NULL in entries written before.
         "ALTER TABLE outbox ADD COLUMN batch INTEGER",
     ),
+    (
+        # A message entry per batch and family (gateway/store/rows.py: message_rows): the stream message
+        # encoded once at the commit and sealed with the device's data key as its records are, with the
+        # device, family and first start_us that make its ID, so the drainer opens one token a message
+        # instead of one a record, and retention or erasure take the message whole, ID and all. The
+        # table is rebuilt because SQLite cannot change a CHECK; the entries kept (record entries of the
+        # gateway before, purges) keep their ids and order, and the AUTOINCREMENT high mark is carried
+        # over, so no id is used twice. An older gateway refuses the file (its version is newer), so no
+        # older drainer ever reads a message entry as a purge.
+        """CREATE TABLE outbox_v9 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            cursor INTEGER UNIQUE,
+            purge_device TEXT,
+            taken_us INTEGER,
+            batch INTEGER,
+            device TEXT,
+            ownership TEXT,
+            family TEXT,
+            start_us INTEGER,
+            records INTEGER,
+            message BLOB,
+            CHECK ((cursor IS NOT NULL) + (purge_device IS NOT NULL) + (message IS NOT NULL) = 1),
+            CHECK (message IS NULL OR (device IS NOT NULL AND ownership IS NOT NULL
+                AND family IS NOT NULL AND start_us IS NOT NULL AND records > 0))
+        )""",
+        "INSERT INTO outbox_v9 (id, cursor, purge_device, taken_us, batch) "
+        "SELECT id, cursor, purge_device, taken_us, batch FROM outbox ORDER BY id",
+        "DELETE FROM sqlite_sequence WHERE name = 'outbox_v9'",
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'outbox_v9', seq FROM sqlite_sequence "
+        "WHERE name = 'outbox'",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_v9 RENAME TO outbox",
+        # erasure deletes a device's message entries: without an index it would read the whole backlog
+        "CREATE INDEX outbox_device ON outbox (device) WHERE device IS NOT NULL",
+    ),
 )
 
 _RECORD_COLUMNS = "cursor, device, ownership, family, start_us, duration_s, algo, value"
-_OUTBOX_COLUMNS = "id, purge_device, cursor, taken_us, batch"  # as rows.outbox_page reads an entry
+# as rows.outbox_page reads an entry
+_OUTBOX_COLUMNS = (
+    "id, purge_device, cursor, taken_us, batch, device, ownership, family, start_us, records, message"
+)
+_INSERT_MESSAGE = (
+    "INSERT INTO outbox (device, ownership, family, start_us, records, message) VALUES (?, ?, ?, ?, ?, ?)"
+)
 # ON CONFLICT DO NOTHING rather than INSERT OR IGNORE: OR IGNORE would also drop rows that fail NOT NULL
 # silently. The first version of a record wins, so a cursor a subscriber has read never changes.
 _INSERT_RECORD = {
@@ -522,8 +567,11 @@ class SqliteStore(Store):
 
     def prepare(self, item: CommitItem) -> CommitItem:
         rows = encode(item, self.sealer)
+        packed = [pack_record(r) for r in item.records] if self.outbox else None
         token: list[dict] = []  # the prepared item's records: empty, the rows stand for them
-        return replace(item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership))
+        return replace(
+            item, records=token, prepared=Prepared(token, item.device_id, rows, item.ownership, packed)
+        )
 
     def commit_many(self, items: list[CommitItem]) -> list[CommitResult | Exception]:
         """One BEGIN IMMEDIATE … COMMIT (one WAL fsync) for all `items`. An item refused by its sequence
@@ -532,8 +580,11 @@ class SqliteStore(Store):
         whole transaction."""
         results: list[CommitResult | Exception | None] = [None] * len(items)
         prepared: list[tuple[int, CommitItem, list[tuple]]] = []
+        packs: dict[int, list[bytes]] = {}
         for i, item in enumerate(items):
             try:
+                if self.outbox:
+                    packs[i] = packed_of(item)
                 prepared.append((i, item, rows_of(item, self.sealer)))
             except ValueError as e:
                 results[i] = e
@@ -545,7 +596,7 @@ class SqliteStore(Store):
                     for i, item, rows in prepared:
                         try:
                             results[i], latest = _apply(
-                                conn, item, rows, now_us, latest, self.sealer, self.outbox
+                                conn, item, rows, now_us, latest, self.sealer, packs.get(i)
                             )
                         except SequenceError as e:
                             results[i] = e
@@ -750,6 +801,7 @@ class SqliteStore(Store):
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)
             conn.execute("DELETE FROM device_limits WHERE device = ?", (device,))
             if self.outbox:  # the drainer purges the device's stream subjects after what it has in flight
+                conn.execute(f"DELETE FROM outbox WHERE message IS NOT NULL AND {scope}", args)
                 conn.execute("INSERT INTO outbox (purge_device) VALUES (?)", (device,))
         self._checkpoint()
         return deleted
@@ -792,6 +844,14 @@ class SqliteStore(Store):
         total = 0
         for table, (where, args) in scopes.items():
             total += self._delete_in_chunks(table, f"start_us < ?{where}", (start_us, *args))
+            # a message entry goes whole with its first record (its ID): of a message that straddles the
+            # cut, the later records are not published (they were about to expire too)
+            with self._write() as conn:
+                conn.execute(
+                    f"DELETE FROM outbox WHERE message IS NOT NULL AND start_us < ?{where}"
+                    + ("" if where else f" AND family IN ({_families_of(table)})"),
+                    (start_us, *args),
+                )
         if families is not None:
             return total
         with self._write() as conn:
@@ -846,7 +906,13 @@ class SqliteStore(Store):
                     sql = f"SELECT {_RECORD_COLUMNS} FROM {table} WHERE {where}"
                     found.update((row[0], row) for row in conn.execute(sql, args))
         openers: dict = {}  # a key a device and ownership for the page, not a lookup a record
-        out, dead = outbox_page(page, found, lambda row: self._record(row, openers), now_us)
+        out, dead = outbox_page(
+            page,
+            found,
+            lambda row: self._record(row, openers),
+            now_us,
+            lambda entry: open_message(entry, self.sealer, str(self.path), openers),
+        )
         if dead:
             self.outbox_done(dead)
         return out
@@ -880,7 +946,11 @@ class SqliteStore(Store):
 
     def outbox_depth(self) -> int:
         with _errors():
-            return int(self._connection().execute("SELECT count(*) FROM outbox").fetchone()[0])
+            return int(
+                self._connection()
+                .execute("SELECT coalesce(sum(coalesce(records, 1)), 0) FROM outbox")
+                .fetchone()[0]
+            )
 
     def take_tokens(
         self, device_id: int, bucket: str, rate: float, burst: float, need: float, charge: float
@@ -1123,11 +1193,12 @@ def _apply(
     now_us: int,
     latest: int,
     sealer: Sealer | None = None,
-    outbox: bool = False,
+    packed: list[bytes] | None = None,
 ) -> tuple[CommitResult, int]:
     """The sequence check, then the writes of one item, inside the caller's transaction; `latest` is
     the newest cursor before it, and the newest after it is returned beside the result. Nothing is
-    written before the check, so a `SequenceError` leaves the transaction as it found it.
+    written before the check, so a `SequenceError` leaves the transaction as it found it. With `packed`
+    (the outbox on: the rows' records packed for the stream), a message entry per family inserted.
 
     An erased device's tombstone counts as its boot's high-water: a batch from before the erasure is a
     duplicate (acked, dropped), whatever the state of the device rows."""
@@ -1175,12 +1246,10 @@ def _apply(
                     )
                 )
             cursors = tuple(c if c in stored else None for c in range(first, latest + 1))
-        if outbox:  # the stream gets what the store got: the first version of each record, once
-            inserted = [c for c in cursors if c]
-            if inserted:
-                conn.executemany(
-                    "INSERT INTO outbox (cursor, batch) VALUES (?, ?)", [(c, inserted[0]) for c in inserted]
-                )
+        if packed is not None:  # the stream gets what the store got: the first version of each record, once
+            conn.executemany(
+                _INSERT_MESSAGE, message_rows(device, item.ownership, rows, cursors, packed, sealer)
+            )
     ownership = item.ownership
     state = item.state
     if sealer is not None and state:
@@ -1369,6 +1438,11 @@ def _privacy_snapshot(
         )
     )
     return ownerships, consents, guardians, profiles, totp
+
+
+def _families_of(table: str) -> str:
+    """The families stored in `table`, as SQL string literals (names of ours, no input)."""
+    return ", ".join(f"'{f}'" for f, t in sorted(TABLE_OF.items()) if t == table)
 
 
 def _latest_cursor(conn: sqlite3.Connection) -> int:

@@ -58,25 +58,38 @@ class Message:
     device: str
     msg_id: str
     payload: bytes
+    records: int = 0  # how many records it holds (0: one an entry)
+
+    @property
+    def record_count(self) -> int:
+        return self.records or len(self.outbox_ids)
 
     def __repr__(self) -> str:  # the payload holds feature values: never in logs
-        n, size = len(self.outbox_ids), len(self.payload)
-        return f"Message({self.outbox_ids[0]}, {n} entries, {self.family}, {self.device}, {size} bytes)"
+        n, size = self.record_count, len(self.payload)
+        return f"Message({self.outbox_ids[0]}, {n} records, {self.family}, {self.device}, {size} bytes)"
 
 
 def messages_of(rows: Sequence[OutboxRow]) -> list[Message]:
-    """The messages of a page's record entries (purge entries are skipped): one a batch and family, in
-    the order of their first entries, so a device's messages of a family go out in commit order. An
-    entry without a batch (written by an older gateway, or by a store that does not group) is a message
-    of its own. See docs/streams.md for the layout."""
-    groups: dict[tuple, list[OutboxRow]] = {}
+    """The messages of a page's entries (purge entries are skipped), in the order of their first
+    entries, so a device's messages of a family go out in commit order. A message entry is its message,
+    as the store encoded it at the commit; record entries (an older gateway's) are grouped here, one
+    message a batch and family, and one without a batch is a message of its own. See docs/streams.md
+    for the layout."""
+    groups: dict[tuple, list[OutboxRow] | Message] = {}
     for row in rows:
+        if row.message is not None:
+            groups[(row.id,)] = Message(
+                (row.id,), row.family, row.device, row.msg_id, row.message, row.records
+            )
+            continue
         record = row.record
         if record is None:
             continue
         key = (row.device, row.batch, record["family"]) if row.batch is not None else (row.id,)
-        groups.setdefault(key, []).append(row)
-    return [_message(group) for group in groups.values()]
+        group = groups.setdefault(key, [])
+        assert isinstance(group, list)
+        group.append(row)
+    return [g if isinstance(g, Message) else _message(g) for g in groups.values()]
 
 
 def message_of(row: OutboxRow) -> Message:
@@ -107,7 +120,7 @@ def _message(group: list[OutboxRow]) -> Message:
         ],
     }
     msg_id = f"{device}/{family}/{first['start_us']}/{group[0].ownership or '-'}"
-    return Message(tuple(row.id for row in group), family, device, msg_id, msgpack.packb(body))
+    return Message(tuple(row.id for row in group), family, device, msg_id, msgpack.packb(body), len(group))
 
 
 def decode_message(payload: bytes) -> dict:

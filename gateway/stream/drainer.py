@@ -73,7 +73,7 @@ class Drainer:
         self.round_budget_s = round_budget_s
         self.clock = clock  # wall clock (s), compared with the entries' taken_us: a test injects its own
         self.published = 0  # records acked by the stream (a message holds a batch's records of a family)
-        self.unguarded = 0  # entries republished after the duplicate window: a copy may be in the stream
+        self.unguarded = 0  # records republished after the duplicate window: a copy may be in the stream
         self._task: asyncio.Future | None = None
         self._wake = asyncio.Event()
         self._depth_at = 0.0
@@ -125,7 +125,7 @@ class Drainer:
         await self._update_depth(force=not rows)
         if not rows:
             return 0
-        purges = [r for r in rows if r.record is None]
+        purges = [r for r in rows if r.is_purge]
         for n, row in enumerate(purges):  # before the page's records: those after a purge entry are new data
             if n and time.monotonic() - started > self.round_budget_s:  # (a round always makes progress)
                 return n
@@ -138,7 +138,7 @@ class Drainer:
         # taken before, longer ago than the window: if that earlier publish reached the stream, this one
         # is a second copy (the drainer was down longer than CRASH_BOUND_S)
         stale_before_us = (self.clock() - self.duplicate_window_s + PUBLISH_TIMEOUT_S) * 1e6
-        unguarded = sum(1 for r in rows if r.record is not None and r.taken_us < stale_before_us)
+        unguarded = sum(max(r.records, 1) for r in rows if not r.is_purge and r.taken_us < stale_before_us)
         if unguarded:
             self.unguarded += unguarded
             if self.metrics is not None:
@@ -152,9 +152,10 @@ class Drainer:
         if done:
             self._last_ack = time.monotonic()
             await self.outbox.call(store.outbox_done, done)
-            self.published += len(done)  # records, as the metric counts them
+            records = sum(m.record_count for m, ok in zip(messages, acked, strict=True) if ok)
+            self.published += records  # records, as the metric counts them
             if self.metrics is not None:
-                self.metrics.stream_published.inc(len(done))
+                self.metrics.stream_published.inc(records)
         if not all(acked):
             unacked = len(acked) - sum(acked)
             raise StreamUnavailable(f"{unacked} of {len(messages)} messages not acked")

@@ -167,3 +167,19 @@ def test_a_reader_may_use_its_family_stream_and_its_own_inbox_only() -> None:
     assert all("P_STEPS" in s or s == "$JS.API.INFO" for s in allowed)
     assert perms["subscribe"]["allow"] == ["_INBOX_steps.>"]
     assert not any(s.startswith("p.") for s in allowed)  # publishes no data
+
+
+def test_a_message_entry_is_published_as_it_is_among_record_entries() -> None:
+    """A message entry (what a store writes since message entries) is its own message, with the ID it
+    carries; record entries an older gateway left around it are grouped as before, in id order."""
+    body = msgpack.packb({"v": 2, "device": DEV, "family": "heart", "records": []})
+    rows = [
+        OutboxRow(1, DEV, "", 40, later(0), 0, batch=40),
+        OutboxRow(2, DEV, "o-1a2b", None, None, 5, None, body, "heart", 123, 7),
+        OutboxRow(3, DEV, "", None, None, 0),  # a purge entry: no message
+    ]
+    assert not rows[1].is_purge and rows[2].is_purge
+    messages = messages_of(rows)
+    assert [(m.outbox_ids, m.record_count) for m in messages] == [((1,), 1), ((2,), 7)]
+    assert messages[1].payload is body and messages[1].msg_id == f"{DEV}/heart/123/o-1a2b"
+    assert "7 records" in repr(messages[1]) and "values" not in repr(messages[1])  # no payload

@@ -44,12 +44,14 @@ from gateway.store.base import (
     CommitItem,
     CredentialRow,
     GrantRow,
+    OutboxRow,
     OwnershipRow,
     PrivacyHistory,
     RegistryOp,
     RegistrySnapshot,
     SealedRow,
 )
+from gateway.stream.base import messages_of, records_of
 
 # The contract's property tests run once per store class (plain and sealed SQLite, later PostgreSQL), each
 # on a store of its own: the fixture scope and the several executors are by design.
@@ -588,23 +590,47 @@ class OutboxContract:
         store.erase_device(A)
         assert store.outbox_take(10) == [] and store.outbox_depth() == 0
 
-    def test_an_entry_per_inserted_record_in_commit_order(self, outbox: Store) -> None:
+    def test_a_message_entry_per_batch_and_family_in_commit_order(self, outbox: Store) -> None:
         first = outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 2), *minutes(A, 0, 1, "heart")])
         outbox.commit(A, 1, 0, 0, b"a", minutes(A, 5, 2))  # a duplicate batch: nothing new
         outbox.commit(A, 1, 1, 1, b"a", [*minutes(A, 0, 1), *minutes(A, 9, 1)])  # one replayed record
         outbox.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1, "sleep"))
-        assert outbox.outbox_depth() == 5
+        assert outbox.outbox_depth() == 5  # records, in (A steps, A heart), (A steps: the new one), (B sleep)
         before = now_us()
         rows = outbox.outbox_take(100)
-        assert [(r.cursor, r.record) for r in rows] == everything(outbox)
-        assert [r.cursor for r in rows][:3] == list(first.cursors)
+        assert entry_records(rows) == everything(outbox)
+        assert [c for c, _ in entry_records(rows[:2])] == list(first.cursors)
+        assert [(r.family, r.records, r.start_us) for r in rows] == [
+            ("steps", 2, T0),
+            ("heart", 1, T0),
+            ("steps", 1, T0 + 9 * MINUTE_US),
+            ("sleep", 1, T0),
+        ]
         assert [r.id for r in rows] == sorted({r.id for r in rows})
-        assert all(r.device == r.record["device"] and r.ownership == "" for r in rows if r.record)
+        assert [r.msg_id for r in rows] == [f"{r.device}/{r.family}/{r.start_us}/-" for r in rows]
+        assert [r.device for r in rows] == [DEV1, DEV1, DEV1, DEV2]
+        assert all(r.ownership == "" and r.cursor is None and r.record is None for r in rows)
         assert all(before <= r.taken_us <= now_us() for r in rows)
-        assert "steps" not in repr(rows[0]) and "values" not in repr(rows[0])  # ids only
+        assert "values" not in repr(rows[0]) and "start_us" not in repr(rows[0])  # ids only
+
+    def test_a_message_entry_is_the_stream_message_of_its_records(self, outbox: Store) -> None:
+        """The bytes the commit encoded are the bytes the drainer would have encoded from the records
+        (layout 2), so a consumer cannot tell a message entry's message from a record entries' one."""
+        records = [*minutes(A, 0, 20), *minutes(A, 0, 3, "heart")]
+        outbox.commit_many([CommitItem(A, 1, 0, 0, b"a", records, ownership="o-1")])
+        rows = outbox.outbox_take(10)
+        for row in rows:
+            assert row.message is not None and row.ownership == "o-1"
+            as_records = [
+                OutboxRow(0, row.device, "o-1", cursor, record, 0, 1)
+                for cursor, record in everything(outbox)
+                if record["family"] == row.family
+            ]
+            (expected,) = messages_of(as_records)
+            assert row.message == expected.payload and row.msg_id == expected.msg_id
 
     def test_entries_stay_until_done_and_keep_their_first_taken_time(self, outbox: Store) -> None:
-        for m in range(4):  # a batch a record: a take may run on to the end of a batch
+        for m in range(4):  # a batch a record
             outbox.commit(A, 1, m, m, b"a", minutes(A, m, 1))
         first = outbox.outbox_take(2)
         assert len(first) == 2
@@ -612,6 +638,7 @@ class OutboxContract:
         again = outbox.outbox_take(10)  # a drainer that died before the ack: taken again, same times
         assert [r.id for r in again[:2]] == [r.id for r in first]
         assert [r.taken_us for r in again[:2]] == [r.taken_us for r in first]
+        assert [r.message for r in again[:2]] == [r.message for r in first]  # the same message, same ID
         assert again[2].taken_us > first[0].taken_us
         assert outbox.outbox_done([r.id for r in first]) == 2
         assert outbox.outbox_done([r.id for r in first]) == 0  # twice: a no-op
@@ -620,25 +647,11 @@ class OutboxContract:
         outbox.commit(A, 1, 4, 4, b"a", minutes(A, 10, 1))
         assert max(r.id for r in outbox.outbox_take(10)) > max(r.id for r in again)  # ids never reused
 
-    def test_a_take_never_splits_a_batch(self, outbox: Store) -> None:
-        """A batch's entries of a family go out as one message (gateway/stream), so a page holds all of a
-        batch's entries or none; the entries of a store that names no batch are pages of `limit`."""
-        first = outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 3), *minutes(A, 0, 2, "heart")])
-        second = outbox.commit(A, 1, 1, 1, b"a", minutes(A, 5, 2))
-        rows = outbox.outbox_take(2)
-        if rows[0].batch is None:
-            assert len(rows) == 2
-            return
-        assert [r.cursor for r in rows] == list(first.cursors)
-        assert {r.batch for r in rows} == {first.cursors[0]}
-        outbox.outbox_done([r.id for r in rows])
-        rows = outbox.outbox_take(1)
-        assert [r.cursor for r in rows] == list(second.cursors)
-        assert {r.batch for r in rows} == {second.cursors[0]}
-        outbox.outbox_done([r.id for r in rows])
-        big = outbox.commit(A, 1, 2, 2, b"a", minutes(A, 10, 150))  # longer than a step of the take
-        outbox.commit(A, 1, 3, 3, b"a", minutes(A, 200, 1))
-        assert [r.cursor for r in outbox.outbox_take(3)] == list(big.cursors)
+    def test_a_big_batch_is_one_entry(self, outbox: Store) -> None:
+        big = outbox.commit(A, 1, 0, 0, b"a", minutes(A, 10, 150))
+        outbox.commit(A, 1, 1, 1, b"a", minutes(A, 200, 1))
+        (row,) = outbox.outbox_take(1)
+        assert row.records == 150 and [c for c, _ in entry_records([row])] == list(big.cursors)
 
     def test_entries_commit_only_with_their_records(self, harness: Harness, outbox: Store) -> None:
         outbox.commit(A, 1, 0, 0, b"a", minutes(A, 0, 1))
@@ -649,42 +662,83 @@ class OutboxContract:
             ]
         )
         assert isinstance(results[0], SequenceError) and not isinstance(results[1], Exception)
-        assert [r.record for r in outbox.outbox_take(10)] == [*minutes(A, 0, 1), *minutes(B, 0, 2)]
+        records = [r for _, r in entry_records(outbox.outbox_take(10))]
+        assert records == [*minutes(A, 0, 1), *minutes(B, 0, 2)]
         with harness.exclusive_lock():
             (locked,) = outbox.commit_many([CommitItem(C, 1, 0, 0, b"c", minutes(C, 0, 3))])
         assert isinstance(locked, StoreUnavailable)
-        assert outbox.outbox_depth() == 3
+        assert outbox.outbox_depth() == 3  # records
+
+    def test_prepared_items_write_the_same_entries(self, outbox: Store) -> None:
+        item = outbox.prepare(CommitItem(A, 1, 0, 0, b"a", [*minutes(A, 0, 3), *minutes(A, 0, 1, "heart")]))
+        outbox.commit_many([item])
+        rows = outbox.outbox_take(10)
+        assert [(r.family, r.records) for r in rows] == [("steps", 3), ("heart", 1)]
+        assert entry_records(rows) == everything(outbox)
 
     def test_erasure_takes_the_device_entries_and_leaves_one_purge(self, outbox: Store) -> None:
         outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 3), *minutes(A, 0, 2, "heart")])
         outbox.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
         outbox.erase_device(A)
         rows = outbox.outbox_take(100)
-        assert [r.record["device"] for r in rows if r.record] == [DEV2, DEV2]
-        (purge,) = [r for r in rows if r.record is None]
-        assert purge.device == DEV1 and purge.cursor is None
+        assert [r.device for r in rows if not r.is_purge] == [DEV2]
+        (purge,) = [r for r in rows if r.is_purge]
+        assert purge.device == DEV1 and purge.cursor is None and purge.message is None
         assert outbox.outbox_done([purge.id]) == 1
         outbox.erase_device(A)  # again: one more purge, no other change
-        assert sum(r.record is None for r in outbox.outbox_take(100)) == 1
+        assert sum(r.is_purge for r in outbox.outbox_take(100)) == 1
 
-    def test_retention_takes_the_entries_of_what_it_deletes(self, outbox: Store) -> None:
-        outbox.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 10), *minutes(A, 0, 10, "heart")])
+    def test_erasure_of_one_ownership_takes_only_its_entries(self, outbox: Store) -> None:
+        outbox.commit_many([CommitItem(A, 1, 0, 0, b"a", minutes(A, 0, 2), ownership="o-old")])
+        outbox.commit_many([CommitItem(A, 1, 1, 1, b"a", minutes(A, 5, 2), ownership="o-new")])
+        outbox.erase_device(A, ownership="o-old")
+        rows = outbox.outbox_take(100)
+        assert [(r.ownership, r.start_us) for r in rows if not r.is_purge] == [("o-new", T0 + 5 * MINUTE_US)]
+
+    def test_retention_takes_a_message_entry_with_its_first_record(self, outbox: Store) -> None:
+        for m in range(10):  # a batch a minute, a message a family
+            outbox.commit(A, 1, m, m, b"a", [*minutes(A, m, 1), *minutes(A, m, 1, "heart")])
+        straddling = outbox.commit(A, 1, 10, 10, b"a", minutes(A, 20, 3))
         cut = T0 + 5 * MINUTE_US
         outbox.purge_before(cut, ["heart"])
         outbox.purge_before(cut - MINUTE_US)
-        left = [(r.record["family"], r.record["start_us"]) for r in outbox.outbox_take(100) if r.record]
-        assert left == [("steps", T0 + m * MINUTE_US) for m in range(4, 10)] + [
+        rows = outbox.outbox_take(100)
+        left = [(r.family, r.start_us) for r in rows]
+        assert left == [
+            x
+            for m in range(4, 10)
+            for x in [("steps", T0 + m * MINUTE_US)] + ([("heart", T0 + m * MINUTE_US)] if m >= 5 else [])
+        ] + [("steps", T0 + 20 * MINUTE_US)]
+        assert outbox.outbox_depth() == len(left) + 2  # records: the last message holds 3
+        # a message goes whole, ID and all, when its first record goes: never a copy under a new ID
+        outbox.purge_before(T0 + 21 * MINUTE_US, ["steps"])
+        assert [(r.family, r.start_us) for r in outbox.outbox_take(100)] == [
             ("heart", T0 + m * MINUTE_US) for m in range(5, 10)
         ]
-        assert outbox.outbox_depth() == len(left)
+        assert [c for c, _ in everything(outbox) if c in straddling.cursors] == list(straddling.cursors[1:])
 
     def test_the_outbox_survives_reopening(self, harness: Harness) -> None:
         with harness.outbox_store() as s:
             s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+            s.commit(A, 1, 1, 1, b"a", minutes(A, 3, 1))
             taken = s.outbox_take(1)
         with harness.outbox_store() as s:
             rows = s.outbox_take(10)
-        assert len(rows) == 3 and rows[0].taken_us == taken[0].taken_us
+        assert [r.records for r in rows] == [3, 1] and rows[0].taken_us == taken[0].taken_us
+
+
+def entry_records(rows: Sequence[OutboxRow]) -> list[tuple[int, dict]]:
+    """The (cursor, record) pairs a page of outbox entries publishes, as the store holds them."""
+    out: list[tuple[int, dict]] = []
+    for row in rows:
+        if row.message is not None:
+            for r in records_of(row.message):
+                cursor = r.pop("cursor")
+                out.append((cursor, r))
+        elif row.record is not None:
+            assert row.cursor is not None
+            out.append((row.cursor, row.record))
+    return out
 
 
 class StoreContract(RegistryContract, PrivacyContract):

@@ -36,10 +36,11 @@ from gateway.store import (
 )
 from gateway.store.base import CommitItem
 from gateway.store.postgres import CURSOR_BITS, MIGRATIONS, Migration
+from gateway.stream.base import messages_of, records_of
 from tests.gateway.gatewaykit import Uploader, band, config, processed, same_records
 from tests.services import postgres_url
 
-from .contract import A, B, OutboxContract, StoreContract, everything, minutes
+from .contract import A, B, C, OutboxContract, StoreContract, entry_records, everything, minutes
 
 LOCK_TIMEOUT_MS = 100
 REPO = Path(__file__).resolve().parents[3]
@@ -359,7 +360,7 @@ def test_drainers_taking_at_once_share_the_devices_and_keep_each_device_in_order
                         for r in rows:
                             assert holder_of.setdefault(r.device, k) == k, f"{r.device} at both drainers"
                     for r in rows:  # "publish"
-                        published.setdefault(r.device, []).append(r.cursor)
+                        published.setdefault(r.device, []).extend(c for c, _ in entry_records([r]))
                     with guard:  # given back before done releases them: the check stays strict
                         for r in rows:
                             holder_of.pop(r.device, None)
@@ -388,12 +389,14 @@ def test_a_take_passes_entries_another_take_has_locked_by_and_keeps_each_device_
     """An entry locked by another drainer's take in progress is not waited for (the lock timeout is
     100 ms) and not jumped: its device's page stops before it, other devices are taken whole."""
     with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as drainer:
-        a = writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3)).cursors
-        b = writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2)).cursors
+        for m in range(3):
+            writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
+        writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
         with pg_harness.connect() as other, other.transaction():
-            other.execute("SELECT id FROM outbox WHERE cursor = %s FOR UPDATE", (a[1],))
-            assert [r.cursor for r in drainer.outbox_take(100)] == [a[0], *b]
-        assert [r.cursor for r in drainer.outbox_take(100)] == [*a, *b]
+            ids = [i for (i,) in other.execute("SELECT id FROM outbox ORDER BY id")]
+            other.execute("SELECT id FROM outbox WHERE id = %s FOR UPDATE", (ids[1],))
+            assert [r.id for r in drainer.outbox_take(100)] == [ids[0], ids[3]]
+        assert [r.id for r in drainer.outbox_take(100)] == ids
 
 
 def test_an_erased_device_is_purged_only_after_the_drainer_with_its_records_is_done(
@@ -410,17 +413,17 @@ def test_an_erased_device_is_purged_only_after_the_drainer_with_its_records_is_d
         writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
         writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
         in_flight = one.outbox_take(100)
-        assert len(in_flight) == 5
+        assert [r.records for r in in_flight] == [3, 2]  # a message entry each
         writer.erase_device(A)
         assert two.outbox_take(100) == []  # A's purge waits for drainer 1
-        assert one.outbox_done([r.id for r in in_flight if r.device == device_key(B)]) == 2
+        assert one.outbox_done([r.id for r in in_flight if r.device == device_key(B)]) == 1
         assert two.outbox_take(100) == []  # B is done; A is still out
         assert one.outbox_done([r.id for r in in_flight if r.device == device_key(A)]) == 0  # erased
         (purge,) = two.outbox_take(100)
-        assert purge.record is None and purge.device == device_key(A)
+        assert purge.is_purge and purge.device == device_key(A)
         writer.commit(A, 1, 5, 5, b"a", minutes(A, 10, 1))  # new data after the erasure
         assert one.outbox_take(100) == []  # A is drainer 2's until its purge is done
-        assert [r.record is None for r in two.outbox_take(100)] == [True, False]  # the purge, then the new
+        assert [r.is_purge for r in two.outbox_take(100)] == [True, False]  # the purge, then the new
 
 
 _CRASHING_DRAINER = """
@@ -437,7 +440,8 @@ os._exit(137)  # dies with its page in flight: no done, no close
 def test_a_crashed_drainers_devices_go_to_another_after_the_lease(pg_harness: PostgresHarness) -> None:
     lease_s = 3.0
     with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as survivor:
-        writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 3))
+        for m in range(3):  # three batches: three message entries
+            writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
         crash = subprocess.run(
             [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), str(lease_s)],
             capture_output=True,
@@ -640,3 +644,39 @@ def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
         sealer.keys.close()
     assert records and same_records(records, processed(batches[:3]))
     assert len(records) == len(processed(batches[:3]))
+
+
+class _Version3(PostgresStore):
+    """The store as it was before message entries: an entry a record (PostgreSQL migration 3)."""
+
+    migrations = MIGRATIONS[:3]
+
+
+def test_record_entries_of_an_older_gateway_drain_after_the_upgrade(pg_harness: PostgresHarness) -> None:
+    """Migration 4 adds message entries and contracts: an older gateway refuses the schema (its drainer
+    would read a message entry as a purge), and the record entries it left drain as before, a message
+    a record, in order with the purge entries and the new message entries after them."""
+    with _Version3.from_url(pg_harness.store_url(), pg_harness.sealer) as old:
+        a = old.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2)).cursors
+        with pg_harness.connect() as conn:  # what version 3 wrote in the commit, with outbox=1
+            conn.execute(
+                "INSERT INTO outbox (device, cursor) SELECT %s, c FROM unnest(%s::bigint[]) AS c ORDER BY c",
+                (device_key(A), list(a)),
+            )
+            conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device_key(C),))
+    with pg_harness.outbox_store() as new:
+        new.commit(A, 1, 1, 1, b"a", minutes(A, 5, 2))
+        rows = new.outbox_take(100)
+        assert [r.cursor for r in rows if r.record is not None] == list(a)
+        assert [r.batch for r in rows if r.record is not None] == [None, None]
+        messages = messages_of(rows)
+        assert [(m.device, m.record_count) for m in messages] == [(device_key(A), 1)] * 2 + [
+            (device_key(A), 2)
+        ]
+        assert messages[0].msg_id == f"{device_key(A)}/steps/{minutes(A, 0, 1)[0]['start_us']}/-"
+        assert [r.device for r in rows if r.is_purge] == [device_key(C)]
+        published = [r["cursor"] for m in messages for r in records_of(m.payload)]
+        assert published == [c for c, _ in everything(new)]
+        assert new.outbox_done([r.id for r in rows]) == len(rows)
+    with pytest.raises(SchemaVersionError, match="or later"):
+        _Version3.from_url(pg_harness.store_url()).open()

@@ -21,8 +21,9 @@ from gateway.store import (
     store_for_url,
 )
 from gateway.store.sqlite import MIGRATIONS
+from gateway.stream.base import messages_of, records_of
 
-from .contract import A, B, OutboxContract, StoreContract, everything, minutes
+from .contract import A, B, C, OutboxContract, StoreContract, everything, minutes
 
 BUSY_MS = 100
 
@@ -381,3 +382,75 @@ def test_rows_written_in_clear_before_encryption_stay_readable(tmp_path: Path, s
         store.commit(A, 1, 1, 1, b"new", minutes(A, 2, 2))
         assert [r for _, r in everything(store)] == minutes(A, 0, 4)
         assert store.device(A) == DeviceRow(A, 1, 1, b"new")
+
+
+class _Version8(SqliteStore):
+    """The store as it was before message entries: record entries naming their batch (migration 8)."""
+
+    migrations = MIGRATIONS[:8]
+
+
+def test_record_entries_of_an_older_gateway_drain_after_the_upgrade(
+    tmp_path: Path, sealer: KeySealer
+) -> None:
+    """Migration 9 rebuilds the outbox: an older gateway's record entries (with and without a batch) and
+    purge entries keep their ids, order and taken time, drain as before (a batch and family a message,
+    its ID its first record's), and new commits write message entries after them with higher ids."""
+    path = tmp_path / "up.db"
+    with _Version8(path, sealer=sealer) as old:
+        first = old.commit(A, 1, 0, 0, b"a", [*minutes(A, 0, 2), *minutes(A, 0, 1, "heart")])
+        lone = old.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1))
+        conn = old._connection()
+        with conn:
+            batch = first.cursors[0]
+            conn.executemany(
+                "INSERT INTO outbox (cursor, batch, taken_us) VALUES (?, ?, ?)",
+                [(c, batch, 7) for c in first.cursors],
+            )
+            conn.execute("INSERT INTO outbox (cursor) VALUES (?)", (lone.cursors[0],))  # before batches
+            conn.execute("INSERT INTO outbox (purge_device) VALUES (?)", (device_key(C),))
+            conn.execute("INSERT INTO outbox (purge_device) VALUES ('gone')")
+            conn.execute("DELETE FROM outbox WHERE purge_device = 'gone'")  # the high mark is above
+    with SqliteStore(path, sealer=sealer, outbox=True) as new:
+        new.commit(A, 1, 1, 1, b"a", minutes(A, 5, 2))
+        rows = new.outbox_take(100)
+        assert [(r.cursor, r.batch) for r in rows[:4]] == [
+            *((c, batch) for c in first.cursors),
+            (lone.cursors[0], None),
+        ]
+        assert rows[4].is_purge and rows[4].device == device_key(C)
+        assert rows[5].message is not None and rows[5].records == 2 and rows[5].id > rows[4].id + 1
+        assert [r.taken_us for r in rows[:3]] == [7, 7, 7]
+        messages = messages_of(rows)
+        assert [(m.family, m.device, m.record_count) for m in messages] == [
+            ("steps", device_key(A), 2),
+            ("heart", device_key(A), 1),
+            ("steps", device_key(B), 1),
+            ("steps", device_key(A), 2),
+        ]
+        assert messages[0].msg_id == f"{device_key(A)}/steps/{minutes(A, 0, 1)[0]['start_us']}/-"
+        published = [(r["cursor"], r["start_us"]) for m in messages for r in records_of(m.payload)]
+        assert published == [(c, r["start_us"]) for c, r in everything(new)]
+        assert new.outbox_done([r.id for r in rows]) == len(rows) and new.outbox_depth() == 0
+
+
+def test_outbox_messages_are_sealed_in_the_file_and_shredded_with_the_key(
+    tmp_path: Path, sealer: KeySealer
+) -> None:
+    """A message row waiting in the outbox holds its records sealed with the device's data key: no value
+    in the file while it waits, and once the key is destroyed the row never opens, so it is dropped at
+    the take and nothing of the device is published."""
+    path = tmp_path / "sealed.db"
+    sentinel = "SENTINEL-9e2f"
+    records = minutes(A, 0, 20)
+    for r in records:
+        r["values"]["tag"] = sentinel
+    with SqliteStore(path, sealer=sealer, outbox=True) as store:
+        store.commit(A, 1, 0, 0, b"a", records)
+        store.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+        files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+        assert sentinel.encode() not in files and store.outbox_depth() == 22
+        assert sealer.keys.destroy(device_key(A)) == 1
+        rows = store.outbox_take(10)
+        assert [(r.device, r.records) for r in rows] == [(device_key(B), 2)]
+        assert store.outbox_depth() == 2  # A's message was dropped, not left to block the outbox
