@@ -188,6 +188,18 @@ _POSTGRES_ADDED: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             )
         },
         "outbox_leases": {"device": IDENTIFIER, "holder": SYSTEM, "until_us": DEVICE_METADATA},
+        # message entries in a table of their own, which an older gateway's drainer never reads (its
+        # `outbox` rows without a cursor are purge entries); the columns are SQLite's outbox's
+        "outbox_messages": {
+            "id": SYSTEM,  # from outbox's identity: one order across both tables
+            "device": IDENTIFIER,
+            "ownership": IDENTIFIER,
+            "family": DEVICE_METADATA,
+            "start_us": DEVICE_METADATA,
+            "records": DEVICE_METADATA,
+            "message": HEART,
+            "taken_us": DEVICE_METADATA,
+        },
     },
     "keys": {"schema_version": {"version": SYSTEM}},
 }
@@ -195,9 +207,12 @@ _POSTGRES_REMOVED: Mapping[str, Mapping[str, frozenset[str]]] = {
     "features": {
         "sqlite_sequence": frozenset({"name", "seq"}),
         "record_cursor": frozenset({"next"}),
-        # a purge entry is an entry whose cursor and message are NULL; no batch (before message entries,
-        # a PostgreSQL gateway wrote a message a record)
-        "outbox": frozenset({"purge_device", "batch"}),
+        # record and purge entries only: a purge entry is one whose cursor is NULL; no batch (before
+        # message entries, a PostgreSQL gateway wrote a message a record); message entries are in
+        # outbox_messages
+        "outbox": frozenset(
+            {"purge_device", "batch", "ownership", "family", "start_us", "records", "message"}
+        ),
         "records_activity": frozenset({"value"}),
         "records_heart": frozenset({"value"}),
         "records_sleep": frozenset({"value"}),

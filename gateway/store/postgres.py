@@ -336,20 +336,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             # migration 9: the stream message encoded once at the commit and sealed with the device's
             # data key as its records are, with the family and first start_us that, with the device and
             # ownership, make its ID. A row is a message, so the leases and SKIP LOCKED stay per row and
-            # a PostgreSQL gateway publishes a message a batch and family too. Entries written before
-            # (a record each, cursor set) and purge entries (cursor and message NULL) drain as before.
-            "ALTER TABLE outbox ADD COLUMN ownership text, ADD COLUMN family text, "
-            "ADD COLUMN start_us bigint, ADD COLUMN records integer, ADD COLUMN message bytea",
-            "ALTER TABLE outbox ADD CONSTRAINT outbox_message CHECK (message IS NULL OR (cursor IS NULL "
-            "AND ownership IS NOT NULL AND family IS NOT NULL AND start_us IS NOT NULL AND records > 0))",
-            # erasure deletes a device's message entries, and takes read a held device's entries
-            "CREATE INDEX outbox_device ON outbox (device, id)",
+            # a PostgreSQL gateway publishes a message a batch and family too.
+            #
+            # A table of their own, not new columns of `outbox`: an older gateway's drainer reads an
+            # `outbox` row without a cursor as a purge entry, and one already running never re-reads
+            # schema_version, so it would purge the device's subjects and delete the message. Here it
+            # never sees them. Ids come from outbox's identity sequence (the default is bound to it by
+            # OID, resolved here), so entries of both tables are in one order, and a device's in commit
+            # order (its commits hold the device's lock): takes merge the two tables by id.
+            """CREATE TABLE outbox_messages (
+                id bigint PRIMARY KEY,
+                device text NOT NULL,
+                ownership text NOT NULL,
+                family text NOT NULL,
+                start_us bigint NOT NULL,
+                records integer NOT NULL CHECK (records > 0),
+                message bytea NOT NULL,
+                taken_us bigint
+            )""",
+            "DO $$ BEGIN EXECUTE format('ALTER TABLE outbox_messages ALTER COLUMN id SET DEFAULT "
+            "nextval(%L::regclass)', pg_get_serial_sequence('outbox', 'id')); END $$",
+            # takes read a held device's entries, erasure deletes a device's
+            "CREATE INDEX outbox_messages_device ON outbox_messages (device, id)",
         ),
-        # contracting: an older gateway's drainer would read a message entry (cursor NULL) as a purge
-        # entry, purge the device's subjects and delete the message; so older gateways refuse to start,
-        # and with the stream on every older gateway stops before the first newer one opens the database
-        # (docs/storage.md). Their record entries are drained by the newer ones.
-        contract=True,
+        # expanding: `outbox` is untouched, and an older gateway beside a newer one drains its record and
+        # purge entries as before (docs/streams.md). Rewritten in place before any release used it: it
+        # added these columns to `outbox` and contracted.
     ),
 )
 
@@ -365,15 +377,19 @@ _INSERT_RECORDS = (
 )
 # The message entries of a group's commits (rows.message_rows), ids in the order given (commit order).
 _INSERT_MESSAGES = (
-    "INSERT INTO outbox (device, ownership, family, start_us, records, message) "
+    "INSERT INTO outbox_messages (device, ownership, family, start_us, records, message) "
     "SELECT device, ownership, family, start_us, records, message FROM unnest(%s::text[], %s::text[], "
     "%s::text[], %s::bigint[], %s::integer[], %s::bytea[]) WITH ORDINALITY "
     "AS m(device, ownership, family, start_us, records, message, n) ORDER BY n"
 )
-# An outbox entry as rows.outbox_page reads it: a purge entry names its device, a record entry has no batch
-_OUTBOX_ENTRY = (
-    "id, CASE WHEN cursor IS NULL AND message IS NULL THEN device END, cursor, taken_us, NULL, "
-    "device, ownership, family, start_us, records, message"
+# A held device's entries (`%(held)s`) of both tables, merged by id, as rows.outbox_page reads them: a
+# purge entry names its device, a record entry has no batch, a message entry its own columns.
+_HELD_ENTRIES = (
+    "SELECT id, CASE WHEN cursor IS NULL THEN device END, cursor, taken_us, NULL::bigint, device, "
+    "NULL::text, NULL::text, NULL::bigint, NULL::integer, NULL::bytea FROM outbox "
+    "WHERE device = ANY(%(held)s::text[]) UNION ALL "
+    "SELECT id, NULL, NULL, taken_us, NULL, device, ownership, family, start_us, records, message "
+    "FROM outbox_messages WHERE device = ANY(%(held)s::text[]) ORDER BY 1 LIMIT %(limit)s"
 )
 _UPSERT_BOOTS_AND_DEVICES = (
     "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
@@ -396,10 +412,16 @@ _NOW_US = "(extract(epoch FROM now()) * 1000000)::bigint"  # the database's cloc
 # it now holds. The candidates' rows locked SKIP LOCKED, and each device under an advisory lock tried, not
 # waited for: two drainers taking at once pass each other by, and never both claim one device (one would
 # wait for the other's lease row while the other waits for its row locks).
-_CLAIM_DEVICES = (
-    "WITH candidates AS MATERIALIZED (SELECT o.device FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM "
-    f"outbox_leases l WHERE l.device = o.device AND l.holder <> %(me)s AND l.until_us > {_NOW_US}) "
-    "ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED), "
+_UNLEASED = (
+    "SELECT o.id, o.device FROM {table} o WHERE NOT EXISTS (SELECT 1 FROM outbox_leases l "
+    f"WHERE l.device = o.device AND l.holder <> %(me)s AND l.until_us > {_NOW_US}) "
+    "ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED"
+)
+_CLAIM_DEVICES = (  # the oldest of each table (a row lock cannot cross a UNION), then of both
+    f"WITH records AS MATERIALIZED ({_UNLEASED.format(table='outbox')}), "
+    f"messages AS MATERIALIZED ({_UNLEASED.format(table='outbox_messages')}), "
+    "candidates AS MATERIALIZED (SELECT device FROM (SELECT * FROM records UNION ALL "
+    "SELECT * FROM messages) AS c ORDER BY id LIMIT %(limit)s), "
     "devices AS MATERIALIZED (SELECT DISTINCT device FROM candidates), "
     "free AS MATERIALIZED (SELECT device FROM devices "
     "WHERE pg_try_advisory_xact_lock(%(key)s, hashtext(device))) "
@@ -1032,7 +1054,7 @@ class PostgresStore(Store):
             conn.execute(f"DELETE FROM devices WHERE {scope}", args)  # type: ignore[arg-type]
             conn.execute("DELETE FROM device_limits WHERE device = %s", (device,))
             if self.outbox:  # the stream's purge, after the device's entries in flight (outbox_take)
-                conn.execute(f"DELETE FROM outbox WHERE message IS NOT NULL AND {scope}", args)  # type: ignore[arg-type]
+                conn.execute(f"DELETE FROM outbox_messages WHERE {scope}", args)  # type: ignore[arg-type]
                 conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device,))
         return deleted
 
@@ -1079,7 +1101,7 @@ class PostgresStore(Store):
             fams = args[0] if args else sorted(f for f, t in TABLE_OF.items() if t == table)
             with self._write() as conn:
                 conn.execute(
-                    "DELETE FROM outbox WHERE message IS NOT NULL AND start_us < %s AND family = ANY(%s)",
+                    "DELETE FROM outbox_messages WHERE start_us < %s AND family = ANY(%s)",
                     (start_us, fams),
                 )
         if families is not None:
@@ -1128,15 +1150,15 @@ class PostgresStore(Store):
                     },
                 )
             ]
-            listed = conn.execute(
-                f"SELECT {_OUTBOX_ENTRY} FROM outbox WHERE device = ANY(%s::text[]) ORDER BY id LIMIT %s",
-                (held, limit),
-            ).fetchall()
+            listed = conn.execute(_HELD_ENTRIES, {"held": held, "limit": limit}).fetchall()
             locked = {
                 id_
                 for (id_,) in conn.execute(
-                    "SELECT id FROM outbox WHERE id = ANY(%s::bigint[]) FOR UPDATE SKIP LOCKED",
-                    ([row[0] for row in listed],),
+                    "WITH r AS (SELECT id FROM outbox WHERE id = ANY(%(ids)s::bigint[]) "
+                    "FOR UPDATE SKIP LOCKED), m AS (SELECT id FROM outbox_messages "
+                    "WHERE id = ANY(%(ids)s::bigint[]) FOR UPDATE SKIP LOCKED) "
+                    "SELECT id FROM r UNION ALL SELECT id FROM m",
+                    {"ids": [row[0] for row in listed]},
                 )
             }
             page, cut = [], set()
@@ -1152,8 +1174,10 @@ class PostgresStore(Store):
             )
             if any(row[3] is None for row in page):
                 conn.execute(
-                    "UPDATE outbox SET taken_us = %s WHERE id = ANY(%s::bigint[]) AND taken_us IS NULL",
-                    (now_us, [row[0] for row in page if row[3] is None]),
+                    "WITH r AS (UPDATE outbox SET taken_us = %(now)s WHERE id = ANY(%(ids)s::bigint[]) "
+                    "AND taken_us IS NULL) UPDATE outbox_messages SET taken_us = %(now)s "
+                    "WHERE id = ANY(%(ids)s::bigint[]) AND taken_us IS NULL",
+                    {"now": now_us, "ids": [row[0] for row in page if row[3] is None]},
                 )
             cursors = [row[2] for row in page if row[2] is not None]
             found: dict[int, tuple] = {}
@@ -1185,14 +1209,19 @@ class PostgresStore(Store):
         left = {id_: device for id_, device in self._in_flight.items() if id_ not in done}
         finished = {self._in_flight[i] for i in done if i in self._in_flight} - set(left.values())
         with self._write() as conn:
-            n = conn.execute("DELETE FROM outbox WHERE id = ANY(%s::bigint[])", (sorted(done),)).rowcount
+            (n,) = conn.execute(  # type: ignore[misc]
+                "WITH r AS (DELETE FROM outbox WHERE id = ANY(%(ids)s::bigint[]) RETURNING 1), "
+                "m AS (DELETE FROM outbox_messages WHERE id = ANY(%(ids)s::bigint[]) RETURNING 1) "
+                "SELECT (SELECT count(*) FROM r) + (SELECT count(*) FROM m)",
+                {"ids": sorted(done)},
+            ).fetchone()
             if finished:
                 conn.execute(
                     "DELETE FROM outbox_leases WHERE holder = %s AND device = ANY(%s::text[])",
                     (self.outbox_holder, sorted(finished)),
                 )
         self._in_flight = left
-        return n
+        return int(n)
 
     def _release_all(self) -> None:
         """Give back every device this object holds."""
@@ -1203,7 +1232,8 @@ class PostgresStore(Store):
     def outbox_depth(self) -> int:
         with self._connection() as conn:
             (n,) = conn.execute(  # type: ignore[misc]
-                "SELECT coalesce(sum(coalesce(records, 1)), 0) FROM outbox"
+                "SELECT (SELECT count(*) FROM outbox) + "
+                "(SELECT coalesce(sum(records), 0) FROM outbox_messages)"
             ).fetchone()
         return int(n)
 

@@ -393,8 +393,8 @@ def test_a_take_passes_entries_another_take_has_locked_by_and_keeps_each_device_
             writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
         writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
         with pg_harness.connect() as other, other.transaction():
-            ids = [i for (i,) in other.execute("SELECT id FROM outbox ORDER BY id")]
-            other.execute("SELECT id FROM outbox WHERE id = %s FOR UPDATE", (ids[1],))
+            ids = [i for (i,) in other.execute("SELECT id FROM outbox_messages ORDER BY id")]
+            other.execute("SELECT id FROM outbox_messages WHERE id = %s FOR UPDATE", (ids[1],))
             assert [r.id for r in drainer.outbox_take(100)] == [ids[0], ids[3]]
         assert [r.id for r in drainer.outbox_take(100)] == ids
 
@@ -653,9 +653,9 @@ class _Version3(PostgresStore):
 
 
 def test_record_entries_of_an_older_gateway_drain_after_the_upgrade(pg_harness: PostgresHarness) -> None:
-    """Migration 4 adds message entries and contracts: an older gateway refuses the schema (its drainer
-    would read a message entry as a purge), and the record entries it left drain as before, a message
-    a record, in order with the purge entries and the new message entries after them."""
+    """Migration 4 puts message entries in a table of their own and expands: the record entries an older
+    gateway left drain as before, a message a record, in order with the purge entries and the new
+    message entries after them, and an older gateway still opens the schema."""
     with _Version3.from_url(pg_harness.store_url(), pg_harness.sealer) as old:
         a = old.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2)).cursors
         with pg_harness.connect() as conn:  # what version 3 wrote in the commit, with outbox=1
@@ -678,5 +678,77 @@ def test_record_entries_of_an_older_gateway_drain_after_the_upgrade(pg_harness: 
         published = [r["cursor"] for m in messages for r in records_of(m.payload)]
         assert published == [c for c, _ in everything(new)]
         assert new.outbox_done([r.id for r in rows]) == len(rows)
-    with pytest.raises(SchemaVersionError, match="or later"):
-        _Version3.from_url(pg_harness.store_url()).open()
+    with _Version3.from_url(pg_harness.store_url()) as old:
+        assert old.device(A) is not None
+
+
+# What an older gateway's drainer (PostgreSQL migration 3, before message entries) ran in its take: claim
+# the devices of the oldest `outbox` rows, then list their rows; a row without a cursor is a purge entry.
+_OLDER_CLAIM = (
+    "WITH candidates AS MATERIALIZED (SELECT o.device FROM outbox o WHERE NOT EXISTS (SELECT 1 FROM "
+    "outbox_leases l WHERE l.device = o.device AND l.holder <> %(me)s AND l.until_us > %(now)s) "
+    "ORDER BY o.id LIMIT %(limit)s FOR UPDATE OF o SKIP LOCKED), "
+    "devices AS MATERIALIZED (SELECT DISTINCT device FROM candidates), "
+    "free AS MATERIALIZED (SELECT device FROM devices "
+    "WHERE pg_try_advisory_xact_lock(%(key)s, hashtext(device))) "
+    "INSERT INTO outbox_leases (device, holder, until_us) "
+    "SELECT device, %(me)s, %(now)s + 1 FROM free ORDER BY device "
+    "ON CONFLICT (device) DO UPDATE SET holder = excluded.holder, until_us = excluded.until_us "
+    "WHERE outbox_leases.holder = excluded.holder OR outbox_leases.until_us <= %(now)s "
+    "RETURNING device"
+)
+_OLDER_LIST = (
+    "SELECT id, device, cursor, taken_us FROM outbox WHERE device = ANY(%s::text[]) ORDER BY id LIMIT %s"
+)
+
+
+def test_an_older_drainer_beside_the_upgrade_never_sees_a_message_entry(pg_harness: PostgresHarness) -> None:
+    """The rolling upgrade with the stream on: an older gateway keeps draining while a newer one commits
+    message entries. Migration 4 leaves `compatible` where it was (an older gateway still starts), and the
+    older drainer's own take finds only record and purge entries, never a message entry it would read as
+    a purge. A newer drainer takes both tables in one id order, so a message entry and an older gateway's
+    purge of the same device go out in the order they were committed."""
+    with _Version3.from_url(pg_harness.store_url(), pg_harness.sealer):
+        pass
+    with pg_harness.connect() as conn:
+        (compatible_before,) = conn.execute("SELECT compatible FROM schema_version").fetchone()  # type: ignore[misc]
+    with pg_harness.outbox_store() as new:
+        first = new.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2)).cursors
+        with pg_harness.connect() as conn:
+            assert conn.execute("SELECT version, compatible FROM schema_version").fetchone() == (
+                len(MIGRATIONS),
+                compatible_before,
+            )
+            # the older gateway, beside: a record entry of B, and an erasure of A (its purge entry)
+            b = _Version3.from_url(pg_harness.store_url(), pg_harness.sealer)
+            with b:
+                (b_cursor,) = b.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1)).cursors
+            conn.execute("INSERT INTO outbox (device, cursor) VALUES (%s, %s)", (device_key(B), b_cursor))
+            conn.execute("INSERT INTO outbox (device) VALUES (%s)", (device_key(A),))
+        new.commit(A, 1, 1, 1, b"a", minutes(A, 5, 1))
+        # its take undone at the end: the newer drainer takes everything below
+        with pg_harness.connect() as older, older.transaction(force_rollback=True):
+            now = time.time_ns() // 1000
+            held = [
+                d for (d,) in older.execute(_OLDER_CLAIM, {"me": "older", "now": now, "limit": 100, "key": 7})
+            ]
+            seen = older.execute(_OLDER_LIST, (held, 100)).fetchall()
+        assert sorted(held) == sorted([device_key(A), device_key(B)])
+        purges = [device for _, device, cursor, _ in seen if cursor is None]
+        assert purges == [device_key(A)]  # the one purge written, no message entry read as one
+        assert [cursor for *_, cursor, _ in seen if cursor is not None] == [b_cursor]
+        rows = new.outbox_take(100)
+        # one id order across both tables: A's first message, B's record, A's purge, A's next message
+        assert [(r.device, r.is_purge, r.records) for r in rows] == [
+            (device_key(A), False, 2),
+            (device_key(B), False, 1),
+            (device_key(A), True, 0),
+            (device_key(A), False, 1),
+        ]
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert messages_of(rows)[0].record_count == len(first)
+        assert new.outbox_depth() == 2 + 1 + 1 + 1
+        assert new.outbox_done([r.id for r in rows]) == 4
+        assert new.outbox_depth() == 0
+    with _Version3.from_url(pg_harness.store_url()) as old:  # an older gateway (re)starts beside
+        assert old.device(B) is not None
