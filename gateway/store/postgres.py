@@ -383,13 +383,23 @@ _INSERT_MESSAGES = (
     "AS m(device, ownership, family, start_us, records, message, n) ORDER BY n"
 )
 # A held device's entries (`%(held)s`) of both tables, merged by id, as rows.outbox_page reads them: a
-# purge entry names its device, a record entry has no batch, a message entry its own columns.
+# purge entry names its device, a record entry has no batch, a message entry its own columns. Last, for
+# a message entry, whether its first record (its ID) is still stored: an older gateway's erasure or
+# retention deletes records but knows nothing of message entries, and a message whose first record is
+# gone is never published (as this code's retention deletes it whole), even in clear, after the purge.
 _HELD_ENTRIES = (
-    "SELECT id, CASE WHEN cursor IS NULL THEN device END, cursor, taken_us, NULL::bigint, device, "
-    "NULL::text, NULL::text, NULL::bigint, NULL::integer, NULL::bytea FROM outbox "
-    "WHERE device = ANY(%(held)s::text[]) UNION ALL "
+    "SELECT e.*, e.message IS NULL OR "
+    + " OR ".join(
+        f"EXISTS (SELECT 1 FROM {table} r WHERE r.device = e.device AND r.family = e.family "
+        "AND r.start_us = e.start_us AND r.ownership = e.ownership)"
+        for table in RECORD_TABLES.values()
+    )
+    + " FROM (SELECT id, CASE WHEN cursor IS NULL THEN device END, cursor, taken_us, NULL::bigint, "
+    "device, NULL::text AS ownership, NULL::text AS family, NULL::bigint AS start_us, NULL::integer, "
+    "NULL::bytea AS message FROM outbox WHERE device = ANY(%(held)s::text[]) UNION ALL "
     "SELECT id, NULL, NULL, taken_us, NULL, device, ownership, family, start_us, records, message "
-    "FROM outbox_messages WHERE device = ANY(%(held)s::text[]) ORDER BY 1 LIMIT %(limit)s"
+    "FROM outbox_messages WHERE device = ANY(%(held)s::text[]) ORDER BY 1 LIMIT %(limit)s) AS e "
+    "ORDER BY 1"
 )
 _UPSERT_BOOTS_AND_DEVICES = (
     "boot AS (INSERT INTO boots (device, boot_id, last_seq, updated_us) SELECT b.*, %(now_us)s "
@@ -1190,12 +1200,13 @@ class PostgresStore(Store):
         self._in_flight = {row[0]: row[5] for row in page}
         openers: dict = {}  # a key a device and ownership for the page
         out, dead = outbox_page(
-            page,
+            [row[:-1] for row in page if row[-1]],
             found,
             self._record,
             now_us,
             lambda entry: open_message(entry, self.sealer, self._display, openers),
         )
+        dead += [row[0] for row in page if not row[-1]]  # a message entry whose first record is gone
         if dead:
             self.outbox_done(dead)
         return out

@@ -752,3 +752,30 @@ def test_an_older_drainer_beside_the_upgrade_never_sees_a_message_entry(pg_harne
         assert new.outbox_depth() == 0
     with _Version3.from_url(pg_harness.store_url()) as old:  # an older gateway (re)starts beside
         assert old.device(B) is not None
+
+
+def test_message_entries_an_older_gateway_erased_the_records_of_are_never_published(
+    pg_harness: PostgresHarness,
+) -> None:
+    """An older gateway's erasure deletes a device's records and writes a purge entry, but leaves its
+    message entries (it knows nothing of outbox_messages); an older drainer may run the purge first. The
+    newer drainer then finds each message's first record gone and drops it unpublished, even in clear
+    (no sealer: no destroyed key to stop it)."""
+    with PostgresStore.from_url(pg_harness.store_url(outbox=1)) as new:
+        new.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        new.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1))
+        with pg_harness.connect() as older:  # its erasure of A, then its drainer's purge, done
+            for table in ("records_activity", "records_heart", "records_sleep"):
+                older.execute(
+                    sql.SQL("DELETE FROM {} WHERE device = %s").format(sql.Identifier(table)),
+                    (device_key(A),),
+                )
+            older.execute("INSERT INTO outbox (device) VALUES (%s)", (device_key(A),))
+            older.execute("DELETE FROM outbox WHERE device = %s", (device_key(A),))
+        rows = new.outbox_take(100)
+        assert [(r.device, r.records) for r in rows] == [(device_key(B), 1)]
+        with pg_harness.connect() as conn:  # A's dead entry deleted at the take
+            assert conn.execute("SELECT device FROM outbox_messages ORDER BY id").fetchall() == [
+                (device_key(B),)
+            ]
+        assert new.outbox_done([r.id for r in rows]) == 1
