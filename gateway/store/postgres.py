@@ -28,7 +28,9 @@ device state and high-water marks, idempotent on resend. What many gateways add:
   start (SchemaVersionError), as they do on a newer SQLite file.
 - The outbox has many drainers (one a gateway), and each takes a device's entries only while it holds
   the device's lease (`outbox_take`): a device's messages go out in order and its purge after whatever
-  another drainer had in flight, as with SQLite's one drainer. docs/streams.md.
+  another drainer had in flight, as with SQLite's one drainer. Message entries are in a table of their
+  own (`outbox_messages`, ids from `outbox`'s identity), so an older gateway's drainer, which reads an
+  `outbox` row without a cursor as a purge, never sees one during a rolling upgrade. docs/streams.md.
 
 Threads: a store object is used from one thread at a time (as SqliteStore); it holds a small pool, so an
 export iterator and a commit on the same object each have a connection of their own.
