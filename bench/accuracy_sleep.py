@@ -151,7 +151,6 @@ def evaluate_fold(nights, hyp, feats, i: int, baseline: bool = True, **fit_optio
         "emission_scale": fitted["emission_scale"],
         "boosting_rounds": len(fitted["tree_feature"]) // sleep.N_STAGES,
         "calibration": fitted["calibration"],
-        "decision_offset": fitted.get("decision_offset", [0.0] * sleep.N_STAGES),
         "confusion_4class": m4.tolist(),
         **{f"kappa_{name}": kappa(collapse(m4, name)) for name in CLASS_SETS},
         "tst_err_min": ours["total_sleep_min"] - psg["total_sleep_min"],

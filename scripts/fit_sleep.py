@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 # One BLAS thread: the matrices are small, so threads only contend on a shared machine (20x slower
@@ -45,10 +45,6 @@ INITIAL_PSEUDO = 1.0
 EMISSION_SCALES = (0.1, 0.15, 0.2, 0.3, 0.5)
 BOOSTING_ROUNDS = (20, 40, 80)  # candidate numbers of rounds (prefixes of one fit)
 CLASS_WEIGHT_POWERS = (1.0,)  # candidate α of class weights ∝ (1/count)^α (1 = balanced); a fit each
-# candidate log-odds offsets of wake in the stage decision (added to its log posterior before the argmax),
-# chosen jointly with the emission scale under an inner-fold TST bias limit
-WAKE_OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-TST_BIAS_LIMIT_MIN = 10.0  # the issue's target for the mean TST error per night
 INNER_FOLDS = 3  # subject i (sorted) is held out in inner fold i % INNER_FOLDS
 
 # class sets: name → (map from 4-class stage, label names)
@@ -309,7 +305,6 @@ def fit_tuned(
     inner_folds: int = INNER_FOLDS,
     rounds: tuple[int, ...] = BOOSTING_ROUNDS,
     class_weight_powers: tuple[float, ...] = CLASS_WEIGHT_POWERS,
-    wake_offsets: tuple[float, ...] = WAKE_OFFSETS,
     **tree_options,
 ) -> dict:
     """`fit_params` with its tuning choices made from `nights` alone: the boosting rounds and emission
@@ -325,8 +320,6 @@ def fit_tuned(
     candidates = [(a, r, s) for a in class_weight_powers for r in rounds for s in emission_scales]
     stages = {c: [None] * len(nights) for c in candidates}
     posts = {c: [None] * len(nights) for c in candidates}
-    inner_params = {}  # (candidate, inner fold) → params, to re-run the held nights with decision offsets
-    inner_held = {}
     for g in range(inner_folds):
         train = [i for i in range(len(nights)) if group[i] != g]
         held = [i for i in range(len(nights)) if group[i] == g]
@@ -346,64 +339,21 @@ def fit_tuned(
                 trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
                 for s in emission_scales:
                     params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
-                    inner_params[(a, r, s), g] = params
-                    inner_held[g] = held
                     for i in held:
                         stages[a, r, s][i], posts[a, r, s][i] = stage_with_posterior(nights[i], params)
     y = np.concatenate([n.stage for n in nights])
     inner = {c: mean_kappa(y, np.concatenate(stages[c])) for c in candidates}
     best = max(candidates, key=lambda c: (inner[c], -candidates.index(c)))
-    a, r, s = best
-
-    def offset_scores(scale_, offset):
-        """(inner out-of-fold mean κ, mean TST error in minutes per night) of the stages decided with
-        `offset` (the kernel run again: the onset gate sees the offset decisions too)."""
-        pred = [None] * len(nights)
-        for g, held in inner_held.items():
-            params = replace(inner_params[(a, r, scale_), g], decision_offset=np.asarray(offset, dtype=float))
-            for i in held:
-                pred[i] = stage_with_posterior(nights[i], params)[0]
-        minutes = sleep.EPOCH_S / 60.0
-        tst_err = [
-            (np.count_nonzero(p != sleep.WAKE) - np.count_nonzero(n.stage != sleep.WAKE)) * minutes
-            for p, n in zip(pred, nights, strict=True)
-        ]
-        return mean_kappa(y, np.concatenate(pred)), float(np.mean(tst_err))
-
-    # the wake offset of the decision, nested like everything else and chosen jointly with the emission
-    # scale (a wake-favouring decision may prefer sharper emissions that keep short wake bouts): the best
-    # inner mean κ among the candidates whose inner mean TST error is within ±TST_BIAS_LIMIT_MIN (none:
-    # the smallest |TST error|); ties go to the smallest offset
-    offset = np.zeros(sleep.N_STAGES)
-    offset_table = {}
-    if len(wake_offsets) > 1 or wake_offsets[0] != 0.0:
-        for s_ in emission_scales:
-            for w in wake_offsets:
-                offset_table[s_, w] = offset_scores(s_, [w, 0.0, 0.0, 0.0])
-        within = [c for c, (_, b) in offset_table.items() if abs(b) <= TST_BIAS_LIMIT_MIN]
-        if within:
-            s, w = max(within, key=lambda c: (offset_table[c][0], -abs(c[1])))
-        else:
-            s, w = min(offset_table, key=lambda c: abs(offset_table[c][1]))
-        offset[sleep.WAKE] = w
-        best = (a, r, s)
-        for g, held in inner_held.items():
-            params = replace(inner_params[best, g], decision_offset=offset)
-            for i in held:
-                stages[best][i], posts[best][i] = stage_with_posterior(nights[i], params)
     scale, bias = fit_calibration(np.concatenate(posts[best]), y)
+    a, r, s = best
     out = fit_params(
         nights, hypnograms, features, emission_scale=s, n_rounds=r, class_weight_power=a, **tree_options
     )
     out["calibration"] = {"scale": scale, "bias": bias.tolist()}
-    out["decision_offset"] = offset.tolist()
     out["tuning"] = {
         "inner_folds": inner_folds,
         "inner_mean_kappa": {
             f"weight_power={a} rounds={r} scale={s}": inner[a, r, s] for a, r, s in candidates
-        },
-        "inner_offsets_kappa_tst_bias": {
-            f"scale={s_} wake={w}": list(v) for (s_, w), v in offset_table.items()
         },
     }
     return out
