@@ -349,9 +349,8 @@ def _tree_scores(feats, tree_feature, tree_threshold, tree_value, out):
 def _emit(state, feats, model, out_stage, out_post, n_out):
     """Push one feature row through the emission model and the HMM forward step; decide what is due.
 
-    `model` is `SleepParams.model`: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale,
-    decision_offset)."""
-    tree_feature, tree_threshold, tree_value, log_a, log_pi, emission_scale, decision_offset = model
+    `model` is `SleepParams.model`: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
+    tree_feature, tree_threshold, tree_value, log_a, log_pi, emission_scale = model
     n_states = N_STAGES
     s = int(state[_H_N_FEAT])
     ring_len = SMOOTH_LAG + 1
@@ -381,17 +380,13 @@ def _emit(state, feats, model, out_stage, out_post, n_out):
         state[_OFF_ALPHA + slot * n_states + k] = a[k] - norm
     state[_H_N_FEAT] = s + 1
     if s + 1 - int(state[_H_N_OUT]) > SMOOTH_LAG:
-        n_out = _decide(state, log_a, decision_offset, out_stage, out_post, n_out)
+        n_out = _decide(state, log_a, out_stage, out_post, n_out)
     return n_out
 
 
 @njit(**config.JIT)
-def _decide(state, log_a, decision_offset, out_stage, out_post, n_out):
-    """Decide the oldest pending epoch from its forward vector and the emissions after it.
-
-    The decision is the Bayes rule argmax(log posterior + decision_offset): per-stage log-odds offsets
-    fitted inside the folds (scripts/fit_sleep.py) trade stages against each other for κ; the onset gate
-    sees the same offset decisions. The posterior written out is the plain smoothed one."""
+def _decide(state, log_a, out_stage, out_post, n_out):
+    """Decide the oldest pending epoch from its forward vector and the emissions after it."""
     n_states = N_STAGES
     ring_len = SMOOTH_LAG + 1
     d = int(state[_H_N_OUT])
@@ -416,7 +411,7 @@ def _decide(state, log_a, decision_offset, out_stage, out_post, n_out):
         b = 0
         for k in range(n_states):
             post[i, k] -= norm
-            if post[i, k] + decision_offset[k] > post[i, b] + decision_offset[b]:
+            if post[i, k] > post[i, b]:
                 b = k
         best[i] = b
     stage = best[0]
@@ -482,7 +477,7 @@ def _stage_epochs(
             n_f += 1
             n_s = _emit(state, feats, model, out_stage, out_post, n_s)
         while state[_H_N_OUT] < state[_H_N_FEAT]:
-            n_s = _decide(state, model[3], model[6], out_stage, out_post, n_s)
+            n_s = _decide(state, model[3], out_stage, out_post, n_s)
     return n_f, n_s
 
 
@@ -544,14 +539,10 @@ class SleepParams:
     # Guo et al. 2017): p ∝ exp(calibration_scale · log posterior + calibration_bias). Identity by default.
     calibration_scale: float = 1.0
     calibration_bias: np.ndarray = field(default_factory=lambda: np.zeros(N_STAGES))
-    # Log-odds offsets of the stage decision: stage = argmax(log smoothed posterior + offset). Fitted in
-    # the folds' inner folds; zero (plain argmax) by default and in files fitted before it existed.
-    decision_offset: np.ndarray = field(default_factory=lambda: np.zeros(N_STAGES))
 
     @property
     def model(self) -> tuple:
-        """What the kernel takes: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale,
-        decision_offset)."""
+        """What the kernel takes: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
         return (
             self.tree_feature,
             self.tree_threshold,
@@ -559,7 +550,6 @@ class SleepParams:
             self.log_a,
             self.log_pi,
             float(self.emission_scale),
-            np.ascontiguousarray(self.decision_offset, dtype=np.float64),
         )
 
     @classmethod
@@ -578,7 +568,6 @@ class SleepParams:
             log_a=np.log(f(d["transitions"], dtype=np.float64)),
             log_pi=np.log(f(d["initial"], dtype=np.float64)),
             emission_scale=float(d["emission_scale"]),
-            decision_offset=f(d.get("decision_offset", np.zeros(N_STAGES)), dtype=np.float64),
         )
         cal = d.get("calibration")  # absent in files fitted before probabilities were published: identity
         if cal is not None:
@@ -600,8 +589,6 @@ class SleepParams:
             or self.log_a.shape != (N_STAGES, N_STAGES)
             or self.log_pi.shape != (N_STAGES,)
             or np.shape(self.calibration_bias) != (N_STAGES,)
-            or np.shape(self.decision_offset) != (N_STAGES,)
-            or not np.isfinite(self.decision_offset).all()
         ):
             raise ValueError("sleep params have the wrong shapes")
         if n_trees and not ((self.tree_feature >= 0) & (self.tree_feature < N_FEATURES)).all():

@@ -150,7 +150,7 @@ def stages(
     asleep = False
     for d in range(n):
         post = fixed_lag_posteriors(log_e, a, pi, d, min(n - 1, d + lag))
-        best = (np.log(np.maximum(post, 1e-300)) + params.decision_offset).argmax(axis=1)
+        best = post.argmax(axis=1)
         stage = best[0]
         if not asleep:
             if (best[: sleep.ONSET_EPOCHS] == sleep.WAKE).any():

@@ -54,8 +54,6 @@ def random_params(seed: int, depth: int = 2, n_rounds: int = 3) -> sleep.SleepPa
         log_a=np.log(a),
         log_pi=np.log(rng.dirichlet(np.ones(sleep.N_STAGES))),
         emission_scale=float(rng.uniform(0.2, 1.0)),
-        # half the models decide by plain argmax, half with log-odds offsets (the fitted decision rule)
-        decision_offset=rng.normal(0, 1, sleep.N_STAGES) * (rng.random() < 0.5),
     )
 
 
@@ -240,27 +238,6 @@ def test_stage_probabilities_are_calibrated_rounded_rows_summing_to_one():
     assert (thousandths.sum(axis=1) == 1000).all()
     assert np.abs(got - want).max() < 1e-3 + 1e-12
     assert sleep.stage_probabilities(np.zeros((0, 4)), params).shape == (0, 4)
-
-
-def test_decision_offset_is_read_and_moves_the_decision():
-    """A file without `decision_offset` decides by plain argmax (offset zero); a large wake offset turns
-    every epoch to wake and leaves the published posterior untouched."""
-    d = json.loads(sleep.PARAMS_PATH.read_text())
-    plain = sleep.SleepParams.from_dict({k: v for k, v in d.items() if k != "decision_offset"})
-    np.testing.assert_array_equal(plain.decision_offset, np.zeros(sleep.N_STAGES))
-    np.testing.assert_array_equal(
-        sleep.load_params().decision_offset, np.asarray(d.get("decision_offset", np.zeros(4)))
-    )
-    rng = np.random.default_rng(5)
-    n = 300
-    time_s, hr, counts = 30.0 * np.arange(n), 55 + rng.normal(0, 1, n), np.zeros(n)
-    wake = sleep.SleepParams.from_dict({**d, "decision_offset": [50.0, 0.0, 0.0, 0.0]})
-    a = sleep.stage_epochs(time_s, hr, counts, sleep.SleepState.new(), plain, finish=True)
-    b = sleep.stage_epochs(time_s, hr, counts, sleep.SleepState.new(), wake, finish=True)
-    assert (a.stage != sleep.WAKE).any() and (b.stage == sleep.WAKE).all()
-    np.testing.assert_array_equal(a.posterior, b.posterior)
-    with pytest.raises(ValueError):
-        sleep.SleepParams.from_dict({**d, "decision_offset": [0.0, 1.0]})
 
 
 def test_shipped_params_carry_a_calibration():
