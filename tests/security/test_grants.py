@@ -48,15 +48,28 @@ def run(coro, timeout: float = 60):
 
 @functools.cache
 def night_band(seed: int, device_id: int) -> tuple[batch_pb2.Batch, ...]:
-    """80 minutes of a band going to bed at 22:30 local, one minute of it lost: records of every family.
+    """An afternoon and evening awake, then an hour in bed from 22:30 local, one minute of it lost: records
+    of every family (25 Hz, to keep it cheap).
 
-    Sleep epochs come from the night; the night summary and the day's resting heart rate are emitted when
-    a stream ends, which on a live gateway is a gap in the samples (here: frame 70 never arrives, the
-    sequence numbers stay consecutive, as a band that lost a minute of samples numbers its frames)."""
-    start_us = DEFAULT_START_US - 10 * 3600 * 1_000_000 - 30 * 60 * 1_000_000  # 21:30 UTC, 22:30 local
-    rec = simulate_band(seed, 80, device_id=device_id, start_us=start_us, scenario="night")
+    The sleep-period detector opens a period only on a band that has seen its wearer's heart rate awake
+    (decoder/periods.py), hence the 2.5 h before bed. The night summary and the day's resting heart rate
+    are emitted when a stream ends, which on a live gateway is a gap in the samples (here: the frame 10
+    minutes before the end never arrives, the sequence numbers stay consecutive, as a band that lost a
+    minute of samples numbers its frames)."""
+    awake, minutes = 150, 210
+    bed_us = DEFAULT_START_US - 10 * 3600 * 1_000_000 - 30 * 60 * 1_000_000  # 21:30 UTC, 22:30 local
+    rec = simulate_band(
+        seed,
+        minutes,
+        device_id=device_id,
+        start_us=bed_us - awake * 60_000_000,
+        scenario="schedule",
+        schedule=(("day", 0, awake), ("sleep", awake, minutes)),
+        sample_rate_hz=25,
+    )
     frames = recording_frames(rec)
-    frames = frames[:70] + [dataclasses.replace(f, seq=f.seq - 1) for f in frames[71:]]
+    lost = minutes - 10
+    frames = frames[:lost] + [dataclasses.replace(f, seq=f.seq - 1) for f in frames[lost + 1 :]]
     return tuple(build_batch(frames[i : i + 10]) for i in range(0, len(frames), 10))
 
 
