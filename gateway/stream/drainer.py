@@ -38,6 +38,7 @@ from gateway.stream.base import (
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
     from gateway.pipeline import StoreThread
+    from gateway.store.base import OutboxRow
 
 log = logging.getLogger("bandgate.stream")
 
@@ -122,9 +123,16 @@ class Drainer:
         started = time.monotonic()
         rows = await self.outbox.call(store.outbox_take, self.page)
         self._backlog = bool(rows)
-        await self._update_depth(force=not rows)
         if not rows:
+            await self._update_depth(force=True)
             return 0
+        done = await self._publish_page(rows, started)
+        await self._update_depth(force=False)  # after the publish: nothing between a take and its publish
+        return done
+
+    async def _publish_page(self, rows: list[OutboxRow], started: float) -> int:
+        """Purge, publish and mark done a page taken at `started` (monotonic); the entries done."""
+        store = self.outbox.store
         purges = [r for r in rows if r.is_purge]
         for n, row in enumerate(purges):  # before the page's records: those after a purge entry are new data
             if n and time.monotonic() - started > self.round_budget_s:  # (a round always makes progress)
@@ -133,8 +141,8 @@ class Drainer:
             await self.outbox.call(store.outbox_done, [row.id])
             log.info("stream purged", extra={"fields": {"event": "stream_purged", "device": row.device}})
         messages = messages_of(rows)
-        if purges and time.monotonic() - started > self.round_budget_s:
-            return len(purges)
+        if time.monotonic() - started > self.round_budget_s:  # (a slow store or purges): taken again next
+            return len(purges)  # round, so no page is published after the lease a store lent it for
         # taken before, longer ago than the window: if that earlier publish reached the stream, this one
         # is a second copy (the drainer was down longer than CRASH_BOUND_S)
         stale_before_us = (self.clock() - self.duplicate_window_s + PUBLISH_TIMEOUT_S) * 1e6

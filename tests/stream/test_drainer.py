@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 
 from decoder.records import device_key
@@ -153,3 +154,39 @@ def test_a_round_starts_nothing_past_its_budget(tmp_path) -> None:
     assert first in (1, 2) and published_then == 0
     assert depth == 0 and [r["device"] for r in stream.records] == [device_key(A)] * 2
     assert len(stream.messages) == 1  # A's two records, one batch: one message
+
+
+class SlowFirstTake(SqliteStore):
+    """A store whose first take returns after the drainer's round budget (a store under load)."""
+
+    slow = True
+
+    def outbox_take(self, limit: int = 500):  # type: ignore[no-untyped-def]
+        rows = super().outbox_take(limit)
+        if self.slow:
+            self.slow = False
+            time.sleep(0.1)
+        return rows
+
+
+def test_a_page_taken_past_the_budget_is_not_published_but_taken_again(tmp_path) -> None:
+    """The budget counts from before the take (a store lends the page from its take): a page whose take
+    returned after it is left for the next round, not published late; the next round publishes it once."""
+    with SqliteStore(tmp_path / "gw.db", outbox=True) as s:
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+    stream = MemoryStream()
+
+    async def scenario() -> tuple[int, int, int]:
+        thread = StoreThread(SlowFirstTake(tmp_path / "gw.db", outbox=True), "outbox")
+        await asyncio.to_thread(thread.start)
+        drainer = Drainer(thread, stream, round_budget_s=0.05)
+        first = await drainer.drain_once()
+        published_then = len(stream.messages)
+        await drainer.flush()
+        depth = await thread.call(thread.store.outbox_depth)
+        await asyncio.to_thread(thread.shutdown)
+        return first, published_then, depth
+
+    first, published_then, depth = run(scenario())
+    assert (first, published_then) == (0, 0)
+    assert depth == 0 and len(stream.messages) == 1 and len(stream.records) == 2
