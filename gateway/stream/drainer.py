@@ -126,7 +126,12 @@ class Drainer:
         if not rows:
             await self._update_depth(force=True)
             return 0
-        done = await self._publish_page(rows, started)
+        try:
+            done = await self._publish_page(rows, started)
+        except Exception:  # the backlog must show while the stream is down, and the stream's error wins
+            with contextlib.suppress(Exception):
+                await self._update_depth(force=False)
+            raise
         await self._update_depth(force=False)  # after the publish: nothing between a take and its publish
         return done
 
