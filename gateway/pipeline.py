@@ -35,7 +35,7 @@ from gateway.metrics import Metrics
 from gateway.privacy.consent import NO_CONSENT, ConsentGate, Processing
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult
-from gateway.workers import GROUP_MAX as WORKER_GROUP_MAX
+from gateway.workers import GROUP_MIN as WORKER_GROUP_MIN
 from gateway.workers import PoisonBatch, WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
@@ -333,13 +333,14 @@ class Pipeline:
         self.workers: WorkerPool | None = None
         self._computing = 0
         self._compute_room = asyncio.Semaphore(config.compute_queue)
-        # First batches of new streams in compute at once (see `_run_compute`): two groups a worker process
-        # (`workers.GROUP_MAX`), so that the next group is already in its socket while it commits one
-        # (with one group a 2,000-band storm took ~1 s longer, 8 or 16 turns made it 9-24 s); one
-        # running and one queued batch a compute thread.
+        # First batches of new streams in compute at once (see `_run_compute`): a least group a worker
+        # process (`workers.GROUP_MIN`), so that an established stream's batch waits behind few device-state
+        # loads; one running and one queued batch a compute thread. In a 2,000-band storm on 2 cores
+        # (BENCHMARKS.md, "Opening turns") the observers' ack p99 was 134-395 ms with 8 or 16 turns against
+        # 276-441 ms with 128 (two groups of GROUP_MAX a worker), the storm 0.1-0.3 s longer.
         c = config
         self._opening = asyncio.Semaphore(
-            c.compute_processes * 2 * WORKER_GROUP_MAX if c.compute_processes else 2 * c.compute_threads
+            c.compute_processes * WORKER_GROUP_MIN if c.compute_processes else 2 * c.compute_threads
         )
 
     async def start(self) -> None:
