@@ -140,7 +140,7 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from gateway.config import ConfigError, load_config
-    from gateway.logs import configure_logging
+    from gateway.logs import configure_logging, exit_now
     from gateway.security.audit import AuditError
     from gateway.server import serve
     from gateway.store import StoreError
@@ -171,10 +171,12 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
         if config.workers > 1 or config.token_process:
             from gateway.supervisor import supervise
 
-            return supervise(config)
-        return serve(config)
+            code = supervise(config)
+        else:
+            code = serve(config)
     except (StoreError, AuditError, ValueError, OSError, RuntimeError) as e:  # a store, URL, port or key
         return _fail(f"serve: {e}")
+    exit_now(code)  # drained: every ack is durable, and the interpreter's teardown would only delay a restart
 
 
 def _cmd_warm(args: argparse.Namespace, console: Console) -> int:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from typing import NoReturn
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,3 +45,17 @@ def configure_logging(level: int = logging.INFO, stamp: dict | None = None) -> N
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a serving or worker process that has drained: flush the logs and stdio, then `os._exit`.
+
+    By then every store, stream and worker is closed and every ack durable, so the interpreter's teardown
+    (grpc core, Numba, thousands of module objects; 0.15–0.4 s a process) would only lengthen a restart,
+    which bands wait out (the reconnect figures in BENCHMARKS.md). atexit handlers do not run: the project
+    registers none."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -550,4 +550,6 @@ def _expected(e: Exception) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve_process(int(sys.argv[1])))
+    from gateway.logs import exit_now
+
+    exit_now(_serve_process(int(sys.argv[1])))

@@ -624,4 +624,6 @@ def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7]))
+    from gateway.logs import exit_now
+
+    exit_now(_serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7]))
