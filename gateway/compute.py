@@ -19,8 +19,8 @@ from bandgate.v1 import batch_pb2
 from decoder.batch import BatchDecompressor
 from decoder.features import DeviceState, StateCache, process
 from decoder.frames import FrameStatus
+from gateway.computed import Computed
 from gateway.envelope import open_batch
-from gateway.pipeline import Computed
 from gateway.privacy.consent import EVERYTHING, Processing
 from gateway.store import Store
 from gateway.store.base import CommitItem, check_sequence

@@ -22,7 +22,6 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -30,6 +29,7 @@ import grpc
 from bandgate.v1 import batch_pb2, ingest_pb2
 from decoder.batch import BatchError, BatchErrorCode
 from decoder.records import device_key
+from gateway.computed import Computed
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.privacy.consent import NO_CONSENT, ConsentGate, Processing
@@ -277,18 +277,6 @@ class StoreWriter(StoreThread):
         self._queued -= 1
         self.metrics.commit_queue.set(self._queued)
         room.release()
-
-
-@dataclass(frozen=True)
-class Computed:
-    """What leaves a compute worker (process or thread): records and state bytes; raw arrays never do.
-    Defined here, not beside `compute`, so that unpickling it does not load the kernels."""
-
-    records: list[dict]
-    state: bytes
-    frame_errors: list[tuple[int, int, str]]  # (index, seq, reason)
-    n_samples: int
-    bytes_out: int
 
 
 # the pipeline

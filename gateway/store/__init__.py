@@ -8,6 +8,9 @@ with open_store("sqlite:////var/lib/bandgate/features.db") as store:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from gateway.store.base import (
     FAMILIES,
     AuditConflict,
@@ -20,8 +23,10 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
 )
-from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
 
 __all__ = [
     "FAMILIES",
@@ -40,11 +45,28 @@ __all__ = [
     "store_for_url",
 ]
 
-_SCHEMES = {
+
+def _postgres(url: str, sealer: Sealer | None) -> Store:
+    from gateway.store.postgres import PostgresStore
+
+    return PostgresStore.from_url(url, sealer)
+
+
+# PostgreSQL's module (and psycopg, ~0.13 s) is imported only for its URLs: every compute worker and
+# serving process on the SQLite default starts that much sooner.
+_SCHEMES: dict[str, Callable[[str, Sealer | None], Store]] = {
     "sqlite": SqliteStore.from_url,
-    "postgresql": PostgresStore.from_url,
-    "postgres": PostgresStore.from_url,
+    "postgresql": _postgres,
+    "postgres": _postgres,
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresStore":
+        from gateway.store.postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
