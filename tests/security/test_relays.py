@@ -10,7 +10,9 @@ import contextlib
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -46,21 +48,40 @@ def nothing_of(url: str, device_id: int) -> bool:
     return stored(url, device=hexid(device_id)) == [] and high_water(url, device_id) is None
 
 
+class Outcome(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    acks: list
+    attempts: int  # 2 when grpc's client lost the server's status to a failed write (below) once
+
+
 async def refused(
-    call: grpc.aio.StreamStreamCall, batch: batch_pb2.Batch
-) -> tuple[grpc.StatusCode, str, list]:
-    """Send one batch on `call` and finish writing: the stream's status, its details, and any ack that
-    came back (a refused stream has none). Whether the refusal surfaces on the write, the read or only in
-    the status depends on timing; the status is what the server said."""
-    acks = []
-    try:
-        await call.write(batch)
-        await call.done_writing()
-        while (ack := await call.read()) is not grpc.aio.EOF:
-            acks.append(ack)
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass
-    return await call.code(), await call.details(), acks
+    new_call: Callable[[], grpc.aio.StreamStreamCall] | grpc.aio.StreamStreamCall, batch: batch_pb2.Batch
+) -> Outcome:
+    """Open a call (or take an open one), send one batch and finish writing: the stream's status, its
+    details, and any ack that came back (a refused stream has none). Whether the refusal surfaces on the
+    write, the read or only in the status depends on timing; the status is what the server said.
+
+    A write that loses the race with the server's refusal makes grpc's asyncio client replace the server's
+    status with its own INTERNAL "Internal error from Core" (grpc/grpc#36066, fix pending in #43486): the
+    server said nothing of the kind. That one client-side outcome is tried once more on a new call (when
+    `new_call` makes one); any other INTERNAL is returned as it is."""
+    tries = (1, 2) if callable(new_call) else (1,)
+    for attempt in tries:
+        call, acks = new_call() if callable(new_call) else new_call, []
+        try:
+            await call.write(batch)
+            await call.done_writing()
+            while (ack := await call.read()) is not grpc.aio.EOF:
+                acks.append(ack)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        code, details = await call.code(), await call.details()
+        said = f"{details} {await call.debug_error_string()}"
+        lost = code == grpc.StatusCode.INTERNAL and ("execute_batch" in said or "error from Core" in said)
+        if not lost or attempt == tries[-1]:
+            return Outcome(code, details, acks, attempt)
+    raise AssertionError("unreachable")
 
 
 def upload(channel: grpc.aio.Channel, device_id: int | None) -> grpc.aio.StreamStreamCall:
@@ -129,13 +150,13 @@ def test_cert_relay_refused_for_unbound_band_for_a_smuggled_batch_and_without_me
             relay = await register_cert_relay(creds, "phone-1", d)
             async with grpc.aio.secure_channel(gw.address, relay.credentials()) as ch:
                 # an unbound band through the relay: refused when the stream opens
-                unbound = await refused(upload(ch, e), e_batches[0])
+                unbound = await refused(lambda: upload(ch, e), e_batches[0])
                 # a stream for D that carries E's batch: the stream ends there
                 smuggle = Uploader(ch, d)
                 first = await smuggle.send(d_batches[0])
                 smuggled = await refused(smuggle.call, e_batches[0])
                 # a relay that does not say which band a stream is for
-                anonymous = await refused(upload(ch, None), d_batches[1])
+                anonymous = await refused(lambda: upload(ch, None), d_batches[1])
                 # the relay itself still works for D afterwards: refusals ended single streams only
                 up = Uploader(ch, d)
                 after = await up.send(d_batches[1])
@@ -144,18 +165,18 @@ def test_cert_relay_refused_for_unbound_band_for_a_smuggled_batch_and_without_me
 
     unbound, first, smuggled, anonymous, after = run(scenario())
 
-    code, details, acks = unbound
+    code, details, acks, _ = unbound
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert f"device {hexid(e)} is not bound to relay phone-1" in details
     assert acks == []
 
     assert first.code == OK
-    code, details, acks = smuggled
+    code, details, acks, _ = smuggled
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert f"batch names device {hexid(e)}" in details and "nothing of it was stored" in details
     assert acks == []
 
-    code, details, acks = anonymous
+    code, details, acks, _ = anonymous
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "bandgate-device-id" in details
     assert acks == []
@@ -189,8 +210,8 @@ def test_token_relay_on_the_tls_only_port_and_the_token_is_kept_only_as_its_hash
             forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
             lookups = gw.metrics.token_lookups._value.get()
             async with token_channel(gw.token_address, ca, forged) as ch:
-                wrong = await refused(upload(ch, d2), batches[0])
-            assert gw.metrics.token_lookups._value.get() == lookups + 1  # it reached the token lookup
+                wrong = await refused(lambda: upload(ch, d2), batches[0])
+            assert gw.metrics.token_lookups._value.get() == lookups + wrong.attempts  # it reached the lookup
             nothing_before = nothing_of(cfg.store, d2)
 
             async with token_channel(gw.token_address, ca, token) as ch:
@@ -211,7 +232,7 @@ def test_token_relay_on_the_tls_only_port_and_the_token_is_kept_only_as_its_hash
     digest = hashlib.sha256(token.encode()).hexdigest()
     assert reply.credential_id == f"token:{digest}"
 
-    code, details, ack_list = wrong
+    code, details, ack_list, _ = wrong
     assert code == grpc.StatusCode.UNAUTHENTICATED and "unknown token" in details
     assert ack_list == []
     assert nothing_before
@@ -266,7 +287,7 @@ def test_unbinding_ends_the_relays_stream_for_that_band_within_1s_and_no_other(t
                 acked_f += [await up_f.send(b) for b in f_batches[1:3]]
                 f_status = await up_f.close()
                 # and a new stream for D through the relay is refused
-                again = await refused(upload(ch, d), d_batches[2])
+                again = await refused(lambda: upload(ch, d), d_batches[2])
                 return acked_d, acked_f, code, details, took, f_status, again
 
     acked_d, acked_f, code, details, took, f_status, again = run(scenario())
@@ -279,7 +300,7 @@ def test_unbinding_ends_the_relays_stream_for_that_band_within_1s_and_no_other(t
 
     assert [a.code for a in acked_f] == [OK] * 3 and f_status == grpc.StatusCode.OK
     assert stored(cfg.store, device=hexid(f)) == processed(f_batches[:3])
-    assert again[0] == grpc.StatusCode.PERMISSION_DENIED and again[2] == []
+    assert again.code == grpc.StatusCode.PERMISSION_DENIED and again.acks == []
     assert high_water(cfg.store, d) == d_batches[1].last_seq
 
 
@@ -299,7 +320,7 @@ def test_token_relay_on_the_mutual_tls_port_fails_the_handshake(tmp_path):
             lookups = gw.metrics.token_lookups._value.get()
             refusals = sum(s.get() for s in _samples(gw.metrics.auth_refused))
             async with token_channel(gw.address, reply.ca_pem, reply.token) as ch:
-                result = await refused(upload(ch, d), batches[0])
+                result = await refused(lambda: upload(ch, d), batches[0])
             # the same token on its own port works: the refusal above is the port, not the token
             async with token_channel(gw.token_address, reply.ca_pem, reply.token) as ch:
                 up = Uploader(ch, d)
@@ -312,7 +333,7 @@ def test_token_relay_on_the_mutual_tls_port_fails_the_handshake(tmp_path):
                 ok,
             )
 
-    (code, details, acks), lookups, refusals, ok = run(scenario())
+    (code, details, acks, _), lookups, refusals, ok = run(scenario())
     assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
     assert acks == []
     # the handshake failed in grpc core: Python never saw the call, let alone the token
