@@ -231,6 +231,36 @@ def psg_sensitivity(path: str | os.PathLike | None = None) -> dict:
     return out
 
 
+def night_only_coverage(path: str | os.PathLike | None = None, wearings: int = 3) -> dict:
+    """A band worn only in bed (charged by day): each real night is the band's only data, worn `wearings`
+    times in a row with nothing between (the detector counts epochs, not clock time). The coverage of the
+    PSG sleep epochs on the first wearing (a fresh band) and on the later ones (the history then holds
+    only nights: no awake level to be below)."""
+    nights = load_nights(path)
+    first = np.zeros(2)
+    later = np.zeros(2)
+    for night in nights.values():
+        m = night["hr"].size
+        t = np.arange(wearings * m) * float(EPOCH_S)
+        period = detect_tiled(t, night, wearings)
+        asleep = night["stage"] != sleep.WAKE
+        for w in range(wearings):
+            inside = period[w * m : (w + 1) * m] != periods.NO_PERIOD
+            got = np.array([np.count_nonzero(inside & asleep), np.count_nonzero(asleep)])
+            if w == 0:
+                first += got
+            else:
+                later += got
+    return {
+        "sleep_psg_coverage_night_only_first": float(first[0] / first[1]),
+        "sleep_psg_coverage_night_only_later": float(later[0] / later[1]),
+    }
+
+
+def detect_tiled(t: np.ndarray, night: dict[str, np.ndarray], wearings: int) -> np.ndarray:
+    return periods.detect_periods(t, np.tile(night["hr"], wearings), np.tile(night["counts"], wearings))
+
+
 def simulated_figures(seeds: tuple[int, ...] = SEEDS) -> dict:
     """Coverage of simulated shifted sleep, and periods invented in simulated waking time."""
     covered = total = 0
@@ -323,6 +353,7 @@ def evaluate(path: str | os.PathLike | None = None, seeds: tuple[int, ...] = SEE
     if (data_dir(path) / "sleep" / "epochs").is_dir():
         out.update(psg_coverage(path))
         out.update(psg_sensitivity(path))
+        out.update(night_only_coverage(path))
     return out
 
 
@@ -334,6 +365,8 @@ FIGURE_KEYS = (
     "sleep_psg_coverage_awake_hr_half",
     "sleep_psg_coverage_awake_hr_none",
     "sleep_psg_coverage_bare_nights",
+    "sleep_psg_coverage_night_only_first",
+    "sleep_psg_coverage_night_only_later",
 )
 
 
@@ -347,6 +380,8 @@ def report(result: dict) -> list[str]:
     nights = result.get("nights", {})
     worst = sorted(nights.items(), key=lambda kv: kv[1]["coverage"])[:3]
     cov = result.get("sleep_psg_coverage", float("nan"))
+    only_first = result.get("sleep_psg_coverage_night_only_first", float("nan"))
+    only_later = result.get("sleep_psg_coverage_night_only_later", float("nan"))
     lines = [
         "",
         "## Sleep periods (decoder/periods.py)",
@@ -382,6 +417,12 @@ def report(result: dict) -> list[str]:
         "`bandgate replay --epochs` sees one of the shared files (no day before lights-off), "
         f"{result.get('sleep_psg_coverage_bare_nights', float('nan')):.3f}. A lights-off-to-lights-on file",
         "is not what the detector is for; it needs the wearer's day.",
+        "",
+        "**A band worn only in bed** (charged by day) never sees that day: each real night worn three",
+        f"times in a row as the band's only data covers {only_first:.3f} of the PSG sleep on the first",
+        f"wearing and {only_later:.3f} on the later ones (`night_only_coverage`). **Low for such",
+        "wearers**: the history then holds only nights, so the wearer's median is a sleeping level and",
+        "the rule that opens a period 6 bpm below it (`HR_OPEN_DROP`) rarely holds (docs/sleep.md, Weak).",
         "",
         "Simulated days (**simulator only**, gateway/simulator `schedule` scenario, 25 Hz, subjects (seeds)",
         f"{', '.join(map(str, result['seeds']))}; the constants were chosen on seeds "
