@@ -231,34 +231,27 @@ def psg_sensitivity(path: str | os.PathLike | None = None) -> dict:
     return out
 
 
-def night_only_coverage(path: str | os.PathLike | None = None, wearings: int = 3) -> dict:
-    """A band worn only in bed (charged by day): each real night is the band's only data, worn `wearings`
-    times in a row with nothing between (the detector counts epochs, not clock time). The coverage of the
-    PSG sleep epochs on the first wearing (a fresh band) and on the later ones (the history then holds
-    only nights: no awake level to be below)."""
-    nights = load_nights(path)
-    first = np.zeros(2)
-    later = np.zeros(2)
-    for night in nights.values():
+NIGHT_ONLY_WEARINGS = 3
+
+
+def night_only_coverage(path: str | os.PathLike | None = None) -> dict:
+    """A band worn only in bed (charged by day): each real night is the band's only data, worn
+    NIGHT_ONLY_WEARINGS times in a row with nothing between (the detector counts epochs, not clock time).
+    The coverage of the PSG sleep epochs on the first wearing (a fresh band) and on the later ones (the
+    history then holds only nights: no awake level to be below)."""
+    covered = {"first": 0, "later": 0}
+    total = {"first": 0, "later": 0}
+    for night in load_nights(path).values():
         m = night["hr"].size
-        t = np.arange(wearings * m) * float(EPOCH_S)
-        period = detect_tiled(t, night, wearings)
+        w = NIGHT_ONLY_WEARINGS
+        period = detect(np.tile(night["hr"], w), np.tile(night["counts"], w))
         asleep = night["stage"] != sleep.WAKE
-        for w in range(wearings):
-            inside = period[w * m : (w + 1) * m] != periods.NO_PERIOD
-            got = np.array([np.count_nonzero(inside & asleep), np.count_nonzero(asleep)])
-            if w == 0:
-                first += got
-            else:
-                later += got
-    return {
-        "sleep_psg_coverage_night_only_first": float(first[0] / first[1]),
-        "sleep_psg_coverage_night_only_later": float(later[0] / later[1]),
-    }
-
-
-def detect_tiled(t: np.ndarray, night: dict[str, np.ndarray], wearings: int) -> np.ndarray:
-    return periods.detect_periods(t, np.tile(night["hr"], wearings), np.tile(night["counts"], wearings))
+        for k in range(w):
+            inside = period[k * m : (k + 1) * m] != periods.NO_PERIOD
+            which = "first" if k == 0 else "later"
+            covered[which] += int(np.count_nonzero(inside & asleep))
+            total[which] += int(np.count_nonzero(asleep))
+    return {f"sleep_psg_coverage_night_only_{k}": covered[k] / total[k] for k in covered}
 
 
 def simulated_figures(seeds: tuple[int, ...] = SEEDS) -> dict:
@@ -418,8 +411,9 @@ def report(result: dict) -> list[str]:
         f"{result.get('sleep_psg_coverage_bare_nights', float('nan')):.3f}. A lights-off-to-lights-on file",
         "is not what the detector is for; it needs the wearer's day.",
         "",
-        "**A band worn only in bed** (charged by day) never sees that day: each real night worn three",
-        f"times in a row as the band's only data covers {only_first:.3f} of the PSG sleep on the first",
+        "**A band worn only in bed** (charged by day) never sees that day: each real night worn",
+        f"{NIGHT_ONLY_WEARINGS} times in a row as the band's only data covers {only_first:.3f} of the PSG "
+        "sleep on the first",
         f"wearing and {only_later:.3f} on the later ones (`night_only_coverage`). **Low for such",
         "wearers**: the history then holds only nights, so the wearer's median is a sleeping level and",
         "the rule that opens a period 6 bpm below it (`HR_OPEN_DROP`) rarely holds (docs/sleep.md, Weak).",

@@ -141,6 +141,7 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from gateway.config import ConfigError, load_config
     from gateway.logs import configure_logging, exit_now
+    from gateway.privacy.keys import KeyStoreError
     from gateway.security.audit import AuditError
     from gateway.server import serve
     from gateway.store import StoreError
@@ -174,9 +175,9 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
             code = supervise(config)
         else:
             code = serve(config)
-    except (StoreError, AuditError, ValueError, OSError, RuntimeError) as e:  # a store, URL, port or key
+    except (StoreError, AuditError, KeyStoreError, ValueError, OSError, RuntimeError) as e:  # store, key
         return _fail(f"serve: {e}")
-    exit_now(code)  # drained: every ack is durable, and the interpreter's teardown would only delay a restart
+    exit_now(code)  # ended (drained, or gave up): the interpreter's teardown would only delay a restart
 
 
 def _cmd_warm(args: argparse.Namespace, console: Console) -> int:

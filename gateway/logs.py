@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object a line. Log IDs, counts and reasons only, never sample values."""
+"""Structured logs: one JSON object a line. Log IDs, counts and reasons only, never sample values. And
+`exit_now`, the end of a process whose last log line is written."""
 
 from __future__ import annotations
 
@@ -48,14 +49,17 @@ def configure_logging(level: int = logging.INFO, stamp: dict | None = None) -> N
 
 
 def exit_now(code: int) -> NoReturn:
-    """End a serving or worker process that has drained: flush the logs and stdio, then `os._exit`.
+    """End a serving or worker process that has stopped: flush the logs and stdio, then `os._exit`.
 
-    By then every store, stream and worker is closed and every ack durable, so the interpreter's teardown
-    (grpc core, Numba, thousands of module objects; 0.15–0.4 s a process) would only lengthen a restart,
-    which bands wait out (the reconnect figures in BENCHMARKS.md). atexit handlers do not run: the project
-    registers none."""
+    By then its stores, key stores, streams and workers are closed and every ack is durable, so the
+    interpreter's teardown (grpc core, Numba, thousands of module objects; 0.15–0.4 s a process) would
+    only lengthen a restart, which bands wait out (the reconnect figures in BENCHMARKS.md). atexit
+    handlers do not run: the project registers none, and those of its libraries only free memory. Under
+    coverage.py (`COVERAGE_PROCESS_START` set), which saves its data at exit, the exit is a normal one."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    if os.environ.get("COVERAGE_PROCESS_START"):
+        sys.exit(code)
     os._exit(code)

@@ -543,10 +543,11 @@ def _serve_process(fd: int) -> int:
 
 def _expected(e: Exception) -> bool:
     """A start error `serve` answers with its message alone (gateway/cli.py): a store, URL, port or key."""
+    from gateway.privacy.keys import KeyStoreError
     from gateway.security.audit import AuditError
     from gateway.store import StoreError
 
-    return isinstance(e, (StoreError, AuditError, ValueError, OSError, RuntimeError))
+    return isinstance(e, (StoreError, AuditError, KeyStoreError, ValueError, OSError, RuntimeError))
 
 
 if __name__ == "__main__":

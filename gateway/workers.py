@@ -525,6 +525,7 @@ def _serve(
     sock = socket.socket(fileno=fd)
     marker = mmap.mmap(marker_fd, _MARKER.size)
     os.close(marker_fd)
+    sealer = None
     try:
         from gateway.logs import configure_logging
 
@@ -535,7 +536,6 @@ def _serve(
         from gateway.store import store_for_url
         from gateway.warm import warm
 
-        sealer = None
         if sealing_dir:  # records and state sealed here, where they are made, with the gateway's keys
             from gateway.privacy.sealing import open_sealer
 
@@ -543,6 +543,8 @@ def _serve(
         store = store_for_url(store_url, sealer)
         store.open()
     except Exception as e:
+        if sealer is not None:
+            sealer.keys.close()
         _send(sock, (False, _portable(e)))
         return 1
     _send(sock, (True, os.getpid()))
@@ -553,6 +555,8 @@ def _serve(
         _send(sock, (WARM_JOB, True, None))
     except OSError:  # the serving process closed us while we warmed up
         store.close()
+        if sealer is not None:
+            sealer.keys.close()
         return 0
     except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
         log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
@@ -602,6 +606,8 @@ def _serve(
         return 0
     finally:
         store.close()
+        if sealer is not None:  # its key store's connection (PostgreSQL: a listener) closes too
+            sealer.keys.close()
 
 
 def _commit(store: Any, answers: list[tuple[int, bool, Any]]) -> None:

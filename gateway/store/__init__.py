@@ -69,6 +69,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"PostgresStore"})
+
+
 def store_for_url(url: str, sealer: Sealer | None = None) -> Store:
     """The store a URL names, not yet opened, sealing values and state with `sealer` (encryption at rest;
     None: in clear); a bad URL raises ValueError before anything starts."""

@@ -165,3 +165,19 @@ def test_fifty_bands_through_serve_equal_replay_of_the_simulator_file(tmp_path):
     steps = [r for r in got if r["family"] == "steps"]
     assert len(lines) == len(steps) and [x["cursor"] for x in lines] == sorted({x["cursor"] for x in lines})
     assert {(x["device"], x["start_us"]) for x in lines} == {(r["device"], r["start_us"]) for r in steps}
+
+
+def test_a_bad_kek_is_refused_with_the_reason_and_exit_2(tmp_path):
+    """A KEK that does not decode is a start error like a bad store or port: `serve: …` and exit 2, no
+    traceback (it was a traceback and exit 1), and the KEK's value appears nowhere in what is printed."""
+    kek = "not base64 at all!"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--listen", "127.0.0.1:0",
+         "--store", f"sqlite:///{tmp_path / 'kek.db'}", "--state-dir", str(tmp_path / "state"),
+         "--token-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env={**os.environ, "BANDGATE_KEK": kek},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "serve: " in done.stderr and "BANDGATE_KEK" in done.stderr
+    assert "Traceback" not in done.stderr and kek not in done.stderr + done.stdout

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -413,9 +415,8 @@ def test_only_the_batch_a_lost_worker_was_computing_is_blamed(tmp_path):
 def test_processes_load_only_what_they_use():
     """A compute worker loads neither grpc, the pipeline nor psycopg, and the serving process on SQLite
     neither Numba nor psycopg: each start (a restart's readiness, a replaced worker) pays ~0.1–0.3 s for
-    every heavy module it loads. Checked in fresh interpreters, as the processes start."""
-    import subprocess
-    import sys
+    every heavy module it loads. Checked in fresh interpreters, on the modules each process imports
+    (a worker: `workers._serve`'s imports; a serving process: `serve`'s and the supervisor's)."""
 
     def loaded(modules: str, heavy: list[str]) -> list[str]:
         code = f"import sys, {modules}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
@@ -425,4 +426,5 @@ def test_processes_load_only_what_they_use():
     worker = "gateway.workers, gateway.compute, gateway.warm, gateway.privacy.sealing, gateway.store"
     assert loaded(worker, ["grpc", "gateway.pipeline", "psycopg", "prometheus_client"]) == []
     assert "numba" in loaded(worker, ["numba"])  # the check can see a module that is loaded
-    assert loaded("gateway.cli, gateway.server", ["numba", "psycopg", "decoder.features"]) == []
+    serving = "gateway.cli, gateway.server, gateway.supervisor"
+    assert loaded(serving, ["numba", "psycopg", "decoder.features"]) == []

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import grpc
 
-from bandgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, ingest_pb2_grpc
+from bandgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2, ingest_pb2, ingest_pb2_grpc
 from gateway.auth import device_metadata
 from gateway.pipeline import OK
 from gateway.security.client import ClientIdentity
@@ -51,34 +51,40 @@ def nothing_of(url: str, device_id: int) -> bool:
 class Outcome(NamedTuple):
     code: grpc.StatusCode
     details: str
-    acks: list
+    acks: list[ingest_pb2.Ack]
     attempts: int  # 2 when grpc's client lost the server's status to a failed write (below) once
 
 
 async def refused(
-    new_call: Callable[[], grpc.aio.StreamStreamCall] | grpc.aio.StreamStreamCall, batch: batch_pb2.Batch
+    call: Callable[[], grpc.aio.StreamStreamCall] | grpc.aio.StreamStreamCall, batch: batch_pb2.Batch
 ) -> Outcome:
-    """Open a call (or take an open one), send one batch and finish writing: the stream's status, its
-    details, and any ack that came back (a refused stream has none). Whether the refusal surfaces on the
-    write, the read or only in the status depends on timing; the status is what the server said.
+    """Open a call with `call` (or take `call`, an open one), send one batch and finish writing: the
+    stream's status, its details, and any ack that came back (a refused stream has none). Whether the
+    refusal surfaces on the write, the read or only in the status depends on timing; the status is what
+    the server said.
 
     A write that loses the race with the server's refusal makes grpc's asyncio client replace the server's
     status with its own INTERNAL "Internal error from Core" (grpc/grpc#36066, fix pending in #43486): the
     server said nothing of the kind. That one client-side outcome is tried once more on a new call (when
-    `new_call` makes one); any other INTERNAL is returned as it is."""
-    tries = (1, 2) if callable(new_call) else (1,)
+    `call` makes one); any other INTERNAL is returned as it is. A test that can count the server's
+    refusals checks `attempts` against them."""
+    tries = (1, 2) if callable(call) else (1,)
     for attempt in tries:
-        call, acks = new_call() if callable(new_call) else new_call, []
+        stream = call() if callable(call) else call
+        acks: list[ingest_pb2.Ack] = []
         try:
-            await call.write(batch)
-            await call.done_writing()
-            while (ack := await call.read()) is not grpc.aio.EOF:
+            await stream.write(batch)
+            await stream.done_writing()
+            while (ack := await stream.read()) is not grpc.aio.EOF:
                 acks.append(ack)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass
-        code, details = await call.code(), await call.details()
-        said = f"{details} {await call.debug_error_string()}"
-        lost = code == grpc.StatusCode.INTERNAL and ("execute_batch" in said or "error from Core" in said)
+        code, details = await stream.code(), await stream.details()
+        lost = (  # exactly what grpc's set_internal_error puts there for a failed execute_batch
+            code == grpc.StatusCode.INTERNAL
+            and details == "Internal error from Core"
+            and "execute_batch" in (await stream.debug_error_string() or "")
+        )
         if not lost or attempt == tries[-1]:
             return Outcome(code, details, acks, attempt)
     raise AssertionError("unreachable")
@@ -209,9 +215,13 @@ def test_token_relay_on_the_tls_only_port_and_the_token_is_kept_only_as_its_hash
             # a wrong token (well-formed, same shape, never issued) is refused before anything is stored
             forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
             lookups = gw.metrics.token_lookups._value.get()
+            unauthenticated = gw.metrics.auth_refused.labels("UNAUTHENTICATED")._value.get()
             async with token_channel(gw.token_address, ca, forged) as ch:
                 wrong = await refused(lambda: upload(ch, d2), batches[0])
             assert gw.metrics.token_lookups._value.get() == lookups + wrong.attempts  # it reached the lookup
+            # and the server refused every attempt so (a retried attempt hid no other ending)
+            refusals = gw.metrics.auth_refused.labels("UNAUTHENTICATED")._value.get() - unauthenticated
+            assert refusals == wrong.attempts
             nothing_before = nothing_of(cfg.store, d2)
 
             async with token_channel(gw.token_address, ca, token) as ch:
