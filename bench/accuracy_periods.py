@@ -241,9 +241,9 @@ def night_only_coverage(path: str | os.PathLike | None = None) -> dict:
     history then holds only nights: no awake level to be below)."""
     covered = {"first": 0, "later": 0}
     total = {"first": 0, "later": 0}
+    w = NIGHT_ONLY_WEARINGS
     for night in load_nights(path).values():
         m = night["hr"].size
-        w = NIGHT_ONLY_WEARINGS
         period = detect(np.tile(night["hr"], w), np.tile(night["counts"], w))
         asleep = night["stage"] != sleep.WAKE
         for k in range(w):

@@ -141,10 +141,8 @@ def _simulate_target(args: argparse.Namespace, console: Console) -> int:
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     from gateway.config import ConfigError, load_config
     from gateway.logs import configure_logging, exit_now
-    from gateway.privacy.keys import KeyStoreError
-    from gateway.security.audit import AuditError
     from gateway.server import serve
-    from gateway.store import StoreError
+    from gateway.supervisor import start_errors
 
     try:
         config = load_config(
@@ -175,7 +173,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
             code = supervise(config)
         else:
             code = serve(config)
-    except (StoreError, AuditError, KeyStoreError, ValueError, OSError, RuntimeError) as e:  # store, key
+    except start_errors() as e:
         return _fail(f"serve: {e}")
     exit_now(code)  # ended (drained, or gave up): the interpreter's teardown would only delay a restart
 

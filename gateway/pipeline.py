@@ -321,7 +321,7 @@ class Pipeline:
         self.workers: WorkerPool | None = None
         self._computing = 0
         self._compute_room = asyncio.Semaphore(config.compute_queue)
-        # First batches of new streams in compute at once (see `_run_compute`): a least group a worker
+        # First batches of new streams in compute at once (see `_run_compute`): one smallest group a worker
         # process (`workers.GROUP_MIN`), so that an established stream's batch waits behind few device-state
         # loads; one running and one queued batch a compute thread. In a 2,000-band storm on 2 cores
         # (BENCHMARKS.md, "Opening turns") the observers' ack p99 was 134-395 ms with 8 or 16 turns against

@@ -541,13 +541,19 @@ def _serve_process(fd: int) -> int:
     return asyncio.run(main())
 
 
-def _expected(e: Exception) -> bool:
-    """A start error `serve` answers with its message alone (gateway/cli.py): a store, URL, port or key."""
+def start_errors() -> tuple[type[Exception], ...]:
+    """The start errors `serve` answers with their message alone (`serve: …`, exit 2): a store, URL,
+    port, audit log or key; anything else is a bug and keeps its traceback. One list for `bandgate serve`
+    (gateway/cli.py) and for the serving processes here."""
     from gateway.privacy.keys import KeyStoreError
     from gateway.security.audit import AuditError
     from gateway.store import StoreError
 
-    return isinstance(e, (StoreError, AuditError, KeyStoreError, ValueError, OSError, RuntimeError))
+    return (StoreError, AuditError, KeyStoreError, ValueError, OSError, RuntimeError)
+
+
+def _expected(e: Exception) -> bool:
+    return isinstance(e, start_errors())
 
 
 if __name__ == "__main__":

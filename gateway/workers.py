@@ -548,35 +548,33 @@ def _serve(
         _send(sock, (False, _portable(e)))
         return 1
     _send(sock, (True, os.getpid()))
-    cache = StateCache()
-    try:
-        warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
-        # from now on the serving process's deadline applies in full
-        _send(sock, (WARM_JOB, True, None))
-    except OSError:  # the serving process closed us while we warmed up
-        store.close()
-        if sealer is not None:
-            sealer.keys.close()
-        return 0
-    except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
-        log.warning("warm-up failed", extra={"fields": {"event": "warm_failed", "error": type(e).__name__}})
-
-    def compute(job: Any) -> tuple[int, bool, Any]:
-        """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
-        (job, False, the exception)."""
-        job_id, (device_id, batch_bytes, allowed, allow_gap) = job
-        _MARKER.pack_into(marker, 0, job_id)  # the serving process blames this job if we never answer
+    try:  # from here on, every way out closes the store and its key store (PostgreSQL: a listener)
+        cache = StateCache()
         try:
-            batch = batch_pb2.Batch.FromString(batch_bytes)
-            outcome = load_and_compute(
-                store, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache
-            )
-            return job_id, True, outcome
-        except Exception as e:
-            return job_id, False, _portable(e)
+            warm()  # load every kernel now, not inside a band's batch (jobs wait in the socket meanwhile)
+            # from now on the serving process's deadline applies in full
+            _send(sock, (WARM_JOB, True, None))
+        except OSError:  # the serving process closed us while we warmed up
+            return 0
+        except Exception as e:  # a kernel that failed here fails its batches with a reason, as before
+            failed = {"event": "warm_failed", "error": type(e).__name__}
+            log.warning("warm-up failed", extra={"fields": failed})
 
-    inbox = _Inbox(sock)
-    try:
+        def compute(job: Any) -> tuple[int, bool, Any]:
+            """One job's answer before the commit: (job, True, high-water or (Computed, CommitItem)), or
+            (job, False, the exception)."""
+            job_id, (device_id, batch_bytes, allowed, allow_gap) = job
+            _MARKER.pack_into(marker, 0, job_id)  # the serving process blames this job if we never answer
+            try:
+                batch = batch_pb2.Batch.FromString(batch_bytes)
+                outcome = load_and_compute(
+                    store, device_id, batch, allowed, allow_gap, max_decompressed_bytes, cache
+                )
+                return job_id, True, outcome
+            except Exception as e:
+                return job_id, False, _portable(e)
+
+        inbox = _Inbox(sock)
         held = None
         while (job := held or inbox.take()) is not None:
             held = None
@@ -606,7 +604,7 @@ def _serve(
         return 0
     finally:
         store.close()
-        if sealer is not None:  # its key store's connection (PostgreSQL: a listener) closes too
+        if sealer is not None:
             sealer.keys.close()
 
 
