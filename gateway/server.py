@@ -57,6 +57,7 @@ from gateway.store.base import UNOWNED, RegistryOp
 from gateway.storewatch import StoreWatch
 from gateway.stream import stream_for_url
 from gateway.stream.drainer import Drainer
+from gateway.stream.holder import DrainerName, claim_drainer_name
 
 log = logging.getLogger("bandgate.server")
 
@@ -540,6 +541,7 @@ class Gateway:
         self._ingest: IngestService | None = None
         self._retention: asyncio.Future | None = None
         self.drainer: Drainer | None = None  # the feature stream's publisher (with `stream` set)
+        self._drainer_name: DrainerName | None = None
 
     async def start(self) -> str:
         """Open the store, bind, serve; returns the bound HOST:PORT of the main listener."""
@@ -590,7 +592,11 @@ class Gateway:
         )
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
         if c.stream:
-            outbox = StoreThread(store_for_url(store_url, sealer), "outbox")
+            outbox_store = store_for_url(store_url, sealer)
+            # its leases under a name this state dir keeps: restarted after a crash, it takes them back
+            self._drainer_name = claim_drainer_name(security.state.root)
+            outbox_store.name_drainer(self._drainer_name.name)
+            outbox = StoreThread(outbox_store, "outbox")
             await asyncio.to_thread(outbox.start)
             self.drainer = Drainer(
                 outbox, stream_for_url(c.stream, c.retention_settings().days), self.metrics
@@ -796,6 +802,9 @@ class Gateway:
         if drainer is not None:  # after the last commits: a clean stop publishes them (what is left waits)
             await drainer.shutdown(flush_s=min(self.config.shutdown_grace_s, 5.0))
             await asyncio.to_thread(drainer.outbox.shutdown)
+        drainer_name, self._drainer_name = self._drainer_name, None
+        if drainer_name is not None:  # after the store let go of its leases
+            drainer_name.close()
         for attr in ("_reader", "_registry_thread"):
             thread = getattr(self, attr)
             setattr(self, attr, None)

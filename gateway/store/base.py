@@ -496,6 +496,11 @@ class Store(Protocol):
     # purge entry. Retention takes a message entry whose first record it deletes; record entries (older
     # gateways') go with their records
 
+    def name_drainer(self, name: str) -> None:
+        """Take outbox entries under `name` (before the first take): a store several drainers share leases
+        devices to them by name, and a drainer restarted under its old name takes its leases back at once
+        (gateway/stream/holder.py). A store with one drainer keeps no leases and ignores it."""
+
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """Up to `limit` outbox entries, oldest first, each marked taken (its first `taken_us` is kept).
         Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries

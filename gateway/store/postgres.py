@@ -486,8 +486,9 @@ class PostgresStore(Store):
         # Commits write outbox entries for the feature stream (a gateway with --stream); the flag travels
         # in the URL (`?outbox=1`), so compute worker processes that commit write them too.
         self.outbox = bool(outbox)
-        # This object as a drainer: its name in outbox_leases, and the entries of its last page not yet
-        # done, by id, with their devices (a device is released when none of its entries is left here).
+        # This object as a drainer: its name in outbox_leases (a gateway's survives its restarts:
+        # `name_drainer`), and the entries of its last page not yet done, by id, with their devices (a
+        # device is released when none of its entries is left here).
         self.outbox_holder = f"{os.getpid()}-{secrets.token_hex(6)}"
         self.outbox_lease_s = OUTBOX_LEASE_S
         self._in_flight: dict[int, str] = {}
@@ -1127,6 +1128,11 @@ class PostgresStore(Store):
         return total
 
     # the outbox
+
+    def name_drainer(self, name: str) -> None:
+        if self._leasing and name != self.outbox_holder:
+            raise RuntimeError("a drainer is named before its first take")
+        self.outbox_holder = name
 
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """As SQLite's, for several drainers on one database (one a gateway). A drainer takes a device's

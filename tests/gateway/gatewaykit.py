@@ -201,7 +201,15 @@ class ServeProcess:
     """`bandgate serve` as a subprocess; its JSON log goes to a file (a pipe nobody reads would fill up and
     block the server), and `address` is parsed from its "serving" line."""
 
-    def __init__(self, tmp_path: Path, db: Path, listen: str = "127.0.0.1:0", extra: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tmp_path: Path,
+        db: Path | str,
+        listen: str = "127.0.0.1:0",
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
+        """`db`: a SQLite file, or a store URL (PostgreSQL); `env`: more environment (BANDGATE_*)."""
         self.log_path = tmp_path / f"serve-{time.monotonic_ns()}.log"
         self.state_dir = tmp_path / "state"
         # the operator's privacy settings tls_config uses: every family consented, age unknown = adult
@@ -210,6 +218,7 @@ class ServeProcess:
             "PYTHONPATH": f"{REPO}:{REPO / 'protos'}",
             "BANDGATE_DEFAULT_CONSENT": "all",
             "BANDGATE_AGE_UNKNOWN": "adult",
+            **(env or {}),
         }
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
@@ -218,7 +227,7 @@ class ServeProcess:
                     "--listen",
                     listen,
                     "--store",
-                    f"sqlite:///{db}",
+                    db if isinstance(db, str) else f"sqlite:///{db}",
                     "--state-dir",
                     str(self.state_dir),
                     "--token-listen",

@@ -30,8 +30,9 @@ from gateway.pipeline import ALREADY_EXISTS, OK
 from gateway.privacy.sealing import open_sealer
 from gateway.server import Gateway, run_server
 from gateway.simulator.client import run_fleet
+from gateway.simulator.recorder import fleet_batches
 from gateway.store import open_store
-from tests.gateway.gatewaykit import Credentials, Uploader, band, key, processed, tls_config
+from tests.gateway.gatewaykit import Credentials, ServeProcess, Uploader, band, key, processed, tls_config
 from tests.privacy.privacykit import hexid
 from tests.services import postgres_url, unique_name
 from tests.stream.natskit import all_messages, delete_streams, record_of, shared_nats, unique_prefix
@@ -281,3 +282,74 @@ def test_postgresql_connections_cut_mid_stream_lose_nothing_and_double_nothing(
     ids = [msg_id for _, msg_id, _ in messages]
     assert len(ids) == len(set(ids)), "a record is in the stream twice"
     assert by_key([record_of(body) for *_, body in messages]) == expected
+
+
+def _leases(base: str, schema: str) -> list[tuple[str, str]]:
+    """(device, holder) of the outbox leases not yet run out."""
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        return conn.execute(
+            "SELECT device, holder FROM outbox_leases WHERE until_us > (extract(epoch FROM now()) * 1e6)"
+        ).fetchall()
+
+
+def test_a_gateway_killed_holding_devices_publishes_them_as_soon_as_it_is_back(
+    tmp_path: Path, pg: tuple[str, str], stream_url: str
+) -> None:
+    """`serve --stream` on PostgreSQL, killed with SIGKILL while its drainer holds devices (rows of
+    outbox_leases), then started again on the same state dir: it takes them back under its name
+    (gateway/stream/holder.py), so the stream holds every stored record, once, soon after the restart;
+    before, their publishing waited for the lease (OUTBOX_LEASE_S, 120 s) to run out."""
+    store, keys = pg
+    base, schema = store.split("?schema=")
+    env = {"BANDGATE_KEY_SCHEMA": keys}
+    fleet = [(rec.device_id, b) for rec, b in fleet_batches(bands=4, minutes=40, seed=31, batch_minutes=1)]
+    server = ServeProcess(tmp_path, store, extra=("--stream", stream_url), env=env)
+    address = server.address
+    acked = 0
+
+    def count(_: int) -> None:
+        nonlocal acked
+        acked += 1
+
+    def kill_holding() -> list[tuple[str, str]]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _leases(base, schema):
+                server.kill()
+                return _leases(base, schema)
+        raise AssertionError("the drainer never held a device")
+
+    async def scenario() -> tuple[list, list, float]:
+        nonlocal server
+        credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
+        bands = asyncio.ensure_future(
+            run_fleet(address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
+        )
+        while acked < 20:
+            await asyncio.sleep(0.01)
+        held = await asyncio.to_thread(kill_holding)
+        server = ServeProcess(tmp_path, store, listen=address, extra=("--stream", stream_url), env=env)
+        restarted = time.monotonic()
+        return await bands, held, restarted
+
+    try:
+        stats, held, restarted = asyncio.run(asyncio.wait_for(scenario(), 120))
+        stored = read_store(tmp_path, store, keys)
+        for _ in range(600):
+            if len(read_stream(stream_url)) >= len(stored):
+                break
+            time.sleep(0.05)
+        caught_up_s = time.monotonic() - restarted
+        assert server.terminate() == 0
+        messages = read_stream(stream_url)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()
+    assert held, "killed while holding no device: the run shows nothing"
+    assert not any(s.refused for s in stats)
+    assert by_key(stored) == by_key(processed(b for _, batches in fleet for b in batches))
+    ids = [msg_id for _, msg_id, _ in messages]
+    assert len(ids) == len(set(ids)) == len(stored), "a record is missing from the stream, or in it twice"
+    assert by_key([record_of(body) for *_, body in messages]) == by_key(stored)
+    assert caught_up_s < 30, f"the stream caught up {caught_up_s:.1f} s after the restart"

@@ -431,6 +431,8 @@ import os, sys
 from gateway.store import PostgresStore
 store = PostgresStore.from_url(sys.argv[1])
 store.outbox_lease_s = float(sys.argv[2])
+if len(sys.argv) > 3:
+    store.name_drainer(sys.argv[3])
 store.open()
 print(" ".join(f"{r.id}:{r.taken_us}" for r in store.outbox_take(100)), flush=True)
 os._exit(137)  # dies with its page in flight: no done, no close
@@ -457,6 +459,38 @@ def test_a_crashed_drainers_devices_go_to_another_after_the_lease(pg_harness: Po
         again = survivor.outbox_take(100)
         assert [(r.id, r.taken_us) for r in again] == taken  # taken again, the first taken time kept
         assert survivor.outbox_done([r.id for r in again]) == 3
+
+
+def test_a_drainer_restarted_under_its_name_takes_its_devices_back_at_once(
+    pg_harness: PostgresHarness,
+) -> None:
+    """A gateway's drainer keeps its name across restarts (gateway/stream/holder.py): killed with its page
+    in flight, it takes the page again as soon as it is back, while another drainer still waits for the
+    lease. The first taken time is kept."""
+    with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as other:
+        for m in range(3):
+            writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
+        writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
+        crash = subprocess.run(
+            [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), "120", "0123abcd-0"],
+            capture_output=True,
+            timeout=60,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert crash.returncode == 137, crash.stderr.decode()[-2000:]
+        taken = [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+        assert len(taken) == 4
+        other.name_drainer("0123abcd-1")  # the gateway's other slot: not the dead process's name
+        assert other.outbox_take(100) == []
+        with pg_harness.outbox_store() as restarted:
+            restarted.name_drainer("0123abcd-0")
+            again = restarted.outbox_take(100)
+            assert [(r.id, r.taken_us) for r in again] == taken
+            assert restarted.outbox_done([r.id for r in again]) == 4
+            with pytest.raises(RuntimeError, match="before its first take"):
+                restarted.name_drainer("0123abcd-2")
+        assert other.outbox_take(100) == []  # nothing left, and nothing held
 
 
 # connections cut under the store

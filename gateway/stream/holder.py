@@ -1,0 +1,77 @@
+"""The name a gateway's drainer holds outbox leases under (PostgreSQL, `outbox_leases`), kept across
+restarts, so a gateway killed mid-page takes its devices back as soon as it is up again, instead of
+leaving them unpublished until the lease runs out (`OUTBOX_LEASE_S`, 120 s).
+
+A name is `<gateway id>-<slot>`: the gateway id is made once per state dir (`drainer-id`, random), and the
+slot is the first `drainer-<k>.lock` in the state dir this process can `flock`. The kernel drops the lock
+when the process dies, however it dies, so a name is never held by two live processes: a second gateway
+on the same state dir (or a serving process beside the first) takes the next slot, and a restarted one
+finds its slot free again. Two holders of one name would both publish a device, out of order; a lock
+that is not free is therefore never waited for or broken. On a state dir shared over a network file
+system whose locks do not hold, run one gateway per state dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+from typing import IO
+
+ID_FILE = "drainer-id"
+MAX_SLOTS = 64
+
+
+class DrainerName:
+    """A claimed name, held while this object lives (its open lock file is the claim): `close()`, its
+    collection or the process's end frees the slot."""
+
+    def __init__(self, name: str, lock: IO[bytes]):
+        self.name = name
+        self._lock: IO[bytes] | None = lock
+
+    def close(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file drops the flock
+
+    def __repr__(self) -> str:
+        return f"DrainerName({self.name})"
+
+
+def _gateway_id(state_dir: Path) -> str:
+    """This state dir's id, made on first use: written whole to a temporary file, then linked into place
+    (a second process starting at the same moment reads the one that won, never half of one)."""
+    path = state_dir / ID_FILE
+    if not path.exists():
+        tmp = state_dir / f".{ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp.write_text(secrets.token_hex(8) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    text = path.read_text().strip()
+    if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"{path} is not a drainer id (16 hex digits); remove it to make a new one")
+    return text
+
+
+def claim_drainer_name(state_dir: Path) -> DrainerName:
+    """The first free slot of this state dir's gateway id; RuntimeError when all MAX_SLOTS are held."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    gateway = _gateway_id(state_dir)
+    for slot in range(MAX_SLOTS):
+        lock = open(state_dir / f"drainer-{slot}.lock", "ab")  # noqa: SIM115 (held open: the slot's lock)
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        return DrainerName(f"{gateway}-{slot}", lock)
+    raise RuntimeError(f"all {MAX_SLOTS} drainer slots of {state_dir} are held by running processes")
+
+
+__all__ = ["DrainerName", "claim_drainer_name"]
