@@ -506,7 +506,8 @@ class Store(Protocol):
         Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries
         whose record does not open (a destroyed key) are dropped here, never returned. A drainer holds
         one page at a time: a take ends its previous page. A store several drainers share (PostgreSQL)
-        gives each the entries of devices no other has in flight, so a page may pass older entries by.
+        gives each the entries of devices no other has in flight, so a page may pass older entries by;
+        SQLite gives the whole outbox to one drainer at a time (the others' takes are empty).
         A page ends at the end of a batch (record entries sharing `batch`), so it may hold more than
         `limit`; a message entry is one entry however many records it holds."""
         ...

@@ -12,6 +12,7 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import sqlite3
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl, unquote
 
 from decoder.records import device_key
@@ -402,6 +403,7 @@ class SqliteStore(Store):
         self.outbox = bool(outbox)
         self.unreadable = 0  # sealed values that did not open, skipped (reported in the log)
         self._conn: sqlite3.Connection | None = None
+        self._drainer_lock: IO[bytes] | None = None  # held: this object drains the file's outbox
 
     @classmethod
     def from_url(cls, url: str, sealer: Sealer | None = None) -> SqliteStore:
@@ -457,6 +459,9 @@ class SqliteStore(Store):
         self._conn = conn
 
     def close(self) -> None:
+        lock, self._drainer_lock = self._drainer_lock, None
+        if lock is not None:
+            lock.close()  # another process's drainer may take the outbox from its next take
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -868,9 +873,17 @@ class SqliteStore(Store):
         """One write transaction marks the page taken and reads its records; their values are opened
         after it, so the write lock is held for two index lookups a row, not for the decryption. The page
         goes on to the end of its last entry's batch (a batch's entries have consecutive ids: one commit
-        writes them)."""
+        writes them).
+
+        One drainer at a time: SQLite's outbox has no leases, so two drainers would publish the same
+        entries, and a record taken before an erasure could land after its purge. The first store object
+        to take holds an `flock` on `<file>-drainer.lock` until it closes or its process dies, however it
+        dies; meanwhile every other object's take (another serving process of `serve --workers`, another
+        gateway on the file) is empty, and the next one after that takes over."""
         if limit <= 0:
             raise ValueError("limit must be positive")
+        if not self._drains():
+            return []
         now_us = time.time_ns() // 1000
         with self._unsynced_write() as conn:
             page = conn.execute(
@@ -916,6 +929,18 @@ class SqliteStore(Store):
         if dead:
             self.outbox_done(dead)
         return out
+
+    def _drains(self) -> bool:
+        """Whether this object holds the file's drainer lock, taking it if it is free."""
+        if self._drainer_lock is None:
+            lock = open(f"{self.path}-drainer.lock", "ab")  # noqa: SIM115 (held open: the lock)
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                return False
+            self._drainer_lock = lock
+        return True
 
     def outbox_done(self, ids: Sequence[int]) -> int:
         if not ids:

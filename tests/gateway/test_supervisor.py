@@ -32,12 +32,14 @@ from tests.gateway.gatewaykit import (
     Uploader,
     band,
     config,
+    key,
     processed,
     running,
     same_records,
     stored,
     wait_until,
 )
+from tests.stream.natskit import all_messages, delete_streams, record_of, shared_nats, unique_prefix
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -415,3 +417,45 @@ def test_token_process_serves_the_token_listener_alone_and_nicer(tmp_path):
         assert lookups.get("1") == 1.0 and not lookups.get("0"), lookups
     finally:
         assert server.terminate() == 0
+
+
+def test_one_serving_process_drains_a_sqlite_outbox_and_another_takes_over_when_it_dies(tmp_path):
+    """`serve --workers 2 --stream` on SQLite: both processes commit outbox entries, one drains them (two
+    would publish the same entries, and a record taken before an erasure could land after its purge);
+    killed, the other process takes the outbox over. Every stored record is on the stream once."""
+    base, prefix = shared_nats(), unique_prefix()
+    db = tmp_path / "gw.db"
+    server = Supervised(tmp_path, db, "--stream", f"{base}?prefix={prefix}")
+    published = "bandgate_stream_published_total"
+
+    def fleet(seed: int) -> list:
+        return [(r.device_id, b) for r, b in fleet_batches(bands=4, minutes=20, seed=seed, batch_minutes=1)]
+
+    async def send(batches: list) -> None:
+        credentials = await server.credentials.fleet_credentials(d for d, _ in batches)
+        stats = await run_fleet(server.address, batches, give_up_after_s=30, credentials=credentials)
+        assert not any(s.refused for s in stats)
+
+    def streamed_all() -> bool:
+        return len(run(all_messages(base, prefix))) == len(stored(f"sqlite:///{db}"))
+
+    try:
+        run(send(fleet(71)))
+        assert wait_until(streamed_all, timeout=30)
+        before = server.per_process(published)
+        drainers = [p for p, n in before.items() if n > 0]
+        assert len(drainers) == 1 and sum(before.values()) > 0, before
+        (drainer,) = drainers
+        os.kill(server.pids[int(drainer)], signal.SIGKILL)
+        run(send(fleet(72)))
+        assert wait_until(streamed_all, timeout=30)
+        other = "1" if drainer == "0" else "0"
+        assert wait_until(lambda: server.per_process(published).get(other, 0) > 0, timeout=10)
+        messages = run(all_messages(base, prefix))
+    finally:
+        assert server.terminate() == 0
+        run(delete_streams(base, prefix))
+    got = stored(f"sqlite:///{db}")
+    ids = [m[1] for m in messages]
+    assert len(ids) == len(set(ids)) == len(got), "a record is missing from the stream, or in it twice"
+    assert sorted((record_of(b) for *_, b in messages), key=key) == sorted(got, key=key)

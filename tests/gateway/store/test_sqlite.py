@@ -3,7 +3,10 @@ a full disk, what erasure leaves in the files)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,7 @@ from gateway.store import (
 )
 from gateway.store.sqlite import MIGRATIONS
 from gateway.stream.base import messages_of, records_of
+from tests.gateway.gatewaykit import REPO
 
 from .contract import A, B, C, OutboxContract, StoreContract, everything, minutes
 
@@ -163,6 +167,40 @@ def test_the_outbox_drainer_writes_without_fsync_and_commits_stay_full(tmp_path:
     assert not store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=0").outbox  # type: ignore[attr-defined]
     with pytest.raises(ValueError):
         store_for_url(f"sqlite:///{tmp_path}/p.db?outbox=yes")
+
+
+_TAKE_AND_DIE = """
+import os, sys
+from gateway.store.sqlite import SqliteStore
+store = SqliteStore(sys.argv[1], outbox=True)
+store.open()
+print(len(store.outbox_take(10)), flush=True)
+os.kill(os.getpid(), 9)  # holding the outbox: no close
+"""
+
+
+def test_one_drainer_at_a_time_takes_a_files_outbox(tmp_path: Path) -> None:
+    """Two store objects on one file (two serving processes, say): the first to take drains, the
+    other's takes are empty (they would publish the same entries) until the first closes, or dies."""
+    path = tmp_path / "p.db"
+    with SqliteStore(path, outbox=True) as first, SqliteStore(path, outbox=True) as second:
+        first.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        (page,) = first.outbox_take(10)
+        first.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1))
+        assert second.outbox_take(10) == []
+        assert [r.id for r in first.outbox_take(10)] == [page.id, page.id + 1]  # still the first's
+        first.close()
+        assert sorted(r.records for r in second.outbox_take(10)) == [1, 2]
+    killed = subprocess.run(
+        [sys.executable, "-c", _TAKE_AND_DIE, str(path)],
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert killed.returncode == -9 and killed.stdout.split() == [b"2"], killed.stderr.decode()[-2000:]
+    with SqliteStore(path, outbox=True) as after:  # the kernel dropped the dead process's lock
+        assert len(after.outbox_take(10)) == 2
 
 
 def test_full_disk_is_unavailable_and_writes_nothing(tmp_path: Path) -> None:
