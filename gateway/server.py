@@ -591,7 +591,10 @@ class Gateway:
             sealing_dir=str(security.state.root) if sealer is not None else "",
         )
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
-        if c.stream:
+        # The token process (`serve --token-process`) commits outbox entries but drains none: the mutual-TLS
+        # processes do. It runs nicer and takes the bad-token floods, and on SQLite the one drainer of the
+        # file would otherwise stay with it once it had the outbox.
+        if c.stream and self.listeners != "token":
             outbox_store = store_for_url(store_url, sealer)
             # its leases under a name this state dir keeps: restarted after a crash, it takes them back
             self._drainer_name = claim_drainer_name(security.state.root)

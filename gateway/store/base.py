@@ -501,6 +501,11 @@ class Store(Protocol):
         devices to them by name, and a drainer restarted under its old name takes its leases back at once
         (gateway/stream/holder.py). A store with one drainer keeps no leases and ignores it."""
 
+    def outbox_drains(self) -> bool:
+        """Whether this object's takes drain the outbox now: False while another drainer holds a store that
+        one drainer drains at a time (SQLite), this one's takes being empty meanwhile."""
+        return True
+
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """Up to `limit` outbox entries, oldest first, each marked taken (its first `taken_us` is kept).
         Entries stay until `outbox_done`: a drainer that dies before publishing loses nothing. Entries

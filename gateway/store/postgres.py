@@ -38,6 +38,7 @@ export iterator and a commit on the same object each have a connection of their 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -101,6 +102,8 @@ from gateway.store.rows import (
     rows_of,
     token_decision,
 )
+
+log = logging.getLogger("bandgate.store")
 
 DEFAULT_SCHEMA = "bandgate"
 DEFAULT_LOCK_TIMEOUT_MS = 2000  # as SQLite's busy timeout: an erasure chunk is short; the band retries later
@@ -499,6 +502,9 @@ class PostgresStore(Store):
         self._migrate_lock_key = _int32(zlib.crc32(f"bandgate-migrate:{schema}".encode()))
         self._writer_lock_key = _int32(zlib.crc32(f"bandgate-writers:{schema}".encode()))
         self._outbox_lock_key = _int32(zlib.crc32(f"bandgate-outbox:{schema}".encode()))
+        self._drainer_name_key = _int32(zlib.crc32(f"bandgate-drainer-name:{schema}".encode()))
+        self._wanted_name: str | None = None  # `name_drainer`'s, until claimed at the first take
+        self._name_conn: psycopg.Connection | None = None  # holds the claimed name's session lock
         self._pool: psycopg_pool.ConnectionPool | None = None
 
     @classmethod
@@ -583,6 +589,10 @@ class PostgresStore(Store):
             # store that is down lets them expire)
             with suppress(StoreError):
                 self._release_all()
+        name_conn, self._name_conn = self._name_conn, None
+        if name_conn is not None:  # after the leases went: the name is free for a restart
+            with suppress(psycopg.Error):
+                name_conn.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -1130,9 +1140,39 @@ class PostgresStore(Store):
     # the outbox
 
     def name_drainer(self, name: str) -> None:
+        """The name is claimed at the first take: held as a session advisory lock on a connection of its
+        own, so that no two live drainers ever lease under one name, whatever their state dirs say (a
+        state dir copied to a second host would give both the same name). A name another live drainer
+        holds is not used: this one keeps its random name, and a crash of it leaves its devices to the
+        lease, as before."""
         if self._leasing and name != self.outbox_holder:
             raise RuntimeError("a drainer is named before its first take")
-        self.outbox_holder = name
+        self._wanted_name = name
+
+    def _claim_name(self) -> None:
+        wanted = self._wanted_name
+        assert wanted is not None
+        with _errors():
+            conn = psycopg.connect(
+                make_conninfo(self._conninfo, application_name="bandgate-drainer"), autocommit=True
+            )
+            try:
+                (held,) = conn.execute(  # type: ignore[misc]
+                    "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (self._drainer_name_key, wanted)
+                ).fetchone()
+            except BaseException:
+                conn.close()
+                raise
+        self._wanted_name = None
+        if not held:
+            conn.close()
+            log.warning(
+                "drainer name held by another live drainer; leasing under a name of this process",
+                extra={"fields": {"event": "drainer_name_taken", "name": wanted}},
+            )
+            return
+        self._name_conn = conn
+        self.outbox_holder = wanted
 
     def outbox_take(self, limit: int = 500) -> list[OutboxRow]:
         """As SQLite's, for several drainers on one database (one a gateway). A drainer takes a device's
@@ -1152,6 +1192,8 @@ class PostgresStore(Store):
         opened after the commit. A take ends this object's previous page."""
         if limit <= 0:
             raise ValueError("limit must be positive")
+        if self._wanted_name is not None:
+            self._claim_name()
         now_us = time.time_ns() // 1000
         me = self.outbox_holder
         self._leasing = True

@@ -930,15 +930,26 @@ class SqliteStore(Store):
             self.outbox_done(dead)
         return out
 
+    def outbox_drains(self) -> bool:
+        return self._drainer_lock is not None
+
     def _drains(self) -> bool:
-        """Whether this object holds the file's drainer lock, taking it if it is free."""
+        """Whether this object holds the file's drainer lock, taking it if it is free (an open store only:
+        a closed one gives it back)."""
+        self._connection()
         if self._drainer_lock is None:
-            lock = open(f"{self.path}-drainer.lock", "ab")  # noqa: SIM115 (held open: the lock)
+            try:
+                lock = open(f"{self.path}-drainer.lock", "ab")  # noqa: SIM115 (held open: the lock)
+            except OSError as e:
+                raise StoreError(f"sqlite: the outbox's drainer lock: {e}") from e
             try:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.close()
                 return False
+            except OSError as e:  # no locks on this file system (ENOLCK): a store error, retried
+                lock.close()
+                raise StoreError(f"sqlite: the outbox's drainer lock: {e}") from e
             self._drainer_lock = lock
         return True
 

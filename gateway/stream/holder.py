@@ -7,17 +7,20 @@ slot is the first `drainer-<k>.lock` in the state dir this process can `flock`. 
 when the process dies, however it dies, so a name is never held by two live processes: a second gateway
 on the same state dir (or a serving process beside the first) takes the next slot, and a restarted one
 finds its slot free again. Two holders of one name would both publish a device, out of order; a lock
-that is not free is therefore never waited for or broken. On a state dir shared over a network file
-system whose locks do not hold, run one gateway per state dir.
+that is not free is therefore never waited for or broken. The store enforces it too, whatever the files
+say (a state dir copied to a second host, a file system whose locks do not hold): PostgreSQL keeps a
+name to one live drainer (`PostgresStore.name_drainer`), and another is left with a random name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import os
 import secrets
 from pathlib import Path
 from typing import IO
+
+from gateway.security.pki import PkiError, write_public
 
 ID_FILE = "drainer-id"
 MAX_SLOTS = 64
@@ -41,18 +44,13 @@ class DrainerName:
 
 
 def _gateway_id(state_dir: Path) -> str:
-    """This state dir's id, made on first use: written whole to a temporary file, then linked into place
-    (a second process starting at the same moment reads the one that won, never half of one)."""
+    """This state dir's id, made on first use: staged, fsynced and linked into place (`write_public`), so
+    a second process starting at the same moment reads the one that won, and a power cut leaves the file
+    whole or absent."""
     path = state_dir / ID_FILE
     if not path.exists():
-        tmp = state_dir / f".{ID_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-        tmp.write_text(secrets.token_hex(8) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        with contextlib.suppress(PkiError):  # another process made it first
+            write_public(path, (secrets.token_hex(8) + "\n").encode(), overwrite=False)
     text = path.read_text().strip()
     if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
         raise ValueError(f"{path} is not a drainer id (16 hex digits); remove it to make a new one")

@@ -420,12 +420,13 @@ def test_token_process_serves_the_token_listener_alone_and_nicer(tmp_path):
 
 
 def test_one_serving_process_drains_a_sqlite_outbox_and_another_takes_over_when_it_dies(tmp_path):
-    """`serve --workers 2 --stream` on SQLite: both processes commit outbox entries, one drains them (two
-    would publish the same entries, and a record taken before an erasure could land after its purge);
-    killed, the other process takes the outbox over. Every stored record is on the stream once."""
+    """`serve --workers 2 --token-process --stream` on SQLite: the processes commit outbox entries, one of
+    the mutual-TLS ones drains them (two would publish the same entries, and a record taken before an
+    erasure could land after its purge; the token process, nicer and the target of floods, drains none);
+    killed, the other takes the outbox over. Every stored record is on the stream once."""
     base, prefix = shared_nats(), unique_prefix()
     db = tmp_path / "gw.db"
-    server = Supervised(tmp_path, db, "--stream", f"{base}?prefix={prefix}")
+    server = Supervised(tmp_path, db, "--token-process", "--stream", f"{base}?prefix={prefix}")
     published = "bandgate_stream_published_total"
 
     def fleet(seed: int) -> list:
@@ -446,11 +447,13 @@ def test_one_serving_process_drains_a_sqlite_outbox_and_another_takes_over_when_
         drainers = [p for p, n in before.items() if n > 0]
         assert len(drainers) == 1 and sum(before.values()) > 0, before
         (drainer,) = drainers
+        assert drainer in ("0", "1") and len(server.pids) == 3, (before, server.pids)  # "2": token
         os.kill(server.pids[int(drainer)], signal.SIGKILL)
         run(send(fleet(72)))
         assert wait_until(streamed_all, timeout=30)
         other = "1" if drainer == "0" else "0"
         assert wait_until(lambda: server.per_process(published).get(other, 0) > 0, timeout=10)
+        assert server.per_process(published).get("2", 0) == 0
         messages = run(all_messages(base, prefix))
     finally:
         assert server.terminate() == 0

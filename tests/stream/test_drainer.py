@@ -190,3 +190,44 @@ def test_a_page_taken_past_the_budget_is_not_published_but_taken_again(tmp_path)
     first, published_then, depth = run(scenario())
     assert (first, published_then) == (0, 0)
     assert depth == 0 and len(stream.messages) == 1 and len(stream.records) == 2
+
+
+class CountedDepth(SqliteStore):
+    """A store that counts its depth queries (a scan of the outbox)."""
+
+    depths = 0
+
+    def outbox_depth(self) -> int:
+        self.depths += 1
+        return super().outbox_depth()
+
+
+def test_a_standby_drainer_neither_publishes_nor_counts_the_outbox_until_it_has_it(tmp_path) -> None:
+    """SQLite: a second drainer on the file (another serving process) stands by while the first has the
+    outbox: its rounds, one at every commit's wake, publish nothing and do not count the backlog (a scan
+    each); once the first is closed, its next round drains the file."""
+    path = tmp_path / "gw.db"
+    with SqliteStore(path, outbox=True) as s:
+        s.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        s.commit(B, 1, 0, 0, b"b", minutes(B, 0, 1))
+    first_stream, second_stream = MemoryStream(), MemoryStream()
+
+    async def scenario() -> tuple[int, int, int, int]:
+        first = await _drainer(path, first_stream)
+        thread = StoreThread(CountedDepth(path, outbox=True), "outbox")
+        await asyncio.to_thread(thread.start)
+        second = Drainer(thread, second_stream, metrics=Metrics())
+        assert await first.outbox.call(first.outbox.store.outbox_take, 1)  # the first has the outbox
+        standby = [await second.drain_once() for _ in range(20)]
+        assert standby == [0] * 20 and not second_stream.records
+        depths_standing_by = thread.store.depths
+        await asyncio.to_thread(first.outbox.shutdown)
+        drained = await second.drain_once()
+        empty = await second.drain_once()
+        await asyncio.to_thread(thread.shutdown)
+        return depths_standing_by, drained, empty, thread.store.depths
+
+    depths_standing_by, drained, empty, depths = run(scenario())
+    assert depths_standing_by == 0
+    assert drained == 2 and empty == 0 and depths >= 1  # its own empty take counts the depth again
+    assert not first_stream.records and len(second_stream.records) == 3

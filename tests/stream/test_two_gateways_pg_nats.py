@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -313,11 +314,17 @@ def test_a_gateway_killed_holding_devices_publishes_them_as_soon_as_it_is_back(
         acked += 1
 
     def kill_holding() -> list[tuple[str, str]]:
+        """Stopped (SIGSTOP: it can give nothing back), then killed if it holds devices, else resumed."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if _leases(base, schema):
-                server.kill()
-                return _leases(base, schema)
+                server.proc.send_signal(signal.SIGSTOP)
+                held = _leases(base, schema)
+                if held:
+                    server.kill()
+                    return held
+                server.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.002)
         raise AssertionError("the drainer never held a device")
 
     async def scenario() -> tuple[list, list, float]:

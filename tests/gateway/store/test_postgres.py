@@ -493,6 +493,25 @@ def test_a_drainer_restarted_under_its_name_takes_its_devices_back_at_once(
         assert other.outbox_take(100) == []  # nothing left, and nothing held
 
 
+def test_a_name_is_leased_under_by_one_live_drainer_only(pg_harness: PostgresHarness) -> None:
+    """Two drainers given one name (a state dir copied to a second host): the database keeps the name to
+    the first to take; the second leases under a name of its own, so it never takes the first's devices,
+    and the name is free again once the first is closed."""
+    with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as one:
+        writer.commit(A, 1, 0, 0, b"a", minutes(A, 0, 2))
+        one.name_drainer("feedc0de-0")
+        (page,) = one.outbox_take(100)
+        with pg_harness.outbox_store() as copy:
+            copy.name_drainer("feedc0de-0")
+            assert copy.outbox_take(100) == []  # A is the first's, in flight
+            assert copy.outbox_holder != "feedc0de-0"
+        one.close()  # gives A back and frees the name
+        with pg_harness.outbox_store() as restarted:
+            restarted.name_drainer("feedc0de-0")
+            assert [r.id for r in restarted.outbox_take(100)] == [page.id]
+            assert restarted.outbox_holder == "feedc0de-0"
+
+
 # connections cut under the store
 
 
