@@ -40,14 +40,14 @@ INTERVAL_S = 0.1  # each band sends a 1-minute batch every 100 ms: 200 batches a
 QUIET_S = 10.0
 FLOOD_S = 30.0
 # Attack calls the one client keeps in flight. The client waits for each answer, so its rate is what the
-# token process answers: on a slow box 32 in flight gave 640-800 calls/s, 128 about 930 (2026-12-06).
+# token process answers: on a slow box 32 in flight gave 640-800 calls/s, 128 gave 812-1,111 (2026-12-06).
 IN_FLIGHT = 128
 MIN_ATTACK_RATE = 1_000  # calls a second: the flood
 # Below this the run shows nothing about a flood (the throttle refills 5 a second): a hard failure. Between
 # it and MIN_ATTACK_RATE the gateway's refusals were the limit on this box: reported (below), not passed.
 FLOOR_ATTACK_RATE = 300
 # The attacker stands for another machine: a remote peer's sending costs the gateway no CPU, but here it
-# shares the gateway's two cores. Niced, it takes the CPU the gateway leaves (and must still reach
+# shares the gateway's two cores. Niced, it takes the CPU the gateway leaves (and is to reach
 # MIN_ATTACK_RATE), rather than taking a core from it as no remote attacker could.
 ATTACKER_NICE = 10
 
