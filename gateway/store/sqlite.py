@@ -12,7 +12,6 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import logging
 import sqlite3
@@ -25,6 +24,7 @@ from typing import IO, Any
 from urllib.parse import parse_qsl, unquote
 
 from decoder.records import device_key
+from gateway.filelock import try_flock
 from gateway.store.base import (
     FAMILY_CLASS,
     UNOWNED,
@@ -939,19 +939,10 @@ class SqliteStore(Store):
         self._connection()
         if self._drainer_lock is None:
             try:
-                lock = open(f"{self.path}-drainer.lock", "ab")  # noqa: SIM115 (held open: the lock)
-            except OSError as e:
-                raise StoreError(f"sqlite: the outbox's drainer lock: {e}") from e
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.close()
-                return False
+                self._drainer_lock = try_flock(f"{self.path}-drainer.lock")
             except OSError as e:  # no locks on this file system (ENOLCK): a store error, retried
-                lock.close()
                 raise StoreError(f"sqlite: the outbox's drainer lock: {e}") from e
-            self._drainer_lock = lock
-        return True
+        return self._drainer_lock is not None
 
     def outbox_done(self, ids: Sequence[int]) -> int:
         if not ids:

@@ -15,11 +15,11 @@ name to one live drainer (`PostgresStore.name_drainer`), and another is left wit
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import secrets
 from pathlib import Path
 from typing import IO
 
+from gateway.filelock import try_flock
 from gateway.security.pki import PkiError, write_public
 
 ID_FILE = "drainer-id"
@@ -62,13 +62,9 @@ def claim_drainer_name(state_dir: Path) -> DrainerName:
     state_dir.mkdir(parents=True, exist_ok=True)
     gateway = _gateway_id(state_dir)
     for slot in range(MAX_SLOTS):
-        lock = open(state_dir / f"drainer-{slot}.lock", "ab")  # noqa: SIM115 (held open: the slot's lock)
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return DrainerName(f"{gateway}-{slot}", lock)
+        lock = try_flock(state_dir / f"drainer-{slot}.lock")
+        if lock is not None:
+            return DrainerName(f"{gateway}-{slot}", lock)
     raise RuntimeError(f"all {MAX_SLOTS} drainer slots of {state_dir} are held by running processes")
 
 

@@ -439,20 +439,25 @@ os._exit(137)  # dies with its page in flight: no done, no close
 """
 
 
+def _crash_drainer(harness: PostgresHarness, lease_s: float, *name: str) -> list[tuple[int, ...]]:
+    """(id, taken_us) of the page a drainer process (named `name`, if given) took before it died."""
+    crash = subprocess.run(
+        [sys.executable, "-c", _CRASHING_DRAINER, harness.store_url(outbox=1), str(lease_s), *name],
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert crash.returncode == 137, crash.stderr.decode()[-2000:]
+    return [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+
+
 def test_a_crashed_drainers_devices_go_to_another_after_the_lease(pg_harness: PostgresHarness) -> None:
     lease_s = 3.0
     with pg_harness.outbox_store() as writer, pg_harness.outbox_store() as survivor:
         for m in range(3):  # three batches: three message entries
             writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
-        crash = subprocess.run(
-            [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), str(lease_s)],
-            capture_output=True,
-            timeout=60,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        assert crash.returncode == 137, crash.stderr.decode()[-2000:]
-        taken = [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+        taken = _crash_drainer(pg_harness, lease_s)
         assert len(taken) == 3
         assert survivor.outbox_take(100) == []  # the crashed drainer still holds the device
         time.sleep(max(0.0, taken[0][1] / 1e6 + lease_s + 0.2 - time.time()))
@@ -471,15 +476,7 @@ def test_a_drainer_restarted_under_its_name_takes_its_devices_back_at_once(
         for m in range(3):
             writer.commit(A, 1, m, m, b"a", minutes(A, m, 1))
         writer.commit(B, 1, 0, 0, b"b", minutes(B, 0, 2))
-        crash = subprocess.run(
-            [sys.executable, "-c", _CRASHING_DRAINER, pg_harness.store_url(outbox=1), "120", "0123abcd-0"],
-            capture_output=True,
-            timeout=60,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        assert crash.returncode == 137, crash.stderr.decode()[-2000:]
-        taken = [tuple(map(int, pair.split(":"))) for pair in crash.stdout.decode().split()]
+        taken = _crash_drainer(pg_harness, 120, "0123abcd-0")
         assert len(taken) == 4
         other.name_drainer("0123abcd-1")  # the gateway's other slot: not the dead process's name
         assert other.outbox_take(100) == []
