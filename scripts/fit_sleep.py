@@ -36,6 +36,10 @@ LEARNING_RATE = 0.1  # shrinkage of every leaf value
 LEAF_L2 = 1.0  # ridge on leaf values (λ), in units of the class-weighted hessian
 MIN_CHILD_HESSIAN = 5.0  # a split must leave at least this much (weighted) hessian on each side
 N_BINS = 64  # candidate thresholds per feature: the training features' 1/64 … 63/64 quantiles
+# Two features that cut the rows alike have equal gains, summed in different orders: which rounds higher
+# depends on the CPU's exp and summation (AVX-512 or not), and the trees, hence the file, would too. A
+# gain must beat the best so far by this much (relative) to take its place: ties go to the lower feature.
+GAIN_TIE = 1e-9
 EMISSION_SCALE = 0.3  # overlapping feature windows make successive emissions dependent: temper them
 TRANSITION_PSEUDO = 1.0  # Laplace counts per transition
 INITIAL_PSEUDO = 1.0
@@ -192,7 +196,7 @@ def _best_split(binned, g, h, edges, leaf_l2, min_child_hessian):
         children = g_left * g_left / (h_left + leaf_l2) + g_right * g_right / (h_right + leaf_l2)
         gain = np.where(ok, children - parent, 0.0)
         b = int(np.argmax(gain))
-        if gain[b] > best_gain:
+        if gain[b] > best_gain * (1.0 + GAIN_TIE):
             best_gain, best = gain[b], (f, b)
     return best
 
@@ -270,25 +274,51 @@ def mean_kappa(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def fit_calibration(posterior: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """(scale, bias) of vector scaling (Guo et al. 2017) minimising the log-loss of
-    softmax(scale · log posterior + bias) on held-out posteriors; bias[WAKE] fixed at 0."""
+    softmax(scale · log posterior + bias) on held-out posteriors; bias[WAKE] fixed at 0.
+
+    The loss is a multinomial logistic regression in θ = (scale, bias[1:]), so convex: Newton's method
+    with the exact gradient and Hessian drives it to its one minimum, to rounding. A simplex search
+    stopped at a tolerance instead lands wherever the last bits of exp and log steer it, which differ
+    between CPUs (AVX-512 or not): the fitted file and bench/accuracy.json would then depend on the
+    machine, by 1e-4."""
     from scipy.optimize import minimize
 
     logp = np.log(np.maximum(posterior, 1e-300))
-    n = y.size
+    n, k = logp.shape
+    # φ[i, c] is what multiplies θ in z[i, c] = θ · φ[i, c]: (log posterior, one-hot of the stage ≥ 1)
+    phi = np.zeros((n, k, k))
+    phi[:, :, 0] = logp
+    phi[:, 1:, 1:] = np.eye(k - 1)
+    phi_y = phi[np.arange(n), y]
 
-    def loss(theta):
-        z = theta[0] * logp + np.r_[0.0, theta[1:]]
+    def parts(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = phi @ theta
         z -= z.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(z).sum(axis=1))
-        return float(np.mean(lse - z[np.arange(n), y]))
+        return z, np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
 
-    res = minimize(
-        loss,
-        np.r_[1.0, np.zeros(sleep.N_STAGES - 1)],
-        method="Nelder-Mead",
-        options={"xatol": 1e-6, "fatol": 1e-9, "maxiter": 4000},
-    )
-    return float(res.x[0]), np.r_[0.0, res.x[1:]]
+    def loss(theta: np.ndarray) -> float:
+        z, _ = parts(theta)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(n), y]))
+
+    def grad(theta: np.ndarray) -> np.ndarray:
+        _, p = parts(theta)
+        return np.einsum("ic,icj->j", p, phi) / n - phi_y.mean(axis=0)
+
+    def hess(theta: np.ndarray) -> np.ndarray:
+        _, p = parts(theta)
+        mean_phi = np.einsum("ic,icj->ij", p, phi)
+        second = np.einsum("ic,icj,icl->jl", p, phi, phi)
+        return (second - mean_phi.T @ mean_phi) / n
+
+    # the trust region gets there from anywhere; at |gradient| ≤ 1e-8 Newton converges quadratically,
+    # so three plain steps more reach the minimum to rounding, whatever rounding the CPU does
+    res = minimize(loss, np.r_[1.0, np.zeros(k - 1)], jac=grad, hess=hess, method="trust-exact")
+    if not res.success:
+        raise RuntimeError(f"calibration fit did not converge: {res.message}")
+    theta = res.x
+    for _ in range(3):
+        theta = theta - np.linalg.solve(hess(theta), grad(theta))
+    return float(theta[0]), np.r_[0.0, theta[1:]]
 
 
 def stage_with_posterior(night: Night, params: sleep.SleepParams) -> tuple[np.ndarray, np.ndarray]:

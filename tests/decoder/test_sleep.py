@@ -294,6 +294,63 @@ def test_fit_calibration_recovers_a_known_vector_scaling():
     np.testing.assert_allclose(bias, b, atol=0.08)
 
 
+def test_a_split_tie_goes_to_the_lower_feature_whatever_the_rounding():
+    """Two features cutting the rows alike have equal gains, summed in different orders; where the
+    higher feature's rounds higher (as another CPU's exp and sums can make either), the lower one wins."""
+    from scripts.fit_sleep import _best_split
+
+    binned = np.stack([np.repeat([0, 1, 2], 10), np.repeat([0, 0, 1], 10)], axis=1)
+    edges = [np.array([1.0, 2.0]), np.array([2.0])]  # feature 0 cut 1 and feature 1 cut 0: rows 0-19 left
+
+    def gain(f: int, b: int, g: np.ndarray, h: np.ndarray) -> float:
+        gl = np.cumsum(np.bincount(binned[:, f], g, edges[f].size + 1))[b]
+        hl = np.cumsum(np.bincount(binned[:, f], h, edges[f].size + 1))[b]
+        return gl * gl / (hl + 1) + (g.sum() - gl) ** 2 / (h.sum() - hl + 1)
+
+    rounded_up = 0
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        g, h = np.r_[-1 - rng.random(20), 1 + rng.random(10)] * 10, 1 + rng.random(30)
+        assert gain(1, 0, g, h) == pytest.approx(gain(0, 1, g, h), rel=1e-12)
+        rounded_up += gain(1, 0, g, h) > gain(0, 1, g, h)
+        assert _best_split(binned, g, h, edges, 1.0, 1.0) == (0, 1)
+    assert rounded_up  # the case that matters was met
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason=f"Sleep-Accel nights not found under {DATA} (set BANDGATE_DATA)")
+def test_the_fitted_file_does_not_depend_on_the_cpus_simd(tmp_path):
+    """scripts/fit_sleep.py with numpy's SIMD kernels as this CPU has them, and with none beyond the
+    baseline: the same trees, and every number within rounding (before the tie rule and the Newton
+    calibration, AVX-512 against AVX2 gave other trees)."""
+    import subprocess
+    import sys
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__ as dispatch
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    found = [f for f in dispatch if features.get(f)]
+    if not found:
+        pytest.skip("this CPU has no SIMD beyond numpy's baseline: nothing to compare")
+    fit = [sys.executable, str(REPO / "scripts" / "fit_sleep.py"), "--data", str(DATA), "--out"]
+    procs = [
+        subprocess.Popen(
+            [*fit, str(tmp_path / f"{name}.json")], env=os.environ | env, stdout=subprocess.DEVNULL
+        )
+        for name, env in (("simd", {}), ("baseline", {"NPY_DISABLE_CPU_FEATURES": " ".join(found)}))
+    ]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    simd, baseline = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("simd", "baseline"))
+    close = ("tree_value", "calibration")  # sums of floats: rounding; all else (trees, choices, κ) exact
+    assert {k: v for k, v in simd.items() if k not in close} == {
+        k: v for k, v in baseline.items() if k not in close
+    }
+    for key in close:
+        a, b = simd[key], baseline[key]
+        if isinstance(a, dict):
+            a, b = [a["scale"], *a["bias"]], [b["scale"], *b["bias"]]
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-9, atol=1e-12)
+
+
 def test_pooled_confusions_collapse_and_bootstrap_as_the_scores_do():
     """The bench's per-night 4-class confusions, collapsed to 3 and 2 classes, give the κ that scores()
     computes from labels; the bootstrap interval holds the pooled κ and is reproducible."""
