@@ -584,7 +584,7 @@ async def _streams_load(
 
     from bandgate.v1 import ingest_pb2_grpc
     from bench.tls_bench import read_credentials
-    from gateway.auth import device_metadata
+    from gateway.auth import STREAM_ACCEPTED, device_metadata
     from gateway.pipeline import OK
 
     batches = _device_batches(devices)
@@ -609,20 +609,20 @@ async def _streams_load(
     reopened = 0
 
     async def open_stream(i: int, batch) -> grpc.aio.StreamStreamCall:
-        """One device's stream; one that grpc core cancels before the gateway accepted it is opened
-        again, as a band reconnects (at most 3 tries)."""
+        """One device's stream, open once the gateway has accepted it (its headers, sent on acceptance,
+        have arrived); one that grpc core cancels before that is opened again, as a band reconnects (at
+        most 3 tries)."""
         nonlocal reopened
         stub = ingest_pb2_grpc.IngestServiceStub(channel_of(i))
         for attempt in range(3):
             call = stub.Upload(metadata=device_metadata(batch.device_id))
-            try:
-                await call.wait_for_connection()
+            if STREAM_ACCEPTED[0] in tuple(await call.initial_metadata()):
                 return call
-            except grpc.aio.AioRpcError as e:
-                if attempt == 2 or e.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
-                    raise
-                reopened += 1
-                await asyncio.sleep(0.05 * (attempt + 1))
+            code = await call.code()  # ended unaccepted: its status is all there is
+            if attempt == 2 or code not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
+                raise RuntimeError(f"stream {i} not accepted: {code}: {await call.details()}")
+            reopened += 1
+            await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
     calls = []

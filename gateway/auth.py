@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from gateway.security.registry import Registry
 
 DEVICE_METADATA = "bandgate-device-id"
+# The headers of an Upload stream, sent once the gateway has accepted it (identified, authorised,
+# consented): a stream that ends without them was never the gateway's, and may simply be reopened.
+STREAM_ACCEPTED = (("bandgate-stream", "accepted"),)
 _DEVICE_RE = re.compile(r"[0-9a-fA-F]{16}")
 
 log = logging.getLogger("bandgate.auth")
@@ -142,6 +145,7 @@ def device_metadata(device_id: int) -> tuple[tuple[str, str]]:
 
 __all__ = [
     "DEVICE_METADATA",
+    "STREAM_ACCEPTED",
     "AuthError",
     "Authenticator",
     "InsecureLoopbackAuthenticator",

@@ -30,7 +30,13 @@ from bandgate.v1 import (
     privacy_pb2,
     privacy_pb2_grpc,
 )
-from gateway.auth import Authenticator, InsecureLoopbackAuthenticator, TlsAuthenticator, claimed_device
+from gateway.auth import (
+    STREAM_ACCEPTED,
+    Authenticator,
+    InsecureLoopbackAuthenticator,
+    TlsAuthenticator,
+    claimed_device,
+)
 from gateway.config import GatewayConfig
 from gateway.listen import PortLocks
 from gateway.metrics import Metrics
@@ -246,6 +252,10 @@ class IngestService(ingest_pb2_grpc.IngestServiceServicer):
             await context.abort(e.code, e.reason)
         if self.draining.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        # Headers now, not with the first ack: the band learns that its stream is accepted (identified,
+        # authorised, consented). Until then grpc core may still cancel it unaccepted under load, which a
+        # band can safely answer by reopening; after, a failure is the gateway's, with its reason.
+        await context.send_initial_metadata(STREAM_ACCEPTED)
         device_id = int(device, 16)
         stream = self.streams.open(principal, device)
         self.metrics.devices.set(len(self.streams))

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from bandgate.v1 import batch_pb2, features_pb2, features_pb2_grpc, ingest_pb2
 from decoder.features import device_key
-from gateway.auth import DEVICE_METADATA, is_loopback
+from gateway.auth import DEVICE_METADATA, STREAM_ACCEPTED, is_loopback
 from gateway.envelope import build_batch
 from gateway.logs import JsonFormatter
 from gateway.metrics import Metrics
@@ -228,6 +228,28 @@ def test_unauthenticated_stream_refused(tmp_path):
     assert code == grpc.StatusCode.UNAUTHENTICATED and "16 hex digits" in details
     assert is_loopback("ipv4:127.0.0.1:5") and is_loopback("ipv6:[::1]:5")
     assert not is_loopback("ipv4:10.1.2.3:5") and not is_loopback("ipv6:[2001:db8::1]:5")
+
+
+def test_a_stream_says_it_is_accepted_before_its_first_batch_and_a_refused_one_does_not(tmp_path):
+    """The headers come as soon as the gateway has taken the stream up, with nothing sent yet: a band
+    (and the load generator) tells a stream grpc core dropped unaccepted from one the gateway ended."""
+    cfg = config(tmp_path)
+    device, batches = band()
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            from bandgate.v1 import ingest_pb2_grpc
+
+            accepted = Uploader(ch, device)
+            headers = tuple(await accepted.call.initial_metadata())
+            first = await accepted.send(batches[0])
+            refused = ingest_pb2_grpc.IngestServiceStub(ch).Upload(metadata=((DEVICE_METADATA, "not-hex"),))
+            refused_headers = tuple(await refused.initial_metadata())
+            return headers, first.code, refused_headers, await refused.code()
+
+    headers, first, refused_headers, refused = run(scenario())
+    assert STREAM_ACCEPTED[0] in headers and first == OK
+    assert STREAM_ACCEPTED[0] not in refused_headers and refused == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_second_stream_supersedes_the_first_with_aborted(tmp_path):

@@ -51,7 +51,10 @@ class IngestServiceServicer:
         state and its high-water sequence number are durably stored together. A batch refused on its own
         is answered by an Ack with a code and a reason, and the stream goes on; the stream itself ends with
         a gRPC status only for what concerns the whole stream (authentication, a second stream for the same
-        device: ABORTED, shutdown: UNAVAILABLE).
+        device: ABORTED, shutdown: UNAVAILABLE). The stream's headers, metadata bandgate-stream: accepted,
+        come once the gateway has identified, authorised and checked consent for it; a stream that ends
+        before them (grpc core may cancel a call the gateway has not yet taken up, under load) can be
+        reopened at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
