@@ -150,7 +150,6 @@ def evaluate_fold(nights, hyp, feats, i: int, baseline: bool = True, **fit_optio
         "epochs": int(night.stage.size),
         "emission_scale": fitted["emission_scale"],
         "boosting_rounds": len(fitted["tree_feature"]) // sleep.N_STAGES,
-        "wake_shift": 0.0 - fitted["decision_bias"][1],
         "calibration": fitted["calibration"],
         "confusion_4class": m4.tolist(),
         **{f"kappa_{name}": kappa(collapse(m4, name)) for name in CLASS_SETS},

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -349,9 +349,8 @@ def _tree_scores(feats, tree_feature, tree_threshold, tree_value, out):
 def _emit(state, feats, model, out_stage, out_post, n_out):
     """Push one feature row through the emission model and the HMM forward step; decide what is due.
 
-    `model` is `SleepParams.model`: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale,
-    decision_bias)."""
-    tree_feature, tree_threshold, tree_value, log_a, log_pi, emission_scale, decision_bias = model
+    `model` is `SleepParams.model`: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
+    tree_feature, tree_threshold, tree_value, log_a, log_pi, emission_scale = model
     n_states = N_STAGES
     s = int(state[_H_N_FEAT])
     ring_len = SMOOTH_LAG + 1
@@ -381,14 +380,13 @@ def _emit(state, feats, model, out_stage, out_post, n_out):
         state[_OFF_ALPHA + slot * n_states + k] = a[k] - norm
     state[_H_N_FEAT] = s + 1
     if s + 1 - int(state[_H_N_OUT]) > SMOOTH_LAG:
-        n_out = _decide(state, log_a, decision_bias, out_stage, out_post, n_out)
+        n_out = _decide(state, log_a, out_stage, out_post, n_out)
     return n_out
 
 
 @njit(**config.JIT)
-def _decide(state, log_a, decision_bias, out_stage, out_post, n_out):
-    """Decide the oldest pending epoch from its forward vector and the emissions after it: the stage of
-    the largest smoothed log posterior plus `decision_bias`."""
+def _decide(state, log_a, out_stage, out_post, n_out):
+    """Decide the oldest pending epoch from its forward vector and the emissions after it."""
     n_states = N_STAGES
     ring_len = SMOOTH_LAG + 1
     d = int(state[_H_N_OUT])
@@ -413,7 +411,7 @@ def _decide(state, log_a, decision_bias, out_stage, out_post, n_out):
         b = 0
         for k in range(n_states):
             post[i, k] -= norm
-            if post[i, k] + decision_bias[k] > post[i, b] + decision_bias[b]:
+            if post[i, k] > post[i, b]:
                 b = k
         best[i] = b
     stage = best[0]
@@ -479,7 +477,7 @@ def _stage_epochs(
             n_f += 1
             n_s = _emit(state, feats, model, out_stage, out_post, n_s)
         while state[_H_N_OUT] < state[_H_N_FEAT]:
-            n_s = _decide(state, model[3], model[6], out_stage, out_post, n_s)
+            n_s = _decide(state, model[3], out_stage, out_post, n_s)
     return n_f, n_s
 
 
@@ -541,14 +539,10 @@ class SleepParams:
     # Guo et al. 2017): p ∝ exp(calibration_scale · log posterior + calibration_bias). Identity by default.
     calibration_scale: float = 1.0
     calibration_bias: np.ndarray = field(default_factory=lambda: np.zeros(N_STAGES))
-    # Added to the smoothed log posterior before the stage is chosen, the posterior itself (and so the
-    # probabilities) unchanged: a Bayes decision with unequal costs. Zero (plain argmax) by default.
-    decision_bias: np.ndarray = field(default_factory=lambda: np.zeros(N_STAGES))
 
     @property
     def model(self) -> tuple:
-        """What the kernel takes: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale,
-        decision_bias)."""
+        """What the kernel takes: (tree_feature, tree_threshold, tree_value, log_a, log_pi, scale)."""
         return (
             self.tree_feature,
             self.tree_threshold,
@@ -556,7 +550,6 @@ class SleepParams:
             self.log_a,
             self.log_pi,
             float(self.emission_scale),
-            np.ascontiguousarray(self.decision_bias, dtype=np.float64),
         )
 
     @classmethod
@@ -578,11 +571,11 @@ class SleepParams:
         )
         cal = d.get("calibration")  # absent in files fitted before probabilities were published: identity
         if cal is not None:
-            p = replace(
-                p, calibration_scale=float(cal["scale"]), calibration_bias=f(cal["bias"], dtype=np.float64)
+            p = cls(
+                **{k: getattr(p, k) for k in p.__dataclass_fields__ if not k.startswith("calibration")},
+                calibration_scale=float(cal["scale"]),
+                calibration_bias=f(cal["bias"], dtype=np.float64),
             )
-        if d.get("decision_bias") is not None:  # absent in files fitted before it was tuned: argmax
-            p = replace(p, decision_bias=f(d["decision_bias"], dtype=np.float64))
         p.validate()
         return p
 
@@ -596,7 +589,6 @@ class SleepParams:
             or self.log_a.shape != (N_STAGES, N_STAGES)
             or self.log_pi.shape != (N_STAGES,)
             or np.shape(self.calibration_bias) != (N_STAGES,)
-            or np.shape(self.decision_bias) != (N_STAGES,)
         ):
             raise ValueError("sleep params have the wrong shapes")
         if n_trees and not ((self.tree_feature >= 0) & (self.tree_feature < N_FEATURES)).all():

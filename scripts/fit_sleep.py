@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 # One BLAS thread: the matrices are small, so threads only contend on a shared machine (20x slower
@@ -50,9 +50,6 @@ EMISSION_SCALES = (0.1, 0.15, 0.2, 0.3, 0.5)
 BOOSTING_ROUNDS = (20, 40, 80)  # candidate numbers of rounds (prefixes of one fit)
 CLASS_WEIGHT_POWERS = (1.0,)  # candidate α of class weights ∝ (1/count)^α (1 = balanced); a fit each
 INNER_FOLDS = 3  # subject i (sorted) is held out in inner fold i % INNER_FOLDS
-# Candidate shifts x of the decision towards wake (decision_bias = (0, -x, -x, -x) on the log posterior),
-# chosen by the inner folds after the model: wrist stagers over-report sleep, so only towards wake.
-WAKE_SHIFTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 # class sets: name → (map from 4-class stage, label names)
 CLASS_SETS = {
@@ -338,15 +335,12 @@ def fit_tuned(
     inner_folds: int = INNER_FOLDS,
     rounds: tuple[int, ...] = BOOSTING_ROUNDS,
     class_weight_powers: tuple[float, ...] = CLASS_WEIGHT_POWERS,
-    wake_shifts: tuple[float, ...] = WAKE_SHIFTS,
     **tree_options,
 ) -> dict:
     """`fit_params` with its tuning choices made from `nights` alone: the boosting rounds and emission
-    scale that maximise the mean κ over grouped inner folds (ties: the first candidate); then, with
-    that model, the decision's shift towards wake that maximises it (ties: the smallest shift); and the
-    calibration fitted on the inner folds' out-of-fold posteriors at that choice (a shift moves the
-    decision, not the posterior). What the LOSO benchmark fits in every fold and what the shipped
-    file is."""
+    scale that maximise the mean κ over grouped inner folds (ties: the first candidate), and the
+    calibration fitted on the inner folds' out-of-fold posteriors at that choice. What the LOSO
+    benchmark fits in every fold and what the shipped file is."""
     if features is None:
         features = [sleep.night_features(n.time_s, n.hr_bpm, n.counts) for n in nights]
     order = sorted(range(len(nights)), key=lambda i: nights[i].subject)
@@ -356,7 +350,6 @@ def fit_tuned(
     candidates = [(a, r, s) for a in class_weight_powers for r in rounds for s in emission_scales]
     stages = {c: [None] * len(nights) for c in candidates}
     posts = {c: [None] * len(nights) for c in candidates}
-    models: dict[tuple, dict[int, sleep.SleepParams]] = {c: {} for c in candidates}  # per inner fold
     for g in range(inner_folds):
         train = [i for i in range(len(nights)) if group[i] != g]
         held = [i for i in range(len(nights)) if group[i] == g]
@@ -376,35 +369,22 @@ def fit_tuned(
                 trees = {k: base[k][:n] for k in ("tree_feature", "tree_threshold", "tree_value")}
                 for s in emission_scales:
                     params = sleep.SleepParams.from_dict(dict(base, emission_scale=s, **trees))
-                    models[a, r, s][g] = params
                     for i in held:
                         stages[a, r, s][i], posts[a, r, s][i] = stage_with_posterior(nights[i], params)
     y = np.concatenate([n.stage for n in nights])
     inner = {c: mean_kappa(y, np.concatenate(stages[c])) for c in candidates}
     best = max(candidates, key=lambda c: (inner[c], -candidates.index(c)))
-    shifted = {0.0: inner[best]}
-    for x in wake_shifts:
-        if x not in shifted:
-            staged = [None] * len(nights)
-            for g, params in models[best].items():
-                params = replace(params, decision_bias=np.r_[0.0, np.full(sleep.N_STAGES - 1, -x)])
-                for i in (i for i in range(len(nights)) if group[i] == g):
-                    staged[i] = stage_with_posterior(nights[i], params)[0]
-            shifted[x] = mean_kappa(y, np.concatenate(staged))
-    shift = max(shifted, key=lambda x: (shifted[x], -x))
     scale, bias = fit_calibration(np.concatenate(posts[best]), y)
     a, r, s = best
     out = fit_params(
         nights, hypnograms, features, emission_scale=s, n_rounds=r, class_weight_power=a, **tree_options
     )
     out["calibration"] = {"scale": scale, "bias": bias.tolist()}
-    out["decision_bias"] = [0.0] + [0.0 - shift] * (sleep.N_STAGES - 1)
     out["tuning"] = {
         "inner_folds": inner_folds,
         "inner_mean_kappa": {
             f"weight_power={a} rounds={r} scale={s}": inner[a, r, s] for a, r, s in candidates
         },
-        "inner_mean_kappa_by_wake_shift": {str(x): k for x, k in shifted.items()},
     }
     return out
 

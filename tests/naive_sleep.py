@@ -140,8 +140,7 @@ def fixed_lag_posteriors(log_e: np.ndarray, a: np.ndarray, pi: np.ndarray, d: in
 def stages(
     log_e: np.ndarray, params: sleep.SleepParams, lag: int = sleep.SMOOTH_LAG
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decided stage and posterior per epoch: epoch d decided from emissions 0..d+lag (the largest log
-    posterior plus the params' decision bias), with the onset
+    """Decided stage and posterior per epoch: epoch d decided from emissions 0..d+lag, with the onset
     gate (before sleep onset an epoch is asleep only if it and the next ONSET_EPOCHS-1 decided-window
     epochs are most likely asleep)."""
     a, pi = np.exp(params.log_a), np.exp(params.log_pi)
@@ -151,8 +150,7 @@ def stages(
     asleep = False
     for d in range(n):
         post = fixed_lag_posteriors(log_e, a, pi, d, min(n - 1, d + lag))
-        with np.errstate(divide="ignore"):  # a posterior of 0 is log 0 = -inf: never chosen
-            best = (np.log(post) + params.decision_bias).argmax(axis=1)
+        best = post.argmax(axis=1)
         stage = best[0]
         if not asleep:
             if (best[: sleep.ONSET_EPOCHS] == sleep.WAKE).any():

@@ -40,7 +40,7 @@ def nights(draw, max_epochs=160):
 
 def random_params(seed: int, depth: int = 2, n_rounds: int = 3) -> sleep.SleepParams:
     """A random but well-formed model (no exact ties between stages); thresholds near the features'
-    typical values so that both sides of a split are taken, some +inf (no split); a decision bias."""
+    typical values so that both sides of a split are taken, some +inf (no split)."""
     rng = np.random.default_rng(seed)
     a = rng.dirichlet(np.ones(sleep.N_STAGES), size=sleep.N_STAGES) + 0.9 * np.eye(sleep.N_STAGES)
     a /= a.sum(axis=1, keepdims=True)
@@ -54,7 +54,6 @@ def random_params(seed: int, depth: int = 2, n_rounds: int = 3) -> sleep.SleepPa
         log_a=np.log(a),
         log_pi=np.log(rng.dirichlet(np.ones(sleep.N_STAGES))),
         emission_scale=float(rng.uniform(0.2, 1.0)),
-        decision_bias=rng.normal(0, 0.5, sleep.N_STAGES),
     )
 
 
