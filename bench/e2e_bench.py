@@ -91,6 +91,7 @@ class Gateway:
         self.env = {"BANDGATE_DEFAULT_CONSENT": "all", "BANDGATE_AGE_UNKNOWN": "adult", **(env or os.environ)}
         self.address = f"127.0.0.1:{_free_port()}"
         self.health_address = f"127.0.0.1:{_free_port()}"
+        self.token_address = f"127.0.0.1:{_free_port()}"  # the bearer-token listener (TLS only)
         self.state_dir = state_dir or workdir / f"state-{time.monotonic_ns()}"
         self.store = store or f"sqlite:///{workdir / f'gw-{time.monotonic_ns()}.db'}"
         self.serve_args = list(serve_args)  # more `serve` flags (`--workers 2`: bench/workers_bench.py)
@@ -105,7 +106,7 @@ class Gateway:
             "--store", self.store,
             "--state-dir", str(self.state_dir),
             "--health-listen", self.health_address,
-            "--token-listen", f"127.0.0.1:{_free_port()}",
+            "--token-listen", self.token_address,
         ]  # fmt: skip
         if self.insecure:
             args.append("--insecure")
@@ -445,6 +446,7 @@ def e2e_figures(quick: bool) -> dict[str, float]:
             *((("streams_plain", streams_figures),) if not quick else ()),
             ("reconnect", tls_bench.reconnect_figures),
             ("reconnect_plain", tls_bench.plain_reconnect_figures),
+            ("refusals", tls_bench.refusal_figures),
             ("ready", ready_figures),
         ):
             started = time.perf_counter()

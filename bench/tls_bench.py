@@ -37,6 +37,7 @@ from bench.e2e_bench import (
     Gateway,
     _children,
     _fleet_file,
+    _free_port,
     _recordings,
     _stream,
     _unpin,
@@ -556,7 +557,118 @@ def relay_streams_figures(
     }
 
 
+REFUSAL_IN_FLIGHT = 128  # the flood's calls in flight on its one connection (as tests/security/test_hostile)
+
+
+def refusal_figures(quick: bool, workdir: Path) -> dict[str, float]:
+    """token_refusals_per_s: bad tokens one client gets refused a second by the gateway's token listener
+    (WhoAmI, a new random token a call, `REFUSAL_IN_FLIGHT` at a time on one TLS connection), almost all
+    past the peer's throttle, RESOURCE_EXHAUSTED without a token lookup; bare_refusals_per_s: the same
+    client against a bare grpc.aio server on the same certificate whose WhoAmI refuses at once, what grpc
+    and TLS alone cost; token_refusals_vs_bare their ratio. The client waits for each answer, so the rate
+    is what the server answers: the refusal path's cost, which the flood test can only judge beside 20
+    bands on a box of unknown speed. Each for 5 s in --quick (15 s, twice alternating, in full runs)."""
+    from gateway.security.pki import LocalState
+
+    seconds, rounds = (5.0, 1) if quick else (15.0, 2)
+    gw = Gateway(workdir, insecure=False)
+    rates: dict[str, list[float]] = {"token": [], "bare": []}
+    try:
+        gw.wait_serving()
+        local = LocalState.at(gw.state_dir)
+        bare = f"127.0.0.1:{_free_port()}"
+        refuser = _LoadProcess(
+            ["refuser", "--listen", bare, "--cert", str(local.server_cert), "--key", str(local.server_key)]
+        )
+        try:
+            refuser.expect("ready")
+            for _ in range(rounds):
+                for name, target in (("token", gw.token_address), ("bare", bare)):
+                    flood = _LoadProcess(
+                        ["flood", "--target", target, "--ca", str(local.ca_cert), "--seconds", str(seconds),
+                         "--in-flight", str(REFUSAL_IN_FLIGHT)]
+                    )  # fmt: skip
+                    try:
+                        done = flood.expect("flooded")
+                    finally:
+                        flood.close()
+                    calls = sum(done["codes"].values())
+                    if done["codes"].get("RESOURCE_EXHAUSTED", 0) < 0.95 * calls:
+                        raise RuntimeError(f"{name}: not a throttled flood: {done['codes']}")
+                    rates[name].append(calls / (done["end"] - done["start"]))
+        finally:
+            refuser.close()
+    finally:
+        gw.stop()
+    token, bare_rate = float(np.median(rates["token"])), float(np.median(rates["bare"]))
+    return {
+        "token_refusals_per_s": token,
+        "bare_refusals_per_s": bare_rate,
+        "token_refusals_vs_bare": token / bare_rate,
+    }
+
+
 # --- the load generators (their own processes) ------------------------------------------------------
+
+
+async def flood_refusals(stub, seconds: float, in_flight: int) -> dict:
+    """WhoAmI on `stub` (an IdentityServiceStub) with a new random bad token a call, `in_flight` calls at
+    a time, for `seconds`: how many calls ended with each status, and when the flood began and ended
+    (time.monotonic, the same clock in every process)."""
+    import collections
+    import secrets
+
+    import grpc
+
+    from bandgate.v1 import admin_pb2
+
+    request = admin_pb2.WhoAmIRequest()
+    codes: collections.Counter[str] = collections.Counter()
+    start = time.monotonic()
+    deadline = start + seconds
+
+    async def caller() -> None:
+        while time.monotonic() < deadline:
+            token = "bgt_" + secrets.token_urlsafe(32)  # the gateway's shape, never issued
+            try:
+                await stub.WhoAmI(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+                codes["OK"] += 1
+            except grpc.aio.AioRpcError as e:
+                codes[e.code().name] += 1
+
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return {"codes": dict(codes), "start": start, "end": time.monotonic()}
+
+
+async def _flood_load(target: str, ca: str, seconds: float, in_flight: int) -> None:
+    import grpc
+
+    from bandgate.v1 import admin_pb2_grpc
+
+    async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(Path(ca).read_bytes())) as ch:
+        await ch.channel_ready()
+        _say("flooded", **await flood_refusals(admin_pb2_grpc.IdentityServiceStub(ch), seconds, in_flight))
+
+
+async def _refuser_load(listen: str, cert: str, key: str) -> None:
+    """A grpc.aio server on TLS whose WhoAmI refuses every call at once, RESOURCE_EXHAUSTED: the baseline
+    of `refusal_figures`; it serves until stdin closes."""
+    import grpc
+
+    from bandgate.v1 import admin_pb2_grpc
+
+    class Refuser(admin_pb2_grpc.IdentityServiceServicer):
+        async def WhoAmI(self, request, context):  # noqa: N802 - the gRPC method name
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "throttled")
+
+    server = grpc.aio.server()
+    admin_pb2_grpc.add_IdentityServiceServicer_to_server(Refuser(), server)
+    creds = grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+    server.add_secure_port(listen, creds)
+    await server.start()
+    _say("ready")
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(None)
 
 
 def _minute_batches(device_ids: list[int], minutes: int, seed: int = 11) -> dict[int, list]:
@@ -777,8 +889,21 @@ def _load_main(argv: list[str]) -> int:
         p.add_argument("--count", type=int, required=True)
         if name == "observe":
             p.add_argument("--interval", type=float, default=0.2, help="seconds between a band's batches")
+    p = sub.add_parser("flood")
+    p.add_argument("--target", required=True)
+    p.add_argument("--ca", required=True, help="the CA the target's certificate is checked against")
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--in-flight", type=int, required=True)
+    p = sub.add_parser("refuser")
+    p.add_argument("--listen", required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
     args = parser.parse_args(argv)
-    if args.mode == "bands":
+    if args.mode == "flood":
+        asyncio.run(_flood_load(args.target, args.ca, args.seconds, args.in_flight))
+    elif args.mode == "refuser":
+        asyncio.run(_refuser_load(args.listen, args.cert, args.key))
+    elif args.mode == "bands":
         asyncio.run(_bands_load(args.target, args.credentials, args.first, args.count))
     else:
         asyncio.run(_observe_load(args.target, args.credentials, args.first, args.count, args.interval))
@@ -793,7 +918,7 @@ if __name__ == "__main__":
     # the identity and TLS figures alone: python -m bench.tls_bench [--quick] [group ...]
     quick = "--quick" in sys.argv
     groups = [a for a in sys.argv[1:] if not a.startswith("--")] or [
-        "tls_throughput", "relay_streams", "reconnect", "plain_reconnect"
+        "tls_throughput", "relay_streams", "reconnect", "plain_reconnect", "refusal"
     ]  # fmt: skip
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bandgate-tls-") as tmp:
