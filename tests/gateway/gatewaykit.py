@@ -3,6 +3,7 @@ an upload stream that sends one batch and reads its ack, and the replay referenc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -26,6 +27,7 @@ from gateway.privacy.sealing import has_key_store, open_sealer
 from gateway.replay import replay_batches
 from gateway.security.audit import audit_pseudonym
 from gateway.security.client import ClientIdentity, enrol_device, local_identity
+from gateway.simulator.client import run_fleet
 from gateway.simulator.recorder import fleet_batches
 from gateway.store import Store, open_store
 
@@ -270,6 +272,24 @@ class ServeProcess:
         return [
             int(m.group(1)) for line in self.lines if (m := re.search(r'"worker_started".*"pid":(\d+)', line))
         ]
+
+    async def fleet_acked(self, fleet: list, n: int) -> asyncio.Future:
+        """`run_fleet` over this server's band certificates as a task (each band giving up after 30 s
+        without progress, so it rides out a restart), returned once `n` batches are acked: a fleet
+        mid-stream, for a test to kill or restart the server under."""
+        acked = 0
+
+        def count(_: int) -> None:
+            nonlocal acked
+            acked += 1
+
+        credentials = await self.credentials.fleet_credentials(d for d, _ in fleet)
+        bands = asyncio.ensure_future(
+            run_fleet(self.address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
+        )
+        while acked < n:
+            await asyncio.sleep(0.01)
+        return bands
 
     def terminate(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -15,7 +15,6 @@ import grpc
 
 from gateway.batchfile import read_batches
 from gateway.pipeline import OK
-from gateway.simulator.client import run_fleet
 from gateway.simulator.recorder import fleet_batches
 from gateway.store import open_store
 from tests.gateway.gatewaykit import (
@@ -85,20 +84,10 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
     fleet = [(rec.device_id, b) for rec, b in fleet_batches(bands=4, minutes=30, seed=11, batch_minutes=1)]
     server = ServeProcess(tmp_path, db)
     address = server.address
-    acked = 0
-
-    def count(_: int) -> None:
-        nonlocal acked
-        acked += 1
 
     async def scenario():
         nonlocal server
-        credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
-        bands = asyncio.ensure_future(
-            run_fleet(address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
-        )
-        while acked < 30:
-            await asyncio.sleep(0.01)
+        bands = await server.fleet_acked(fleet, 30)
         # The serving process never loaded the kernels (its compute is in the workers): Numba and LLVM
         # would cost it ~60 MB with every stream it holds.
         assert "llvmlite" not in Path(f"/proc/{server.proc.pid}/maps").read_text()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.simulator.client import run_fleet
 from gateway.simulator.recorder import fleet_batches
 from tests.gateway.gatewaykit import ServeProcess, key, processed, same_records, stored, wait_until
 from tests.stream.natskit import all_messages, delete_streams, record_of, run, shared_nats, unique_prefix
@@ -19,20 +18,10 @@ def test_kill_9_mid_stream_then_restart_streams_everything_once(tmp_path) -> Non
     fleet = [(rec.device_id, b) for rec, b in fleet_batches(bands=4, minutes=30, seed=12, batch_minutes=1)]
     server = ServeProcess(tmp_path, db, extra=("--stream", url))
     address = server.address
-    acked = 0
-
-    def count(_: int) -> None:
-        nonlocal acked
-        acked += 1
 
     async def scenario():
         nonlocal server
-        credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
-        bands = asyncio.ensure_future(
-            run_fleet(address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
-        )
-        while acked < 40:
-            await asyncio.sleep(0.01)
+        bands = await server.fleet_acked(fleet, 40)
         server.kill()
         server = ServeProcess(tmp_path, db, listen=address, extra=("--stream", url))
         return await bands

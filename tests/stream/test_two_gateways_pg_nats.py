@@ -307,11 +307,6 @@ def test_a_gateway_killed_holding_devices_publishes_them_as_soon_as_it_is_back(
     fleet = [(rec.device_id, b) for rec, b in fleet_batches(bands=4, minutes=40, seed=31, batch_minutes=1)]
     server = ServeProcess(tmp_path, store, extra=("--stream", stream_url), env=env)
     address = server.address
-    acked = 0
-
-    def count(_: int) -> None:
-        nonlocal acked
-        acked += 1
 
     def kill_holding() -> list[tuple[str, str]]:
         """Stopped (SIGSTOP: it can give nothing back), then killed if it holds devices, else resumed."""
@@ -329,12 +324,7 @@ def test_a_gateway_killed_holding_devices_publishes_them_as_soon_as_it_is_back(
 
     async def scenario() -> tuple[list, list, float]:
         nonlocal server
-        credentials = await server.credentials.fleet_credentials(d for d, _ in fleet)
-        bands = asyncio.ensure_future(
-            run_fleet(address, fleet, on_ack=count, give_up_after_s=30, credentials=credentials)
-        )
-        while acked < 20:
-            await asyncio.sleep(0.01)
+        bands = await server.fleet_acked(fleet, 20)
         held = await asyncio.to_thread(kill_holding)
         server = ServeProcess(tmp_path, store, listen=address, extra=("--stream", stream_url), env=env)
         restarted = time.monotonic()
