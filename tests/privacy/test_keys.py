@@ -571,7 +571,13 @@ def test_a_destroy_missed_while_disconnected_is_noticed_on_reconnecting(
         held = gateway.data_key(DEV_A, OWNER)
         kept = gateway.data_key(DEV_B, OWNER)
         pids = [gateway._conn.info.backend_pid, gateway._listen.info.backend_pid]  # type: ignore[union-attr]
-        backend.execute("SELECT pg_terminate_backend(pid) FROM unnest(?::int[]) AS pid", (pids,))
+        # with a timeout, pg_terminate_backend returns once the backends have exited, their FATAL sent.
+        # Without it, a backend a loaded box has not scheduled yet is still alive when the gateway polls:
+        # nothing on the socket, nothing to notice, and the test fails on timing (a CI run once did)
+        ended = backend.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM unnest(?::int[]) AS pid", (pids,)
+        )
+        assert ended == [(True,), (True,)]
         assert eraser.destroy(DEV_A) == 1
         with pytest.raises(NoDataKey):
             gateway.data_key(DEV_A, OWNER, create=False)
