@@ -71,6 +71,10 @@ log = logging.getLogger("bandgate.supervisor")
 START_TIMEOUT_S = 120.0  # a serving process's start: imports, store, compute workers, bind
 HEALTH_POLL_S = 0.25  # how often each process's health is asked
 HEALTH_TIMEOUT_S = 1.0
+# Checks in a row a process may leave unanswered (a loaded box, a long pause) before it counts as not
+# serving: one slow answer must not turn the whole gateway NOT_SERVING and send a balancer's bands away.
+# An answer of NOT_SERVING, or a refused connection, counts at once; an exit is seen on its socket.
+HEALTH_MISSES = 3
 SCRAPE_TIMEOUT_S = 2.0  # one process's /metrics, within a scrape of the supervisor's
 RESTART_DELAY_S = 1.0  # after a process ended: the first restart waits this long ...
 RESTART_MAX_S = 30.0  # ... each failed one twice as long as the last, up to this
@@ -296,12 +300,15 @@ class Supervisor:
         try:
             async with grpc.aio.insecure_channel(p.health_address) as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
+                misses = 0
                 while not ended.done():
                     try:
                         reply = await stub.Check(request, timeout=HEALTH_TIMEOUT_S)
-                        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-                    except grpc.aio.AioRpcError:
-                        serving = False
+                        serving, misses = reply.status == health_pb2.HealthCheckResponse.SERVING, 0
+                    except grpc.aio.AioRpcError as e:
+                        slow = e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        misses = misses + 1 if slow else HEALTH_MISSES
+                        serving = p.serving and misses < HEALTH_MISSES
                     if serving != p.serving:
                         p.serving = serving
                         await self._update_health()
