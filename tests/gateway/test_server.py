@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import sqlite3
+import threading
 from dataclasses import replace
 
 import grpc
@@ -285,14 +286,14 @@ def test_second_stream_supersedes_the_first_with_aborted(tmp_path):
         ),
         (
             "rate",
-            {"rate_batches_per_s": 0.5, "rate_burst_batches": 1},
+            {"rate_batches_per_s": 0.01, "rate_burst_batches": 1},  # no refill in a slow box's run
             1,
             RESOURCE_EXHAUSTED,
             "rate_batches_per_s",
         ),
         (
             "samples",
-            {"rate_samples_per_s": 100, "rate_burst_samples": 1000},
+            {"rate_samples_per_s": 10, "rate_burst_samples": 1000},
             1,
             RESOURCE_EXHAUSTED,
             "rate_samples",
@@ -358,7 +359,7 @@ def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path, 
     no acked_seq); meanwhile the queue it holds a place in (1) is full and another device gets
     RESOURCE_EXHAUSTED naming that limit."""
     cfg = config(tmp_path, overload_wait_ms=100, retry_after_ms=321, **mode)
-    cfg = cfg.replace(store=cfg.store + "?busy_timeout_ms=1500")
+    cfg = cfg.replace(store=cfg.store + "?busy_timeout_ms=3000")
     device, batches = band()
     other, others = band(seed=8)
 
@@ -368,7 +369,13 @@ def test_store_locked_unavailable_not_acked_and_full_queue_overloaded(tmp_path, 
             lock.execute("BEGIN IMMEDIATE")
             up, up2 = Uploader(ch, device), Uploader(ch, other)
             first = asyncio.ensure_future(up.send(batches[0]))
-            await asyncio.sleep(0.5)
+            gauge = f"bandgate_{limit.partition(' ')[0]}_depth"  # the queue whose one place it takes
+            for _ in range(100):  # until it holds that place (a fixed sleep was a slow box's race)
+                if (gw.metrics.registry.get_sample_value(gauge) or 0) >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the first batch never entered {gauge}")
             overloaded = await up2.send(others[0])
             unavailable = await first
             lock.execute("ROLLBACK")
@@ -605,10 +612,23 @@ def test_retention_purges_expired_records(tmp_path):
 
         async def scenario(cfg=cfg):
             async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+                sweep, rounds = gw.sweeper.sweep, []
+
+                async def counted() -> dict[str, int]:  # the background rounds, counted when done
+                    removed = await sweep()
+                    rounds.append(removed)
+                    return removed
+
+                gw.sweeper.sweep = counted
                 up = Uploader(ch, device)
                 ack = await up.send(batches[0])
                 await up.close()
-                await asyncio.sleep(0.5)  # a few retention rounds
+                after = len(rounds)
+                for _ in range(300):  # two whole rounds after the ack (a fixed sleep was short on a slow box)
+                    if len(rounds) >= after + 2:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(rounds) >= after + 2, rounds
                 return ack
 
         assert run(scenario()).code == OK
@@ -656,9 +676,11 @@ class _GroupRecordingStore(SqliteStore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.groups: list[int] = []
+        self.began = threading.Event()  # set once the writer has handed over its first group
 
     def commit_many(self, items):
         self.groups.append(len(items))
+        self.began.set()
         return super().commit_many(items)
 
 
@@ -683,14 +705,16 @@ def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcom
         ]
 
     async def scenario():
-        store = _GroupRecordingStore(path, busy_timeout_ms=1500)
-        writer = StoreWriter(store, cfg, Metrics())
+        store = _GroupRecordingStore(path, busy_timeout_ms=3000)
+        metrics = Metrics()
+        writer = StoreWriter(store, cfg, metrics)
         writer.start()
         try:
             lock = sqlite3.connect(path, isolation_level=None)
             lock.execute("BEGIN IMMEDIATE")
             first = asyncio.ensure_future(writer.commit(CommitItem(a, 1, 0, 0, b"a0", recs(a, 0))))
-            await asyncio.sleep(0.2)  # the writer now waits for the lock with the first commit alone
+            # the writer now waits for the lock with the first commit alone
+            assert await asyncio.to_thread(store.began.wait, 20)
             rest = [
                 asyncio.ensure_future(writer.commit(CommitItem(b, 1, 0, 0, b"b0", recs(b, 0)))),
                 asyncio.ensure_future(writer.commit(CommitItem(a, 1, 3, 3, b"gap", recs(a, 3)))),
@@ -698,7 +722,11 @@ def test_commits_waiting_together_share_one_transaction_each_with_its_own_outcom
                 asyncio.ensure_future(writer.commit(CommitItem(a, 1, 1, 1, b"again", recs(a, 1)))),
                 asyncio.ensure_future(writer.commit(CommitItem(c, 1, 0, 0, b"c0", recs(c, 0)))),
             ]
-            await asyncio.sleep(0.2)
+            for _ in range(200):  # all five queued behind it (commits queued or running: six)
+                if metrics.registry.get_sample_value("bandgate_commit_queue_depth") == 6:
+                    break
+                await asyncio.sleep(0.01)
+            assert metrics.registry.get_sample_value("bandgate_commit_queue_depth") == 6
             assert not first.done() and not any(f.done() for f in rest)  # nothing answered before its commit
             lock.execute("ROLLBACK")
             grouped = await asyncio.gather(first, *rest, return_exceptions=True)

@@ -27,6 +27,7 @@ from bandgate.v1 import admin_pb2, admin_pb2_grpc, batch_pb2
 from bench.tls_bench import flood_refusals
 from gateway.envelope import build_batch
 from gateway.pipeline import OK as ACK_OK
+from gateway.security import registry as registry_module
 from gateway.security.client import local_ca
 from gateway.security.pki import LocalState
 from gateway.security.registry import Throttle
@@ -51,6 +52,8 @@ FLOOR_ATTACK_RATE = 300
 # shares the gateway's two cores. Niced, it takes the CPU the gateway leaves (and is to reach
 # MIN_ATTACK_RATE), rather than taking a core from it as no remote attacker could.
 ATTACKER_NICE = 10
+
+REFILL_PER_S = 1.0  # the throttle of test_valid_token_from_a_throttled_peer_…
 
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -268,10 +271,14 @@ def test_bad_token_flood_is_throttled_without_lookups_while_bands_stream(tmp_pat
         pytest.xfail(f"ack p99 under flood beyond 2x quiet: {numbers}")
 
 
-def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills(tmp_path):
+def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills(tmp_path, monkeypatch):
     """Bad tokens until the peer is throttled: then even a valid token from that address is refused
     RESOURCE_EXHAUSTED without a lookup, while a band on mutual TLS from the same address goes on; a moment
-    after the bad tokens stop, the valid token is accepted again."""
+    after the bad tokens stop, the valid token is accepted again.
+
+    The throttle refills 1 a second here, not the default 5: each call is a new TLS connection, and a
+    slow box's handshakes (200 ms) would refill the default as fast as the bad tokens drain it."""
+    monkeypatch.setattr(registry_module, "Throttle", lambda: Throttle(rate=REFILL_PER_S))
     cfg = tls_config(tmp_path)
     device = 0x0C0C_0000_0000_0001
     batches = band_batches(device, 3)
@@ -300,16 +307,20 @@ def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills
             for _ in range(200):
                 code, _ = await whoami(gw, bad_token())
                 bad[code] += 1
-                if code == RESOURCE_EXHAUSTED:
+                if code != RESOURCE_EXHAUSTED:
+                    continue
+                lookups = sample(gw.metrics.registry, "bandgate_token_lookups_total")
+                valid_throttled = await whoami(gw, token)
+                lookups_after = sample(gw.metrics.registry, "bandgate_token_lookups_total")
+                # throttled below one refusal's worth; the next handshake may refill the rest, and then
+                # the valid token is rightly looked up and accepted: throttle the peer again
+                if valid_throttled[0] != grpc.StatusCode.OK:
                     break
-            lookups = sample(gw.metrics.registry, "bandgate_token_lookups_total")
-            valid_throttled = await whoami(gw, token)
-            lookups_after = sample(gw.metrics.registry, "bandgate_token_lookups_total")
             async with await creds.band_channel(device) as ch:
                 up = Uploader(ch, device)
                 band_acks = [(await up.send(b)).code for b in batches]
                 await up.close()
-            await asyncio.sleep(1.0)  # the throttle refills at `rate` a second
+            await asyncio.sleep(1.5 / REFILL_PER_S)  # from below one to above it
             valid_again = await whoami(gw, token)
             return valid_first, bad, valid_throttled, lookups_after - lookups, band_acks, valid_again
 
@@ -317,7 +328,7 @@ def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills
         asyncio.wait_for(scenario(), 60)
     )
     assert valid_first == (grpc.StatusCode.OK, "relay:phone-1")
-    assert bad[RESOURCE_EXHAUSTED] == 1 and bad[UNAUTHENTICATED] >= 1, bad  # throttled after the burst
+    assert bad[RESOURCE_EXHAUSTED] >= 1 and bad[UNAUTHENTICATED] >= 1, bad  # throttled after the burst
     assert valid_throttled[0] == RESOURCE_EXHAUSTED and "slow down" in valid_throttled[1]
     assert lookups == 0  # the valid token was not even looked at
     assert band_acks == [ACK_OK] * 3  # a certificate caller from the same address is not the throttled peer

@@ -113,14 +113,14 @@ def test_an_unreachable_stream_holds_up_no_ack_and_the_backlog_shows(tmp_path) -
                 health = (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status
             await asyncio.sleep(0.6)  # a drainer round or two, failing
             gw.drainer.wake()
-            for _ in range(100):
+            for _ in range(200):  # until the gauges show it (a loaded box's drainer rounds come late)
                 depth = gw.metrics.registry.get_sample_value("bandgate_stream_outbox_depth")
-                if depth:
+                errors = gw.metrics.registry.get_sample_value(
+                    "bandgate_stream_errors_total", {"reason": "stream"}
+                )
+                if depth and errors:
                     break
                 await asyncio.sleep(0.05)
-            errors = gw.metrics.registry.get_sample_value(
-                "bandgate_stream_errors_total", {"reason": "stream"}
-            )
             return acks, health, errors or 0, int(depth or 0)
 
     acks, health, errors, depth = run(scenario())
