@@ -156,26 +156,30 @@ class RegistryConsent(ConsentGate):
         self._day = today()
 
     def decide(self, device_id: int) -> Processing:
+        return self._look(device_key(device_id))[1]
+
+    def explain(self, device: str) -> tuple[DeviceConsent | None, Processing]:
+        """The device's state as the snapshot holds it, and the decision (for the owner's own view)."""
+        return self._look(device)
+
+    def _look(self, device: str) -> tuple[DeviceConsent | None, Processing]:
+        """The device's state and decision from the index of the current snapshot, built once per
+        registry version (and per day: ages change), not once per call."""
         snap = self._snapshot()
         if snap is None:
-            return Processing(frozenset(), "the privacy registry is not loaded yet")
+            return None, Processing(frozenset(), "the privacy registry is not loaded yet")
         with self._lock:
             day = self._today()
             if self._index is None or self._index.version != snap.version or day != self._day:
                 self._index = ConsentIndex(snap)
                 self._answers.clear()
                 self._day = day
+            device_id = int(device, 16)
+            device = device_key(device_id)  # one spelling for the index and the cache
             answer = self._answers.get(device_id)
             if answer is None:
-                answer = self._answers[device_id] = self._decide(self._index, device_key(device_id))
-            return answer
-
-    def explain(self, device: str) -> tuple[DeviceConsent | None, Processing]:
-        """The device's state as the snapshot holds it, and the decision (for the owner's own view)."""
-        snap = self._snapshot()
-        index = ConsentIndex(snap) if snap is not None else None
-        state = index.get(device) if index is not None else None
-        return state, self.decide(int(device, 16))
+                answer = self._answers[device_id] = self._decide(self._index, device)
+            return self._index.get(device), answer
 
     def profile(self, device: str, state: DeviceConsent) -> Profile | None:
         """The device's current profile, unsealed (cached per version); None if it has none or it does
