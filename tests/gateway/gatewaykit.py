@@ -243,7 +243,7 @@ class ServeProcess:
                 stderr=log,
                 env=env,
             )
-        self.address = self._wait_for("serving", 30)
+        self.address = self._wait_for("serving", 120)  # as the supervisor's START_TIMEOUT_S
         self.health_address = self._field("health_address")
         self.credentials = Credentials(self.state_dir, self.address)
 

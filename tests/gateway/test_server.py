@@ -53,7 +53,9 @@ from tests.gateway.gatewaykit import (
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 30))
+    return asyncio.run(
+        asyncio.wait_for(coro, 120)
+    )  # a hang's bound, not a speed check (a slow box, a cold cache)
 
 
 def high_water(url: str, device_id: int) -> int | None:

@@ -18,7 +18,7 @@ from gateway.server import run_server
 from tests.gateway.gatewaykit import Uploader, band, config, processed, running, same_records, stored
 
 
-def run(coro, timeout: float = 60):
+def run(coro, timeout: float = 120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

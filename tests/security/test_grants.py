@@ -387,7 +387,7 @@ class Follower:
             assert time.monotonic() < deadline, f"stuck at cursor {self.cursor}, waiting for {cursor}"
             await asyncio.sleep(0.01)
 
-    async def ended(self, timeout: float = 2.0) -> Outcome:
+    async def ended(self, timeout: float = 10.0) -> Outcome:
         done, _ = await asyncio.wait({self.task}, timeout=timeout)
         assert done, f"the subscription is still open {timeout} s later"
         return self.task.result()
