@@ -628,6 +628,7 @@ class Gateway:
             auto_register=c.auto_register,
             metrics=self.metrics,
         )
+        registry.indexers.append(self.privacy.prepare)  # the consent index, built off the loop
         await registry.start()
         journal = ErasureJournal(
             Path(c.erasure_journal) if c.erasure_journal else security.state.root / JOURNAL_FILE,

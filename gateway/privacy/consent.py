@@ -151,6 +151,7 @@ class RegistryConsent(ConsentGate):
         self._today = today
         self._lock = threading.Lock()
         self._index: ConsentIndex | None = None
+        self._prepared: ConsentIndex | None = None  # built by `prepare`, off the serving loop
         self._answers: dict[int, Processing] = {}
         self._profiles: dict[tuple[str, str, int], Profile | None] = {}
         self._day = today()
@@ -162,16 +163,29 @@ class RegistryConsent(ConsentGate):
         """The device's state as the snapshot holds it, and the decision (for the owner's own view)."""
         return self._look(device)
 
+    def prepare(self, snapshot: RegistrySnapshot) -> None:
+        """Index `snapshot` ahead of its use (the registry calls this on its store thread before it
+        serves a new version), so the first batch after a change does not index the whole registry on
+        the event loop."""
+        index = ConsentIndex(snapshot)
+        with self._lock:
+            self._prepared = index
+
     def _look(self, device: str) -> tuple[DeviceConsent | None, Processing]:
         """The device's state and decision from the index of the current snapshot, built once per
-        registry version (and per day: ages change), not once per call."""
+        registry version (by `prepare`, or here if it did not), not once per call; answers are kept
+        per version and per day (ages change)."""
         snap = self._snapshot()
         if snap is None:
             return None, Processing(frozenset(), "the privacy registry is not loaded yet")
         with self._lock:
             day = self._today()
-            if self._index is None or self._index.version != snap.version or day != self._day:
-                self._index = ConsentIndex(snap)
+            if self._index is None or self._index.version != snap.version:
+                prepared = self._prepared
+                fresh = prepared is not None and prepared.version == snap.version
+                self._index = prepared if fresh else ConsentIndex(snap)
+                self._answers.clear()
+            if day != self._day:
                 self._answers.clear()
                 self._day = day
             device_id = int(device, 16)

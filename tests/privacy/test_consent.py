@@ -140,3 +140,52 @@ def test_consent_changes_are_audited_by_family_never_by_value(tmp_path):
     ]
     text = "\n".join(orjson.dumps(e).decode() for e in entries)
     assert "187.3456" not in text and "1988" not in text and hexid(device) not in text
+
+
+def test_the_registry_indexes_consent_ahead_so_a_batch_never_builds_the_index(tmp_path, monkeypatch):
+    """`RegistryConsent.prepare` (the registry calls it on its store thread before serving a version):
+    the batches that follow decide from that index and build none themselves; a version that was not
+    prepared is still decided right, by building its index once."""
+    from gateway.privacy import consent as consent_module
+    from gateway.privacy.consent import ConsentIndex, ConsentSettings, RegistryConsent
+    from gateway.store import SqliteStore
+    from gateway.store.base import RegistryOp
+
+    built: list[int] = []
+
+    class Counted(ConsentIndex):
+        def __init__(self, snapshot):  # type: ignore[no-untyped-def]
+            built.append(snapshot.version)
+            super().__init__(snapshot)
+
+    monkeypatch.setattr(consent_module, "ConsentIndex", Counted)
+    device, ownership = "00000000000000d1", "o-00000000000000d1"
+    with SqliteStore(tmp_path / "gw.db") as store:
+        store.registry_apply(
+            [
+                RegistryOp("ownership", device=device, ownership=ownership),
+                RegistryOp(
+                    "consent", device=device, ownership=ownership, family="steps", granted=True, actor="owner"
+                ),
+            ]
+        )
+        first = store.registry_snapshot()
+        store.registry_apply(
+            [
+                RegistryOp(
+                    "consent", device=device, ownership=ownership, family="heart", granted=True, actor="owner"
+                )
+            ]
+        )
+        second = store.registry_snapshot()
+    served = [first]
+    gate = RegistryConsent(lambda: served[0], None, ConsentSettings(age_unknown="adult"))
+    gate.prepare(first)
+    assert built == [first.version]
+    for _ in range(3):
+        assert gate.decide(0xD1).families == {"steps"}
+    assert gate.explain(device)[0].decisions == {"steps": True}
+    assert built == [first.version]  # the batches and the owner's view used the prepared index
+    served[0] = second  # a version nobody prepared (the fallback)
+    assert gate.decide(0xD1).families == {"steps", "heart"}
+    assert built == [first.version, second.version]
