@@ -23,7 +23,7 @@ OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 
-def run(coro, timeout: float = 90):
+def run(coro, timeout: float = 180):  # a hang bound (a cold Numba cache compiles first)
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

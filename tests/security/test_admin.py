@@ -36,7 +36,7 @@ from tests.gateway.gatewaykit import (
 CLI = (sys.executable, "-m", "gateway.cli")
 
 
-def run(coro, timeout: float = 60):
+def run(coro, timeout: float = 180):  # a hang bound (a cold Numba cache compiles first)
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

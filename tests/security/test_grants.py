@@ -42,7 +42,7 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 OK = grpc.StatusCode.OK
 
 
-def run(coro, timeout: float = 60):
+def run(coro, timeout: float = 180):  # a hang bound (a cold Numba cache compiles first)
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

@@ -325,7 +325,7 @@ def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills
             return valid_first, bad, valid_throttled, lookups_after - lookups, band_acks, valid_again
 
     valid_first, bad, valid_throttled, lookups, band_acks, valid_again = asyncio.run(
-        asyncio.wait_for(scenario(), 60)
+        asyncio.wait_for(scenario(), 180)
     )
     assert valid_first == (grpc.StatusCode.OK, "relay:phone-1")
     assert bad[RESOURCE_EXHAUSTED] >= 1 and bad[UNAUTHENTICATED] >= 1, bad  # throttled after the burst
@@ -373,7 +373,7 @@ def test_refusals_of_a_certificate_caller_charge_its_certificate_not_its_address
                 await up.close()
             return codes, f"{me.kind}:{me.name}", acks
 
-    codes, relay, acks = asyncio.run(asyncio.wait_for(scenario(), 60))
+    codes, relay, acks = asyncio.run(asyncio.wait_for(scenario(), 180))
     assert codes[grpc.StatusCode.PERMISSION_DENIED] >= 1 and codes[RESOURCE_EXHAUSTED] >= 1, codes
     assert grpc.StatusCode.OK not in codes
     assert relay == "relay:phone-9"  # the same loopback address, not throttled by the band's refusals

@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'protos'}"}
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    return asyncio.run(asyncio.wait_for(coro, 180))  # a hang bound, not a speed check
 
 
 def free_port() -> int:

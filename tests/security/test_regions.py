@@ -33,7 +33,7 @@ from tests.gateway.gatewaykit import Credentials, Uploader, band, processed, sto
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 90))
+    return asyncio.run(asyncio.wait_for(coro, 180))  # a hang bound, not a speed check
 
 
 # --- the rules, directly --------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from tests.gateway.gatewaykit import (
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    return asyncio.run(asyncio.wait_for(coro, 180))  # a hang bound, not a speed check
 
 
 def channel(address: str, credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:

@@ -29,7 +29,7 @@ from tests.gateway.gatewaykit import Credentials, Uploader, band, processed, sto
 D_SEED, E_SEED, F_SEED = 31, 32, 33
 
 
-def run(coro, timeout: float = 30):
+def run(coro, timeout: float = 180):  # a hang bound (a cold Numba cache compiles first)
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

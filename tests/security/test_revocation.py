@@ -39,7 +39,7 @@ AUDIT_FIELDS = {"v", "seq", "time_us", "actor", "action", "subject", "reason", "
 DETAIL_FIELDS = {"serial", "type", "device", "family", "operation", "devices", "previous"}
 
 
-def run(coro, timeout: float = 60):
+def run(coro, timeout: float = 180):  # a hang bound (a cold Numba cache compiles first)
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 

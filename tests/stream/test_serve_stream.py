@@ -27,7 +27,7 @@ def test_kill_9_mid_stream_then_restart_streams_everything_once(tmp_path) -> Non
         return await bands
 
     try:
-        stats = asyncio.run(asyncio.wait_for(scenario(), 90))
+        stats = asyncio.run(asyncio.wait_for(scenario(), 180))
         got = stored(f"sqlite:///{db}")
         assert wait_until(lambda: len(run(all_messages(base, prefix))) >= len(got), timeout=30)
         assert server.terminate() == 0

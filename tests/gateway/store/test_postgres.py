@@ -684,7 +684,7 @@ def test_a_gateway_stores_acks_and_withholds_acks_over_postgresql(
             await up.close()
             return acks
 
-    acks = asyncio.run(asyncio.wait_for(scenario(), 60))
+    acks = asyncio.run(asyncio.wait_for(scenario(), 180))
     assert [a.code for a in acks] == [OK, OK, ALREADY_EXISTS, UNAVAILABLE, OK]
     assert not acks[3].has_acked_seq
     sealer = open_sealer(tmp_path / "state", pg_harness.store_url(), key_schema=keys)
