@@ -53,9 +53,8 @@ from tests.gateway.gatewaykit import (
 
 
 def run(coro):
-    return asyncio.run(
-        asyncio.wait_for(coro, 120)
-    )  # a hang's bound, not a speed check (a slow box, a cold cache)
+    # a hang's bound, not a speed check (a slow box, a cold cache)
+    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def high_water(url: str, device_id: int) -> int | None:
