@@ -3,11 +3,12 @@
 `python -m bench.registry_bench 10000 100000`
 
 Every policy change (a registration, a revocation, a consent decision) makes each gateway re-read the
-whole registry (`Store.registry_snapshot`) and re-index it (`Policy`, and the consent index on the next
-batch), so the cost grows with the registered devices (docs/security.md, "Known limit"). Per fleet size:
-the snapshot read, the two indexes, and beside them a baseline measured in the same run: the same
-rows fetched as plain tuples by the sqlite3 module, the least any snapshot read can cost. SQLite in a
-temporary directory; each device is a principal with a credential, an ownership and one consent decision.
+whole registry (`Store.registry_snapshot`) and re-index it (`Policy` and the consent index, on the
+registry's store thread), so the cost grows with the registered devices (docs/security.md, "Known
+limit"). Per fleet size: the snapshot read, the two indexes, and beside them a baseline measured in the
+same run: the same rows fetched as plain tuples by the sqlite3 module, the least any snapshot read can
+cost. SQLite in a temporary directory; each device is a principal with a credential, an ownership and
+one consent decision.
 """
 
 from __future__ import annotations

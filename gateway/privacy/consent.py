@@ -157,11 +157,11 @@ class RegistryConsent(ConsentGate):
         self._day = today()
 
     def decide(self, device_id: int) -> Processing:
-        return self._look(device_key(device_id))[1]
+        return self._look(device_id, with_state=False)[1]
 
     def explain(self, device: str) -> tuple[DeviceConsent | None, Processing]:
         """The device's state as the snapshot holds it, and the decision (for the owner's own view)."""
-        return self._look(device)
+        return self._look(int(device, 16), with_state=True)
 
     def prepare(self, snapshot: RegistrySnapshot) -> None:
         """Index `snapshot` ahead of its use (the registry calls this on its store thread before it
@@ -171,7 +171,7 @@ class RegistryConsent(ConsentGate):
         with self._lock:
             self._prepared = index
 
-    def _look(self, device: str) -> tuple[DeviceConsent | None, Processing]:
+    def _look(self, device_id: int, *, with_state: bool) -> tuple[DeviceConsent | None, Processing]:
         """The device's state and decision from the index of the current snapshot, built once per
         registry version (by `prepare`, or here if it did not), not once per call; answers are kept
         per version and per day (ages change)."""
@@ -188,12 +188,13 @@ class RegistryConsent(ConsentGate):
             if day != self._day:
                 self._answers.clear()
                 self._day = day
-            device_id = int(device, 16)
-            device = device_key(device_id)  # one spelling for the index and the cache
-            answer = self._answers.get(device_id)
-            if answer is None:
-                answer = self._answers[device_id] = self._decide(self._index, device)
-            return self._index.get(device), answer
+            answer = self._answers.get(device_id)  # per batch: this lookup, nothing more
+            if answer is None or with_state:
+                device = device_key(device_id)  # one spelling for the index and the cache
+                if answer is None:
+                    answer = self._answers[device_id] = self._decide(self._index, device)
+                return (self._index.get(device) if with_state else None), answer
+            return None, answer
 
     def profile(self, device: str, state: DeviceConsent) -> Profile | None:
         """The device's current profile, unsealed (cached per version); None if it has none or it does

@@ -309,6 +309,17 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def assert_no_leak(text: str, raw: bytes, patterns: Iterable[str]) -> None:
+    """No sample in `text`: neither the raw bytes dumped as hex or as a bytes repr, nor any of `patterns`,
+    regexes for values standing alone (not four digits inside a timestamp, key ID, MAC or ciphertext
+    decoded as text, where they turn up by chance: a CI run once failed on one)."""
+    for needle in (raw.hex(), repr(raw)[2:-1]):
+        assert needle not in text, needle
+    for pattern in patterns:
+        leak = re.search(pattern, text)
+        assert leak is None, (pattern, text[max(0, leak.start() - 80) : leak.end() + 80])
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
