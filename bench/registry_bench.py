@@ -2,28 +2,42 @@
 
 `python -m bench.registry_bench 10000 100000`
 
-Every policy change (a registration, a revocation, a consent decision) makes each gateway re-read the
-whole registry (`Store.registry_snapshot`) and re-index it (`Policy` and the consent index, on the
-registry's store thread), so the cost grows with the registered devices (docs/security.md, "Known
-limit"). Per fleet size: the snapshot read, the two indexes, and beside them a baseline measured in the
-same run: the same rows fetched as plain tuples by the sqlite3 module, the least any snapshot read can
-cost. SQLite in a temporary directory; each device is a principal with a credential, an ownership and
-one consent decision.
+Every policy change (a registration, a revocation, a consent decision) makes each gateway read what
+changed (`Store.registry_delta`, laid over the snapshot it holds by `merge_registry`) and re-index the
+registry (`Policy` and the consent index, on the registry's store thread); with no usable change log it
+re-reads the whole registry (`Store.registry_snapshot`), as every change did before the log. Per fleet
+size: the full rebuild (snapshot read and the two indexes), beside it a baseline measured in the same
+run (the same rows fetched as plain tuples by the sqlite3 module, the least any full read can cost), and
+the cost of one revocation through the change log (delta read, merge, the two indexes), with its ratio
+to the full rebuild. SQLite in a temporary directory; each device is a principal with a credential, an
+ownership and one consent decision.
+
+`--propagation` adds what a wearer's revocation promise rests on, end to end: two TLS gateways
+(`run_server`) on one store with the fleet registered, a device revoked through A (as the admin API
+does), and the time until B serves a policy in which it is revoked (B's 0.5-s poll, then its read), the
+median of several; beside it the same two gateways reading every change whole (`registry_delta`
+answering None: the gateway before the change log), and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sqlite3
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from gateway.config import GatewayConfig
 from gateway.privacy.consent import ConsentIndex
+from gateway.security.audit import AuditEvent
 from gateway.security.policy import Policy
+from gateway.server import run_server
 from gateway.store import SqliteStore
-from gateway.store.base import CredentialRow, RegistryOp
+from gateway.store.base import CredentialRow, RegistryOp, merge_registry
 
 # what registry_snapshot reads
 TABLES = (
@@ -78,6 +92,15 @@ def measure(devices: int, repeats: int = 3) -> dict[str, float]:
                 "policy_ms": _best_ms(lambda: Policy(snapshot), repeats),
                 "consent_index_ms": _best_ms(lambda: ConsentIndex(snapshot), repeats),
             }
+            # one revocation, read as a gateway holding `snapshot` reads it
+            store.registry_apply([RegistryOp("revoke", kind="device", name=f"{devices // 2:016x}")])
+            delta = store.registry_delta(snapshot)
+            assert delta is not None and len(delta.subjects) == 1, "the change log gives the revocation"
+            merged = merge_registry(snapshot, delta)
+            figures["delta_read_ms"] = _best_ms(lambda: store.registry_delta(snapshot), repeats)
+            figures["merge_ms"] = _best_ms(lambda: merge_registry(snapshot, delta), repeats)
+            figures["delta_policy_ms"] = _best_ms(lambda: Policy(merged), repeats)
+            figures["delta_consent_index_ms"] = _best_ms(lambda: ConsentIndex(merged), repeats)
         conn = sqlite3.connect(path)
         try:
 
@@ -90,6 +113,65 @@ def measure(devices: int, repeats: int = 3) -> dict[str, float]:
             conn.close()
     figures["rebuild_ms"] = figures["snapshot_ms"] + figures["policy_ms"] + figures["consent_index_ms"]
     figures["rebuild_vs_fetchall"] = figures["rebuild_ms"] / figures["baseline_fetchall_ms"]
+    figures["change_ms"] = sum(
+        figures[k] for k in ("delta_read_ms", "merge_ms", "delta_policy_ms", "delta_consent_index_ms")
+    )
+    figures["change_vs_rebuild"] = figures["change_ms"] / figures["rebuild_ms"]
+    return {k: round(v, 2) for k, v in figures.items()}
+
+
+@contextlib.contextmanager
+def _no_change_log():
+    """Every registry change read whole, as a gateway did before the change log (the baseline)."""
+    saved = SqliteStore.registry_delta
+    SqliteStore.registry_delta = lambda self, snapshot: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SqliteStore.registry_delta = saved  # type: ignore[method-assign]
+
+
+async def _seen_on_b(tmp: Path, revocations: int) -> list[float]:
+    """Seconds from each revocation applied through gateway A to gateway B serving it."""
+    common = dict(
+        listen="127.0.0.1:0",
+        token_listen="127.0.0.1:0",
+        health_listen="127.0.0.1:0",
+        store=f"sqlite:///{tmp}/gw.db",
+        state_dir=str(tmp / "state"),
+    )
+    seen = []
+    async with run_server(GatewayConfig(**common)) as a, run_server(GatewayConfig(**common)) as b:
+        for i in range(revocations):
+            name = f"{i:016x}"
+            event = AuditEvent("principal.revoked", "consumer:bench", f"device:{name}")
+            await a.registry.apply([event], [RegistryOp("revoke", kind="device", name=name)])
+            t0 = time.monotonic()
+            while b.registry.policy.principal("device", name).state != "revoked":
+                if time.monotonic() - t0 > 60:
+                    raise RuntimeError(f"B did not serve revocation {i} within 60 s")
+                await asyncio.sleep(0.002)
+            seen.append(time.monotonic() - t0)
+            await asyncio.sleep(0.25)  # the next one from another point of B's poll
+    return seen
+
+
+def propagation(devices: int, revocations: int = 7) -> dict[str, float]:
+    """Revocation through A until B serves it (ms, median of `revocations`), with the change log and
+    without it (whole reads), on a store with `devices` registered."""
+    figures: dict[str, float] = {"devices": devices}
+    for key, reading in (
+        ("revocation_seen_ms", contextlib.nullcontext),
+        ("whole_read_seen_ms", _no_change_log),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            with SqliteStore(Path(tmp) / "gw.db") as store:
+                store.registry_apply(fleet_ops(devices))
+            with reading():
+                seen = asyncio.run(_seen_on_b(Path(tmp), revocations))
+        figures[key] = statistics.median(seen) * 1000
+        figures[key.replace("_ms", "_max_ms")] = max(seen) * 1000
+    figures["seen_vs_whole_read"] = figures["revocation_seen_ms"] / figures["whole_read_seen_ms"]
     return {k: round(v, 2) for k, v in figures.items()}
 
 
@@ -97,9 +179,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("devices", nargs="*", type=int, default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--propagation", action="store_true", help="also time a revocation across gateways")
     args = parser.parse_args()
     for n in args.devices:
         print(json.dumps(measure(n, args.repeats)), flush=True)
+        if args.propagation:
+            print(json.dumps(propagation(n)), flush=True)
 
 
 if __name__ == "__main__":

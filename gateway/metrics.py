@@ -65,6 +65,12 @@ class Metrics:
         self.token_lookups = Counter(
             "bandgate_token_lookups", "Bearer tokens hashed and looked up", registry=r
         )
+        self.registry_reads = Counter(
+            "bandgate_registry_reads",
+            "Registry reads after a change: the rows of what changed (delta) or the whole registry (full)",
+            ["kind"],
+            registry=r,
+        )
         # the feature stream (gateway/stream): its backlog is on disk, in the store's outbox
         self.outbox_depth = Gauge(
             "bandgate_stream_outbox_depth", "Outbox entries waiting to be published or purged", registry=r

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.registry_bench import fleet_ops, measure
+from bench.registry_bench import fleet_ops, measure, propagation
 from gateway.store import SqliteStore
 
 
@@ -20,3 +20,16 @@ def test_the_fleet_is_in_the_registry_and_every_figure_is_reported() -> None:
     parts = ("snapshot_ms", "policy_ms", "consent_index_ms")
     assert all(figures[k] > 0 for k in (*parts, "baseline_fetchall_ms"))
     assert abs(figures["rebuild_ms"] - sum(figures[k] for k in parts)) < 0.05
+    change = ("delta_read_ms", "merge_ms", "delta_policy_ms", "delta_consent_index_ms")
+    assert all(figures[k] > 0 for k in change)
+    assert abs(figures["change_ms"] - sum(figures[k] for k in change)) < 0.05
+
+
+def test_the_revocation_is_timed_until_the_other_gateway_serves_it() -> None:
+    """`propagation` waits until gateway B's policy holds each revocation (it raises if one never
+    arrives), with the change log and without it, and reports both."""
+    figures = propagation(200, revocations=2)
+    assert figures["devices"] == 200
+    for key in ("revocation_seen_ms", "whole_read_seen_ms"):
+        assert 0 < figures[key] <= figures[key.replace("_ms", "_max_ms")] < 60_000
+    assert figures["seen_vs_whole_read"] > 0

@@ -82,6 +82,8 @@ COLUMNS: Mapping[str, Mapping[str, Mapping[str, str]]] = {
             "created_us": DEVICE_METADATA,
         },
         "bindings": {"relay": IDENTIFIER, "device": IDENTIFIER, "created_us": DEVICE_METADATA},
+        # the registry's change log names the principals each change touched (erasure deletes a device's)
+        "registry_changes": {"seq": SYSTEM, "version": SYSTEM, "subject": IDENTIFIER},
         "grants": {
             "consumer": IDENTIFIER,
             "family": DEVICE_METADATA,

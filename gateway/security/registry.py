@@ -28,12 +28,15 @@ from gateway.privacy.ownership import ownership_ops
 from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, Segments, load_key
 from gateway.security.pki import PkiError, cert_info
 from gateway.security.policy import Decision, Policy, Principal, token_id
-from gateway.store.base import CredentialRow, RegistryOp, RegistrySnapshot
+from gateway.store.base import CredentialRow, RegistryOp, RegistrySnapshot, merge_registry
 
 log = logging.getLogger("bandgate.security")
 
 FLUSH_S = 2.0  # last-seen times and refusal counts are written this often, never per RPC
 REFRESH_S = 0.1  # an unknown certificate reads the store's registry version at most this often
+# The whole registry is read again at least this often, though the change log has every change: it brings
+# last-seen times (not policy, so no delta carries them) and is a safety net under the log.
+FULL_READ_S = 300.0
 
 
 class Throttle:
@@ -135,6 +138,7 @@ class Registry:
         self._reload = asyncio.Lock()
         self._refreshing = asyncio.Lock()  # one `refresh` read at a time
         self._refreshed_newer = False  # what the last `refresh` read found
+        self._full_read = -FULL_READ_S  # when the whole registry was last read (monotonic)
 
     async def start(self) -> None:
         if self._loop is not None:
@@ -165,16 +169,32 @@ class Registry:
     async def _read_policy(self) -> Policy:
         """The registry read and indexed on the registry's store thread, with every `indexers` hook
         (the consent index): at 100,000 devices the indexes take ~0.5 s, which the event loop serving
-        the bands must not spend on the first batch after a change."""
-        store, indexers = self.thread.store, list(self.indexers)
+        the bands must not spend on the first batch after a change.
 
-        def read() -> Policy:
-            policy = Policy(store.registry_snapshot())
+        What is read is the change since the policy served (`Store.registry_delta`: the rows of the
+        principals changed, laid over the snapshot held), so a change costs its own rows rather than a
+        read of the whole registry; the whole registry when there is no policy yet, when the change
+        log cannot give the change whole, and at least every FULL_READ_S."""
+        store, indexers = self.thread.store, list(self.indexers)
+        held = self.policy.snapshot if self.policy is not None else None
+        if time.monotonic() - self._full_read >= FULL_READ_S:
+            held = None
+        started = time.monotonic()
+
+        def read() -> tuple[Policy, bool]:
+            delta = None if held is None else store.registry_delta(held)
+            snapshot = store.registry_snapshot() if delta is None else merge_registry(held, delta)
+            policy = Policy(snapshot)
             for index in indexers:
                 index(policy.snapshot)
-            return policy
+            return policy, delta is None
 
-        return await self.thread.call(read)
+        policy, whole = await self.thread.call(read)
+        if whole:
+            self._full_read = started
+        if self.metrics is not None:
+            self.metrics.registry_reads.labels("full" if whole else "delta").inc()
+        return policy
 
     def _install(self, policy: Policy) -> None:
         changed = self.policy is not None and self.policy.version != policy.version
@@ -234,7 +254,8 @@ class Registry:
             await asyncio.sleep(self.poll_s)
             try:
                 version = await self.thread.call(self.thread.store.registry_version)
-                if self.policy is None or version != self.policy.version:
+                stale = time.monotonic() - self._full_read >= FULL_READ_S
+                if self.policy is None or version != self.policy.version or stale:
                     async with self._reload:
                         self._install(await self._read_policy())
                 if time.monotonic() - last_flush >= FLUSH_S:

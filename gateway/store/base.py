@@ -152,6 +152,10 @@ PRINCIPAL_KINDS = frozenset({"device", "relay", "consumer"})
 PRINCIPAL_STATES = frozenset({"active", "revoked"})
 OPERATIONS = frozenset({"subscribe", "export", "admin"})
 ADMIN_FAMILY = "*"  # the family column of an admin grant: admin carries no data by itself
+# The registry change log (`Store.registry_delta`): entries kept, and the subjects past which a delta is
+# no cheaper than reading the whole registry (a delta reads each subject's rows by key).
+REGISTRY_CHANGES_KEPT = 100_000
+MAX_DELTA_SUBJECTS = 5_000
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,102 @@ class RegistrySnapshot:
     guardians: tuple[GuardianRow, ...] = ()  # of current ownerships
     profiles: tuple[SealedRow, ...] = ()  # latest version, of current ownerships
     totp: tuple[SealedRow, ...] = ()  # of current ownerships; version = last time step used
+    changes: int = 0  # the registry change log's last entry this snapshot includes (`Store.registry_delta`)
+
+
+@dataclass(frozen=True)
+class RegistryDelta:
+    """What changed in the registry after a snapshot (`Store.registry_delta`): the subjects touched
+    ("kind:name", `subject`) and, in `rows` (at the newest version and change), every row about each of
+    them now and no other. `merge_registry` lays it over the older snapshot."""
+
+    subjects: frozenset[str]
+    rows: RegistrySnapshot
+
+
+def subject(kind: str, name: str) -> str:
+    """How the registry change log names a principal: every registry row is about one or two of them."""
+    return f"{kind}:{name}"
+
+
+def op_subjects(op: RegistryOp) -> set[str]:
+    """The principals whose rows `op` may change, as far as the op itself tells: a store adds the owner
+    of a credential whose state changes and the consumers whose grants a "forget" narrows. "seen" names
+    none: last-seen times are not policy, and a delta does not carry them."""
+    if op.op == "seen":
+        return set()
+    if op.op in ("principal", "revoke"):
+        return {subject(op.kind, op.name)}
+    if op.op == "credential":
+        assert op.credential is not None
+        return {subject(op.credential.kind, op.credential.name)}
+    if op.op in ("bind", "unbind"):
+        return {subject("relay", op.name), subject("device", op.device)}
+    if op.op in ("grant", "ungrant"):
+        assert op.grant is not None
+        return {subject("consumer", op.grant.consumer)}
+    if op.op == "credential_state":
+        return set()  # the store names the credential's owner
+    return {subject("device", op.device)}  # ownership, consent, guardians, profile, TOTP, forget
+
+
+def change_entries(touched: set[str], ops: Sequence[RegistryOp], last: int) -> tuple[list[str], int]:
+    """The subjects a registry write logs, and the change number after which they go (`last` is the
+    log's newest). A bump that touched nothing is logged too ('' names no subject). An erased device
+    ("forget") is never named: the store deletes its earlier entries, and the write's entries go after
+    a number left out, so every snapshot from before it sees a gap (`change_log_whole`) and reads the
+    whole registry, which no longer holds the device."""
+    erased = {subject("device", op.device) for op in ops if op.op == "forget"}
+    listed = sorted(touched - erased) or [""]
+    return listed, last + 1 if erased else last
+
+
+def change_log_whole(
+    snapshot: RegistrySnapshot, version: int, last: int, logged: int, first: int | None, versions: int
+) -> bool:
+    """Whether a store's change log holds every change after `snapshot`, read with the registry at
+    `version`: its entries after the snapshot's run unbroken (`logged` of them, the first numbered
+    `first`) to the newest (`last`), and each version bumped since has entries (`versions`: the distinct
+    versions above the snapshot's among them). A pruned log shows as a gap, and so does a writer that
+    bumps the version without logging (a gateway from before the log, during a rolling upgrade)."""
+    if version < snapshot.version or last < snapshot.changes:
+        return False  # another store, or one restored from an older backup
+    if logged != last - snapshot.changes or (logged and first != snapshot.changes + 1):
+        return False
+    return versions == version - snapshot.version
+
+
+def merge_registry(old: RegistrySnapshot, delta: RegistryDelta) -> RegistrySnapshot:
+    """`old` with every row about `delta.subjects` replaced by `delta.rows`: the snapshot a full read
+    at the delta's version would give (rows in another order; a principal's `last_seen_us` as `old` had
+    it, unless the delta touched it). O(registry) in Python, but no store read of the whole registry."""
+    touched = delta.subjects
+    new = delta.rows
+
+    def kept(rows: tuple, key: Callable[[Any], str]) -> tuple:
+        return tuple(r for r in rows if key(r) not in touched)
+
+    def device_of(r: Any) -> str:
+        return subject("device", r.device)
+
+    return RegistrySnapshot(
+        version=new.version,
+        principals=kept(old.principals, lambda r: subject(r.kind, r.name)) + new.principals,
+        credentials=kept(old.credentials, lambda r: subject(r.kind, r.name)) + new.credentials,
+        bindings=tuple(
+            b
+            for b in old.bindings
+            if subject("relay", b[0]) not in touched and subject("device", b[1]) not in touched
+        )
+        + new.bindings,
+        grants=kept(old.grants, lambda r: subject("consumer", r.consumer)) + new.grants,
+        ownerships=kept(old.ownerships, device_of) + new.ownerships,
+        consents=kept(old.consents, device_of) + new.consents,
+        guardians=kept(old.guardians, device_of) + new.guardians,
+        profiles=kept(old.profiles, device_of) + new.profiles,
+        totp=kept(old.totp, device_of) + new.totp,
+        changes=new.changes,
+    )
 
 
 @dataclass(frozen=True)
@@ -547,6 +647,14 @@ class Store(Protocol):
 
     def registry_version(self) -> int:
         """A number that grows with every policy change (not with "seen"): a cache compares it."""
+        ...
+
+    def registry_delta(self, snapshot: RegistrySnapshot) -> RegistryDelta | None:
+        """The change since `snapshot` (an earlier `registry_snapshot` or merge of this store's) as a
+        delta, read in one transaction; None when the change log cannot tell it whole (its entries
+        pruned, a version bumped by a writer that kept no log) or it names more than MAX_DELTA_SUBJECTS:
+        then read the snapshot. Every registry write logs the subjects it touched (`op_subjects`, and
+        the owners and consumers only the store knows) under its change number."""
         ...
 
     def registry_apply(

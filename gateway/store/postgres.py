@@ -58,6 +58,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from decoder.records import device_key
 from gateway.store.base import (
     FAMILY_CLASS,
+    MAX_DELTA_SUBJECTS,
+    PRINCIPAL_KINDS,
+    REGISTRY_CHANGES_KEPT,
     UNOWNED,
     AuditCheckpoint,
     AuditConflict,
@@ -73,6 +76,7 @@ from gateway.store.base import (
     OwnershipRow,
     PrincipalRow,
     PrivacyHistory,
+    RegistryDelta,
     RegistryOp,
     RegistrySnapshot,
     SchemaVersionError,
@@ -83,9 +87,13 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
     Unreadable,
+    change_entries,
+    change_log_whole,
     check_principal,
     check_registry_op,
     check_sequence,
+    op_subjects,
+    subject,
 )
 from gateway.store.rows import (
     RECORD_TABLES,
@@ -367,6 +375,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         # expanding: `outbox` is untouched, and an older gateway beside a newer one drains its record and
         # purge entries as before (docs/streams.md). Rewritten in place before any release used it: it
         # added these columns to `outbox` and contracted.
+    ),
+    Migration(
+        (
+            # The registry's change log, as SQLite's migration 11 (Store.registry_delta): each registry
+            # write's subjects under the next change numbers, handed out under the registry_version row
+            # lock every registry write takes first, so they are gapless and in commit order.
+            """CREATE TABLE registry_changes (
+                seq bigint PRIMARY KEY,
+                version bigint NOT NULL,
+                subject text NOT NULL
+            )""",
+            "CREATE INDEX bindings_device ON bindings (device)",
+        ),
+        # expanding: an older gateway writes no log; a newer one sees the versions it bumped unlogged and
+        # reads the whole registry (base.change_log_whole)
     ),
 )
 
@@ -1333,37 +1356,39 @@ class PostgresStore(Store):
     def registry_snapshot(self) -> RegistrySnapshot:
         with self._snapshot() as conn:
             (version,) = conn.execute("SELECT version FROM registry_version").fetchone()  # type: ignore[misc]
-            principals = tuple(
-                PrincipalRow(*row)
-                for row in conn.execute(
-                    "SELECT kind, name, state, created_us, updated_us, last_seen_us FROM principals "
-                    "ORDER BY kind, name"
-                )
-            )
-            credentials = tuple(
-                CredentialRow(*row)
-                for row in conn.execute(
-                    "SELECT id, kind, name, serial, not_after_us, state, created_us FROM credentials "
-                    "ORDER BY kind, name, created_us"
-                )
-            )
-            bindings = tuple(
-                (r, d) for r, d in conn.execute("SELECT relay, device FROM bindings ORDER BY relay, device")
-            )
-            grants = tuple(
-                GrantRow(c, f, o, tuple(devices.split()))
-                for c, f, o, devices in conn.execute(
-                    "SELECT consumer, family, operation, devices FROM grants "
-                    "ORDER BY consumer, family, operation"
-                )
-            )
-            privacy = _privacy_snapshot(conn)
-        return RegistrySnapshot(int(version), principals, credentials, bindings, grants, *privacy)
+            (changes,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()  # type: ignore[misc]
+            rows = _registry_rows(conn, None)
+        return RegistrySnapshot(int(version), *rows, changes=int(changes))
 
     def registry_version(self) -> int:
         with self._connection() as conn:
             (version,) = conn.execute("SELECT version FROM registry_version").fetchone()  # type: ignore[misc]
         return int(version)
+
+    def registry_delta(self, snapshot: RegistrySnapshot) -> RegistryDelta | None:
+        with self._snapshot() as conn:
+            (version,) = conn.execute("SELECT version FROM registry_version").fetchone()  # type: ignore[misc]
+            (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()  # type: ignore[misc]
+            logged, first = conn.execute(  # type: ignore[misc]
+                "SELECT count(*), min(seq) FROM registry_changes WHERE seq > %s", (snapshot.changes,)
+            ).fetchone()
+            (versions,) = conn.execute(  # type: ignore[misc]
+                "SELECT count(DISTINCT version) FROM registry_changes WHERE seq > %s AND version > %s",
+                (snapshot.changes, snapshot.version),
+            ).fetchone()
+            if not change_log_whole(snapshot, version, last, logged, first, versions):
+                return None
+            subjects = frozenset(
+                s
+                for (s,) in conn.execute(
+                    "SELECT DISTINCT subject FROM registry_changes WHERE seq > %s AND subject != '' LIMIT %s",
+                    (snapshot.changes, MAX_DELTA_SUBJECTS + 1),
+                )
+            )
+            if len(subjects) > MAX_DELTA_SUBJECTS:
+                return None
+            rows = _registry_rows(conn, subjects)
+        return RegistryDelta(subjects, RegistrySnapshot(int(version), *rows, changes=int(last)))
 
     def registry_apply(
         self,
@@ -1396,12 +1421,28 @@ class PostgresStore(Store):
                     "VALUES (%s, %s, %s, %s, %s)",
                     (cp.seq, cp.mac, cp.first_seq, cp.first_time_us, cp.last_time_us),
                 )
-            changed = False
+            changed, touched = False, set()
             for op in ops:
-                changed |= _apply_registry_op(conn, op, now_us)
+                changed |= _apply_registry_op(conn, op, now_us, touched)
+                touched |= op_subjects(op)
             if changed:
                 conn.execute("UPDATE registry_version SET version = version + 1")
             (version,) = conn.execute("SELECT version FROM registry_version").fetchone()  # type: ignore[misc]
+            if touched or changed:
+                (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()  # type: ignore[misc]
+                listed, last = change_entries(touched, ops, last)
+                erased = [subject("device", op.device) for op in ops if op.op == "forget"]
+                if erased:
+                    conn.execute("DELETE FROM registry_changes WHERE subject = ANY(%s::text[])", (erased,))
+                conn.execute(
+                    "INSERT INTO registry_changes (seq, version, subject) "
+                    "SELECT %s + n, %s, s FROM unnest(%s::text[]) WITH ORDINALITY AS c(s, n)",
+                    (last, version, listed),
+                )
+                conn.execute(
+                    "DELETE FROM registry_changes WHERE seq <= %s",
+                    (last + len(listed) - REGISTRY_CHANGES_KEPT,),
+                )
         return int(version)
 
     def privacy_history(self, device: str) -> PrivacyHistory:
@@ -1493,8 +1534,9 @@ class PostgresStore(Store):
         return n
 
 
-def _apply_registry_op(conn: psycopg.Connection, op: RegistryOp, now_us: int) -> bool:
-    """One checked registry op inside the caller's transaction; whether it changed policy (as SQLite's)."""
+def _apply_registry_op(conn: psycopg.Connection, op: RegistryOp, now_us: int, touched: set[str]) -> bool:
+    """One checked registry op inside the caller's transaction; whether it changed policy, and into
+    `touched` the subjects the op does not name (as SQLite's)."""
     if op.op == "principal":
         conn.execute(
             "INSERT INTO principals (kind, name, state, created_us, updated_us) VALUES (%s, %s, %s, %s, %s) "
@@ -1504,13 +1546,19 @@ def _apply_registry_op(conn: psycopg.Connection, op: RegistryOp, now_us: int) ->
     elif op.op == "credential":
         c = op.credential
         assert c is not None
-        conn.execute(
+        # an id already stored keeps its owner, whose rows this changes (whoever the op names)
+        for kind, name in conn.execute(
             "INSERT INTO credentials (id, kind, name, serial, not_after_us, state, created_us) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET state = excluded.state "
+            "RETURNING kind, name",
             (c.id, c.kind, c.name, c.serial, c.not_after_us, c.state, c.created_us or now_us),
-        )
+        ).fetchall():
+            touched.add(subject(kind, name))
     elif op.op == "credential_state":
-        conn.execute("UPDATE credentials SET state = %s WHERE id = %s", (op.state, op.name))
+        for kind, name in conn.execute(
+            "UPDATE credentials SET state = %s WHERE id = %s RETURNING kind, name", (op.state, op.name)
+        ).fetchall():
+            touched.add(subject(kind, name))
     elif op.op == "revoke":
         conn.execute(
             "UPDATE principals SET state = 'revoked', updated_us = %s WHERE kind = %s AND name = %s",
@@ -1604,6 +1652,7 @@ def _apply_registry_op(conn: psycopg.Connection, op: RegistryOp, now_us: int) ->
             "SELECT consumer, family, operation, devices FROM grants WHERE ' ' || devices || ' ' LIKE %s",
             (f"% {op.device} %",),
         ).fetchall():
+            touched.add(subject("consumer", consumer))
             rest = " ".join(d for d in devices.split() if d != op.device)
             if rest:
                 conn.execute(
@@ -1624,8 +1673,67 @@ def _apply_registry_op(conn: psycopg.Connection, op: RegistryOp, now_us: int) ->
     return True
 
 
+def _registry_rows(conn: psycopg.Connection, subjects: frozenset[str] | None) -> tuple[tuple, ...]:
+    """The registry's rows in RegistrySnapshot's order of fields: all of them (`subjects` None), or those
+    about `subjects` ("kind:name": a principal's own rows; a binding is about its relay and its device)."""
+    names: dict[str, list[str]] = {}
+    where, args = "", {}
+    if subjects is not None:
+        names = {k: [] for k in sorted(PRINCIPAL_KINDS)}
+        for s in subjects:
+            kind, _, name = s.partition(":")
+            names[kind].append(name)
+        pairs = sorted(s.partition(":")[::2] for s in subjects)
+        where = "WHERE (kind, name) IN (SELECT * FROM unnest(%(kinds)s::text[], %(names)s::text[])) "
+        args = {"kinds": [k for k, _ in pairs], "names": [n for _, n in pairs]}
+    principals = tuple(
+        PrincipalRow(*row)
+        for row in conn.execute(
+            "SELECT kind, name, state, created_us, updated_us, last_seen_us FROM principals "  # type: ignore[arg-type]
+            f"{where}ORDER BY kind, name",
+            args,
+        )
+    )
+    credentials = tuple(
+        CredentialRow(*row)
+        for row in conn.execute(
+            "SELECT id, kind, name, serial, not_after_us, state, created_us FROM credentials "  # type: ignore[arg-type]
+            f"{where}ORDER BY kind, name, created_us",
+            args,
+        )
+    )
+    if subjects is None:
+        bindings = conn.execute("SELECT relay, device FROM bindings ORDER BY relay, device").fetchall()
+        grants_sql, grants_args = "", {}
+    else:
+        bindings = conn.execute(
+            "SELECT relay, device FROM bindings WHERE relay = ANY(%s::text[]) UNION "
+            "SELECT relay, device FROM bindings WHERE device = ANY(%s::text[]) ORDER BY relay, device",
+            (names["relay"], names["device"]),
+        ).fetchall()
+        grants_sql, grants_args = (
+            "WHERE consumer = ANY(%(consumers)s::text[]) ",
+            {"consumers": names["consumer"]},
+        )
+    grants = tuple(
+        GrantRow(c, f, o, tuple(devices.split()))
+        for c, f, o, devices in conn.execute(
+            f"SELECT consumer, family, operation, devices FROM grants {grants_sql}"  # type: ignore[arg-type]
+            "ORDER BY consumer, family, operation",
+            grants_args,
+        )
+    )
+    return (
+        principals,
+        credentials,
+        tuple((r, d) for r, d in bindings),
+        grants,
+        *_privacy_snapshot(conn, None if subjects is None else names["device"]),
+    )
+
+
 def _privacy_snapshot(
-    conn: psycopg.Connection,
+    conn: psycopg.Connection, devices: list[str] | None = None
 ) -> tuple[
     tuple[OwnershipRow, ...],
     tuple[ConsentRow, ...],
@@ -1633,27 +1741,35 @@ def _privacy_snapshot(
     tuple[SealedRow, ...],
     tuple[SealedRow, ...],
 ]:
-    """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP."""
+    """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP;
+    of every device, or of `devices` only."""
     current = "JOIN ownerships o ON o.device = x.device AND o.ownership = x.ownership AND o.ended_us IS NULL"
+    only, args = "", {}
+    if devices is not None:
+        only, args = " AND x.device = ANY(%(devices)s::text[])", {"devices": devices}
     ownerships = tuple(
         OwnershipRow(*r)
         for r in conn.execute(
-            "SELECT device, ownership, started_us FROM ownerships WHERE ended_us IS NULL ORDER BY device"
+            f"SELECT device, ownership, started_us FROM ownerships x WHERE ended_us IS NULL{only} "  # type: ignore[arg-type]
+            "ORDER BY device",
+            args,
         )
     )
     consents = tuple(
         ConsentRow(d, o, f, bool(g), t, a)
         for d, o, f, g, t, a in conn.execute(
             "SELECT x.device, x.ownership, x.family, x.granted, x.time_us, x.actor FROM consent x "  # type: ignore[arg-type]
-            "JOIN (SELECT max(seq) AS seq FROM consent GROUP BY device, ownership, family) latest "
-            f"ON latest.seq = x.seq {current} ORDER BY x.device, x.family"
+            f"JOIN (SELECT max(seq) AS seq FROM consent x WHERE true{only} GROUP BY device, ownership, "
+            f"family) latest ON latest.seq = x.seq {current} ORDER BY x.device, x.family",
+            args,
         )
     )
     guardians = tuple(
         GuardianRow(*r)
         for r in conn.execute(
             "SELECT x.device, x.ownership, x.guardian, x.time_us, x.actor FROM guardians x "  # type: ignore[arg-type]
-            f"{current} ORDER BY x.device, x.guardian"
+            f"{current} WHERE true{only} ORDER BY x.device, x.guardian",
+            args,
         )
     )
     profiles = tuple(
@@ -1661,14 +1777,16 @@ def _privacy_snapshot(
         for d, o, v, s, t in conn.execute(
             "SELECT x.device, x.ownership, x.version, x.sealed, x.time_us FROM profiles x "  # type: ignore[arg-type]
             f"{current} WHERE x.version = (SELECT max(version) FROM profiles y WHERE y.device = x.device "
-            "AND y.ownership = x.ownership) ORDER BY x.device"
+            f"AND y.ownership = x.ownership){only} ORDER BY x.device",
+            args,
         )
     )
     totp = tuple(
         SealedRow(d, o, v, bytes(s), t)
         for d, o, v, s, t in conn.execute(
             f"SELECT x.device, x.ownership, x.last_step, x.sealed, x.time_us FROM totp x {current} "  # type: ignore[arg-type]
-            "ORDER BY x.device"
+            f"WHERE true{only} ORDER BY x.device",
+            args,
         )
     )
     return ownerships, consents, guardians, profiles, totp

@@ -13,6 +13,7 @@ writer waits up to `busy_timeout_ms`, then gets `StoreUnavailable`.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sqlite3
 import time
@@ -27,6 +28,9 @@ from decoder.records import device_key
 from gateway.filelock import try_flock
 from gateway.store.base import (
     FAMILY_CLASS,
+    MAX_DELTA_SUBJECTS,
+    PRINCIPAL_KINDS,
+    REGISTRY_CHANGES_KEPT,
     UNOWNED,
     AuditCheckpoint,
     AuditConflict,
@@ -42,6 +46,7 @@ from gateway.store.base import (
     OwnershipRow,
     PrincipalRow,
     PrivacyHistory,
+    RegistryDelta,
     RegistryOp,
     RegistrySnapshot,
     SchemaVersionError,
@@ -52,9 +57,13 @@ from gateway.store.base import (
     StoreError,
     StoreUnavailable,
     Unreadable,
+    change_entries,
+    change_log_whole,
     check_principal,
     check_registry_op,
     check_sequence,
+    op_subjects,
+    subject,
 )
 from gateway.store.rows import (
     RECORD_TABLES,
@@ -335,6 +344,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE outbox_v9 RENAME TO outbox",
         # erasure deletes a device's message entries: without an index it would read the whole backlog
         "CREATE INDEX outbox_device ON outbox (device) WHERE device IS NOT NULL",
+    ),
+    (
+        # The registry's change log (Store.registry_delta): each registry write's subjects ("kind:name")
+        # under the next change numbers (seq, handed out under the write lock, so they are gapless and in
+        # commit order) with the version the write left, so a gateway reads the rows of what changed
+        # instead of the whole registry. The oldest entries are pruned (base.REGISTRY_CHANGES_KEPT).
+        """CREATE TABLE registry_changes (
+            seq INTEGER PRIMARY KEY,
+            version INTEGER NOT NULL,
+            subject TEXT NOT NULL
+        )""",
+        # a delta reads bindings by device as well as by relay
+        "CREATE INDEX bindings_device ON bindings (device)",
     ),
 )
 
@@ -1007,40 +1029,49 @@ class SqliteStore(Store):
             conn.execute("BEGIN")
             try:
                 (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
-                principals = tuple(
-                    PrincipalRow(*row)
-                    for row in conn.execute(
-                        "SELECT kind, name, state, created_us, updated_us, last_seen_us FROM principals "
-                        "ORDER BY kind, name"
-                    )
-                )
-                credentials = tuple(
-                    CredentialRow(*row)
-                    for row in conn.execute(
-                        "SELECT id, kind, name, serial, not_after_us, state, created_us FROM credentials "
-                        "ORDER BY kind, name, created_us"
-                    )
-                )
-                bindings = tuple(
-                    (r, d)
-                    for r, d in conn.execute("SELECT relay, device FROM bindings ORDER BY relay, device")
-                )
-                grants = tuple(
-                    GrantRow(c, f, o, tuple(devices.split()))
-                    for c, f, o, devices in conn.execute(
-                        "SELECT consumer, family, operation, devices FROM grants "
-                        "ORDER BY consumer, family, operation"
-                    )
-                )
-                privacy = _privacy_snapshot(conn)
+                (changes,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
+                rows = _registry_rows(conn, None)
             finally:
                 with suppress(sqlite3.Error):
                     conn.execute("COMMIT")
-        return RegistrySnapshot(int(version), principals, credentials, bindings, grants, *privacy)
+        return RegistrySnapshot(int(version), *rows, changes=int(changes))
 
     def registry_version(self) -> int:
         with _errors():
             return int(self._connection().execute("SELECT version FROM registry_version").fetchone()[0])
+
+    def registry_delta(self, snapshot: RegistrySnapshot) -> RegistryDelta | None:
+        conn = self._connection()
+        with _errors():
+            conn.execute("BEGIN")
+            try:
+                (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+                (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
+                after = (snapshot.changes,)
+                logged, first = conn.execute(
+                    "SELECT count(*), min(seq) FROM registry_changes WHERE seq > ?", after
+                ).fetchone()
+                (versions,) = conn.execute(
+                    "SELECT count(DISTINCT version) FROM registry_changes WHERE seq > ? AND version > ?",
+                    (snapshot.changes, snapshot.version),
+                ).fetchone()
+                if not change_log_whole(snapshot, version, last, logged, first, versions):
+                    return None
+                subjects = frozenset(
+                    s
+                    for (s,) in conn.execute(
+                        "SELECT DISTINCT subject FROM registry_changes WHERE seq > ? AND subject != '' "
+                        "LIMIT ?",
+                        (snapshot.changes, MAX_DELTA_SUBJECTS + 1),
+                    )
+                )
+                if len(subjects) > MAX_DELTA_SUBJECTS:
+                    return None
+                rows = _registry_rows(conn, subjects)
+            finally:
+                with suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        return RegistryDelta(subjects, RegistrySnapshot(int(version), *rows, changes=int(last)))
 
     def registry_apply(
         self,
@@ -1071,12 +1102,26 @@ class SqliteStore(Store):
                     "VALUES (?, ?, ?, ?, ?)",
                     (cp.seq, cp.mac, cp.first_seq, cp.first_time_us, cp.last_time_us),
                 )
-            changed = False
+            changed, touched = False, set()
             for op in ops:
-                changed |= _apply_registry_op(conn, op, now_us)
+                changed |= _apply_registry_op(conn, op, now_us, touched)
+                touched |= op_subjects(op)
             if changed:
                 conn.execute("UPDATE registry_version SET version = version + 1")
             (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+            if touched or changed:
+                (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
+                listed, last = change_entries(touched, ops, last)
+                erased = [(subject("device", op.device),) for op in ops if op.op == "forget"]
+                conn.executemany("DELETE FROM registry_changes WHERE subject = ?", erased)
+                conn.executemany(
+                    "INSERT INTO registry_changes (seq, version, subject) VALUES (?, ?, ?)",
+                    [(last + 1 + i, version, s) for i, s in enumerate(listed)],
+                )
+                conn.execute(
+                    "DELETE FROM registry_changes WHERE seq <= ?",
+                    (last + len(listed) - REGISTRY_CHANGES_KEPT,),
+                )
         return int(version)
 
     def privacy_history(self, device: str) -> PrivacyHistory:
@@ -1286,8 +1331,9 @@ def _apply(
     return CommitResult(duplicate=False, high_water=item.last_seq, cursors=cursors), latest
 
 
-def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) -> bool:
-    """One checked registry op inside the caller's transaction; whether it changed policy."""
+def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int, touched: set[str]) -> bool:
+    """One checked registry op inside the caller's transaction; whether it changed policy. Into
+    `touched`, the subjects it changed that the op does not name (base.op_subjects names the rest)."""
     if op.op == "principal":
         conn.execute(
             "INSERT INTO principals (kind, name, state, created_us, updated_us) VALUES (?, ?, ?, ?, ?) "
@@ -1297,13 +1343,19 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
     elif op.op == "credential":
         c = op.credential
         assert c is not None
-        conn.execute(
+        # an id already stored keeps its owner, whose rows this changes (whoever the op names)
+        for kind, name in conn.execute(
             "INSERT INTO credentials (id, kind, name, serial, not_after_us, state, created_us) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state",
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET state = excluded.state "
+            "RETURNING kind, name",
             (c.id, c.kind, c.name, c.serial, c.not_after_us, c.state, c.created_us or now_us),
-        )
+        ).fetchall():
+            touched.add(subject(kind, name))
     elif op.op == "credential_state":
-        conn.execute("UPDATE credentials SET state = ? WHERE id = ?", (op.state, op.name))
+        for kind, name in conn.execute(
+            "UPDATE credentials SET state = ? WHERE id = ? RETURNING kind, name", (op.state, op.name)
+        ).fetchall():
+            touched.add(subject(kind, name))
     elif op.op == "revoke":
         conn.execute(
             "UPDATE principals SET state = 'revoked', updated_us = ? WHERE kind = ? AND name = ?",
@@ -1397,6 +1449,7 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
             "SELECT consumer, family, operation, devices FROM grants WHERE ' ' || devices || ' ' LIKE ?",
             (f"% {op.device} %",),
         ).fetchall():
+            touched.add(subject("consumer", consumer))
             rest = " ".join(d for d in devices.split() if d != op.device)
             if rest:
                 conn.execute(
@@ -1417,8 +1470,73 @@ def _apply_registry_op(conn: sqlite3.Connection, op: RegistryOp, now_us: int) ->
     return True
 
 
+def _registry_rows(conn: sqlite3.Connection, subjects: frozenset[str] | None) -> tuple[tuple, ...]:
+    """The registry's rows in RegistrySnapshot's order of fields: all of them (`subjects` None), or those
+    about `subjects` ("kind:name": a principal's own rows; a binding is about its relay and its device)."""
+    names: dict[str, str] = {}  # kind → its names as a JSON array, for json_each
+    if subjects is not None:
+        by_kind: dict[str, list[str]] = {k: [] for k in sorted(PRINCIPAL_KINDS)}
+        for s in subjects:
+            kind, _, name = s.partition(":")
+            by_kind[kind].append(name)
+        names = {k: json.dumps(sorted(v)) for k, v in by_kind.items()}
+
+    def of_each_kind(sql: str) -> Iterator[tuple]:  # `sql` ends in a WHERE clause's first condition
+        if subjects is None:
+            yield from conn.execute(sql.replace("{where}", ""))
+            return
+        for kind, listed in names.items():
+            yield from conn.execute(
+                sql.replace("{where}", "WHERE kind = ? AND name IN (SELECT value FROM json_each(?))"),
+                (kind, listed),
+            )
+
+    principals = tuple(
+        PrincipalRow(*row)
+        for row in of_each_kind(
+            "SELECT kind, name, state, created_us, updated_us, last_seen_us FROM principals {where} "
+            "ORDER BY kind, name"
+        )
+    )
+    credentials = tuple(
+        CredentialRow(*row)
+        for row in of_each_kind(
+            "SELECT id, kind, name, serial, not_after_us, state, created_us FROM credentials {where} "
+            "ORDER BY kind, name, created_us"
+        )
+    )
+    if subjects is None:
+        bindings = tuple(conn.execute("SELECT relay, device FROM bindings ORDER BY relay, device"))
+        grants_sql, grants_args = "", ()
+    else:
+        bindings = tuple(
+            conn.execute(
+                "SELECT relay, device FROM bindings WHERE relay IN (SELECT value FROM json_each(?)) UNION "
+                "SELECT relay, device FROM bindings WHERE device IN (SELECT value FROM json_each(?)) "
+                "ORDER BY relay, device",
+                (names["relay"], names["device"]),
+            )
+        )
+        grants_sql, grants_args = "WHERE consumer IN (SELECT value FROM json_each(?)) ", (names["consumer"],)
+    grants = tuple(
+        GrantRow(c, f, o, tuple(devices.split()))
+        for c, f, o, devices in conn.execute(
+            f"SELECT consumer, family, operation, devices FROM grants {grants_sql}"
+            "ORDER BY consumer, family, operation",
+            grants_args,
+        )
+    )
+    return (
+        principals,
+        credentials,
+        tuple((r, d) for r, d in bindings),
+        grants,
+        *_privacy_snapshot(conn, None if subjects is None else names["device"]),
+    )
+
+
 def _privacy_snapshot(
-    conn: sqlite3.Connection,
+    conn: sqlite3.Connection, devices: str | None = None
 ) -> tuple[
     tuple[OwnershipRow, ...],
     tuple[ConsentRow, ...],
@@ -1426,27 +1544,35 @@ def _privacy_snapshot(
     tuple[SealedRow, ...],
     tuple[SealedRow, ...],
 ]:
-    """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP."""
+    """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP;
+    of every device, or of `devices` only (a JSON array of names)."""
     current = "JOIN ownerships o ON o.device = x.device AND o.ownership = x.ownership AND o.ended_us IS NULL"
+    only, args = "", ()
+    if devices is not None:
+        only, args = " AND x.device IN (SELECT value FROM json_each(?))", (devices,)
     ownerships = tuple(
         OwnershipRow(*r)
         for r in conn.execute(
-            "SELECT device, ownership, started_us FROM ownerships WHERE ended_us IS NULL ORDER BY device"
+            f"SELECT device, ownership, started_us FROM ownerships x WHERE ended_us IS NULL{only} "
+            "ORDER BY device",
+            args,
         )
     )
     consents = tuple(
         ConsentRow(d, o, f, bool(g), t, a)
         for d, o, f, g, t, a in conn.execute(
             "SELECT x.device, x.ownership, x.family, x.granted, x.time_us, x.actor FROM consent x "
-            "JOIN (SELECT max(seq) AS seq FROM consent GROUP BY device, ownership, family) latest "
-            f"ON latest.seq = x.seq {current} ORDER BY x.device, x.family"
+            f"JOIN (SELECT max(seq) AS seq FROM consent x WHERE 1{only} GROUP BY device, ownership, family) "
+            f"latest ON latest.seq = x.seq {current} ORDER BY x.device, x.family",
+            args,
         )
     )
     guardians = tuple(
         GuardianRow(*r)
         for r in conn.execute(
             "SELECT x.device, x.ownership, x.guardian, x.time_us, x.actor FROM guardians x "
-            f"{current} ORDER BY x.device, x.guardian"
+            f"{current} WHERE 1{only} ORDER BY x.device, x.guardian",
+            args,
         )
     )
     profiles = tuple(
@@ -1454,14 +1580,16 @@ def _privacy_snapshot(
         for r in conn.execute(
             "SELECT x.device, x.ownership, x.version, x.sealed, x.time_us FROM profiles x "
             f"{current} WHERE x.version = (SELECT max(version) FROM profiles y WHERE y.device = x.device "
-            "AND y.ownership = x.ownership) ORDER BY x.device"
+            f"AND y.ownership = x.ownership){only} ORDER BY x.device",
+            args,
         )
     )
     totp = tuple(
         SealedRow(*r)
         for r in conn.execute(
             f"SELECT x.device, x.ownership, x.last_step, x.sealed, x.time_us FROM totp x {current} "
-            "ORDER BY x.device"
+            f"WHERE 1{only} ORDER BY x.device",
+            args,
         )
     )
     return ownerships, consents, guardians, profiles, totp

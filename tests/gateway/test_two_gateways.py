@@ -60,6 +60,11 @@ async def held_on(b, version: int, creds, device, batch) -> tuple[float, grpc.St
     return took, await stream_opens(creds, b.address, device, batch)
 
 
+def reads(gateway, kind: str) -> float:
+    """The registry reads of `kind` ("delta" or "full") a gateway has made."""
+    return gateway.metrics.registry.get_sample_value("bandgate_registry_reads_total", {"kind": kind}) or 0.0
+
+
 def test_bands_moving_between_gateways_mid_stream_lose_and_double_nothing(tmp_path):
     fleet = [band(seed=s, minutes=30, batch_minutes=5) for s in (31, 32, 33)]
 
@@ -119,13 +124,16 @@ def test_a_change_made_through_one_gateway_holds_on_the_other_within_a_second(tm
                     await privacy_pb2_grpc.PrivacyServiceStub(op).Erase(
                         privacy_pb2.DeviceRequest(device=hexid(device))
                     )
+            full_reads = reads(b, "full")
             took, after = await held_on(b, a.registry.policy.version, creds, device, batches[1])
-            return before, took, after
+            return before, took, after, reads(b, "full") - full_reads, reads(b, "delta")
 
-    before, took, after = run(scenario())
+    before, took, after, full_reads, delta_reads = run(scenario())
     assert before == grpc.StatusCode.OK
     assert took < WITHIN_S, f"{change} through A held on B only after {took:.2f} s"
     assert after == expected_code
+    # B read only what changed (Store.registry_delta), never the whole registry again
+    assert full_reads == 0 and delta_reads >= 1, (full_reads, delta_reads)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -13,6 +13,7 @@ itself, so every assertion can fail.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ from gateway.store.base import (
     RegistryOp,
     RegistrySnapshot,
     SealedRow,
+    merge_registry,
 )
 from gateway.stream.base import messages_of, records_of
 
@@ -451,6 +453,160 @@ class RegistryContract:
             assert s.registry_snapshot() == snap
             assert s.audit_rows() == rows == audit_run(1, 2)
             assert s.audit_last() == rows[-1]
+
+    # the change log: a delta read over an older snapshot is the snapshot a full read gives
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=SHARED_BY_STORES)
+    @given(data=st.data())
+    def test_a_delta_over_an_older_snapshot_is_a_full_read(
+        self, harness: Harness, data: st.DataObject
+    ) -> None:
+        """Random registry writes (every op, a few names so they collide) between random snapshots: each
+        `registry_delta` merged over the snapshot it was asked from equals a full read at that moment
+        (order aside; a principal's last_seen_us is no policy and a delta need not carry it)."""
+        devices, relays, consumers = [DEV1, DEV2, DEV3], ["r1", "r2"], ["c1", "c2"]
+        owners = [("device", d) for d in devices] + [("relay", r) for r in relays]
+        owners += [("consumer", c) for c in consumers]
+        cids = ["x509:a1", "x509:b2", "token:c3", "token:d4"]
+        families = sorted(FAMILIES)
+        ownership = st.sampled_from(["o1", "o2"])
+        op = st.one_of(
+            st.builds(
+                lambda o, state: principal_op(*o, state=state),
+                st.sampled_from(owners),
+                st.sampled_from(["active", "revoked"]),
+            ),
+            st.builds(
+                lambda cid, o, state: RegistryOp("credential", credential=credential(cid, *o, state=state)),
+                st.sampled_from(cids),
+                st.sampled_from(owners),
+                st.sampled_from(["active", "revoked"]),
+            ),
+            st.builds(
+                lambda cid, state: RegistryOp("credential_state", name=cid, state=state),
+                st.sampled_from(cids),
+                st.sampled_from(["active", "revoked"]),
+            ),
+            st.builds(lambda o: RegistryOp("revoke", kind=o[0], name=o[1]), st.sampled_from(owners)),
+            st.builds(
+                lambda op, r, d: RegistryOp(op, name=r, device=d),
+                st.sampled_from(["bind", "unbind"]),
+                st.sampled_from(relays),
+                st.sampled_from(devices),
+            ),
+            st.builds(
+                lambda op, c, f, ds: RegistryOp(op, grant=GrantRow(c, f, "subscribe", tuple(sorted(ds)))),
+                st.sampled_from(["grant", "grant", "ungrant"]),
+                st.sampled_from(consumers),
+                st.sampled_from(families[:3]),
+                st.sets(st.sampled_from(devices), max_size=2),
+            ),
+            st.builds(
+                lambda o: RegistryOp("seen", kind=o[0], name=o[1], time_us=now_us()), st.sampled_from(owners)
+            ),
+            st.builds(
+                lambda d, o: RegistryOp("ownership", device=d, ownership=o),
+                st.sampled_from(devices),
+                ownership,
+            ),
+            st.builds(
+                lambda d, o, f, g: consent_op(d, o, f, g),
+                st.sampled_from(devices),
+                ownership,
+                st.sampled_from(families[:3]),
+                st.booleans(),
+            ),
+            st.builds(
+                lambda op, d, o: RegistryOp(op, device=d, ownership=o, name="guardian-1", actor="device:x"),
+                st.sampled_from(["guardian", "unguardian"]),
+                st.sampled_from(devices),
+                ownership,
+            ),
+            st.builds(
+                lambda d, o, v: RegistryOp("profile", device=d, ownership=o, version=v, sealed=bytes([v])),
+                st.sampled_from(devices),
+                ownership,
+                st.integers(1, 4),
+            ),
+            st.builds(
+                lambda d, o, on: RegistryOp("totp", device=d, ownership=o, sealed=b"s" if on else b""),
+                st.sampled_from(devices),
+                ownership,
+                st.booleans(),
+            ),
+            st.builds(
+                lambda d, o, step: RegistryOp("totp_used", device=d, ownership=o, version=step),
+                st.sampled_from(devices),
+                ownership,
+                st.integers(1, 9),
+            ),
+            st.builds(
+                lambda d, o: RegistryOp("forget", device=d, ownership=o),
+                st.sampled_from(devices),
+                st.sampled_from(["", "o1"]),
+            ),
+        )
+
+        def canonical(snap: RegistrySnapshot) -> tuple:
+            return (
+                snap.version,
+                snap.changes,
+                sorted(repr(replace(p, last_seen_us=None)) for p in snap.principals),
+                *(sorted(map(repr, rows)) for rows in (snap.credentials, snap.bindings, snap.grants)),
+                *(sorted(map(repr, rows)) for rows in (snap.ownerships, snap.consents, snap.guardians)),
+                sorted((r.device, r.ownership, r.version, r.sealed, r.time_us) for r in snap.profiles),
+                sorted((r.device, r.ownership, r.version, r.sealed, r.time_us) for r in snap.totp),
+            )
+
+        with harness.fresh_database()() as store:
+            # snapshots (read or merged) a gateway may still hold, each with the erasures before it
+            held = [(store.registry_snapshot(), 0)]
+            erasures = 0
+            for _ in range(data.draw(st.integers(1, 8), "writes")):
+                ops = data.draw(st.lists(op, min_size=1, max_size=4), "ops")
+                try:
+                    store.registry_apply(ops)
+                except StoreError:
+                    continue  # a write the schema refuses (a guardian of no ownership...): nothing changed
+                erasures += any(o.op == "forget" for o in ops)
+                full = store.registry_snapshot()
+                for old, erased_before in held:
+                    delta = store.registry_delta(old)
+                    if delta is None:  # an erasure since leaves a gap: a full read, never a device's name
+                        assert erasures > erased_before, "the log holds every other change since"
+                        continue
+                    assert canonical(merge_registry(old, delta)) == canonical(full), ops
+                delta = store.registry_delta(held[-1][0])
+                merged = full if delta is None else merge_registry(held[-1][0], delta)
+                held.append((data.draw(st.sampled_from([full, merged]), "held"), erasures))
+            unchanged = store.registry_delta(held[-1][0])
+            assert unchanged is not None and unchanged.subjects == frozenset()
+
+    def test_a_delta_is_refused_when_the_log_was_pruned_or_names_too_much(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A snapshot older than the log's oldest entry, or a change of more subjects than a delta is
+        worth, gets None (the caller reads the whole registry), never a delta that misses a change."""
+        module = sys.modules[type(store).__module__]
+        monkeypatch.setattr(module, "REGISTRY_CHANGES_KEPT", 3)
+        monkeypatch.setattr(module, "MAX_DELTA_SUBJECTS", 2)
+        old = store.registry_snapshot()
+        store.registry_apply([principal_op("device", DEV1)])  # change 1
+        recent = store.registry_snapshot()
+        store.registry_apply([principal_op("relay", "r1")])  # 2
+        store.registry_apply([principal_op("relay", "r1", "revoked")])  # 3
+        assert store.registry_delta(old).subjects == {f"device:{DEV1}", "relay:r1"}  # all still logged
+        store.registry_apply([principal_op("relay", "r1")])  # 4: change 1 is pruned
+        assert store.registry_delta(old) is None
+        delta = store.registry_delta(recent)
+        assert delta is not None and delta.subjects == {"relay:r1"}
+        assert principals_of(merge_registry(recent, delta)) == principals_of(store.registry_snapshot())
+        now = store.registry_snapshot()
+        store.registry_apply([principal_op("device", DEV2), principal_op("device", DEV3)])
+        assert store.registry_delta(now) is not None  # two subjects: as many as a delta may name
+        store.registry_apply([principal_op("consumer", "c1")])
+        assert store.registry_delta(now) is None  # three
+        assert store.registry_delta(store.registry_snapshot()).subjects == frozenset()
 
 
 class PrivacyContract:

@@ -23,6 +23,7 @@ from gateway.store import (
     open_store,
     store_for_url,
 )
+from gateway.store.base import RegistryOp, merge_registry
 from gateway.store.sqlite import MIGRATIONS
 from gateway.stream.base import messages_of, records_of
 from tests.gateway.gatewaykit import REPO
@@ -492,3 +493,27 @@ def test_outbox_messages_are_sealed_in_the_file_and_shredded_with_the_key(
         rows = store.outbox_take(10)
         assert [(r.device, r.records) for r in rows] == [(device_key(B), 2)]
         assert store.outbox_depth() == 2  # A's message was dropped, not left to block the outbox
+
+
+def test_a_registry_change_written_without_the_log_makes_the_delta_a_full_read(tmp_path: Path) -> None:
+    """A gateway from before the change log (a rolling upgrade) revokes a device by bumping the version
+    and writing no log entry: a newer gateway's delta must not pass that change by, so there is none."""
+    dev = device_key(A)
+    with SqliteStore(tmp_path / "gw.db") as store:
+        store.registry_apply([RegistryOp("principal", kind="device", name=dev)])
+        held = store.registry_snapshot()
+        conn = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+        try:  # what the older gateway's registry_apply writes for a revocation
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE principals SET state = 'revoked' WHERE kind = 'device' AND name = ?", (dev,))
+            conn.execute("UPDATE registry_version SET version = version + 1")
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        assert store.registry_delta(held) is None
+        store.registry_apply([RegistryOp("principal", kind="relay", name="r1")])  # a newer writer, logged
+        assert store.registry_delta(held) is None  # the unlogged version is still missing
+        full = store.registry_snapshot()
+        assert {(p.name, p.state) for p in full.principals} == {(dev, "revoked"), ("r1", "active")}
+        delta = store.registry_delta(full)
+        assert delta is not None and merge_registry(full, delta) == full
