@@ -19,6 +19,7 @@ Rules, in order:
 from __future__ import annotations
 
 import abc
+import copy
 import datetime
 import logging
 import threading
@@ -30,7 +31,7 @@ from decoder.records import FAMILIES, device_key
 from gateway.privacy.crypto import CryptoError
 from gateway.privacy.minors import ConsentAges
 from gateway.privacy.profile import Profile, ProfileError
-from gateway.store.base import RegistrySnapshot, SealedRow
+from gateway.store.base import RegistryDelta, RegistrySnapshot, SealedRow
 
 log = logging.getLogger("bandgate.privacy")
 
@@ -115,6 +116,7 @@ class ConsentIndex:
 
     def __init__(self, snapshot: RegistrySnapshot):
         self.version = snapshot.version
+        self.changes = snapshot.changes
         decisions: dict[str, dict[str, bool]] = defaultdict(dict)
         for c in snapshot.consents:
             decisions[c.device][c.family] = c.granted
@@ -129,6 +131,20 @@ class ConsentIndex:
 
     def get(self, device: str) -> DeviceConsent | None:
         return self.devices.get(device)
+
+    def updated(self, delta: RegistryDelta) -> ConsentIndex:
+        """This index after `delta` (read after this index's snapshot): the devices it touched indexed
+        again from its rows, which hold all of theirs; the rest shared. A copy of the device map, not
+        a pass over the registry's rows."""
+        part = ConsentIndex(delta.rows)
+        index = copy.copy(part)
+        index.devices = dict(self.devices)
+        for s in delta.subjects:
+            kind, _, name = s.partition(":")
+            if kind == "device":
+                index.devices.pop(name, None)
+        index.devices.update(part.devices)
+        return index
 
 
 ProfileOpener = Callable[[str, str, SealedRow], Profile]
@@ -163,11 +179,17 @@ class RegistryConsent(ConsentGate):
         """The device's state as the snapshot holds it, and the decision (for the owner's own view)."""
         return self._look(int(device, 16), with_state=True)
 
-    def prepare(self, snapshot: RegistrySnapshot) -> None:
+    def prepare(self, snapshot: RegistrySnapshot, delta: RegistryDelta | None = None) -> None:
         """Index `snapshot` ahead of its use (the registry calls this on its store thread before it
         serves a new version), so the first batch after a change does not index the whole registry on
-        the event loop."""
-        index = ConsentIndex(snapshot)
+        the event loop. With the `delta` that made it, from the index prepared before if that was of
+        the snapshot the delta was read after."""
+        with self._lock:
+            base = self._prepared
+        if delta is not None and base is not None and base.changes == delta.since:
+            index = base.updated(delta)
+        else:
+            index = ConsentIndex(snapshot)
         with self._lock:
             self._prepared = index
 

@@ -54,9 +54,8 @@ def principal_message(policy: Policy, kind: str, name: str) -> admin_pb2.Princip
     msg.state = row.state
     msg.created_us = row.created_us
     msg.last_seen_us = row.last_seen_us or 0
-    for c in policy.credentials.values():
-        if (c.kind, c.name) == (kind, name):
-            msg.credentials.add(id=c.id, serial=c.serial, not_after_us=c.not_after_us, state=c.state)
+    for c in policy.credentials_of(kind, name):
+        msg.credentials.add(id=c.id, serial=c.serial, not_after_us=c.not_after_us, state=c.state)
     if kind == "relay":
         msg.bound.extend(sorted(policy.bound.get(name, ())))
     elif kind == "device":

@@ -81,6 +81,10 @@ class Policy:
             (p.kind, p.name): p for p in snapshot.principals
         }
         self.credentials: dict[str, CredentialRow] = {c.id: c for c in snapshot.credentials}
+        owned: dict[tuple[str, str], list[CredentialRow]] = defaultdict(list)
+        for c in snapshot.credentials:
+            owned[(c.kind, c.name)].append(c)
+        self._owned = dict(owned)
         self.bound: dict[str, frozenset[str]] = {}
         relays_of: dict[str, set[str]] = defaultdict(set)
         bound: dict[str, set[str]] = defaultdict(set)
@@ -116,6 +120,10 @@ class Policy:
         if cred is not None and cred.state != "active":
             return Decision(False, f"this credential of {kind} {name} is revoked")
         return ALLOW
+
+    def credentials_of(self, kind: str, name: str) -> list[CredentialRow]:
+        """The principal's credentials, oldest first (a dictionary lookup: `admin list` asks for each)."""
+        return sorted(self._owned.get((kind, name), ()), key=lambda c: (c.created_us, c.id))
 
     def token_owner(self, credential: str) -> CredentialRow | None:
         """The registered credential with this token id, whatever its state."""

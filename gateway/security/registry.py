@@ -28,7 +28,7 @@ from gateway.privacy.ownership import ownership_ops
 from gateway.security.audit import AuditEvent, AuditLog, RefusalCounter, Segments, load_key
 from gateway.security.pki import PkiError, cert_info
 from gateway.security.policy import Decision, Policy, Principal, token_id
-from gateway.store.base import CredentialRow, RegistryOp, RegistrySnapshot, merge_registry
+from gateway.store.base import CredentialRow, RegistryDelta, RegistryOp, RegistrySnapshot, merge_registry
 
 log = logging.getLogger("bandgate.security")
 
@@ -122,8 +122,9 @@ class Registry:
         self.metrics = metrics
         self.policy: Policy | None = None
         self.listeners: list[Callable[[Policy], None]] = []
-        # called with each new snapshot on the store thread, before it is served (indexes built ahead)
-        self.indexers: list[Callable[[RegistrySnapshot], None]] = []
+        # called with each new snapshot on the store thread, before it is served (indexes built ahead),
+        # and the delta it was made with (None: read whole), laid over the snapshot served before
+        self.indexers: list[Callable[[RegistrySnapshot, RegistryDelta | None], None]] = []
         # called with a change's ops before it is stored (gateway/privacy/journal.py)
         self.before_apply: Callable[[Sequence[RegistryOp]], Awaitable[None]] | None = None
         self._refreshed = 0.0  # when `refresh` last read the store's registry version
@@ -186,7 +187,7 @@ class Registry:
             snapshot = store.registry_snapshot() if delta is None else merge_registry(held, delta)
             policy = Policy(snapshot)
             for index in indexers:
-                index(policy.snapshot)
+                index(policy.snapshot, delta)
             return policy, delta is None
 
         policy, whole = await self.thread.call(read)

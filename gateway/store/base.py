@@ -276,6 +276,7 @@ class RegistryDelta:
 
     subjects: frozenset[str]
     rows: RegistrySnapshot
+    since: int = 0  # the change number of the snapshot it was read after
 
 
 def subject(kind: str, name: str) -> str:
@@ -333,32 +334,37 @@ def change_log_whole(
 def merge_registry(old: RegistrySnapshot, delta: RegistryDelta) -> RegistrySnapshot:
     """`old` with every row about `delta.subjects` replaced by `delta.rows`: the snapshot a full read
     at the delta's version would give (rows in another order; a principal's `last_seen_us` as `old` had
-    it, unless the delta touched it). O(registry) in Python, but no store read of the whole registry."""
-    touched = delta.subjects
+    it, unless the delta touched it). A pass over the tables the change touched, no store read of them."""
     new = delta.rows
+    names: dict[str, set[str]] = {kind: set() for kind in PRINCIPAL_KINDS}
+    for s in delta.subjects:
+        kind, _, name = s.partition(":")
+        names[kind].add(name)
+    devices, relays, consumers = names["device"], names["relay"], names["consumer"]
 
-    def kept(rows: tuple, key: Callable[[Any], str]) -> tuple:
-        return tuple(r for r in rows if key(r) not in touched)
+    def of_principals(rows: tuple) -> tuple:
+        return tuple(r for r in rows if r.name not in names[r.kind]) if delta.subjects else rows
 
-    def device_of(r: Any) -> str:
-        return subject("device", r.device)
+    def of_devices(rows: tuple) -> tuple:
+        return tuple(r for r in rows if r.device not in devices) if devices else rows
 
+    bindings = old.bindings
+    if relays or devices:
+        bindings = tuple(b for b in bindings if b[0] not in relays and b[1] not in devices)
+    grants = old.grants
+    if consumers:
+        grants = tuple(g for g in grants if g.consumer not in consumers)
     return RegistrySnapshot(
         version=new.version,
-        principals=kept(old.principals, lambda r: subject(r.kind, r.name)) + new.principals,
-        credentials=kept(old.credentials, lambda r: subject(r.kind, r.name)) + new.credentials,
-        bindings=tuple(
-            b
-            for b in old.bindings
-            if subject("relay", b[0]) not in touched and subject("device", b[1]) not in touched
-        )
-        + new.bindings,
-        grants=kept(old.grants, lambda r: subject("consumer", r.consumer)) + new.grants,
-        ownerships=kept(old.ownerships, device_of) + new.ownerships,
-        consents=kept(old.consents, device_of) + new.consents,
-        guardians=kept(old.guardians, device_of) + new.guardians,
-        profiles=kept(old.profiles, device_of) + new.profiles,
-        totp=kept(old.totp, device_of) + new.totp,
+        principals=of_principals(old.principals) + new.principals,
+        credentials=of_principals(old.credentials) + new.credentials,
+        bindings=bindings + new.bindings,
+        grants=grants + new.grants,
+        ownerships=of_devices(old.ownerships) + new.ownerships,
+        consents=of_devices(old.consents) + new.consents,
+        guardians=of_devices(old.guardians) + new.guardians,
+        profiles=of_devices(old.profiles) + new.profiles,
+        totp=of_devices(old.totp) + new.totp,
         changes=new.changes,
     )
 

@@ -378,7 +378,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         (
-            # The registry's change log, as SQLite's migration 11 (Store.registry_delta): each registry
+            # The registry's change log, as SQLite's migration 10 (Store.registry_delta): each registry
             # write's subjects under the next change numbers, handed out under the registry_version row
             # lock every registry write takes first, so they are gapless and in commit order.
             """CREATE TABLE registry_changes (
@@ -1388,7 +1388,9 @@ class PostgresStore(Store):
             if len(subjects) > MAX_DELTA_SUBJECTS:
                 return None
             rows = _registry_rows(conn, subjects)
-        return RegistryDelta(subjects, RegistrySnapshot(int(version), *rows, changes=int(last)))
+        return RegistryDelta(
+            subjects, RegistrySnapshot(int(version), *rows, changes=int(last)), since=snapshot.changes
+        )
 
     def registry_apply(
         self,

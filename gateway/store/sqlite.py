@@ -1071,7 +1071,9 @@ class SqliteStore(Store):
             finally:
                 with suppress(sqlite3.Error):
                     conn.execute("COMMIT")
-        return RegistryDelta(subjects, RegistrySnapshot(int(version), *rows, changes=int(last)))
+        return RegistryDelta(
+            subjects, RegistrySnapshot(int(version), *rows, changes=int(last)), since=snapshot.changes
+        )
 
     def registry_apply(
         self,

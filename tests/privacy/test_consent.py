@@ -189,3 +189,55 @@ def test_the_registry_indexes_consent_ahead_so_a_batch_never_builds_the_index(tm
     served[0] = second  # a version nobody prepared (the fallback)
     assert gate.decide(0xD1).families == {"steps", "heart"}
     assert built == [first.version, second.version]
+
+
+def test_a_registry_delta_updates_the_consent_index_by_the_devices_it_touched(tmp_path, monkeypatch):
+    """`prepare(snapshot, delta)` indexes only the devices the change touched when the index prepared
+    before is of the snapshot the delta was read after; otherwise (a delta from elsewhere) it indexes
+    the whole snapshot. Either way batches are decided by the new state."""
+    from gateway.privacy import consent as consent_module
+    from gateway.privacy.consent import ConsentIndex, ConsentSettings, RegistryConsent
+    from gateway.store import SqliteStore
+    from gateway.store.base import RegistryOp, merge_registry
+
+    indexed: list[int] = []  # ownerships each index build went through
+
+    class Counted(ConsentIndex):
+        def __init__(self, snapshot):  # type: ignore[no-untyped-def]
+            indexed.append(len(snapshot.ownerships))
+            super().__init__(snapshot)
+
+    monkeypatch.setattr(consent_module, "ConsentIndex", Counted)
+    devices = [f"{0xD0 + i:016x}" for i in range(5)]
+
+    def consent(device: str, family: str) -> RegistryOp:
+        return RegistryOp(
+            "consent", device=device, ownership=f"o-{device}", family=family, granted=True, actor="o"
+        )
+
+    with SqliteStore(tmp_path / "gw.db") as store:
+        store.registry_apply(
+            [RegistryOp("ownership", device=d, ownership=f"o-{d}") for d in devices]
+            + [consent(d, "steps") for d in devices]
+        )
+        first = store.registry_snapshot()
+        store.registry_apply([consent(devices[2], "heart")])
+        delta = store.registry_delta(first)
+        assert delta is not None and delta.subjects == {f"device:{devices[2]}"}
+        second = merge_registry(first, delta)
+        store.registry_apply([consent(devices[3], "heart")])
+        third = store.registry_snapshot()
+    served = [first]
+    gate = RegistryConsent(lambda: served[0], None, ConsentSettings(age_unknown="adult"))
+    gate.prepare(first)
+    assert indexed == [5]
+    served[0] = second
+    gate.prepare(second, delta)
+    assert indexed == [5, 1]  # the one device the change touched
+    assert gate.decide(0xD2).families == {"steps", "heart"}
+    assert gate.decide(0xD3).families == {"steps"} and gate.decide(0xD4).families == {"steps"}
+    assert indexed == [5, 1]  # the batches used the prepared index
+    served[0] = third
+    gate.prepare(third, delta)  # a delta read after `first`, but the index is of `second`: built whole
+    assert indexed == [5, 1, 5]
+    assert gate.decide(0xD3).families == {"steps", "heart"}

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from decoder import steps
 from decoder.features import DeviceState, device_key
+from gateway.privacy.consent import ConsentIndex
 from gateway.store import (
     CommitResult,
     DeviceRow,
@@ -576,6 +577,8 @@ class RegistryContract:
                         assert erasures > erased_before, "the log holds every other change since"
                         continue
                     assert canonical(merge_registry(old, delta)) == canonical(full), ops
+                    # and the consent index a delta updates is the one a full read builds
+                    assert ConsentIndex(old).updated(delta).devices == ConsentIndex(full).devices, ops
                 delta = store.registry_delta(held[-1][0])
                 merged = full if delta is None else merge_registry(held[-1][0], delta)
                 held.append((data.draw(st.sampled_from([full, merged]), "held"), erasures))
