@@ -8,6 +8,7 @@ the hot path: a batch asks `may_upload` without touching the store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -81,10 +82,6 @@ class Policy:
             (p.kind, p.name): p for p in snapshot.principals
         }
         self.credentials: dict[str, CredentialRow] = {c.id: c for c in snapshot.credentials}
-        owned: dict[tuple[str, str], list[CredentialRow]] = defaultdict(list)
-        for c in snapshot.credentials:
-            owned[(c.kind, c.name)].append(c)
-        self._owned = dict(owned)
         self.bound: dict[str, frozenset[str]] = {}
         relays_of: dict[str, set[str]] = defaultdict(set)
         bound: dict[str, set[str]] = defaultdict(set)
@@ -120,6 +117,14 @@ class Policy:
         if cred is not None and cred.state != "active":
             return Decision(False, f"this credential of {kind} {name} is revoked")
         return ALLOW
+
+    @functools.cached_property
+    def _owned(self) -> dict[tuple[str, str], list[CredentialRow]]:
+        """Credentials by principal: built on first use (admin reads), not with every policy."""
+        owned: dict[tuple[str, str], list[CredentialRow]] = defaultdict(list)
+        for c in self.snapshot.credentials:
+            owned[(c.kind, c.name)].append(c)
+        return dict(owned)
 
     def credentials_of(self, kind: str, name: str) -> list[CredentialRow]:
         """The principal's credentials, oldest first (a dictionary lookup: `admin list` asks for each)."""
