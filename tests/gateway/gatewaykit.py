@@ -327,3 +327,8 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def registry_reads(gateway, kind: str) -> float:
+    """The registry reads of `kind` ("delta": what changed, "full": the whole registry) a gateway made."""
+    return gateway.metrics.registry.get_sample_value("bandgate_registry_reads_total", {"kind": kind}) or 0.0

@@ -22,6 +22,7 @@ from bandgate.v1 import (
     ingest_pb2,
     ingest_pb2_grpc,
 )
+from bench.registry_bench import fleet_ops
 from gateway.auth import device_metadata
 from gateway.pipeline import OK
 from gateway.security.audit import load_key, verify
@@ -29,7 +30,16 @@ from gateway.security.client import ClientIdentity
 from gateway.security.pki import Identity, key_pem, make_csr, new_key
 from gateway.server import run_server
 from gateway.store import open_store
-from tests.gateway.gatewaykit import Credentials, Uploader, audit_name, band, processed, stored, tls_config
+from tests.gateway.gatewaykit import (
+    Credentials,
+    Uploader,
+    audit_name,
+    band,
+    processed,
+    registry_reads,
+    stored,
+    tls_config,
+)
 
 PERIOD_S = 0.05  # a band sends a batch this often
 WITHIN_S = 1.0  # the promise: a revoked stream ends, and nothing it sends is stored, after this long
@@ -420,3 +430,49 @@ def test_revocations_are_audited_verifiably_with_identifiers_only(tmp_path):
     assert refusals and all("revoked" in e["reason"] for e in refusals)
     assert sum(e["count"] for e in refusals) == 3
     assert stored(cfg.store) == processed(batches[:1])
+
+
+FLEET = 100_000  # registered devices in the fleet-size test: a whole re-read of them takes 1.5-4 s
+
+
+def test_a_revocation_among_100000_registered_devices_still_ends_the_stream_within_1s(tmp_path):
+    """The promise at fleet size: with 100,000 devices registered (each with a certificate, an ownership
+    and a consent decision), the revoked band's open stream still ends within a second of the Revoke
+    call (its reply waits for the new policy), because the gateway reads the change (the revoked
+    device's rows, `Store.registry_delta`), not the whole registry again; no batch after that is
+    stored."""
+    cfg = tls_config(tmp_path)
+    with open_store(cfg.store) as store:
+        store.registry_apply(fleet_ops(FLEET))
+    a, a_batches = band(seed=43, minutes=60, batch_minutes=1)
+
+    async def scenario():
+        async with run_server(cfg) as gw:
+            creds = Credentials(cfg.state_dir, gw.address)
+            async with await creds.band_channel(a) as ch_a:
+                sa = Streamer(ch_a, a, a_batches)
+                await sa.until_acks(5)
+                full_before = registry_reads(gw, "full")
+                asked_at = time.monotonic()  # the reply waits for the new policy: time from the ask
+                reply, revoked_at = await revoke(creds, "device", hexid(a))
+                code, details = await sa.ended()
+            return (
+                reply,
+                asked_at,
+                revoked_at,
+                code,
+                details,
+                sa,
+                registry_reads(gw, "full") - full_before,
+                len(gw.registry.policy.principals),
+            )
+
+    reply, asked_at, revoked_at, code, details, sa, full_reads, principals = run(scenario())
+    assert principals > FLEET  # the fleet, the band and the local credentials
+    assert reply.state == "revoked"
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in details
+    took = sa.ended_at - asked_at
+    assert took < WITHIN_S, f"A's stream ended {took:.2f} s after the Revoke call among {FLEET} devices"
+    assert full_reads == 0, "the revocation was read as a delta, not by reading the registry whole"
+    assert not sa.acked_after(revoked_at + WITHIN_S)
+    assert_stored_exactly_the_acked(cfg.store, a, a_batches, sa.acked())
