@@ -1,6 +1,6 @@
 """What one registry change costs the gateway as the fleet grows.
 
-`python -m bench.registry_bench 10000 100000`
+`python -m bench.registry_bench 10000 100000 [--propagation] [--postgres postgresql://127.0.0.1:5432/test]`
 
 Every policy change (a registration, a revocation, a consent decision) makes each gateway read what
 changed (`Store.registry_delta`, laid over the snapshot it holds by `merge_registry`) and re-index the
@@ -25,10 +25,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import sqlite3
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.config import GatewayConfig
@@ -36,7 +38,7 @@ from gateway.privacy.consent import ConsentIndex
 from gateway.security.audit import AuditEvent
 from gateway.security.policy import Policy
 from gateway.server import run_server
-from gateway.store import SqliteStore
+from gateway.store import SqliteStore, Store, open_store
 from gateway.store.base import CredentialRow, RegistryOp, merge_registry
 
 # what registry_snapshot reads
@@ -79,40 +81,70 @@ def _best_ms(work, repeats: int) -> float:
     return best * 1000
 
 
-def measure(devices: int, repeats: int = 3) -> dict[str, float]:
-    """The costs, in ms (best of `repeats`), of one rebuild with `devices` registered."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gw.db"
-        with SqliteStore(path) as store:
-            store.registry_apply(fleet_ops(devices))
-            snapshot = store.registry_snapshot()
-            figures = {
-                "devices": devices,
-                "snapshot_ms": _best_ms(store.registry_snapshot, repeats),
-                "policy_ms": _best_ms(lambda: Policy(snapshot), repeats),
-                "consent_index_ms": _best_ms(lambda: ConsentIndex(snapshot), repeats),
-            }
-            # one revocation, read as a gateway holding `snapshot` reads it
-            store.registry_apply([RegistryOp("revoke", kind="device", name=f"{devices // 2:016x}")])
-            delta = store.registry_delta(snapshot)
-            assert delta is not None and len(delta.subjects) == 1, "the change log gives the revocation"
-            merged = merge_registry(snapshot, delta)
-            figures["delta_read_ms"] = _best_ms(lambda: store.registry_delta(snapshot), repeats)
-            figures["merge_ms"] = _best_ms(lambda: merge_registry(snapshot, delta), repeats)
-            figures["delta_policy_ms"] = _best_ms(lambda: Policy(merged), repeats)
-            held_index = ConsentIndex(snapshot)
-            assert held_index.updated(delta).devices == ConsentIndex(merged).devices
-            figures["delta_consent_index_ms"] = _best_ms(lambda: held_index.updated(delta), repeats)
-        conn = sqlite3.connect(path)
+@contextlib.contextmanager
+def _fleet_store(devices: int, postgres: str | None) -> Iterator[tuple[Store, Callable[[], None]]]:
+    """A store holding `devices` registered bands, and the baseline: its registry tables fetched as
+    plain tuples by the driver. SQLite in a temporary directory, or a schema of its own in the
+    PostgreSQL database `postgres`, dropped afterwards."""
+    if postgres is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "gw.db"
+            conn = sqlite3.connect(path)
+            try:
+                with SqliteStore(path) as store:
+                    store.registry_apply(fleet_ops(devices))
+
+                    def fetch_all() -> None:
+                        for table in TABLES:
+                            conn.execute(f"SELECT * FROM {table}").fetchall()  # fixed table names
+
+                    yield store, fetch_all
+            finally:
+                conn.close()
+        return
+    import psycopg
+    from psycopg import sql
+
+    schema = f"registry_bench_{secrets.token_hex(6)}"
+    sep = "&" if "?" in postgres else "?"
+    with psycopg.connect(postgres, autocommit=True) as conn:
         try:
+            with open_store(f"{postgres}{sep}schema={schema}") as store:
+                store.registry_apply(fleet_ops(devices))
+                conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
 
-            def fetch_all() -> None:
-                for table in TABLES:
-                    conn.execute(f"SELECT * FROM {table}").fetchall()  # fixed table names
+                def fetch_all() -> None:
+                    for table in TABLES:
+                        conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table))).fetchall()
 
-            figures["baseline_fetchall_ms"] = _best_ms(fetch_all, repeats)
+                yield store, fetch_all
         finally:
-            conn.close()
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def measure(devices: int, repeats: int = 3, postgres: str | None = None) -> dict[str, float]:
+    """The costs, in ms (best of `repeats`), of one rebuild and of one change through the change log
+    with `devices` registered, on SQLite or on the PostgreSQL database `postgres`."""
+    with _fleet_store(devices, postgres) as (store, fetch_all):
+        snapshot = store.registry_snapshot()
+        figures = {
+            "devices": devices,
+            "snapshot_ms": _best_ms(store.registry_snapshot, repeats),
+            "policy_ms": _best_ms(lambda: Policy(snapshot), repeats),
+            "consent_index_ms": _best_ms(lambda: ConsentIndex(snapshot), repeats),
+        }
+        # one revocation, read as a gateway holding `snapshot` reads it
+        store.registry_apply([RegistryOp("revoke", kind="device", name=f"{devices // 2:016x}")])
+        delta = store.registry_delta(snapshot)
+        assert delta is not None and len(delta.subjects) == 1, "the change log gives the revocation"
+        merged = merge_registry(snapshot, delta)
+        figures["delta_read_ms"] = _best_ms(lambda: store.registry_delta(snapshot), repeats)
+        figures["merge_ms"] = _best_ms(lambda: merge_registry(snapshot, delta), repeats)
+        figures["delta_policy_ms"] = _best_ms(lambda: Policy(merged), repeats)
+        held_index = ConsentIndex(snapshot)
+        assert held_index.updated(delta).devices == ConsentIndex(merged).devices
+        figures["delta_consent_index_ms"] = _best_ms(lambda: held_index.updated(delta), repeats)
+        figures["baseline_fetchall_ms"] = _best_ms(fetch_all, repeats)
     figures["rebuild_ms"] = figures["snapshot_ms"] + figures["policy_ms"] + figures["consent_index_ms"]
     figures["rebuild_vs_fetchall"] = figures["rebuild_ms"] / figures["baseline_fetchall_ms"]
     figures["change_ms"] = sum(
@@ -182,9 +214,16 @@ def main() -> None:
     parser.add_argument("devices", nargs="*", type=int, default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--propagation", action="store_true", help="also time a revocation across gateways")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="also measure on this PostgreSQL database (a schema of its own, dropped afterwards)",
+    )
     args = parser.parse_args()
     for n in args.devices:
         print(json.dumps(measure(n, args.repeats)), flush=True)
+        if args.postgres:
+            print(json.dumps({"store": "postgresql", **measure(n, args.repeats, args.postgres)}), flush=True)
         if args.propagation:
             print(json.dumps(propagation(n)), flush=True)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.registry_bench import fleet_ops, measure, propagation
 from gateway.store import SqliteStore
+from tests.services import postgres_url
 
 
 def test_the_fleet_is_in_the_registry_and_every_figure_is_reported() -> None:
@@ -33,3 +34,20 @@ def test_the_revocation_is_timed_until_the_other_gateway_serves_it() -> None:
     for key in ("revocation_seen_ms", "whole_read_seen_ms"):
         assert 0 < figures[key] <= figures[key.replace("_ms", "_max_ms")] < 60_000
     assert figures["seen_vs_whole_read"] > 0
+
+
+def test_the_postgresql_figures_are_measured_on_a_schema_that_is_dropped_after() -> None:
+    import psycopg
+
+    url = postgres_url()
+
+    def bench_schemas() -> set[str]:
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'registry_bench_%'")
+            return {name for (name,) in rows}
+
+    before = bench_schemas()  # (another run's may be there)
+    figures = measure(300, repeats=1, postgres=url)
+    assert figures["devices"] == 300
+    assert all(figures[k] > 0 for k in ("snapshot_ms", "delta_read_ms", "baseline_fetchall_ms"))
+    assert bench_schemas() <= before

@@ -1746,23 +1746,30 @@ def _privacy_snapshot(
     """Current ownerships and, of those, the latest consent per family, guardians, latest profile, TOTP;
     of every device, or of `devices` only."""
     current = "JOIN ownerships o ON o.device = x.device AND o.ownership = x.ownership AND o.ended_us IS NULL"
-    only, args = "", {}
+    mine, only, args = "", "", {}
     if devices is not None:
-        only, args = " AND x.device = ANY(%(devices)s::text[])", {"devices": devices}
+        mine = " AND x.device = ANY(%(devices)s::text[])"
+        # and on the ownerships side of a join: a planner without statistics (tables not yet analysed)
+        # otherwise hashes every current ownership to join one device's rows
+        only = f"{mine} AND o.device = ANY(%(devices)s::text[])"
+        args = {"devices": devices}
     ownerships = tuple(
         OwnershipRow(*r)
         for r in conn.execute(
-            f"SELECT device, ownership, started_us FROM ownerships x WHERE ended_us IS NULL{only} "  # type: ignore[arg-type]
-            "ORDER BY device",
+            "SELECT device, ownership, started_us FROM ownerships x WHERE ended_us IS NULL"  # type: ignore[arg-type]
+            f"{mine} ORDER BY device",
             args,
         )
     )
     consents = tuple(
         ConsentRow(d, o, f, bool(g), t, a)
         for d, o, f, g, t, a in conn.execute(
-            "SELECT x.device, x.ownership, x.family, x.granted, x.time_us, x.actor FROM consent x "  # type: ignore[arg-type]
-            f"JOIN (SELECT max(seq) AS seq FROM consent x WHERE true{only} GROUP BY device, ownership, "
-            f"family) latest ON latest.seq = x.seq {current} ORDER BY x.device, x.family",
+            # the latest decision per family by DISTINCT ON, not a join on max(seq): on tables not yet
+            # analysed (a bulk enrolment) the planner took that join for one row and nested it, 10^10
+            # comparisons at 100,000 devices; this is one sort whatever the statistics say
+            "SELECT DISTINCT ON (x.device, x.ownership, x.family) x.device, x.ownership, x.family, "  # type: ignore[arg-type]
+            f"x.granted, x.time_us, x.actor FROM consent x {current} WHERE true{only} "
+            "ORDER BY x.device, x.ownership, x.family, x.seq DESC",
             args,
         )
     )
