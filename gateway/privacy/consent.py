@@ -31,7 +31,7 @@ from decoder.records import FAMILIES, device_key
 from gateway.privacy.crypto import CryptoError
 from gateway.privacy.minors import ConsentAges
 from gateway.privacy.profile import Profile, ProfileError
-from gateway.store.base import RegistryDelta, RegistrySnapshot, SealedRow
+from gateway.store.base import RegistryDelta, RegistrySnapshot, SealedRow, names_by_kind
 
 log = logging.getLogger("bandgate.privacy")
 
@@ -139,10 +139,8 @@ class ConsentIndex:
         part = ConsentIndex(delta.rows)
         index = copy.copy(part)
         index.devices = dict(self.devices)
-        for s in delta.subjects:
-            kind, _, name = s.partition(":")
-            if kind == "device":
-                index.devices.pop(name, None)
+        for device in names_by_kind(delta.subjects)["device"]:
+            index.devices.pop(device, None)
         index.devices.update(part.devices)
         return index
 

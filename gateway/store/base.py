@@ -284,6 +284,15 @@ def subject(kind: str, name: str) -> str:
     return f"{kind}:{name}"
 
 
+def names_by_kind(subjects: Iterable[str]) -> dict[str, set[str]]:
+    """Subjects ("kind:name") as the names of each principal kind (every kind a key)."""
+    names: dict[str, set[str]] = {kind: set() for kind in sorted(PRINCIPAL_KINDS)}
+    for s in subjects:
+        kind, _, name = s.partition(":")
+        names[kind].add(name)
+    return names
+
+
 def op_subjects(op: RegistryOp) -> set[str]:
     """The principals whose rows `op` may change, as far as the op itself tells: a store adds the owner
     of a credential whose state changes and the consumers whose grants a "forget" narrows. "seen" names
@@ -336,10 +345,7 @@ def merge_registry(old: RegistrySnapshot, delta: RegistryDelta) -> RegistrySnaps
     at the delta's version would give (rows in another order; a principal's `last_seen_us` as `old` had
     it, unless the delta touched it). A pass over the tables the change touched, no store read of them."""
     new = delta.rows
-    names: dict[str, set[str]] = {kind: set() for kind in PRINCIPAL_KINDS}
-    for s in delta.subjects:
-        kind, _, name = s.partition(":")
-        names[kind].add(name)
+    names = names_by_kind(delta.subjects)
     devices, relays, consumers = names["device"], names["relay"], names["consumer"]
 
     def of_principals(rows: tuple) -> tuple:

@@ -59,7 +59,6 @@ from decoder.records import device_key
 from gateway.store.base import (
     FAMILY_CLASS,
     MAX_DELTA_SUBJECTS,
-    PRINCIPAL_KINDS,
     REGISTRY_CHANGES_KEPT,
     UNOWNED,
     AuditCheckpoint,
@@ -92,6 +91,7 @@ from gateway.store.base import (
     check_principal,
     check_registry_op,
     check_sequence,
+    names_by_kind,
     op_subjects,
     subject,
 )
@@ -1681,11 +1681,8 @@ def _registry_rows(conn: psycopg.Connection, subjects: frozenset[str] | None) ->
     names: dict[str, list[str]] = {}
     where, args = "", {}
     if subjects is not None:
-        names = {k: [] for k in sorted(PRINCIPAL_KINDS)}
-        for s in subjects:
-            kind, _, name = s.partition(":")
-            names[kind].append(name)
-        pairs = sorted(s.partition(":")[::2] for s in subjects)
+        names = {k: sorted(v) for k, v in names_by_kind(subjects).items()}
+        pairs = [(k, n) for k, listed in names.items() for n in listed]
         where = "WHERE (kind, name) IN (SELECT * FROM unnest(%(kinds)s::text[], %(names)s::text[])) "
         args = {"kinds": [k for k, _ in pairs], "names": [n for _, n in pairs]}
     principals = tuple(

@@ -29,7 +29,6 @@ from gateway.filelock import try_flock
 from gateway.store.base import (
     FAMILY_CLASS,
     MAX_DELTA_SUBJECTS,
-    PRINCIPAL_KINDS,
     REGISTRY_CHANGES_KEPT,
     UNOWNED,
     AuditCheckpoint,
@@ -62,6 +61,7 @@ from gateway.store.base import (
     check_principal,
     check_registry_op,
     check_sequence,
+    names_by_kind,
     op_subjects,
     subject,
 )
@@ -537,6 +537,19 @@ class SqliteStore(Store):
         if self._conn is None:
             raise StoreError(f"{self!r} is not open")
         return self._conn
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction on this object's connection: several reads that agree with each other (WAL
+        fixes the snapshot at the first read)."""
+        conn = self._connection()
+        with _errors():
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                with suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """A write transaction on this object's connection (the write lock is taken at BEGIN)."""
@@ -1024,16 +1037,10 @@ class SqliteStore(Store):
     # registry and audit
 
     def registry_snapshot(self) -> RegistrySnapshot:
-        conn = self._connection()
-        with _errors():
-            conn.execute("BEGIN")
-            try:
-                (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
-                (changes,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
-                rows = _registry_rows(conn, None)
-            finally:
-                with suppress(sqlite3.Error):
-                    conn.execute("COMMIT")
+        with self._snapshot() as conn:
+            (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+            (changes,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
+            rows = _registry_rows(conn, None)
         return RegistrySnapshot(int(version), *rows, changes=int(changes))
 
     def registry_version(self) -> int:
@@ -1041,36 +1048,28 @@ class SqliteStore(Store):
             return int(self._connection().execute("SELECT version FROM registry_version").fetchone()[0])
 
     def registry_delta(self, snapshot: RegistrySnapshot) -> RegistryDelta | None:
-        conn = self._connection()
-        with _errors():
-            conn.execute("BEGIN")
-            try:
-                (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
-                (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
-                after = (snapshot.changes,)
-                logged, first = conn.execute(
-                    "SELECT count(*), min(seq) FROM registry_changes WHERE seq > ?", after
-                ).fetchone()
-                (versions,) = conn.execute(
-                    "SELECT count(DISTINCT version) FROM registry_changes WHERE seq > ? AND version > ?",
-                    (snapshot.changes, snapshot.version),
-                ).fetchone()
-                if not change_log_whole(snapshot, version, last, logged, first, versions):
-                    return None
-                subjects = frozenset(
-                    s
-                    for (s,) in conn.execute(
-                        "SELECT DISTINCT subject FROM registry_changes WHERE seq > ? AND subject != '' "
-                        "LIMIT ?",
-                        (snapshot.changes, MAX_DELTA_SUBJECTS + 1),
-                    )
+        with self._snapshot() as conn:
+            (version,) = conn.execute("SELECT version FROM registry_version").fetchone()
+            (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()
+            logged, first = conn.execute(
+                "SELECT count(*), min(seq) FROM registry_changes WHERE seq > ?", (snapshot.changes,)
+            ).fetchone()
+            (versions,) = conn.execute(
+                "SELECT count(DISTINCT version) FROM registry_changes WHERE seq > ? AND version > ?",
+                (snapshot.changes, snapshot.version),
+            ).fetchone()
+            if not change_log_whole(snapshot, version, last, logged, first, versions):
+                return None
+            subjects = frozenset(
+                s
+                for (s,) in conn.execute(
+                    "SELECT DISTINCT subject FROM registry_changes WHERE seq > ? AND subject != '' LIMIT ?",
+                    (snapshot.changes, MAX_DELTA_SUBJECTS + 1),
                 )
-                if len(subjects) > MAX_DELTA_SUBJECTS:
-                    return None
-                rows = _registry_rows(conn, subjects)
-            finally:
-                with suppress(sqlite3.Error):
-                    conn.execute("COMMIT")
+            )
+            if len(subjects) > MAX_DELTA_SUBJECTS:
+                return None
+            rows = _registry_rows(conn, subjects)
         return RegistryDelta(
             subjects, RegistrySnapshot(int(version), *rows, changes=int(last)), since=snapshot.changes
         )
@@ -1128,45 +1127,38 @@ class SqliteStore(Store):
 
     def privacy_history(self, device: str) -> PrivacyHistory:
         check_principal("device", device)
-        conn = self._connection()
-        with _errors():
-            conn.execute("BEGIN")
-            try:
-                row = conn.execute(
-                    "SELECT device, ownership, started_us FROM ownerships "
-                    "WHERE device = ? AND ended_us IS NULL",
-                    (device,),
-                ).fetchone()
-                if row is None:
-                    return PrivacyHistory(None, (), (), ())
-                key = (device, row[1])
-                consents = tuple(
-                    ConsentRow(d, o, f, bool(g), t, a)
-                    for d, o, f, g, t, a in conn.execute(
-                        "SELECT device, ownership, family, granted, time_us, actor FROM consent "
-                        "WHERE device = ? AND ownership = ? ORDER BY seq",
-                        key,
-                    )
+        with self._snapshot() as conn:
+            row = conn.execute(
+                "SELECT device, ownership, started_us FROM ownerships WHERE device = ? AND ended_us IS NULL",
+                (device,),
+            ).fetchone()
+            if row is None:
+                return PrivacyHistory(None, (), (), ())
+            key = (device, row[1])
+            consents = tuple(
+                ConsentRow(d, o, f, bool(g), t, a)
+                for d, o, f, g, t, a in conn.execute(
+                    "SELECT device, ownership, family, granted, time_us, actor FROM consent "
+                    "WHERE device = ? AND ownership = ? ORDER BY seq",
+                    key,
                 )
-                guardians = tuple(
-                    GuardianRow(*r)
-                    for r in conn.execute(
-                        "SELECT device, ownership, guardian, time_us, actor FROM guardians "
-                        "WHERE device = ? AND ownership = ? ORDER BY time_us, guardian",
-                        key,
-                    )
+            )
+            guardians = tuple(
+                GuardianRow(*r)
+                for r in conn.execute(
+                    "SELECT device, ownership, guardian, time_us, actor FROM guardians "
+                    "WHERE device = ? AND ownership = ? ORDER BY time_us, guardian",
+                    key,
                 )
-                profiles = tuple(
-                    SealedRow(*r)
-                    for r in conn.execute(
-                        "SELECT device, ownership, version, sealed, time_us FROM profiles "
-                        "WHERE device = ? AND ownership = ? ORDER BY version",
-                        key,
-                    )
+            )
+            profiles = tuple(
+                SealedRow(*r)
+                for r in conn.execute(
+                    "SELECT device, ownership, version, sealed, time_us FROM profiles "
+                    "WHERE device = ? AND ownership = ? ORDER BY version",
+                    key,
                 )
-            finally:
-                with suppress(sqlite3.Error):
-                    conn.execute("COMMIT")
+            )
         return PrivacyHistory(OwnershipRow(*row), consents, guardians, profiles)
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
@@ -1477,11 +1469,7 @@ def _registry_rows(conn: sqlite3.Connection, subjects: frozenset[str] | None) ->
     about `subjects` ("kind:name": a principal's own rows; a binding is about its relay and its device)."""
     names: dict[str, str] = {}  # kind → its names as a JSON array, for json_each
     if subjects is not None:
-        by_kind: dict[str, list[str]] = {k: [] for k in sorted(PRINCIPAL_KINDS)}
-        for s in subjects:
-            kind, _, name = s.partition(":")
-            by_kind[kind].append(name)
-        names = {k: json.dumps(sorted(v)) for k, v in by_kind.items()}
+        names = {k: json.dumps(sorted(v)) for k, v in names_by_kind(subjects).items()}
 
     def of_each_kind(sql: str) -> Iterator[tuple]:  # `sql` ends in a WHERE clause's first condition
         if subjects is None:
