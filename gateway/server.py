@@ -30,6 +30,7 @@ from bandgate.v1 import (
     privacy_pb2,
     privacy_pb2_grpc,
 )
+from gateway import heap
 from gateway.auth import (
     STREAM_ACCEPTED,
     Authenticator,
@@ -871,6 +872,7 @@ def serve(config: GatewayConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await gateway.start()
+            heap.settle()  # after start: the registry's policy and grpc's server state are in the frozen heap
             await stop.wait()
         finally:
             await gateway.shutdown()

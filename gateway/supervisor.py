@@ -510,6 +510,7 @@ def _serve_process(fd: int) -> int:
         configure_logging(stamp={"process": hello["process"]})
         if hello["listeners"] == "token":
             os.nice(TOKEN_PROCESS_NICE)
+        from gateway import heap
         from gateway.server import Gateway
 
         gateway = Gateway(GatewayConfig(**hello["config"]), shared_port=True, listeners=hello["listeners"])
@@ -537,6 +538,7 @@ def _serve_process(fd: int) -> int:
             }
             writer.write(json.dumps(said).encode() + b"\n")
             await writer.drain()
+            heap.settle()
             orphaned = asyncio.ensure_future(reader.read())  # EOF: the supervisor has gone
             orphaned.add_done_callback(lambda _: stop.set())
             await stop.wait()

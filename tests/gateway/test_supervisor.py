@@ -7,6 +7,7 @@ with exit status 1; `--token-process` serves the token listener from a process o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -176,6 +177,9 @@ def test_two_processes_serve_one_port_and_both_take_streams(tmp_path):
         assert sum(ok.values()) == sum(len(b) for _, b in fleet)
         assert set(server.per_process("bandgate_compute_workers", every="01")) == {"0", "1"}
         assert server.metrics()[("bandgate_serving_processes", frozenset())] == 2
+        # each serving process froze its start-up heap (gateway/heap.py) once it served
+        settled = [json.loads(x) for x in server.lines if '"event":"heap_frozen"' in x]
+        assert sorted(x["process"] for x in settled) == [0, 1] and all(x["objects"] > 10_000 for x in settled)
     finally:
         assert server.terminate() == 0
     expected = processed(b for _, batches in fleet for b in batches)
