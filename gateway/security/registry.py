@@ -33,6 +33,7 @@ from gateway.store.base import CredentialRow, RegistryDelta, RegistryOp, Registr
 log = logging.getLogger("bandgate.security")
 
 FLUSH_S = 2.0  # last-seen times and refusal counts are written this often, never per RPC
+POLL_S = 0.5  # the store's registry version is read this often, for changes made by other gateways
 REFRESH_S = 0.1  # an unknown certificate reads the store's registry version at most this often
 # The whole registry is read again at least this often, though the change log has every change: it brings
 # last-seen times (not policy, so no delta carries them) and is a safety net under the log.
@@ -109,7 +110,7 @@ class Registry:
         pseudonyms: PseudonymKey | None = None,
         segments: Segments | None = None,
         auto_register: bool = False,
-        poll_s: float = 0.5,
+        poll_s: float | None = None,
         metrics: Any = None,
     ):
         self.thread = thread
@@ -118,7 +119,7 @@ class Registry:
         self.pseudonyms = pseudonyms  # devices are named by their pseudonym in audit entries
         self.segments = segments or Segments()
         self.auto_register = auto_register
-        self.poll_s = poll_s
+        self.poll_s = POLL_S if poll_s is None else poll_s
         self.metrics = metrics
         self.policy: Policy | None = None
         self.listeners: list[Callable[[Policy], None]] = []
@@ -421,8 +422,10 @@ class Registry:
         if owner is None:
             # charged before the read, so that calls arriving meanwhile see the throttle this one used
             self.peer_throttle.fail(host)
-            if await self.refresh():
-                owner = self.policy.token_owner(credential)
+            # looked up again whatever the read says: the poll (or a store's notice) may have brought the
+            # token's policy between the lookup above and this read, which then finds nothing newer
+            await self.refresh()
+            owner = self.policy.token_owner(credential)
             if owner is None:
                 raise self.refuse(
                     peer, None, grpc.StatusCode.UNAUTHENTICATED, "unknown token", charge_peer=False

@@ -16,6 +16,8 @@ import pytest
 
 from bandgate.v1 import admin_pb2, admin_pb2_grpc
 from gateway.pipeline import ALREADY_EXISTS, OK, RESOURCE_EXHAUSTED
+from gateway.security import registry as registry_module
+from gateway.security.policy import token_id
 from gateway.server import run_server
 from tests.gateway.gatewaykit import (
     Credentials,
@@ -140,6 +142,42 @@ def test_a_change_made_through_one_gateway_holds_on_the_other_within_a_second(tm
         assert full_reads >= 1, (full_reads, delta_reads)
     else:  # B read only what changed (Store.registry_delta), never the whole registry again
         assert full_reads == 0 and delta_reads >= 1, (full_reads, delta_reads)
+
+
+def test_a_token_issued_through_one_gateway_works_on_the_other_when_its_poll_read_it_first(
+    tmp_path, monkeypatch
+):
+    """B has not read the registry since A issued a token; the token's first call to B looks it up, misses,
+    and asks for a fresh read, but B's poll (or, on PostgreSQL, the store's notice) installs the new
+    policy between the miss and that read, which then finds nothing newer. The token is looked up again
+    all the same (CI once answered "unknown token" here)."""
+    monkeypatch.setattr(registry_module, "POLL_S", 60.0)  # B reads only when this test makes it
+
+    async def scenario():
+        async with two_gateways(tmp_path) as (a, b, creds, _url):
+            async with creds.channel("operator", a.address) as op:
+                reply = await admin_pb2_grpc.AdminServiceStub(op).Register(
+                    admin_pb2.RegisterRequest(kind="relay", name="phone-7", issue_token=True)
+                )
+            refresh = b.registry.refresh
+            raced = []
+
+            async def poll_first() -> bool:
+                async with b.registry._reload:  # the poll's read, in the same lock the poll takes
+                    b.registry._install(await b.registry._read_policy())
+                raced.append(True)
+                return await refresh()  # finds the version it already serves: nothing newer
+
+            b.registry.refresh = poll_first
+            assert b.registry.policy.token_owner(token_id(reply.token)) is None  # not yet read on B
+            principal = await b.registry.identify_token(
+                "ipv4:127.0.0.1:5555", [("authorization", f"Bearer {reply.token}")]
+            )
+            return principal, raced
+
+    principal, raced = run(scenario())
+    assert raced == [True]
+    assert (principal.kind, principal.name) == ("relay", "phone-7")
 
 
 @pytest.mark.parametrize("shared", [True, False])
