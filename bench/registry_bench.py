@@ -16,7 +16,9 @@ directory; each device is a principal with a credential, an ownership and one co
 two TLS gateways (`run_server`) on one store with the fleet registered, a device revoked through A (as
 the admin API does), and the time until B serves a policy in which it is revoked (B's 0.5-s poll, then
 its read), the median of several; beside it the same two gateways reading every change whole
-(`registry_delta` answering None: the gateway before the change log), and their ratio.
+(`registry_delta` answering None: the gateway before the change log), and their ratio. With `--postgres`
+also on PostgreSQL, where B is woken by the store's notice of A's commit: beside it the same gateways
+finding each change by their version poll alone, and their ratio.
 """
 
 from __future__ import annotations
@@ -165,22 +167,38 @@ def _no_change_log():
         SqliteStore.registry_delta = saved  # type: ignore[method-assign]
 
 
-async def _seen_on_b(tmp: Path, revocations: int) -> list[float]:
-    """Seconds from each revocation applied through gateway A to gateway B serving it."""
+@contextlib.contextmanager
+def _polling_only():
+    """Other gateways' changes seen by the version poll alone, as before PostgreSQL notified them (the
+    baseline of the PostgreSQL propagation figures)."""
+    from gateway.store import PostgresStore
+
+    saved = PostgresStore.registry_listener
+    PostgresStore.registry_listener = lambda self: None  # type: ignore[method-assign,assignment,return-value]
+    try:
+        yield
+    finally:
+        PostgresStore.registry_listener = saved  # type: ignore[method-assign]
+
+
+async def _seen_on_b(tmp: Path, revocations: int, store: str | None = None, **config: str) -> list[float]:
+    """Seconds from each revocation's apply called on gateway A to gateway B serving it (both on `store`,
+    by default a SQLite file in `tmp`)."""
     common = dict(
         listen="127.0.0.1:0",
         token_listen="127.0.0.1:0",
         health_listen="127.0.0.1:0",
-        store=f"sqlite:///{tmp}/gw.db",
+        store=store or f"sqlite:///{tmp}/gw.db",
         state_dir=str(tmp / "state"),
+        **config,
     )
     seen = []
     async with run_server(GatewayConfig(**common)) as a, run_server(GatewayConfig(**common)) as b:
         for i in range(revocations):
             name = f"{i:016x}"
             event = AuditEvent("principal.revoked", "consumer:bench", f"device:{name}")
+            t0 = time.monotonic()  # from the call: B may serve it before A's apply returns
             await a.registry.apply([event], [RegistryOp("revoke", kind="device", name=name)])
-            t0 = time.monotonic()
             while b.registry.policy.principal("device", name).state != "revoked":
                 if time.monotonic() - t0 > 60:
                     raise RuntimeError(f"B did not serve revocation {i} within 60 s")
@@ -209,6 +227,32 @@ def propagation(devices: int, revocations: int = 7) -> dict[str, float]:
     return {k: round(v, 2) for k, v in figures.items()}
 
 
+def propagation_postgres(devices: int, postgres: str, revocations: int = 7) -> dict[str, float]:
+    """The same on PostgreSQL: B woken by the store's notice of A's commit (LISTEN/NOTIFY), against B
+    finding it by its 0.5-s version poll alone, in the same run."""
+    import psycopg
+    from psycopg import sql
+
+    figures: dict[str, float] = {"devices": devices}
+    sep = "&" if "?" in postgres else "?"
+    for key, waking in (("notified_seen_ms", contextlib.nullcontext), ("polled_seen_ms", _polling_only)):
+        schema = f"registry_bench_{secrets.token_hex(6)}"
+        url = f"{postgres}{sep}schema={schema}"
+        try:
+            with open_store(url) as store:
+                store.registry_apply(fleet_ops(devices))
+            with tempfile.TemporaryDirectory() as tmp, waking():
+                seen = asyncio.run(_seen_on_b(Path(tmp), revocations, url, key_schema=f"{schema}_keys"))
+        finally:
+            with psycopg.connect(postgres, autocommit=True) as conn:
+                for name in (schema, f"{schema}_keys"):
+                    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        figures[key] = statistics.median(seen) * 1000
+        figures[key.replace("_ms", "_max_ms")] = max(seen) * 1000
+    figures["notified_vs_polled"] = figures["notified_seen_ms"] / figures["polled_seen_ms"]
+    return {k: round(v, 2) for k, v in figures.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("devices", nargs="*", type=int, default=[10_000, 100_000])
@@ -226,6 +270,9 @@ def main() -> None:
             print(json.dumps({"store": "postgresql", **measure(n, args.repeats, args.postgres)}), flush=True)
         if args.propagation:
             print(json.dumps(propagation(n)), flush=True)
+            if args.postgres:
+                figures = propagation_postgres(n, args.postgres)
+                print(json.dumps({"store": "postgresql", **figures}), flush=True)
 
 
 if __name__ == "__main__":

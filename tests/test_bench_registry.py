@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.registry_bench import fleet_ops, measure, propagation
+from bench.registry_bench import fleet_ops, measure, propagation, propagation_postgres
 from gateway.store import SqliteStore
 from tests.services import postgres_url
 
@@ -50,4 +50,25 @@ def test_the_postgresql_figures_are_measured_on_a_schema_that_is_dropped_after()
     figures = measure(300, repeats=1, postgres=url)
     assert figures["devices"] == 300
     assert all(figures[k] > 0 for k in ("snapshot_ms", "delta_read_ms", "baseline_fetchall_ms"))
+    assert bench_schemas() <= before
+
+
+def test_the_postgresql_propagation_is_timed_notified_and_polled_and_drops_its_schemas() -> None:
+    """`propagation_postgres` times B serving A's revocation woken by the store's notice and by its poll
+    alone (it raises if one never arrives), and drops the fleet's and the keys' schemas after."""
+    import psycopg
+
+    url = postgres_url()
+
+    def bench_schemas() -> set[str]:
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'registry_bench_%'")
+            return {name for (name,) in rows}
+
+    before = bench_schemas()
+    figures = propagation_postgres(200, url, revocations=3)
+    assert figures["devices"] == 200
+    for key in ("notified_seen_ms", "polled_seen_ms"):
+        assert 0 < figures[key] <= figures[key.replace("_ms", "_max_ms")] < 60_000
+    assert figures["notified_vs_polled"] > 0  # (that the notice is sooner: test_two_gateways.py)
     assert bench_schemas() <= before

@@ -3,7 +3,8 @@ store transaction with its audit entry), and the identification of callers at th
 
 Changes made here take effect at once: `apply` rebuilds the policy and calls the listeners (the server
 ends streams that lost their right, subscriptions re-read their grants). Changes made by another process
-on the same store are seen within `poll_s` by comparing the registry version.
+on the same store are seen within `poll_s` by comparing the registry version, and on PostgreSQL at once:
+the store notifies every version bump at its commit (`Store.registry_listener`).
 
 Refusals are rate-limited per peer address and per credential before anything is looked up, aggregated
 into audit entries, and answered with a reason that names only the caller's own identity.
@@ -34,6 +35,7 @@ log = logging.getLogger("bandgate.security")
 
 FLUSH_S = 2.0  # last-seen times and refusal counts are written this often, never per RPC
 POLL_S = 0.5  # the store's registry version is read this often, for changes made by other gateways
+NOTICE_MIN_S = 0.05  # a change notified by the store (Store.registry_listener) is read at most this often
 REFRESH_S = 0.1  # an unknown certificate reads the store's registry version at most this often
 # The whole registry is read again at least this often, though the change log has every change: it brings
 # last-seen times (not policy, so no delta carries them) and is a safety net under the log.
@@ -252,24 +254,38 @@ class Registry:
 
     async def _background(self) -> None:
         last_flush = time.monotonic()
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                version = await self.thread.call(self.thread.store.registry_version)
-                stale = time.monotonic() - self._full_read >= FULL_READ_S
-                if self.policy is None or version != self.policy.version or stale:
-                    async with self._reload:
-                        self._install(await self._read_policy())
-                if time.monotonic() - last_flush >= FLUSH_S:
-                    last_flush = time.monotonic()
-                    await self._flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the store may be busy: try again next round
-                log.warning(
-                    "registry poll failed",
-                    extra={"fields": {"event": "registry_poll_failed", "error": type(e).__name__}},
-                )
+        # Another gateway's change wakes this loop at its commit where the store can say so (PostgreSQL);
+        # the version is polled every poll_s all the same.
+        listener = self.thread.store.registry_listener()
+        last_read = time.monotonic()
+        try:
+            while True:
+                if listener is None:
+                    await asyncio.sleep(self.poll_s)
+                else:
+                    await listener.wait(self.poll_s)
+                    # a burst of changes (another gateway's bulk enrolment) is read at most this often
+                    await asyncio.sleep(max(0.0, last_read + NOTICE_MIN_S - time.monotonic()))
+                last_read = time.monotonic()
+                try:
+                    version = await self.thread.call(self.thread.store.registry_version)
+                    stale = time.monotonic() - self._full_read >= FULL_READ_S
+                    if self.policy is None or version != self.policy.version or stale:
+                        async with self._reload:
+                            self._install(await self._read_policy())
+                    if time.monotonic() - last_flush >= FLUSH_S:
+                        last_flush = time.monotonic()
+                        await self._flush()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # the store may be busy: try again next round
+                    log.warning(
+                        "registry poll failed",
+                        extra={"fields": {"event": "registry_poll_failed", "error": type(e).__name__}},
+                    )
+        finally:
+            if listener is not None:
+                await listener.close()
 
     async def _flush(self) -> None:
         seen, self._seen = self._seen, {}

@@ -491,6 +491,20 @@ class Sealer(Protocol):
         ...
 
 
+class RegistryListener(Protocol):
+    """Wakes a registry loop when the registry changes (`Store.registry_listener`); used from the event
+    loop."""
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a change is notified (True) or `timeout_s` has passed (False); True too after a fault,
+        once the timeout has passed, so that the caller polls as it would have."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of the connection; safe twice."""
+        ...
+
+
 @runtime_checkable
 class Store(Protocol):
     """A feature sink. One object is used from one thread at a time; `open`/`close` follow the
@@ -659,6 +673,12 @@ class Store(Protocol):
 
     def registry_version(self) -> int:
         """A number that grows with every policy change (not with "seen"): a cache compares it."""
+        ...
+
+    def registry_listener(self) -> RegistryListener | None:
+        """Something to wait on for the next registry change by any gateway (PostgreSQL: LISTEN/NOTIFY),
+        or None where polling `registry_version` is the only way (SQLite: every gateway on the file is on
+        this machine, and a poll is a read of one row). Makes no connection until waited on."""
         ...
 
     def registry_delta(self, snapshot: RegistrySnapshot) -> RegistryDelta | None:

@@ -38,6 +38,8 @@ export iterator and a commit on the same object each have a connection of their 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -140,6 +142,77 @@ _WRITERS = (
     "ON x.virtualtransaction = w.virtualtransaction AND x.locktype = 'transactionid' "
     "WHERE w.locktype = 'advisory' AND w.classid = %s AND w.objid = 0 AND w.objsubid = 2)"
 )
+
+
+# The channel a schema's registry changes are notified on: named by a hash of the schema, as a channel
+# name is at most 63 bytes and a schema name may take all of them. Computed alike in SQL and in Python.
+_REGISTRY_CHANNEL_SQL = "'bandgate_registry_' || left(md5(TG_TABLE_SCHEMA), 16)"
+
+
+def registry_channel(schema: str) -> str:
+    """The NOTIFY channel of `schema`'s registry changes (as `_REGISTRY_CHANNEL_SQL` names it)."""
+    return "bandgate_registry_" + hashlib.md5(schema.encode(), usedforsecurity=False).hexdigest()[:16]
+
+
+class RegistryListener:
+    """Wakes a gateway's registry loop when any gateway changes the registry (`Store.registry_listener`):
+    one autocommit connection that LISTENs on the schema's channel, driven from the event loop (psycopg's
+    async connection), so that waiting holds no thread. The loop still polls the version at every
+    timeout: a notification only makes the next read sooner, and one lost with its connection costs one
+    poll interval at most."""
+
+    def __init__(self, conninfo: str, channel: str):
+        self._conninfo = conninfo
+        self.channel = channel
+        self._conn: psycopg.AsyncConnection | None = None
+        self._polling = False  # the connection is lost and the loss was logged
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a change is notified (True; those queued behind it are taken too) or `timeout_s` has
+        passed (False). On a connection that cannot be opened (within `timeout_s`) or was lost: the
+        timeout, then True, so the caller reads the version as it would have by polling."""
+        try:
+            conn = await asyncio.wait_for(self._connected(), timeout_s)
+            if self._polling:
+                self._polling = False
+                log.info("registry listener back", extra={"fields": {"event": "registry_listener_back"}})
+            notified = False
+            async for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+                notified = True
+            if notified:  # the rest of a burst, already here: one read serves them all
+                async for _ in conn.notifies(timeout=0):
+                    pass
+            return notified
+        except (psycopg.Error, OSError, TimeoutError) as e:
+            if not self._polling:  # once per loss, not once per poll while the database is away
+                self._polling = True
+                log.warning(
+                    "registry listener lost; polling until it is back",
+                    extra={"fields": {"event": "registry_listener_lost", "error": type(e).__name__}},
+                )
+            await self.close()
+            await asyncio.sleep(timeout_s)
+            return True
+
+    async def _connected(self) -> psycopg.AsyncConnection:
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        try:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    async def close(self) -> None:
+        """Close the connection (safe twice, and without a wait)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(psycopg.Error):
+                await conn.close()
 
 
 @dataclass(frozen=True)
@@ -390,6 +463,21 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         # expanding: an older gateway writes no log; a newer one sees the versions it bumped unlogged and
         # reads the whole registry (base.change_log_whole)
+    ),
+    Migration(
+        (
+            # Every registry version bump, by any gateway (older ones too: the trigger is the database's),
+            # is notified on the schema's registry channel at its commit (RegistryListener): the other
+            # gateways read the change at once instead of at their next poll.
+            f"""CREATE FUNCTION registry_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_notify({_REGISTRY_CHANNEL_SQL}, NEW.version::text);
+                RETURN NEW;
+            END $$""",
+            "CREATE TRIGGER registry_version_notify AFTER UPDATE ON registry_version "
+            "FOR EACH ROW EXECUTE FUNCTION registry_notify()",
+        ),
+        # expanding: nothing older code reads or writes changes
     ),
 )
 
@@ -1359,6 +1447,13 @@ class PostgresStore(Store):
             (changes,) = conn.execute("SELECT coalesce(max(seq), 0) FROM registry_changes").fetchone()  # type: ignore[misc]
             rows = _registry_rows(conn, None)
         return RegistrySnapshot(int(version), *rows, changes=int(changes))
+
+    def registry_listener(self) -> RegistryListener:
+        """A listener for this schema's registry changes, by any gateway (LISTEN/NOTIFY; it connects on
+        its first wait, on its own connection, from the event loop)."""
+        given = conninfo_to_dict(self._conninfo)
+        conninfo = make_conninfo(self._conninfo, application_name=given.get("application_name", "bandgate"))
+        return RegistryListener(conninfo, registry_channel(self.schema))
 
     def registry_version(self) -> int:
         with self._connection() as conn:

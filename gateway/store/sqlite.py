@@ -1043,6 +1043,10 @@ class SqliteStore(Store):
             rows = _registry_rows(conn, None)
         return RegistrySnapshot(int(version), *rows, changes=int(changes))
 
+    def registry_listener(self) -> None:
+        """None: the gateways on one file poll its registry version (`Store.registry_listener`)."""
+        return None
+
     def registry_version(self) -> int:
         with _errors():
             return int(self._connection().execute("SELECT version FROM registry_version").fetchone()[0])

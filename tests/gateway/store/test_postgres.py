@@ -851,3 +851,73 @@ def test_the_registry_is_read_in_one_pass_right_after_a_bulk_enrolment(pg_harnes
     assert delta is not None and [p.state for p in delta.rows.principals] == ["revoked"]
     assert len(delta.rows.consents) == len(delta.rows.ownerships) == 1
     assert took < 30, f"{took:.1f} s"  # a hang bound: ~0.5 s on the 2-core box
+
+
+def test_every_registry_change_is_notified_at_its_commit_and_a_lost_listener_falls_back_to_polling(
+    pg_harness: PostgresHarness,
+) -> None:
+    """`Store.registry_listener`: a version bump by any writer (here another store object, as another
+    gateway) wakes the listener at its commit; a write that bumps no version (last-seen times) wakes
+    nothing; a burst is taken in one wake. A listening connection cut under it (`pg_terminate_backend`)
+    answers True after the timeout, as a poll would, and the next wait listens again."""
+    other_schema = pg_harness.fresh_database()
+
+    async def scenario(store: PostgresStore, writer: PostgresStore, elsewhere: PostgresStore) -> dict:
+        listener = store.registry_listener()
+        out: dict = {}
+        try:
+            out["quiet"] = await listener.wait(0.3)  # connects and listens; nothing changes
+
+            async def change_in(s: PostgresStore, ops: list[RegistryOp]) -> None:
+                await asyncio.sleep(0.2)
+                await asyncio.to_thread(s.registry_apply, ops)
+
+            started = time.monotonic()
+            writing = asyncio.ensure_future(
+                change_in(writer, [RegistryOp("principal", kind="device", name=f"{A:016x}")])
+            )
+            out["notified"] = await listener.wait(30)
+            out["took"] = time.monotonic() - started
+            await writing
+            seen = [RegistryOp("seen", kind="device", name=f"{A:016x}", time_us=1)]
+            writing = asyncio.ensure_future(change_in(writer, seen))  # no version bump: no notice
+            out["seen"] = await listener.wait(0.6)
+            await writing
+            writing = asyncio.ensure_future(  # another schema of the same database: another channel
+                change_in(elsewhere, [RegistryOp("principal", kind="device", name=f"{B:016x}")])
+            )
+            out["other_schema"] = await listener.wait(0.6)
+            await writing
+            for name in (B, C):  # a burst: two commits, one wake
+                await asyncio.to_thread(
+                    writer.registry_apply, [RegistryOp("principal", kind="device", name=f"{name:016x}")]
+                )
+            out["burst"] = [await listener.wait(0.3), await listener.wait(0.3)]
+
+            with pg_harness.connect() as admin:  # the listening connection cut
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                    "WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                    (f"LISTEN%{listener.channel}%",),
+                )
+            started = time.monotonic()
+            out["lost"] = await listener.wait(0.3)
+            out["lost_took"] = time.monotonic() - started
+            await listener.wait(0.3)  # listens again (on a new connection) ...
+            revoke = [RegistryOp("revoke", kind="device", name=f"{A:016x}")]
+            writing = asyncio.ensure_future(change_in(writer, revoke))
+            out["again"] = await listener.wait(30)  # ... and is woken again
+            await writing
+        finally:
+            await listener.close()
+            await listener.close()  # twice: safe
+        return out
+
+    with pg_harness.new_store() as store, pg_harness.new_store() as writer, other_schema() as elsewhere:
+        out = asyncio.run(asyncio.wait_for(scenario(store, writer, elsewhere), 120))
+    assert out["quiet"] is False
+    assert out["notified"] is True and out["took"] < 5, out  # at the commit, ~0.2 s in; not a poll
+    assert out["seen"] is False and out["other_schema"] is False, out
+    assert out["burst"] == [True, False], out
+    assert out["lost"] is True and out["lost_took"] >= 0.3, out
+    assert out["again"] is True, out
