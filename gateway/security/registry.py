@@ -263,7 +263,14 @@ class Registry:
                 if listener is None:
                     await asyncio.sleep(self.poll_s)
                 else:
-                    await listener.wait(self.poll_s)
+                    try:
+                        await listener.wait(self.poll_s)
+                    except Exception as e:  # a listener's fault must not end the poll: poll without it
+                        log.error("registry listener failed", extra={"fields": {"error": type(e).__name__}})
+                        with contextlib.suppress(Exception):
+                            await listener.close()
+                        listener = None
+                        continue
                     # a burst of changes (another gateway's bulk enrolment) is read at most this often
                     await asyncio.sleep(max(0.0, last_read + NOTICE_MIN_S - time.monotonic()))
                 last_read = time.monotonic()

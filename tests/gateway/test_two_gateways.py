@@ -22,6 +22,7 @@ from gateway.pipeline import ALREADY_EXISTS, OK, RESOURCE_EXHAUSTED
 from gateway.security import registry as registry_module
 from gateway.security.policy import token_id
 from gateway.server import run_server
+from gateway.store import SqliteStore
 from tests.gateway.gatewaykit import (
     Credentials,
     Uploader,
@@ -182,6 +183,38 @@ def test_a_token_issued_through_one_gateway_works_on_the_other_when_its_poll_rea
     principal, raced = run(scenario())
     assert raced == [True]
     assert (principal.kind, principal.name) == ("relay", "phone-7")
+
+
+def test_a_registry_listener_that_fails_leaves_the_gateway_polling(tmp_path, monkeypatch):
+    """A store's listener (Store.registry_listener) whose wait raises what it should never raise: the
+    registry loop goes on without it, by its poll, and a change made through A still holds on B within a
+    second."""
+    waits = []
+
+    class Broken:
+        async def wait(self, timeout_s: float) -> bool:
+            waits.append(timeout_s)
+            raise RuntimeError("a listener's bug")
+
+        async def close(self) -> None:
+            raise RuntimeError("and its close's")
+
+    monkeypatch.setattr(SqliteStore, "registry_listener", lambda self: Broken())
+    device, batches = band(seed=44, minutes=15, batch_minutes=5)
+
+    async def scenario():
+        async with two_gateways(tmp_path) as (a, b, creds, _url):
+            before = await stream_opens(creds, b.address, device, batches[0])
+            async with creds.channel("operator", a.address) as op:
+                await admin_pb2_grpc.AdminServiceStub(op).Revoke(
+                    admin_pb2.RevokeRequest(kind="device", name=hexid(device))
+                )
+            took, after = await held_on(b, a.registry.policy.version, creds, device, batches[1])
+            return before, took, after
+
+    before, took, after = run(scenario())
+    assert waits and before == grpc.StatusCode.OK
+    assert took < WITHIN_S and after == grpc.StatusCode.PERMISSION_DENIED, (took, after)
 
 
 @pytest.fixture
