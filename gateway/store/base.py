@@ -340,6 +340,40 @@ def change_log_whole(
     return versions == version - snapshot.version
 
 
+def read_privacy_history(execute: Callable[[str, tuple], Any], device: str, mark: str) -> PrivacyHistory:
+    """`Store.privacy_history` inside a store's read transaction, the same queries for both: `execute` is
+    the connection's (sqlite3 or psycopg), `mark` its parameter placeholder ("?" or "%s")."""
+    row = execute(
+        f"SELECT device, ownership, started_us FROM ownerships WHERE device = {mark} AND ended_us IS NULL",
+        (device,),
+    ).fetchone()
+    if row is None:
+        return PrivacyHistory(None, (), (), ())
+    key = (device, row[1])
+    mine = f"WHERE device = {mark} AND ownership = {mark}"
+    consents = tuple(
+        ConsentRow(d, o, f, bool(g), t, a)
+        for d, o, f, g, t, a in execute(
+            f"SELECT device, ownership, family, granted, time_us, actor FROM consent {mine} ORDER BY seq", key
+        )
+    )
+    guardians = tuple(
+        GuardianRow(*r)
+        for r in execute(
+            f"SELECT device, ownership, guardian, time_us, actor FROM guardians {mine} "
+            "ORDER BY time_us, guardian",
+            key,
+        )
+    )
+    profiles = tuple(
+        SealedRow(d, o, v, bytes(sealed), t)  # psycopg gives bytea as a memoryview
+        for d, o, v, sealed, t in execute(
+            f"SELECT device, ownership, version, sealed, time_us FROM profiles {mine} ORDER BY version", key
+        )
+    )
+    return PrivacyHistory(OwnershipRow(*row), consents, guardians, profiles)
+
+
 def merge_registry(old: RegistrySnapshot, delta: RegistryDelta) -> RegistrySnapshot:
     """`old` with every row about `delta.subjects` replaced by `delta.rows`: the snapshot a full read
     at the delta's version would give (rows in another order; a principal's `last_seen_us` as `old` had

@@ -95,6 +95,7 @@ from gateway.store.base import (
     check_sequence,
     names_by_kind,
     op_subjects,
+    read_privacy_history,
     subject,
 )
 from gateway.store.rows import (
@@ -1545,38 +1546,7 @@ class PostgresStore(Store):
     def privacy_history(self, device: str) -> PrivacyHistory:
         check_principal("device", device)
         with self._snapshot() as conn:
-            row = conn.execute(
-                "SELECT device, ownership, started_us FROM ownerships WHERE device = %s AND ended_us IS NULL",
-                (device,),
-            ).fetchone()
-            if row is None:
-                return PrivacyHistory(None, (), (), ())
-            key = (device, row[1])
-            consents = tuple(
-                ConsentRow(d, o, f, bool(g), t, a)
-                for d, o, f, g, t, a in conn.execute(
-                    "SELECT device, ownership, family, granted, time_us, actor FROM consent "
-                    "WHERE device = %s AND ownership = %s ORDER BY seq",
-                    key,
-                )
-            )
-            guardians = tuple(
-                GuardianRow(*r)
-                for r in conn.execute(
-                    "SELECT device, ownership, guardian, time_us, actor FROM guardians "
-                    "WHERE device = %s AND ownership = %s ORDER BY time_us, guardian",
-                    key,
-                )
-            )
-            profiles = tuple(
-                SealedRow(d, o, v, bytes(s), t)
-                for d, o, v, s, t in conn.execute(
-                    "SELECT device, ownership, version, sealed, time_us FROM profiles "
-                    "WHERE device = %s AND ownership = %s ORDER BY version",
-                    key,
-                )
-            )
-        return PrivacyHistory(OwnershipRow(*row), consents, guardians, profiles)
+            return read_privacy_history(conn.execute, device, "%s")
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
         if limit <= 0:
