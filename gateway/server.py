@@ -603,8 +603,8 @@ class Gateway:
         )
         await self._pipeline.start()  # opens (and migrates) the store, starts the workers, before we listen
         # The token process (`serve --token-process`) commits outbox entries but drains none: the mutual-TLS
-        # processes do. It runs nicer and takes the bad-token floods, and on SQLite the one drainer of the
-        # file would otherwise stay with it once it had the outbox.
+        # processes do. It runs SCHED_IDLE and takes the bad-token floods, and on SQLite the one drainer of
+        # the file would otherwise stay with it once it had the outbox.
         if c.stream and self.listeners != "token":
             outbox_store = store_for_url(store_url, sealer)
             # its leases under a name this state dir keeps: restarted after a crash, it takes them back

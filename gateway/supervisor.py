@@ -18,8 +18,8 @@ fails with a message instead of sharing them.
 With `token_process` (`serve --token-process`) one more serving process serves the token listener alone
 and the `workers` serve mutual TLS alone: a token caller has proved nothing at the handshake, so a flood
 of bad tokens (each answered, throttled, in Python) then takes the event loop of that process, not the
-one the bands' batches are acked from, and it runs TOKEN_PROCESS_NICE nicer, so that it yields the CPU
-to them too (docs/security.md, "Hostile peers").
+one the bands' batches are acked from, and it runs SCHED_IDLE, so that it yields the CPU to them too;
+its compute workers (relays' batches) run TOKEN_PROCESS_NICE nicer (docs/security.md, "Hostile peers").
 
 Health and metrics are the supervisor's own listeners (`health_listen`, `metrics_listen`). Each serving
 process has private loopback listeners for both, which the supervisor polls (health, every
@@ -82,8 +82,10 @@ STABLE_S = 60.0  # a process that served this long before it ended is not counte
 GIVE_UP_AFTER = 5  # failures in a row of one slot: the supervisor stops and exits 1
 KILL_AFTER_S = 30.0  # on shutdown, beyond shutdown_grace_s: then a process is killed
 PRIVATE_LISTEN = "127.0.0.1:0"  # a serving process's own health and metrics listeners
-# The token process runs this much nicer than the bands' (`os.nice`; its compute workers inherit it): when
-# a flood and the bands want the same core, the kernel gives the bands about three times the share.
+# The token process's compute workers run this much nicer than the bands' (`os.nice` before they start;
+# they inherit it): relays' and token consumers' batches get a quarter of a core the bands also want.
+# The token process itself then runs SCHED_IDLE (`_idle_scheduling`), or at this nice level where the
+# platform refuses that.
 TOKEN_PROCESS_NICE = 5
 
 
@@ -539,6 +541,8 @@ def _serve_process(fd: int) -> int:
             writer.write(json.dumps(said).encode() + b"\n")
             await writer.drain()
             heap.settle()
+            if hello["listeners"] == "token":  # after its compute workers started: they keep the nice level
+                _idle_scheduling()
             orphaned = asyncio.ensure_future(reader.read())  # EOF: the supervisor has gone
             orphaned.add_done_callback(lambda _: stop.set())
             await stop.wait()
@@ -548,6 +552,40 @@ def _serve_process(fd: int) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+def _idle_scheduling() -> bool:
+    """Every thread of this process SCHED_IDLE, and so every thread they start later: the kernel runs the
+    process only on CPU no normal process wants and preempts it at once when one wakes, so a flood of
+    bad tokens answered here cannot delay the bands' acks in the other processes (a nice level only
+    shares a core: the flood test's bands' ack p99 went from 1.7-3.1x their quiet run's to 1.2-1.7x;
+    BENCHMARKS.md, "A flood of bad tokens"). Logged either way. False where the platform has no
+    SCHED_IDLE or refuses it: the process then stays at its nice level."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    done: set[int] = set()
+    try:
+        if policy is None:
+            raise OSError("no SCHED_IDLE on this platform")
+        for _ in range(5):  # a thread started meanwhile by one not yet switched: another pass
+            tids = {int(t) for t in os.listdir("/proc/self/task")} - done
+            if not tids:
+                break
+            for tid in tids:
+                with contextlib.suppress(ProcessLookupError):  # the thread has ended
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
+                done.add(tid)
+    except OSError as e:
+        log.warning(
+            "token process stays at its nice level: %s",
+            e,
+            extra={"fields": {"event": "sched_idle", "applied": False, "nice": TOKEN_PROCESS_NICE}},
+        )
+        return False
+    log.info(
+        "token process runs SCHED_IDLE",
+        extra={"fields": {"event": "sched_idle", "applied": True, "threads": len(done)}},
+    )
+    return True
 
 
 def start_errors() -> tuple[type[Exception], ...]:

@@ -424,19 +424,32 @@ def test_a_process_that_cannot_start_stops_serve_with_its_error(tmp_path):
     assert "Traceback" not in log_path.read_text()  # an expected error: its message, as a single serve's
 
 
-def test_token_process_serves_the_token_listener_alone_and_nicer(tmp_path):
-    """`serve --workers 1 --token-process`: process 0 takes the bands (mutual TLS) and process 1, niced, the
-    token callers; each listener reaches only its own process."""
+def scheduling(pid: int) -> set[tuple[int, int]]:
+    """(policy, nice) of every thread of process `pid`."""
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    return {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in tids}
+
+
+def test_token_process_serves_the_token_listener_alone_and_yields_the_cpu(tmp_path):
+    """`serve --workers 1 --token-process`: process 0 takes the bands (mutual TLS) and process 1 the token
+    callers; each listener reaches only its own process. Every thread of the token process runs
+    SCHED_IDLE (a flood answered there takes only CPU the bands leave) and its compute workers, which
+    compute relays' batches, run 5 nicer: not starved."""
     db = tmp_path / "gw.db"
     server = Supervised(tmp_path, db, "--token-process", workers=1)
     device, batches = band(seed=61, minutes=15, batch_minutes=5)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
     try:
         assert wait_until(lambda: server.health() == SERVING, 20)  # a slow box's first checks
         assert len(server.pids) == 2 and all(map(running, server.pids))
-        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in server.pids] == [
-            os.getpriority(os.PRIO_PROCESS, 0),
-            min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5),
-        ]
+        line = server.wait_for('"event":"sched_idle"', 10)
+        assert '"process":1' in line and '"applied":true' in line, line
+        assert scheduling(server.pids[0]) == {(os.SCHED_OTHER, nice)}
+        assert scheduling(server.pids[1]) == {(os.SCHED_IDLE, min(19, nice + 5))}
+        assert len(server.worker_pids(1)) == 2
+        for worker in server.worker_pids(1) + server.worker_pids(0):
+            expected = min(19, nice + 5) if worker in server.worker_pids(1) else nice
+            assert scheduling(worker) == {(os.SCHED_OTHER, expected)}, worker
 
         async def scenario():
             async with server.credentials.channel("operator") as op:

@@ -260,16 +260,13 @@ def test_bad_token_flood_is_throttled_without_lookups_while_bands_stream(tmp_pat
     assert closed == [grpc.StatusCode.OK] * BANDS
     # the bands did not notice: they kept their pace, and their ack p99 stayed within 2× of the quiet run
     assert len(flood) >= 0.9 * BANDS * FLOOD_S / INTERVAL_S, numbers
-    # KNOWN SHORTFALLS (issue 12), both of box speed. The p99: with the token process
-    # (gateway/supervisor.py) and the attacker niced, 1.3-1.8x in 11 runs alone on an idle 2-core box, but
-    # 4.1x (7.3 -> 30.2 ms) in one clean-clone CI run on a slower box (BENCHMARKS.md); the gateway in one
-    # process gave 15-40x. The rate: 2,700-2,950 calls/s on the idle box; on a box half as fast the token
-    # process (nice 5, beside the bands' 200 batches a second) answers 600-930 a second, and the client,
-    # waiting for answers, sends no faster. Reported, not yet held.
+    assert p99_ms(flood) <= 2 * p99_ms(quiet), numbers
+    # KNOWN SHORTFALL (issue 12), of box speed: the rate. The client waits for each answer, and the token
+    # process (SCHED_IDLE, gateway/supervisor.py) answers only on CPU the bands leave: 1,700-1,950 calls/s
+    # beside them on an idle 2-core box (2026-12-07), 600-930/s on a box half as fast at nice 5 before.
+    # Reported, after every check above has held, not passed.
     if calls / attack_s < MIN_ATTACK_RATE:
         pytest.xfail(f"the gateway answered fewer than {MIN_ATTACK_RATE} bad tokens a second: {numbers}")
-    if p99_ms(flood) > 2 * p99_ms(quiet):
-        pytest.xfail(f"ack p99 under flood beyond 2x quiet: {numbers}")
 
 
 def test_valid_token_from_a_throttled_peer_works_again_once_the_throttle_refills(tmp_path, monkeypatch):
