@@ -35,10 +35,14 @@ from gateway.metrics import Metrics
 from gateway.privacy.consent import NO_CONSENT, ConsentGate, Processing
 from gateway.store import FAMILIES, SequenceError, Store, StoreError, StoreUnavailable
 from gateway.store.base import CommitItem, CommitResult
-from gateway.workers import GROUP_MIN as WORKER_GROUP_MIN
 from gateway.workers import PoisonBatch, WorkerLost, WorkerPool
 
 log = logging.getLogger("bandgate.pipeline")
+
+# First batches of new streams in compute at once, per compute worker process: half a worker's smallest
+# commit group (`workers.GROUP_MIN`), so an established stream's batch waits behind few device-state
+# loads in its worker (`Pipeline._run_compute`).
+OPENING_PER_WORKER = 4
 
 T = TypeVar("T")
 
@@ -321,14 +325,14 @@ class Pipeline:
         self.workers: WorkerPool | None = None
         self._computing = 0
         self._compute_room = asyncio.Semaphore(config.compute_queue)
-        # First batches of new streams in compute at once (see `_run_compute`): one smallest group a worker
-        # process (`workers.GROUP_MIN`), so that an established stream's batch waits behind few device-state
-        # loads; one running and one queued batch a compute thread. In a 2,000-band storm on 2 cores
-        # (BENCHMARKS.md, "Opening turns") the observers' ack p99 was 134-395 ms with 8 or 16 turns against
-        # 276-441 ms with 128 (two groups of GROUP_MAX a worker), the storm 0.1-0.3 s longer.
+        # First batches of new streams in compute at once (see `_run_compute`): OPENING_PER_WORKER a worker
+        # process, so that an established stream's batch waits behind few device-state loads; one running
+        # and one queued batch a compute thread. In a 2,000-band storm on 2 cores (BENCHMARKS.md, "Opening
+        # turns") the observers' ack p99 was 74-251 ms (median 113) with 8 turns, 96-395 ms (median 268)
+        # with 16 and 276-441 ms with 128, the storm no longer with 8.
         c = config
         self._opening = asyncio.Semaphore(
-            c.compute_processes * WORKER_GROUP_MIN if c.compute_processes else 2 * c.compute_threads
+            c.compute_processes * OPENING_PER_WORKER if c.compute_processes else 2 * c.compute_threads
         )
 
     async def start(self) -> None:
