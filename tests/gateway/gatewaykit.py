@@ -328,10 +328,8 @@ def steady_heap() -> Iterator[None]:
     every module imported: ~160,000 objects) frozen and full collections rare, as a serving process's
     (gateway/heap.py), both undone after. One full collection of it took up to 73 ms, counted as the
     gateway's latency when it fell inside the measured window."""
-    gc.collect()
-    gc.freeze()
     threshold = gc.get_threshold()
-    gc.set_threshold(threshold[0], threshold[1], heap.OLDEST_THRESHOLD)
+    heap.settle()
     try:
         yield
     finally:
