@@ -36,8 +36,8 @@ ALGO = {
     "wear": "activity/1",
     "heart": "heart/1",
     "day": "heart/1",
-    "sleep": "sleep/2",  # 2: detected sleep periods, stage probabilities (issue 15)
-    "night": "sleep/2",
+    "sleep": "sleep/3",  # 2: detected sleep periods, stage probabilities; 3: hour-scale HR features
+    "night": "sleep/3",
     "distance": "distance/1",
 }
 # An epoch counts as inactive for resting heart rate below this ENMO (Hildebrand 2014's wrist
@@ -165,7 +165,7 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
         elif name == "steps":
             steps.StepState.from_array(fam["values"])
         elif name == "sleep":
-            sleep.SleepState.from_array(fam["values"])
+            fam["values"] = sleep.SleepState.upgraded(fam["values"]).array  # a version 1 state is upgraded
             periods.PeriodState.from_array(fam["periods"])
             if fam["stages"].dtype != np.int8 or fam["stages"].ndim != 1:
                 raise ValueError("device state: sleep stages are corrupt")

@@ -32,8 +32,9 @@ EPOCH_S = 30.0
 FEATURE_LOOKAHEAD = 10  # epochs after an epoch that its features may see (5 min)
 SMOOTH_LAG = 10  # epochs of fixed-lag HMM smoothing after the features are known (5 min)
 LAG_EPOCHS = FEATURE_LOOKAHEAD + SMOOTH_LAG  # a stage is final this many epochs after its epoch (10 min)
-PAST_EPOCHS = 40  # longest look back of a feature (20 min)
-RING = 64  # ring buffer length, a power of two ≥ PAST_EPOCHS + FEATURE_LOOKAHEAD + 1
+PAST_EPOCHS = 40  # look back of the movement and HR-trend features (20 min)
+HOUR_EPOCHS = 110  # look back of the hour-scale HR features: the window t-110 … t+10 is an hour
+RING = 128  # ring buffer length, a power of two ≥ HOUR_EPOCHS + FEATURE_LOOKAHEAD + 1
 MOVE_COUNTS = 20.0  # counts per epoch above which the wrist "moved"
 HR_HIST_MIN = 20.0  # night HR histogram: bins of HR_HIST_BIN bpm from HR_HIST_MIN to HR_HIST_MAX
 HR_HIST_MAX = 250.0
@@ -69,6 +70,9 @@ FEATURE_NAMES = (
     "hours_since_quiet",  # since the first 5.5-min run without movement
     "hours_elapsed",  # since the first epoch
     "hr_valid_frac21",  # share of epochs with a heart rate over ±10 epochs
+    "hr_over_min_hour",  # mean HR ±10 epochs minus the lowest HR of the hour t-110 … t+10, bpm
+    "hr_over_median_hour",  # mean HR ±10 epochs minus the median HR of that hour, bpm
+    "hr_rank",  # share of the night's HR so far in bins at or below the bin of the mean HR ±10 epochs
 )
 N_FEATURES = len(FEATURE_NAMES)
 PARAMS_VERSION = 2  # of decoder/sleep_params.json; 1 was a logistic model with hinges
@@ -104,7 +108,7 @@ def stager_inputs(hr_bpm: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, n
 
 
 # --- state layout (one flat float64 array per device) ---------------------------------------------
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a ring of 128 epochs for the hour-scale HR features
 _H_VERSION, _H_N_IN, _H_N_FEAT, _H_N_OUT, _H_T0 = 0, 1, 2, 3, 4
 _H_LAST_MOVE, _H_QUIET_RUN, _H_QUIET_ONSET, _H_HR_N, _H_ASLEEP = 5, 6, 7, 8, 9
 _HEADER = 16
@@ -115,6 +119,8 @@ _OFF_HIST = _OFF_TIME + RING
 _OFF_EMIT = _OFF_HIST + HR_HIST_BINS
 _OFF_ALPHA = _OFF_EMIT + (SMOOTH_LAG + 1) * N_STAGES
 STATE_LEN = _OFF_ALPHA + (SMOOTH_LAG + 1) * N_STAGES
+_V1_RING = 64  # version 1: the same layout with rings of 64 epochs (`SleepState.upgraded`)
+_V1_LEN = STATE_LEN - 3 * (RING - _V1_RING)
 
 
 # --- small numeric helpers --------------------------------------------------------------------------
@@ -300,7 +306,9 @@ def _features_at(state, t, n_avail, out):
             if h == h:
                 lvl = h
                 break
-    for k in range(8, N_FEATURES - 3):
+    for k in range(8, 17):
+        out[k] = 0.0
+    for k in range(20, N_FEATURES):
         out[k] = 0.0
     if n > 0 and med == med:
         mean = sx / n
@@ -321,6 +329,21 @@ def _features_at(state, t, n_avail, out):
             m7 = s7 / n7
             out[14] = math.log1p(math.sqrt(max(s77 / n7 - m7 * m7, 0.0)))
         out[15] = (lvl - mean) / scale
+        # hour scale: the window's level against the hour around it (sleep cycles are ~90 min long)
+        hour = np.empty(HOUR_EPOCHS + FEATURE_LOOKAHEAD + 1)
+        nh = 0
+        for j in range(max(0, t - HOUR_EPOCHS), hi + 1):
+            h = state[_OFF_HR + (j & mask)]
+            if h == h:
+                hour[nh] = h
+                nh += 1
+        out[20] = mean - hour[:nh].min()
+        out[21] = mean - np.median(hour[:nh])
+        top = int((mean - HR_HIST_MIN) / HR_HIST_BIN)
+        below = 0.0
+        for b in range(min(top, HR_HIST_BINS - 1) + 1):
+            below += state[_OFF_HIST + b]
+        out[22] = below / state[_H_HR_N]
     # clock ------------------------------------------------------------------------------------
     now = state[_OFF_TIME + (t & mask)]
     onset = state[_H_QUIET_ONSET]
@@ -484,8 +507,9 @@ def _stage_epochs(
 # --- public API ------------------------------------------------------------------------------------
 @dataclass
 class SleepState:
-    """Per-device stager memory: one flat float64 array (about 6 kB) holding a version, counters, the
-    last PAST_EPOCHS+LOOKAHEAD epochs, the night's HR histogram, and the pending HMM window."""
+    """Per-device stager memory: one flat float64 array (about 7.5 kB) holding a version, counters, the
+    last RING epochs (the hour features reach HOUR_EPOCHS+LOOKAHEAD back), the night's HR histogram, and
+    the pending HMM window."""
 
     array: np.ndarray
 
@@ -514,6 +538,27 @@ class SleepState:
         if a.shape != (STATE_LEN,) or int(a[_H_VERSION]) != STATE_VERSION:
             raise ValueError(f"not a v{STATE_VERSION} sleep state of {STATE_LEN} values")
         return cls(a)
+
+    @classmethod
+    def upgraded(cls, array: np.ndarray) -> SleepState:
+        """A stored state of this version, checked; one of version 1 (rings of 64 epochs, saved by the
+        previous release) moved into this layout, so a device's open sleep period survives the upgrade.
+        Its epochs older than 64 are not known: the hour-scale features see up to 64 epochs of heart rate
+        back until the period is an hour past the upgrade."""
+        a = np.asarray(array, dtype=np.float64)
+        if a.shape != (_V1_LEN,) or int(a[_H_VERSION]) != 1:
+            return cls.from_array(a)
+        out = cls.new().array
+        out[:_HEADER] = a[:_HEADER]
+        out[_H_VERSION] = STATE_VERSION
+        out[_OFF_HR : _OFF_HR + RING] = np.nan
+        n_in = int(a[_H_N_IN])
+        for ring in range(3):  # HR, counts, time: the same order in both layouts
+            old, new = _HEADER + ring * _V1_RING, _HEADER + ring * RING
+            for j in range(max(0, n_in - _V1_RING), n_in):
+                out[new + (j & (RING - 1))] = a[old + (j & (_V1_RING - 1))]
+        out[_OFF_HIST:] = a[_HEADER + 3 * _V1_RING :]
+        return cls(out)
 
     @classmethod
     def from_dict(cls, d: dict) -> SleepState:

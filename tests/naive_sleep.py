@@ -92,6 +92,13 @@ def features(time_s: np.ndarray, hr_bpm: np.ndarray, counts: np.ndarray) -> np.n
             if short.size:
                 f[14] = np.log1p(short.std())
             f[15] = (lvl - v.mean()) / scale
+            hour = hr[max(0, t - sleep.HOUR_EPOCHS) : seen + 1]
+            hour = hour[~np.isnan(hour)]
+            f[20] = v.mean() - hour.min()
+            f[21] = v.mean() - np.median(hour)
+            valid = h_seen[~np.isnan(h_seen)]
+            bin_of = lambda x: np.floor((x - sleep.HR_HIST_MIN) / sleep.HR_HIST_BIN)  # noqa: E731
+            f[22] = np.mean(bin_of(valid) <= bin_of(v.mean()))
         f[17] = (time_s[t] - quiet_onset) / 3600 if quiet_onset <= time_s[t] else 0.0
         f[18] = (time_s[t] - time_s[0]) / 3600
     return out

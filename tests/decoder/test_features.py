@@ -160,6 +160,26 @@ def test_state_is_not_modified_and_round_trips() -> None:
             assert np.array_equal(restored[family][name], value, equal_nan=nan_ok), (family, name)
 
 
+def test_a_stored_version_1_sleep_state_is_upgraded_on_load() -> None:
+    """A device state stored by the previous release (its stager's rings held 64 epochs) loads, its open
+    sleep period's stager upgraded to this layout; a sleep state of neither layout is refused."""
+    from decoder import sleep
+    from decoder.features import new_sleep_family
+    from tests.decoder.test_sleep import _as_version_1
+
+    stager = sleep.SleepState.new()
+    rng = np.random.default_rng(5)
+    sleep.stage_epochs(30.0 * np.arange(90), 60 + rng.normal(0, 2, 90), rng.exponential(5, 90), stager)
+    v1 = _as_version_1(stager)
+    state = DeviceState(7, families={"sleep": dict(new_sleep_family(), values=v1, period_us=0)})
+    loaded = DeviceState.from_bytes(state.to_bytes()).families["sleep"]["values"]
+    assert loaded.size == sleep.STATE_LEN
+    np.testing.assert_array_equal(loaded, sleep.SleepState.upgraded(v1).array)
+    state = DeviceState(7, families={"sleep": dict(new_sleep_family(), values=v1[:-1])})
+    with pytest.raises(ValueError):
+        DeviceState.from_bytes(state.to_bytes())
+
+
 def test_hostile_state_bytes_are_refused() -> None:
     """A state comes from the store: damaged or hostile bytes are a ValueError, never a crash or a
     large allocation (the declared size is checked before decompressing)."""

@@ -130,6 +130,58 @@ def test_state_refuses_other_versions_and_layouts():
         sleep.SleepState.from_array(bad)
 
 
+def _as_version_1(state: sleep.SleepState) -> np.ndarray:
+    """`state` laid out as the previous release stored it: the same header, histogram and HMM window,
+    rings of 64 epochs (slot j & 63) holding the last 64 epochs."""
+    a, ring, old = state.array, sleep.RING, 64
+    v1 = [a[: sleep._HEADER].copy()]
+    v1[0][0] = 1
+    n_in = state.epochs_in
+    for r in range(3):
+        slots = np.zeros(old)
+        for j in range(max(0, n_in - old), n_in):
+            slots[j & (old - 1)] = a[sleep._HEADER + r * ring + (j & (ring - 1))]
+        v1.append(slots)
+    v1.append(a[sleep._OFF_HIST :])
+    return np.concatenate(v1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(nights(max_epochs=300), st.integers(0, 300), st.integers(0, 2**32 - 1))
+def test_a_version_1_state_is_upgraded_and_goes_on(night, cut, seed):
+    """A period open when the gateway is upgraded goes on from its stored version-1 state: every feature
+    but the two hour-window ones is what an uninterrupted run gives, and those two are the naive
+    reference's without the heart rate older than the 64 epochs the old ring kept."""
+    time_s, hr, counts = night
+    cut = min(cut, time_s.size)
+    params = random_params(seed)
+    whole = sleep.stage_epochs(time_s, hr, counts, sleep.SleepState.new(), params, finish=True)
+    state = sleep.SleepState.new()
+    first = sleep.stage_epochs(time_s[:cut], hr[:cut], counts[:cut], state, params)
+    v1 = _as_version_1(state)
+    assert v1.size == 756  # the version-1 STATE_LEN
+    upgraded = sleep.SleepState.upgraded(v1)
+    assert int(upgraded.array[0]) == sleep.STATE_VERSION
+    rest = sleep.stage_epochs(time_s[cut:], hr[cut:], counts[cut:], upgraded, params, finish=True)
+    got = np.concatenate([first.features, rest.features])
+    epoch = np.concatenate([first.feature_epoch, rest.feature_epoch])
+    np.testing.assert_array_equal(epoch, whole.feature_epoch)
+    hour = [sleep.FEATURE_NAMES.index(f) for f in ("hr_over_min_hour", "hr_over_median_hour")]
+    other = [k for k in range(sleep.N_FEATURES) if k not in hour]
+    np.testing.assert_array_equal(got[:, other], whole.features[:, other])
+    n1 = first.feature_epoch.size
+    np.testing.assert_array_equal(got[:n1][:, hour], whole.features[:n1][:, hour])
+    forgotten = hr.copy()  # what the upgraded state knows: no heart rate older than the old ring
+    forgotten[: max(0, cut - 64)] = np.nan
+    want = naive.features(time_s, forgotten, counts)[rest.feature_epoch][:, hour]
+    np.testing.assert_allclose(got[n1:][:, hour], want, rtol=1e-9, atol=1e-9)
+    if cut <= 64:  # nothing was lost: the stages are the uninterrupted run's too
+        np.testing.assert_array_equal(np.concatenate([first.stage, rest.stage]), whole.stage)
+    assert sleep.SleepState.upgraded(state.array).array is not state.array  # this version: checked, copied
+    with pytest.raises(ValueError):
+        sleep.SleepState.upgraded(v1[:-1])
+
+
 # --- published algorithms --------------------------------------------------------------------------
 def test_cole_kripke_constants_are_the_papers():
     """Cole et al. 1992, Sleep 15(5):461, 1-min epochs (mean activity): D = 0.001 (106 A-4 + 54 A-3 +
