@@ -535,7 +535,7 @@ class SleepState:
     @classmethod
     def from_array(cls, array: np.ndarray) -> SleepState:
         a = np.array(array, dtype=np.float64)
-        if a.shape != (STATE_LEN,) or int(a[_H_VERSION]) != STATE_VERSION:
+        if a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:  # a float compare: NaN and inf fail
             raise ValueError(f"not a v{STATE_VERSION} sleep state of {STATE_LEN} values")
         return cls(a)
 
@@ -546,8 +546,10 @@ class SleepState:
         Its epochs older than 64 are not known: the hour-scale features see up to 64 epochs of heart rate
         back until the period is an hour past the upgrade."""
         a = np.asarray(array, dtype=np.float64)
-        if a.shape != (_V1_LEN,) or int(a[_H_VERSION]) != 1:
+        if a.shape != (_V1_LEN,) or a[_H_VERSION] != 1:
             return cls.from_array(a)
+        if not 0 <= a[_H_N_IN] < 2**53:
+            raise ValueError("not a v1 sleep state: its epoch count is not a count")
         out = cls.new().array
         out[:_HEADER] = a[:_HEADER]
         out[_H_VERSION] = STATE_VERSION
@@ -698,7 +700,7 @@ def stage_epochs(
     counts = np.ascontiguousarray(counts, dtype=np.float64)
     if not (time_s.shape == hr_bpm.shape == counts.shape) or time_s.ndim != 1:
         raise ValueError("time_s, hr_bpm and counts must be 1-D arrays of one length")
-    if state.array.shape != (STATE_LEN,) or int(state.array[_H_VERSION]) != STATE_VERSION:
+    if state.array.shape != (STATE_LEN,) or state.array[_H_VERSION] != STATE_VERSION:
         raise ValueError("incompatible sleep state")
     cap = time_s.size + LAG_EPOCHS + 2
     out_feat = np.empty((cap, N_FEATURES))

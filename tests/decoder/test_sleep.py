@@ -180,6 +180,15 @@ def test_a_version_1_state_is_upgraded_and_goes_on(night, cut, seed):
     assert sleep.SleepState.upgraded(state.array).array is not state.array  # this version: checked, copied
     with pytest.raises(ValueError):
         sleep.SleepState.upgraded(v1[:-1])
+    for bad in (np.inf, np.nan, -1.0):  # a damaged or hostile stored count is refused, not a crash
+        hostile = v1.copy()
+        hostile[1] = bad
+        with pytest.raises(ValueError):
+            sleep.SleepState.upgraded(hostile)
+    hostile = v1.copy()
+    hostile[0] = np.inf
+    with pytest.raises(ValueError):
+        sleep.SleepState.upgraded(hostile)
 
 
 # --- published algorithms --------------------------------------------------------------------------
