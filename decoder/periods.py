@@ -265,7 +265,7 @@ class PeriodState:
     @classmethod
     def from_array(cls, array: np.ndarray) -> PeriodState:
         a = np.array(array, dtype=np.float64)
-        if a.shape != (STATE_LEN,) or int(a[_H_VERSION]) != STATE_VERSION:
+        if a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:  # a float compare: NaN and inf fail
             raise ValueError(f"not a v{STATE_VERSION} sleep-period state of {STATE_LEN} values")
         n_in, n_flag, n_dec = a[_H_N_IN], a[_H_N_FLAG], a[_H_N_DEC]
         if not (0 <= n_dec <= n_flag <= n_in and n_in - n_dec <= RING and math.isfinite(a[_H_HR_W])):

@@ -505,6 +505,20 @@ def _stage_epochs(
 
 
 # --- public API ------------------------------------------------------------------------------------
+def _check_header(a: np.ndarray) -> None:
+    """The counters as the kernel leaves them between calls (the same in versions 1 and 2): whole epoch
+    counts with at most FEATURE_LOOKAHEAD epochs awaiting features and SMOOTH_LAG awaiting a decision,
+    the last movement before the newest epoch, a histogram count, an asleep flag."""
+    n_in, n_feat, n_out = a[_H_N_IN], a[_H_N_FEAT], a[_H_N_OUT]
+    counts = (n_in, n_feat, n_out, a[_H_HR_N])
+    if not all(0 <= c < 2**53 and c == math.floor(c) for c in counts):  # NaN and inf fail too
+        raise ValueError("sleep state: its counters are not counts")
+    if not (n_out <= n_feat <= n_in and n_in - n_feat <= FEATURE_LOOKAHEAD and n_feat - n_out <= SMOOTH_LAG):
+        raise ValueError("sleep state: inconsistent counters")
+    if not (-1 <= a[_H_LAST_MOVE] < max(n_in, 1)) or a[_H_ASLEEP] not in (0.0, 1.0):
+        raise ValueError("sleep state: inconsistent counters")
+
+
 @dataclass
 class SleepState:
     """Per-device stager memory: one flat float64 array (about 7.5 kB) holding a version, counters, the
@@ -534,22 +548,28 @@ class SleepState:
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> SleepState:
+        """A stored state, checked: the kernel indexes its output by these counters, so a damaged or
+        hostile header must be refused here (a ValueError), never reach it."""
+        if np.asarray(array).dtype != np.float64:
+            raise ValueError("not a sleep state: not float64")
         a = np.array(array, dtype=np.float64)
         if a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:  # a float compare: NaN and inf fail
             raise ValueError(f"not a v{STATE_VERSION} sleep state of {STATE_LEN} values")
+        _check_header(a)
         return cls(a)
 
     @classmethod
     def upgraded(cls, array: np.ndarray) -> SleepState:
         """A stored state of this version, checked; one of version 1 (rings of 64 epochs, saved by the
         previous release) moved into this layout, so a device's open sleep period survives the upgrade.
-        Its epochs older than 64 are not known: the hour-scale features see up to 64 epochs of heart rate
-        back until the period is an hour past the upgrade."""
+        Its epochs older than 64 are not known: the two hour-window features of the next 46 epochs (until
+        about 28 minutes after the upgrade) see less than their hour of heart rate."""
         a = np.asarray(array, dtype=np.float64)
         if a.shape != (_V1_LEN,) or a[_H_VERSION] != 1:
-            return cls.from_array(a)
-        if not 0 <= a[_H_N_IN] < 2**53:
-            raise ValueError("not a v1 sleep state: its epoch count is not a count")
+            return cls.from_array(array)
+        if np.asarray(array).dtype != np.float64:
+            raise ValueError("not a sleep state: not float64")
+        _check_header(a)
         out = cls.new().array
         out[:_HEADER] = a[:_HEADER]
         out[_H_VERSION] = STATE_VERSION

@@ -98,7 +98,9 @@ def features(time_s: np.ndarray, hr_bpm: np.ndarray, counts: np.ndarray) -> np.n
             f[21] = v.mean() - np.median(hour)
             valid = h_seen[~np.isnan(h_seen)]
             bin_of = lambda x: np.floor((x - sleep.HR_HIST_MIN) / sleep.HR_HIST_BIN)  # noqa: E731
-            f[22] = np.mean(bin_of(valid) <= bin_of(v.mean()))
+            # the mean summed in window order, as the kernel sums it: numpy's pairwise sum can round a
+            # mean that lies on a bin edge to the other side of it
+            f[22] = np.mean(bin_of(valid) <= bin_of(np.cumsum(v)[-1] / v.size))
         f[17] = (time_s[t] - quiet_onset) / 3600 if quiet_onset <= time_s[t] else 0.0
         f[18] = (time_s[t] - time_s[0]) / 3600
     return out

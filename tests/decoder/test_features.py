@@ -162,7 +162,8 @@ def test_state_is_not_modified_and_round_trips() -> None:
 
 def test_a_stored_version_1_sleep_state_is_upgraded_on_load() -> None:
     """A device state stored by the previous release (its stager's rings held 64 epochs) loads, its open
-    sleep period's stager upgraded to this layout; a sleep state of neither layout is refused."""
+    sleep period's stager upgraded to this layout; a sleep state of neither layout, or with counters the
+    kernels could not have left, is refused as a state that does not load (ValueError)."""
     from decoder import sleep
     from decoder.features import new_sleep_family
     from tests.decoder.test_sleep import _as_version_1
@@ -175,9 +176,18 @@ def test_a_stored_version_1_sleep_state_is_upgraded_on_load() -> None:
     loaded = DeviceState.from_bytes(state.to_bytes()).families["sleep"]["values"]
     assert loaded.size == sleep.STATE_LEN
     np.testing.assert_array_equal(loaded, sleep.SleepState.upgraded(v1).array)
-    state = DeviceState(7, families={"sleep": dict(new_sleep_family(), values=v1[:-1])})
-    with pytest.raises(ValueError):
-        DeviceState.from_bytes(state.to_bytes())
+    damaged_v1, damaged_v2, damaged_periods = v1.copy(), stager.array.copy(), new_sleep_family()["periods"]
+    damaged_v1[1] = 1e6  # a million epochs in, none awaiting features: the kernel would overrun
+    damaged_v2[3] = -1e7  # a negative count of decided epochs: the kernel would loop for ever
+    damaged_periods[0] = np.inf  # a version int() would not take
+    for family in (
+        dict(new_sleep_family(), values=v1[:-1]),
+        dict(new_sleep_family(), values=damaged_v1),
+        dict(new_sleep_family(), values=damaged_v2),
+        dict(new_sleep_family(), periods=damaged_periods),
+    ):
+        with pytest.raises(ValueError):
+            DeviceState.from_bytes(DeviceState(7, families={"sleep": family}).to_bytes())
 
 
 def test_hostile_state_bytes_are_refused() -> None:

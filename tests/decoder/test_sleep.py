@@ -35,6 +35,8 @@ def nights(draw, max_epochs=160):
     hr[rng.random(n) < 0.01] = 300.0
     counts = np.where(rng.random(n) < draw(st.sampled_from([0.0, 0.1, 0.5])), rng.exponential(300, n), 0.0)
     counts[rng.random(n) < 0.01] = np.nan
+    if draw(st.booleans()):  # as the records publish them (0.1): means land on histogram bin edges
+        hr, counts = np.round(hr, 1), np.round(counts, 1)
     return time_s, hr, counts
 
 
@@ -162,6 +164,8 @@ def test_a_version_1_state_is_upgraded_and_goes_on(night, cut, seed):
     assert v1.size == 756  # the version-1 STATE_LEN
     upgraded = sleep.SleepState.upgraded(v1)
     assert int(upgraded.array[0]) == sleep.STATE_VERSION
+    np.testing.assert_array_equal(upgraded.array[1 : sleep._HEADER], state.array[1 : sleep._HEADER])
+    np.testing.assert_array_equal(upgraded.array[sleep._OFF_HIST :], state.array[sleep._OFF_HIST :])
     rest = sleep.stage_epochs(time_s[cut:], hr[cut:], counts[cut:], upgraded, params, finish=True)
     got = np.concatenate([first.features, rest.features])
     epoch = np.concatenate([first.feature_epoch, rest.feature_epoch])
@@ -175,8 +179,9 @@ def test_a_version_1_state_is_upgraded_and_goes_on(night, cut, seed):
     forgotten[: max(0, cut - 64)] = np.nan
     want = naive.features(time_s, forgotten, counts)[rest.feature_epoch][:, hour]
     np.testing.assert_allclose(got[n1:][:, hour], want, rtol=1e-9, atol=1e-9)
-    if cut <= 64:  # nothing was lost: the stages are the uninterrupted run's too
+    if cut <= 64:  # nothing was lost: the stages and posteriors are the uninterrupted run's too
         np.testing.assert_array_equal(np.concatenate([first.stage, rest.stage]), whole.stage)
+        np.testing.assert_array_equal(np.concatenate([first.posterior, rest.posterior]), whole.posterior)
     assert sleep.SleepState.upgraded(state.array).array is not state.array  # this version: checked, copied
     with pytest.raises(ValueError):
         sleep.SleepState.upgraded(v1[:-1])
@@ -189,6 +194,64 @@ def test_a_version_1_state_is_upgraded_and_goes_on(night, cut, seed):
     hostile[0] = np.inf
     with pytest.raises(ValueError):
         sleep.SleepState.upgraded(hostile)
+
+
+def test_a_state_the_previous_release_wrote_is_upgraded():
+    """`data/sleep_state_v1.json`: 90 epochs staged by the version-1 stager (commit 7b02839, its own
+    params), its state as that release stored it. Upgraded, the counters, histogram and HMM window are
+    kept, the ring holds the last 64 epochs' inputs at their new slots, and the features this release
+    computes from it are those of a version-2 run over the same epochs (the hour-window ones as the
+    naive reference gives them without the forgotten epochs)."""
+    fixture = json.loads((Path(__file__).parent / "data" / "sleep_state_v1.json").read_text())
+    time_s, hr, counts = (np.array(fixture[k]) for k in ("time_s", "hr_bpm", "counts"))
+    v1 = np.array(fixture["state"])
+    upgraded = sleep.SleepState.upgraded(v1)
+    a = upgraded.array
+    n = time_s.size
+    assert upgraded.epochs_in == n and a[9] == 1.0  # asleep, as the old stager left it
+    np.testing.assert_array_equal(a[1 : sleep._HEADER], v1[1 : sleep._HEADER])
+    np.testing.assert_array_equal(a[sleep._OFF_HIST :], v1[sleep._HEADER + 3 * 64 :])
+    clean_hr, clean_counts = naive.clean_inputs(hr, counts)
+    for j in range(n):
+        slot = j & (sleep.RING - 1)
+        if j >= n - 64:
+            np.testing.assert_array_equal(a[sleep._OFF_HR + slot], clean_hr[j])
+            assert a[sleep._OFF_COUNTS + slot] == clean_counts[j] and a[sleep._OFF_TIME + slot] == time_s[j]
+        else:
+            assert np.isnan(a[sleep._OFF_HR + slot])
+    more = 40
+    t2 = np.concatenate([time_s, time_s[-1] + 30.0 * np.arange(1, more + 1)])
+    hr2, counts2 = np.concatenate([hr, np.full(more, 58.0)]), np.concatenate([counts, np.zeros(more)])
+    params = random_params(3)
+    rest = sleep.stage_epochs(t2[n:], hr2[n:], counts2[n:], upgraded, params, finish=True)
+    fresh = sleep.stage_epochs(t2, hr2, counts2, sleep.SleepState.new(), params, finish=True)
+    got, want = rest.features, fresh.features[rest.feature_epoch]
+    hour = [sleep.FEATURE_NAMES.index(f) for f in ("hr_over_min_hour", "hr_over_median_hour")]
+    other = [k for k in range(sleep.N_FEATURES) if k not in hour]
+    np.testing.assert_array_equal(got[:, other], want[:, other])
+    forgotten = hr2.copy()
+    forgotten[: n - 64] = np.nan
+    want_hour = naive.features(t2, forgotten, counts2)[rest.feature_epoch][:, hour]
+    np.testing.assert_allclose(got[:, hour], want_hour, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(rest.epoch, np.arange(upgraded.epochs_out - rest.epoch.size, n + more))
+
+
+@pytest.mark.parametrize(
+    ("index", "value"),
+    [(1, 1e6), (1, np.inf), (2, -100000.0), (3, -1e7), (3, 2.5), (5, 1e9), (8, -1.0), (8, np.nan), (9, 0.5)],
+)
+def test_a_damaged_or_hostile_stored_header_is_refused(index, value):
+    """The kernel indexes its outputs by these counters: a stored state whose counters the kernel could
+    not have left (too many epochs pending, negative or fractional counts, a flag that is not one) is a
+    ValueError when it loads, in either version's layout, never a crash or a hang in the kernel."""
+    state = sleep.SleepState.new()
+    sleep.stage_epochs(30.0 * np.arange(90), np.full(90, 60.0), np.zeros(90), state, random_params(1))
+    for array in (state.array.copy(), _as_version_1(state)):
+        array[index] = value
+        with pytest.raises(ValueError):
+            sleep.SleepState.upgraded(array)
+    with pytest.raises(ValueError):
+        sleep.SleepState.from_array(state.array.astype(np.complex128))
 
 
 # --- published algorithms --------------------------------------------------------------------------
