@@ -160,8 +160,8 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
     for name, fam in families.items():
         if name == "activity":  # an older version's arrays are upgraded here
             families[name] = activity.ActivityState.from_arrays(fam).to_arrays()
-        elif name == "heart":
-            heart.HeartState.from_arrays(fam)
+        elif name == "heart":  # the checked int64 arrays, not the stored ones (another dtype: no kernel)
+            families[name] = heart.HeartState.from_arrays(fam).to_arrays()
         elif name == "steps":
             steps.StepState.from_array(fam["values"])
         elif name == "sleep":

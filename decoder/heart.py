@@ -127,6 +127,9 @@ class HeartState:
             raise ValueError(f"not a heart state of version {STATE_VERSION}")
         if iv[_VERSION] != STATE_VERSION or ring.min() < 0:
             raise ValueError("heart state is corrupt")
+        # the kernel writes the beat history at _HIST_POS and takes the median of _HIST_N of it
+        if not (0 <= iv[_HIST_N] <= RR_MEDIAN_BEATS and 0 <= iv[_HIST_POS] < RR_MEDIAN_BEATS):
+            raise ValueError("heart state is corrupt: its beat history is out of range")
         return cls(iv, ring)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -188,6 +189,19 @@ def test_a_stored_version_1_sleep_state_is_upgraded_on_load() -> None:
     ):
         with pytest.raises(ValueError):
             DeviceState.from_bytes(DeviceState(7, families={"sleep": family}).to_bytes())
+
+
+def test_a_heart_state_stored_as_another_dtype_loads_as_the_kernel_takes_it() -> None:
+    """The heart family's integers stored as float64 (a damaged or hand-made state) load as the checked
+    int64 copy: the kernel is given what was checked, not a dtype it was never compiled for."""
+    rec = _band()
+    decoded = decode_frames(encode_container([encode_frame(f) for f in _frames(rec, [])]))
+    _, state = process(decoded, DeviceState(rec.device_id))
+    floats = dict(state.families["heart"], ints=state.families["heart"]["ints"].astype(np.float64))
+    stored = dataclasses.replace(state, families=dict(state.families, heart=floats))
+    loaded = DeviceState.from_bytes(stored.to_bytes())
+    assert loaded.families["heart"]["ints"].dtype == np.int64
+    assert finish(loaded)[0] == finish(DeviceState.from_bytes(state.to_bytes()))[0]
 
 
 def test_hostile_state_bytes_are_refused() -> None:

@@ -142,6 +142,19 @@ def test_late_data_is_dropped_and_counted():
     assert state.late == 5 and len(out.epochs) == 0
 
 
+def test_a_damaged_beat_history_is_refused_where_the_state_loads():
+    """The kernel writes the beat history at _HIST_POS and reads _HIST_N of it: a stored state with either
+    out of range is a ValueError when it loads (it wrote past its array: an abort or a silent heap write)."""
+    good = new_heart_state(MIDNIGHT).to_arrays()
+    HeartState.from_arrays(good)
+    damage = ((heart._HIST_POS, 5), (heart._HIST_POS, -1), (heart._HIST_N, 6), (heart._HIST_N, -1))
+    for index, value in damage:
+        bad = dict(good, ints=good["ints"].copy())
+        bad["ints"][index] = value
+        with pytest.raises(ValueError, match="beat history"):
+            HeartState.from_arrays(bad)
+
+
 def test_refuses_bad_input():
     state = new_heart_state(MIDNIGHT)
     with pytest.raises(ValueError):
