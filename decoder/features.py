@@ -567,7 +567,7 @@ def _staged_records(device: str, fam: dict, staged: sleep.StagedEpochs) -> list[
 
 def _close_period(device: str, fam: dict) -> tuple[list[dict], dict]:
     """End the open sleep period: stage what is pending and summarise it in a `night` record."""
-    state = sleep.SleepState.from_array(fam["values"].copy())
+    state = sleep.SleepState(fam["values"].copy())  # checked where it came in (`_checked`)
     staged = sleep.stage_epochs(np.zeros(0), np.zeros(0), np.zeros(0), state, finish=True)
     records = _staged_records(device, fam, staged)
     stages = np.concatenate([fam["stages"], staged.stage.astype(np.int8)])
@@ -612,7 +612,7 @@ def _stage_decided(device: str, fam: dict, decided: periods.DecidedEpochs) -> tu
         else:
             if int(fam["period_us"]) < 0:
                 fam = dict(fam, values=sleep.SleepState.new().array, period_us=p, stages=np.zeros(0, np.int8))
-            state = sleep.SleepState.from_array(fam["values"].copy())
+            state = sleep.SleepState(fam["values"].copy())  # checked where it came in, or new
             time_s = (epoch_us[i:j] - p) / 1e6 + 30.0
             staged = sleep.stage_epochs(time_s, decided.hr_bpm[i:j], decided.counts[i:j], state)
             records += _staged_records(device, fam, staged)

@@ -178,8 +178,9 @@ def cole_kripke(minute_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --- features -------------------------------------------------------------------------------------
 @njit(**config.JIT)
-def _features_at(state, t, n_avail, out):
-    """Features of epoch `t` from the ring, seeing epochs up to `n_avail - 1` (≤ t + LOOKAHEAD).
+def _features_at(state, t, n_avail, out, hour):
+    """Features of epoch `t` from the ring, seeing epochs up to `n_avail - 1` (≤ t + LOOKAHEAD); `hour` is
+    scratch of HOUR_EPOCHS + FEATURE_LOOKAHEAD + 1 values, allocated once a call, as `out` is.
 
     Called once per epoch, in order, so the running "last movement" and "quiet onset" it updates in
     `state` are causal.
@@ -330,7 +331,6 @@ def _features_at(state, t, n_avail, out):
             out[14] = math.log1p(math.sqrt(max(s77 / n7 - m7 * m7, 0.0)))
         out[15] = (lvl - mean) / scale
         # hour scale: the window's level against the hour around it (sleep cycles are ~90 min long)
-        hour = np.empty(HOUR_EPOCHS + FEATURE_LOOKAHEAD + 1)
         nh = 0
         for j in range(max(0, t - HOUR_EPOCHS), hi + 1):
             h = state[_OFF_HR + (j & mask)]
@@ -472,6 +472,7 @@ def _stage_epochs(
     n_f = 0
     n_s = 0
     feats = np.empty(N_FEATURES)
+    hour = np.empty(HOUR_EPOCHS + FEATURE_LOOKAHEAD + 1)
     for i in range(time_s.size):
         t_new = int(state[_H_N_IN])
         if t_new == 0:
@@ -488,14 +489,14 @@ def _stage_epochs(
         state[_H_N_IN] = t_new + 1
         t = t_new - FEATURE_LOOKAHEAD
         if t >= 0:
-            _features_at(state, t, t_new + 1, feats)
+            _features_at(state, t, t_new + 1, feats, hour)
             out_feat[n_f, :] = feats
             n_f += 1
             n_s = _emit(state, feats, model, out_stage, out_post, n_s)
     if finish:
         n_in = int(state[_H_N_IN])
         for t in range(int(state[_H_N_FEAT]), n_in):
-            _features_at(state, t, n_in, feats)
+            _features_at(state, t, n_in, feats, hour)
             out_feat[n_f, :] = feats
             n_f += 1
             n_s = _emit(state, feats, model, out_stage, out_post, n_s)
@@ -564,11 +565,9 @@ class SleepState:
         previous release) moved into this layout, so a device's open sleep period survives the upgrade.
         Its epochs older than 64 are not known: the two hour-window features of the next 46 epochs (until
         about 28 minutes after the upgrade) see less than their hour of heart rate."""
-        a = np.asarray(array, dtype=np.float64)
-        if a.shape != (_V1_LEN,) or a[_H_VERSION] != 1:
-            return cls.from_array(array)
-        if np.asarray(array).dtype != np.float64:
-            raise ValueError("not a sleep state: not float64")
+        a = np.asarray(array)
+        if a.shape != (_V1_LEN,) or a.dtype != np.float64 or a[_H_VERSION] != 1:
+            return cls.from_array(a)
         _check_header(a)
         out = cls.new().array
         out[:_HEADER] = a[:_HEADER]
