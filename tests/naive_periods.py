@@ -79,7 +79,7 @@ def periods(time: np.ndarray, hr: np.ndarray, counts: np.ndarray) -> np.ndarray:
         if since >= P.SLEEPLESS:
             good[c] = good[c] and fresh_ok[c]
         if still[c]:
-            if start < 0 or c - last >= P.CLOSE_GAP:
+            if start < 0:  # (a block whose last CLOSE_GAP epochs were not still was ended below)
                 start, opened = c, -1
             elif opened >= 0:
                 out[last + 1 : c + 1] = time[opened]

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from decoder import activity, periods, sleep
@@ -83,8 +83,21 @@ def test_the_period_can_fail_to_open_and_close() -> None:
     assert len(periods.periods_of(periods.detect_periods(time_us, hr, counts))) == 2
 
 
+@pytest.mark.parametrize(("moving", "expect"), [(periods.CLOSE_GAP - 1, 1), (periods.CLOSE_GAP, 2)])
+def test_close_gap_epochs_not_still_in_a_row_end_a_period(moving, expect) -> None:
+    """The boundary itself, on counts alone (a band without heart rate): CLOSE_GAP − 1 epochs not still
+    keep one period, CLOSE_GAP end it, in the kernel and the reference alike (they once disagreed)."""
+    counts = np.concatenate([np.zeros(100), np.full(moving, 1000.0), np.zeros(100)])
+    time_us = T0_US + np.arange(counts.size, dtype=np.int64) * EPOCH_US
+    hr = np.full(counts.size, np.nan)
+    got = periods.detect_periods(time_us, hr, counts)
+    assert len(periods.periods_of(got)) == expect
+    np.testing.assert_array_equal(got, naive_periods.periods(time_us.astype(np.float64), hr, counts))
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_segments, st.integers(0, 2**16))
+@example([("restless", 7), ("restless", 61), ("asleep", 9)], 1199)  # 39 epochs not still: the block goes on
 def test_matches_the_naive_reference(segments, seed) -> None:
     time_us, hr, counts = synthetic(DAY[:1] + segments, seed)
     got = periods.detect_periods(time_us, hr, counts)
