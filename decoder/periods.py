@@ -246,6 +246,28 @@ def _detect(time, hr, counts, state, finish, out_time, out_hr, out_counts, out_p
 
 
 # --- public API ------------------------------------------------------------------------------------------
+def _check_header(a: np.ndarray) -> None:
+    """The counters and the open block as the kernel leaves them between calls: whole epoch counts, at
+    most HALF_WINDOW epochs awaiting flags and DECISION_LAG awaiting a decision; no block (-1, -1, closed),
+    or one whose last still epoch is flagged and less than CLOSE_GAP back, and that has not opened only
+    while its epochs are undecided."""
+    n_in, n_flag, n_dec = a[_H_N_IN], a[_H_N_FLAG], a[_H_N_DEC]
+    start, last, is_open = a[_H_BLK_START], a[_H_BLK_LAST], a[_H_BLK_OPEN]
+    whole = (n_in, n_flag, n_dec, start + 1, last + 1)
+    if not all(0 <= c < 2**53 and c == math.floor(c) for c in whole):  # NaN and inf fail too
+        raise ValueError("sleep-period state: its counters are not counts")
+    if not (n_dec <= n_flag <= n_in and n_in - n_flag <= HALF_WINDOW and n_in - n_dec <= DECISION_LAG):
+        raise ValueError("sleep-period state: inconsistent counters")
+    if is_open not in (0.0, 1.0) or not (a[_H_SINCE] >= 0 and math.isfinite(a[_H_SINCE])):
+        raise ValueError("sleep-period state: inconsistent block")
+    if start < 0:
+        ok = last < 0 and is_open == 0.0
+    else:
+        ok = start <= last < n_flag and n_flag - 1 - last < CLOSE_GAP and (is_open == 1.0 or n_dec <= start)
+    if not ok:
+        raise ValueError("sleep-period state: inconsistent block")
+
+
 @dataclass
 class PeriodState:
     """Per-device detector memory: one flat float64 array (about 2.7 kB): counters, the open block, the
@@ -264,12 +286,16 @@ class PeriodState:
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> PeriodState:
-        a = np.array(array, dtype=np.float64)
-        if a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:  # a float compare: NaN and inf fail
+        """A stored state, refused (ValueError) unless the kernel could have left it: the kernel indexes
+        its ring and loops over epoch ranges by these counters, so a damaged one crashed or hung it."""
+        a = np.asarray(array)
+        if a.dtype != np.float64 or a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:
             raise ValueError(f"not a v{STATE_VERSION} sleep-period state of {STATE_LEN} values")
-        n_in, n_flag, n_dec = a[_H_N_IN], a[_H_N_FLAG], a[_H_N_DEC]
-        if not (0 <= n_dec <= n_flag <= n_in and n_in - n_dec <= RING and math.isfinite(a[_H_HR_W])):
-            raise ValueError("sleep-period state: inconsistent counters")
+        a = a.copy()
+        _check_header(a)
+        hist = a[_OFF_HIST:]
+        if not (np.all(hist >= 0) and np.all(np.isfinite(hist)) and 0 <= a[_H_HR_W] < math.inf):
+            raise ValueError("sleep-period state: its heart-rate history is not a histogram")
         return cls(a)
 
     @property
@@ -306,7 +332,7 @@ def detect(
     counts = np.ascontiguousarray(counts, dtype=np.float64)
     if not (time.shape == hr_bpm.shape == counts.shape) or time.ndim != 1:
         raise ValueError("time, hr_bpm and counts must be 1-D arrays of one length")
-    if state.array.shape != (STATE_LEN,) or int(state.array[_H_VERSION]) != STATE_VERSION:
+    if state.array.shape != (STATE_LEN,) or state.array[_H_VERSION] != STATE_VERSION:
         raise ValueError("incompatible sleep-period state")
     cap = time.size + RING
     out = [np.empty(cap) for _ in range(4)]

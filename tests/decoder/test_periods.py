@@ -153,6 +153,61 @@ def test_state_is_checked() -> None:
         periods.PeriodState.from_array(state.array[:-1])
 
 
+def _mid_stream(open_block: bool) -> np.ndarray:
+    """A state as the kernel leaves it inside a night's open period, or in a still block not yet open."""
+    time_us, hr, counts = synthetic(DAY + NIGHT)
+    bed = sum(n for _, n in DAY) + 30
+    stop = bed + (300 if open_block else periods.MIN_PERIOD // 2)
+    state = periods.PeriodState.new()
+    periods.detect(time_us[:stop], hr[:stop], counts[:stop], state)
+    assert state.array[periods._H_BLK_START] >= 0 and state.array[periods._H_BLK_OPEN] == float(open_block)
+    return state.array
+
+
+_H = periods
+_HOSTILE = {  # field: values the kernel never leaves (before: -1e15 as the open block's last hung it)
+    "n_in 1e12": (_H._H_N_IN, 1e12),
+    "n_in not whole": (_H._H_N_IN, lambda a: a[_H._H_N_IN] + 0.5),
+    "n_flag negative": (_H._H_N_FLAG, -1.0),
+    "flags lag too far": (_H._H_N_FLAG, lambda a: a[_H._H_N_IN] - _H.HALF_WINDOW - 1),
+    "decisions lag too far": (_H._H_N_DEC, lambda a: a[_H._H_N_IN] - _H.DECISION_LAG - 1),
+    "n_dec inf": (_H._H_N_DEC, np.inf),
+    "block last far back": (_H._H_BLK_LAST, -1e15),
+    "block last unflagged": (_H._H_BLK_LAST, lambda a: a[_H._H_N_FLAG]),
+    "block last a gap back": (_H._H_BLK_LAST, lambda a: a[_H._H_N_FLAG] - 1 - _H.CLOSE_GAP),
+    "block start after last": (_H._H_BLK_START, lambda a: a[_H._H_BLK_LAST] + 1),
+    "block start NaN": (_H._H_BLK_START, np.nan),
+    "open flag 0.5": (_H._H_BLK_OPEN, 0.5),
+    "since NaN": (_H._H_SINCE, np.nan),
+    "history weight inf": (_H._H_HR_W, np.inf),
+    "histogram negative": (_H._OFF_HIST + 40, -1.0),
+}
+
+
+@pytest.mark.parametrize("open_block", [True, False])
+@pytest.mark.parametrize("case", sorted(_HOSTILE))
+def test_a_damaged_or_hostile_stored_state_is_refused(case, open_block) -> None:
+    """Each value the kernel loops over or indexes by, damaged in a real mid-stream state, is refused
+    where the state loads; the undamaged state loads (so each case fails on its own damage)."""
+    a = _mid_stream(open_block)
+    assert np.array_equal(periods.PeriodState.from_array(a).array, a, equal_nan=True)
+    where, value = _HOSTILE[case]
+    bad = a.copy()
+    bad[where] = value(a) if callable(value) else value
+    with pytest.raises(ValueError, match="sleep-period state"):
+        periods.PeriodState.from_array(bad)
+
+
+def test_a_not_yet_open_block_must_lie_in_undecided_epochs() -> None:
+    a = _mid_stream(open_block=False)
+    bad = a.copy()
+    bad[periods._H_BLK_START] = a[periods._H_N_DEC] - 1
+    with pytest.raises(ValueError, match="block"):
+        periods.PeriodState.from_array(bad)
+    with pytest.raises(ValueError, match="sleep-period state"):
+        periods.PeriodState.from_array(a.astype(np.float32))
+
+
 # --- simulated days with sleep at other hours (gateway/simulator, schedule scenario) -----------------------
 @functools.cache
 def _simulated(schedule: tuple, minutes: int, seed: int) -> tuple:
