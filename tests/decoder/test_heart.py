@@ -105,6 +105,7 @@ def test_any_split_gives_identical_rows(rec, cuts, require_inactive):
         epochs.append(out.epochs)
         resting.append(out.resting)
     out, state = heart_flush(_roundtrip(state))
+    _roundtrip(state)  # a flushed state loads too
     epochs.append(out.epochs)
     resting.append(out.resting)
     assert np.concatenate(epochs).tobytes() == whole.epochs.tobytes()
@@ -153,6 +154,45 @@ def test_a_damaged_beat_history_is_refused_where_the_state_loads():
         bad["ints"][index] = value
         with pytest.raises(ValueError, match="beat history"):
             HeartState.from_arrays(bad)
+
+
+def _mid_stream_ints() -> dict:
+    """A state as the kernel leaves it mid-epoch, a minute after a local midnight (in the day's grace)."""
+    hr = np.full(140, 60, np.uint8)
+    t0 = MIDNIGHT - 90_000_000
+    _, state = heart_epochs(hr, t0, np.zeros(0), np.zeros(0), new_heart_state(t0), until_us=t0 + 145_000_000)
+    assert state.ints[heart._EPOCH] >= 0 and state.ints[heart._DAY] == MIDNIGHT // heart.DAY_US - 1
+    return state.to_arrays()
+
+
+_DAY_FAR_BACK = (heart._DAY, -(10**15))  # before: the kernel closed days past its buffer (a crash or hang)
+_CLOCK_DAMAGE = {
+    "day far back": [_DAY_FAR_BACK],
+    "day back": [(heart._DAY, lambda v: v[heart._DAY] - 1)],
+    "day ahead": [(heart._DAY, lambda v: (v[heart._NOW] + v[heart._OFFSET_US]) // heart.DAY_US + 1)],
+    "offset huge": [(heart._OFFSET_US, 10**15)],
+    "offset not whole minutes": [(heart._OFFSET_US, 1)],
+    "time implausible": [(heart._NOW, 0)],
+    "time far ahead": [(heart._NOW, 2**62)],
+    "epoch elsewhere": [(heart._EPOCH, lambda v: v[heart._EPOCH] - 1)],
+    "epoch negative": [(heart._EPOCH, -5)],
+    "flag not a flag": [(heart._FLUSHED, 7)],
+    "count negative": [(heart._E_HR_N, -1)],
+    "late negative": [(heart._LATE, -1)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(_CLOCK_DAMAGE))
+def test_a_clock_the_kernel_could_not_have_left_is_refused_where_the_state_loads(case):
+    """The kernel sizes its output from the span a call covers, trusting that the open day is where the
+    stream's time is: each damage below, in a real mid-stream state, is a ValueError when it loads."""
+    good = _mid_stream_ints()
+    HeartState.from_arrays(good)
+    bad = dict(good, ints=good["ints"].copy())
+    for index, value in _CLOCK_DAMAGE[case]:
+        bad["ints"][index] = value(good["ints"]) if callable(value) else value
+    with pytest.raises(ValueError, match="heart state is corrupt"):
+        HeartState.from_arrays(bad)
 
 
 def test_refuses_bad_input():
