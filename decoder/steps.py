@@ -161,15 +161,22 @@ class StepState:
 
     @classmethod
     def from_array(cls, values: np.ndarray) -> StepState:
-        """Check a serialised state; a version-2 state (before edge_credit and stride_agreement) is
-        upgraded, taking their defaults, so that streams survive a gateway upgrade."""
+        """A stored state, checked; its `values` are a float64 copy, the one to store. A version-2 state
+        (before edge_credit and stride_agreement) is upgraded, taking their defaults, so that streams
+        survive a gateway upgrade. The kernels index, loop and size their outputs by the header without
+        checking it, so a state they could not have left is refused here (ValueError), never reaches them."""
+        if np.asarray(values).dtype != np.float64:  # float32 cannot hold the start time, integers the filter
+            raise ValueError("step state is corrupt: not float64")
         v = np.array(values, dtype=np.float64, copy=True)
         if v.ndim == 1 and v.size >= _HDR_LEN - 2 and v[_VERSION - 2] == 2 and v.size == v[_LEN - 2]:
             v = _upgrade_v2(v)
         if v.ndim != 1 or v.size < _HDR_LEN or v[_VERSION] != STATE_VERSION:
             raise ValueError(f"not a step state of version {STATE_VERSION}")
-        if v.size != v[_LEN] or not np.all(np.isfinite(v)):
-            raise ValueError("step state is truncated or corrupt")
+        if v.size != v[_LEN]:
+            raise ValueError("step state is corrupt: truncated")
+        if not np.all(np.isfinite(v)):
+            raise ValueError("step state is corrupt: not finite")
+        _check(v)
         return cls(v)
 
     @property
@@ -226,6 +233,166 @@ def filter_sos(params: StepParams = DEFAULT_PARAMS) -> np.ndarray:
     return np.array(rows)
 
 
+def _supported_rate(fs: float) -> bool:
+    return FS_DEC <= fs <= 8 * FS_DEC and fs % FS_DEC == 0
+
+
+def _nlag(p: StepParams) -> int:
+    return round(p.max_lag_s * FS_DEC) + 2  # one lag past the longest period, for the peak test
+
+
+def _consistent(p: StepParams) -> bool:
+    """The parameters `new_state` takes (and so the only ones a stored state can hold)."""
+    if not (math.isfinite(p.min_lag_s * FS_DEC) and math.isfinite(p.max_lag_s * FS_DEC)):
+        return False  # round() of inf raises
+    return (
+        0 < p.hp_hz < p.lp_hz < FS_DEC / 2
+        and 2 <= p.window_s <= 60
+        and 1 <= p.min_cover <= p.window_s
+        and 2 <= round(p.min_lag_s * FS_DEC) < _nlag(p) - 2
+        and 0 < p.min_cadence_hz < p.max_cadence_hz
+        and 0.0 <= p.edge_credit <= 1.0
+    )
+
+
+def _layout(window_s: int, nlag: int) -> tuple[int, int, int, int]:
+    """Offsets of the history ring, the window blocks and the window table; the state's length."""
+    off_hist = _HDR_LEN
+    off_blocks = off_hist + window_s * FS_DEC + nlag  # the window's values and the lags before it
+    off_win = off_blocks + window_s * (nlag + 2)
+    return off_hist, off_blocks, off_win, off_win + 2 * window_s
+
+
+def _first_block(n0: int, d: int) -> int:
+    """Samples in the first decimation block, for `n0` in the first second: blocks end on second
+    boundaries and a second holds at most FS_DEC of them, so the first takes what the second's other
+    blocks leave (d + 1 where the period is not a whole number of µs and the second holds fs + 1
+    samples: 75, 150 and 175 Hz streams that start on a second; 26 values overran the history ring)."""
+    return n0 - (min(-(-n0 // d), FS_DEC) - 1) * d
+
+
+def _first_second(fs: int, start_us: int) -> tuple[int, int]:
+    """The UTC second of a stream's first sample, and how many of its samples fall in that second (up to
+    fs + 1 where the sample period is not a whole number of µs)."""
+    period_us = 1_000_000 // fs
+    first_second = start_us // 1_000_000
+    return first_second, -(-((first_second + 1) * 1_000_000 - start_us) // period_us)
+
+
+_MAX_MAGNITUDE = 56756.0  # |(x, y, z)| of int16 counts is at most 32768·√3 = 56755.8
+
+
+def _corrupt(reason: str) -> ValueError:
+    return ValueError(f"step state is corrupt: {reason}")  # a reason only: never a stored value
+
+
+def _whole(x: float, lo: float, hi: float) -> bool:
+    return lo <= x <= hi and x == math.floor(x)
+
+
+def _check(v: np.ndarray) -> None:
+    """Refuse a finite state of its own length that the kernel could not have left.
+
+    The kernel trusts the header: offsets and window size place its ring reads and writes, the rate and
+    counters drive its loops, the pending seconds size its outputs. So the parameters must be ones
+    `new_state` takes, the layout the one they give, and the counters where the samples seen put them:
+    the kernel counts alike whatever the batch boundaries, so most follow from the sample count alone."""
+    h = v[:_HDR_LEN].tolist()  # Python floats: plain scalar checks, once per load
+    p = StepParams(*h[:_N_PARAMS])
+    if not _consistent(p) or not _whole(p.window_s, 2, 60):
+        raise _corrupt("its parameters are inconsistent")
+    k = int(p.window_s)
+    nlag = _nlag(p)
+    off_hist, off_blocks, off_win, total = layout = _layout(k, nlag)
+    if [h[_NLAG], h[_OFF_HIST], h[_OFF_BLOCKS], h[_OFF_WIN], h[_LEN]] != [nlag, *layout]:
+        raise _corrupt("its layout does not match its parameters")
+    if not _supported_rate(h[_FS]) or not 0.0 < h[_G_PER_COUNT] < 1.0:
+        raise _corrupt("its sample rate or count scale is not supported")
+    if not _whole(h[_START_US], config.MIN_START_US, config.MAX_START_US):
+        raise _corrupt("its start time is out of range")
+    if not _whole(h[_N_SEEN], 0, 2.0**53):
+        raise _corrupt("its sample count is out of range")
+
+    # Where the samples seen put the kernel: in the first second (n0 samples) or in a later one (fs).
+    fs, n = int(h[_FS]), int(h[_N_SEEN])
+    d = fs // FS_DEC
+    first, n0 = _first_second(fs, int(h[_START_US]))
+    if n < n0:
+        second, in_second, until_sec = first, n0, n0 - n
+    else:
+        second, in_second, until_sec = first + 1 + (n - n0) // fs, fs, fs - (n - n0) % fs
+    if second > config.MAX_START_US // 1_000_000:
+        raise _corrupt("its sample count is out of range")
+    u0 = _first_block(n0, d)
+
+    def blocks_done(x: int, in_first: bool) -> int:  # decimated values after x samples of a second
+        return (0 if x < u0 else 1 + (x - u0) // d) if in_first else x // d
+
+    n_dec = blocks_done(n, True) if n < n0 else blocks_done(n0, True) + (n - n0) // d  # the values made
+    dec_cnt = n if n < u0 else (n - u0) % d
+    until_dec = u0 - n if n < u0 else until_sec % d or d
+    hist_pos = -n_dec % (off_blocks - off_hist)  # the ring is written backwards from slot 0
+    expected = [first, until_sec, until_dec, dec_cnt, hist_pos, float(n_dec > 0)]
+    if [h[_FIRST_SECOND], h[_UNTIL_SEC], h[_UNTIL_DEC], h[_DEC_CNT], h[_HIST_POS], h[_PRIMED]] != expected:
+        raise _corrupt("its sample counters disagree")
+    if not 0.0 <= h[_DEC_SUM] <= dec_cnt * _MAX_MAGNITUDE or (h[_PRIMED] == 0.0 and any(h[_Z0 : _Z3 + 1])):
+        raise _corrupt("its filter memory is inconsistent")
+
+    # A flush closes the partial second early, and the samples after it count toward the next second:
+    # each such flush (a sample after the last at least) puts the current second one further ahead.
+    cur = h[_CUR_SECOND]
+    sec_samples = h[_SEC_SAMPLES]
+    j, in_first = in_second - until_sec, second == first  # samples into the second the count is in
+    if (
+        not _whole(cur, second, second + n)
+        or not _whole(sec_samples, 0, in_second - until_sec)
+        or (cur == second and sec_samples != in_second - until_sec)
+        or h[_SEC_DEC] != blocks_done(j, in_first) - blocks_done(j - int(sec_samples), in_first)
+    ):
+        raise _corrupt("its current second is inconsistent")
+    # A second is final once the last window covering it has closed (window_s - 1 later), or at a flush.
+    next_final = h[_NEXT_FINAL]
+    if not _whole(next_final, max(first, cur + 1 - k), cur):
+        raise _corrupt("its pending seconds are out of range")
+
+    # The open minute is that of the last final second, and counts its final seconds; a closed one is 0.
+    minute = h[_MINUTE]
+    if minute == -1.0:
+        minute_ok = not any(h[_M_STEPS : _M_DATA + 1])
+    else:
+        minute_ok = (
+            next_final > first
+            and minute == (int(next_final) - 1) // 60
+            and _whole(h[_M_DATA], 1, min(60, next_final - max(minute * 60, first)))
+            and _whole(h[_M_WALK], 0, 60)
+            and _whole(h[_M_RUN], 0, 60)
+            and h[_M_WALK] + h[_M_RUN] <= h[_M_DATA]
+            and h[_M_STEPS] >= 0.0
+        )
+    # An open bout runs between final seconds, and a rest longer than bout_max_gap_s would have closed it.
+    b_start, b_last = h[_B_START], h[_B_LAST]
+    bout_ok = b_start == -1.0 or (
+        _whole(b_start, first, next_final - 1)
+        and _whole(b_last, b_start, next_final - 1)
+        and next_final - 1 - b_last <= max(p.bout_max_gap_s, 0.0)
+        and _whole(h[_B_RUN], 0, b_last + 1 - b_start)
+        and h[_B_STEPS] >= 0.0
+    )
+    if not (minute_ok and bout_ok):
+        raise _corrupt("its open minute or bout is inconsistent")
+
+    # The window's per-second counts bound the kernel's reads of the ring (window_s blocks: vectorised).
+    blocks = v[off_blocks:off_win].reshape(k, nlag + 2)
+    n_block, done = blocks[:, nlag], blocks[:, nlag + 1]
+    window_n = v[off_win + 1 : total : 2]
+    if not (
+        np.all((n_block >= 0) & (n_block <= FS_DEC) & (n_block == np.floor(n_block)))
+        and np.all((done == 0.0) | (done == 1.0))
+        and np.all((window_n >= 0) & (window_n <= max(n0, fs)) & (window_n == np.floor(window_n)))
+    ):
+        raise _corrupt("its window blocks are out of range")
+
+
 def new_state(
     sample_rate_hz: int,
     start_us: int,
@@ -234,7 +401,7 @@ def new_state(
 ) -> StepState:
     """State of a new stream whose first sample is at `start_us` (UTC µs); counts × `g_per_count` = g."""
     fs = int(sample_rate_hz)
-    if fs != sample_rate_hz or fs <= 0 or fs % FS_DEC or fs > 8 * FS_DEC:
+    if fs != sample_rate_hz or not _supported_rate(fs):
         raise ValueError(f"sample rate must be a multiple of {FS_DEC} Hz up to {8 * FS_DEC} Hz")
     start_us = int(start_us)
     if not (config.MIN_START_US <= start_us <= config.MAX_START_US):
@@ -242,32 +409,21 @@ def new_state(
     if not (0.0 < g_per_count < 1.0):
         raise ValueError("g_per_count must be in (0, 1)")
     p = params
-    nlag = round(p.max_lag_s * FS_DEC) + 2  # one lag past the longest period, for the peak test
-    if (
-        not (0 < p.hp_hz < p.lp_hz < FS_DEC / 2)
-        or not (2 <= p.window_s <= 60 and 1 <= p.min_cover <= p.window_s)
-        or not (2 <= round(p.min_lag_s * FS_DEC) < nlag - 2)
-        or not (0 < p.min_cadence_hz < p.max_cadence_hz)
-        or not (0.0 <= p.edge_credit <= 1.0)
-    ):
+    if not _consistent(p):
         raise ValueError("inconsistent step parameters")
     k = p.window_s
-    off_hist = _HDR_LEN
-    off_blocks = off_hist + k * FS_DEC + nlag  # the window's values and the lags before it
-    off_win = off_blocks + k * (nlag + 2)
-    total = off_win + 2 * k
+    nlag = _nlag(p)
+    off_hist, off_blocks, off_win, total = _layout(k, nlag)
     v = np.zeros(total, dtype=np.float64)
     v[:_N_PARAMS] = astuple(p)
-    period_us = 1_000_000 // fs
-    first_second = start_us // 1_000_000
-    n0 = -(-((first_second + 1) * 1_000_000 - start_us) // period_us)  # samples in the first second
+    first_second, n0 = _first_second(fs, start_us)
     d = fs // FS_DEC
     v[_VERSION] = STATE_VERSION
     v[_LEN] = total
     v[_FS] = fs
     v[_G_PER_COUNT] = g_per_count
     v[_START_US] = start_us
-    v[_UNTIL_DEC] = n0 % d or d  # decimation blocks end on second boundaries
+    v[_UNTIL_DEC] = _first_block(n0, d)
     v[_UNTIL_SEC] = n0
     v[_FIRST_SECOND] = first_second
     v[_CUR_SECOND] = first_second

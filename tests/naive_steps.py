@@ -34,12 +34,16 @@ def samples_in_first_second(sample_rate_hz: int, start_us: int) -> int:
 def decimated_magnitude(xyz, sample_rate_hz, start_us, g_per_count):
     """Mean vector magnitude (g) of each decimation block, and the sample index each block ends at.
 
-    Blocks are `fs / FS_DEC` samples long and end on UTC second boundaries, so the first one may be
-    shorter; a block the input does not complete is left out.
+    Blocks are `fs / FS_DEC` samples long and end on UTC second boundaries, at most FS_DEC of them in a
+    second, so the first one holds what the others leave of the first second: fewer samples, or one
+    more where that second holds fs + 1 (a period that is not a whole number of µs); a block the input
+    does not complete is left out.
     """
     d = sample_rate_hz // FS_DEC
     mag = np.sqrt(np.sum(xyz.astype(np.float64) ** 2, axis=1))
-    first = samples_in_first_second(sample_rate_hz, start_us) % d or d
+    n0 = samples_in_first_second(sample_rate_hz, start_us)
+    blocks = min(int(np.ceil(n0 / d)), FS_DEC)
+    first = n0 - (blocks - 1) * d
     ends = list(range(first, len(mag) + 1, d))
     starts = [0, *ends[:-1]]
     values = np.array([mag[a:b].mean() * g_per_count for a, b in zip(starts, ends, strict=True)])

@@ -4,6 +4,7 @@ non-gait signals, and (when the shared data are present) the real recordings wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def test_window_cadence_matches_naive(r, mean_square, smooth):
 
 signals = st.builds(
     dict,
-    fs=st.sampled_from([25, 50]),
+    fs=st.sampled_from([25, 50, 75, 100, 150, 175, 200]),
+    on_second=st.booleans(),  # at 75, 150, 175 Hz: fs + 1 samples in the first second
     seconds=st.floats(3, 30),
     cadence=st.floats(0.7, 3.2),
     amp=st.floats(0.0, 0.6),
@@ -96,7 +98,9 @@ signals = st.builds(
 def make(sig):
     fs = sig["fs"]
     mag = walk(fs, sig["seconds"], sig["cadence"], sig["amp"], sig["noise"], sig["seed"], sig["per_stride"])
-    start = START_US + sig["start_offset_us"] // (1_000_000 // fs) * (1_000_000 // fs) + sig["seed"] % 7
+    period = 1_000_000 // fs
+    offset = sig["start_offset_us"] // 1_000_000 * 1_000_000 if sig["on_second"] else sig["start_offset_us"]
+    start = START_US + offset // period * period + sig["seed"] % 7
     return band_counts(mag), fs, start
 
 
@@ -136,15 +140,25 @@ def test_unflushed_stream_holds_back_only_the_last_window():
 # --- streaming ----------------------------------------------------------------------------------------
 
 
+def loaded(state: steps.StepState) -> steps.StepState:
+    """`state` through the serialised form and the load checks, as a gateway restart would take it: every
+    state the kernel leaves must load, unchanged."""
+    back = steps.StepState.from_array(state.to_array().tolist())
+    np.testing.assert_array_equal(back.values, state.values)
+    return back
+
+
 def chunked(xyz, fs, start, cuts, restore=True):
     state = steps.new_state(fs, start)
     parts = []
     for a, b in zip([0, *cuts], [*cuts, len(xyz)], strict=True):
         out, state = steps.count_steps(xyz[a:b], state)
         parts.append(out)
-        if restore:  # through the serialised form, as a gateway restart would
-            state = steps.StepState.from_array(state.to_array().tolist())
-    out, _ = steps.flush_steps(state)
+        back = loaded(state)
+        if restore:
+            state = back
+    out, flushed = steps.flush_steps(state)
+    loaded(flushed)
     parts.append(out)
     return {f: np.concatenate([getattr(p, f) for p in parts]) for f in ("seconds", "minutes", "bouts")}
 
@@ -190,6 +204,199 @@ def test_state_is_small_and_round_trips():
     bad[steps._VERSION] = 99
     with pytest.raises(ValueError):
         steps.StepState.from_array(bad)
+
+
+RATES = range(steps.FS_DEC, 8 * steps.FS_DEC + 1, steps.FS_DEC)  # every rate new_state takes
+
+
+@pytest.mark.parametrize("start_us", [START_US, START_US + 123_457])
+@pytest.mark.parametrize("fs", RATES)
+def test_every_rate_leaves_states_that_load(fs, start_us):
+    rng = np.random.default_rng(fs)
+    rest = 1.0 + 0.005 * rng.standard_normal(fs * 12)
+    mag = np.concatenate(
+        [rest[: fs * 6], walk(fs, 70, 1.8, seed=fs), rest, walk(fs, 15, 2.6, amp_g=0.8, seed=fs)]
+    )
+    xyz = band_counts(mag)
+    cuts = sorted(rng.integers(0, len(xyz), 16).tolist())
+    split = chunked(xyz, fs, start_us, cuts)
+    one = run_all(xyz, fs, start_us)
+    for field in ("seconds", "minutes", "bouts"):
+        np.testing.assert_array_equal(split[field], getattr(one, field), err_msg=field)
+    assert len(one.bouts) == 2  # the states above held open bouts and minutes
+    # The API lets a flushed stream go on: flushes a sample apart each close a second early.
+    _, state = steps.count_steps(xyz[: fs * 50 + 7], steps.new_state(fs, start_us))
+    at = fs * 50 + 7
+    for n in (1, 1, 3 * fs + 5, len(xyz) - at - 3 * fs - 7):
+        _, state = steps.flush_steps(loaded(state))
+        _, state = steps.count_steps(xyz[at : at + n], loaded(state))
+        at += n
+    loaded(steps.flush_steps(loaded(state))[1])
+
+
+@pytest.mark.parametrize("fs", [75, 150, 175])
+def test_a_stream_starting_on_a_second_at_a_rate_of_fractional_period(fs):
+    """At these rates the sample period is not a whole number of µs (13 333 µs at 75 Hz): a stream that
+    starts on a UTC second has fs + 1 samples in it. Its first decimation block takes one sample more,
+    so the second still holds FS_DEC values (before: 26, one more than the history ring holds, and the
+    kernel raised on valid input as soon as a gait window covered that second)."""
+    xyz = band_counts(walk(fs, 20, 1.8))
+    out = run_all(xyz, fs, START_US)
+    rows, _ = naive.naive_steps(xyz, fs, START_US, P)
+    assert len(rows) == len(out.seconds) and total_steps(out) > 20
+    np.testing.assert_allclose(out.seconds["steps"], np.array(rows)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+@functools.cache
+def mid_stream_state() -> np.ndarray:
+    """A real 50 Hz state 76.5 s into a walk: filter primed, stopped inside a decimation block and a
+    second, seconds pending, every window block written, a minute and a bout open."""
+    _, state = steps.count_steps(
+        band_counts(walk(50, 76.5, 1.8, seed=9)), steps.new_state(50, START_US + 330_000)
+    )
+    v = state.to_array()
+    assert (
+        v[steps._DEC_CNT] > 0
+        and v[steps._SEC_SAMPLES] > 0
+        and v[steps._MINUTE] >= 0
+        and v[steps._B_START] >= 0
+    )
+    return v
+
+
+def _ring(off, at):  # in the first window block: its sample count (0) or done flag (1); or the window table
+    return lambda v: int(v[off]) + int(v[steps._NLAG]) * (off == steps._OFF_BLOCKS) + at
+
+
+# (slot, value): hostile but finite damage to one value the load checks cover (a callable slot or value is
+# taken of the state). Before the checks a state with one of these loaded, and the kernels crashed on
+# some (SIGSEGV on a huge window, history position, SEC_DEC, nlag or window-table offset; ZeroDivisionError
+# on a rate of 0; MemoryError on a huge current second or pending count), raised from inside them on
+# others (bad slices, negative sizes) and ran on the rest with wrong outputs.
+HOSTILE = [
+    pytest.param(steps._HP_HZ, 0.0, id="hp_zero"),
+    pytest.param(steps._HP_HZ, 1e12, id="hp_huge"),
+    pytest.param(steps._LP_HZ, 1e12, id="lp_huge"),
+    pytest.param(steps._WINDOW_S, 0.0, id="window_zero"),
+    pytest.param(steps._WINDOW_S, 0.5, id="window_half"),
+    pytest.param(steps._WINDOW_S, 1e12, id="window_huge"),
+    pytest.param(steps._WINDOW_S, 3.0, id="window_other"),
+    pytest.param(steps._MIN_LAG_S, 0.0, id="min_lag_zero"),
+    pytest.param(steps._MIN_LAG_S, 1e12, id="min_lag_huge"),
+    pytest.param(steps._MAX_LAG_S, 1e15, id="max_lag_huge"),
+    pytest.param(steps._MAX_LAG_S, -1.0, id="max_lag_negative"),
+    pytest.param(steps._MAX_LAG_S, 1e300, id="max_lag_overflows"),
+    pytest.param(steps._MIN_CADENCE_HZ, 0.0, id="min_cadence_zero"),
+    pytest.param(steps._MIN_COVER, 0.0, id="min_cover_zero"),
+    pytest.param(steps._MIN_COVER, 1e12, id="min_cover_huge"),
+    pytest.param(steps._EDGE_CREDIT, -1.0, id="edge_credit_negative"),
+    pytest.param(steps._LEN, 1e12, id="len_huge"),
+    pytest.param(steps._FS, 0.0, id="fs_zero"),
+    pytest.param(steps._FS, 0.5, id="fs_half"),
+    pytest.param(steps._FS, -1.0, id="fs_negative"),
+    pytest.param(steps._FS, 30.0, id="fs_not_multiple"),
+    pytest.param(steps._FS, 1e12, id="fs_huge"),
+    pytest.param(steps._G_PER_COUNT, 0.0, id="g_per_count_zero"),
+    pytest.param(steps._G_PER_COUNT, 1e12, id="g_per_count_huge"),
+    pytest.param(steps._START_US, -1.0, id="start_negative"),
+    pytest.param(steps._START_US, 1e17, id="start_after_2100"),
+    pytest.param(steps._START_US, lambda v: v[steps._START_US] + 0.5, id="start_half"),
+    pytest.param(steps._START_US, lambda v: v[steps._START_US] + 1e6, id="start_other_second"),
+    pytest.param(steps._N_SEEN, -1.0, id="n_seen_negative"),
+    pytest.param(steps._N_SEEN, 0.5, id="n_seen_half"),
+    pytest.param(steps._N_SEEN, 1e15, id="n_seen_huge"),
+    pytest.param(steps._UNTIL_DEC, 0.0, id="until_dec_zero"),
+    pytest.param(steps._UNTIL_DEC, -1.0, id="until_dec_negative"),
+    pytest.param(steps._UNTIL_DEC, 1e12, id="until_dec_huge"),
+    pytest.param(steps._UNTIL_SEC, 0.0, id="until_sec_zero"),
+    pytest.param(steps._UNTIL_SEC, -1.0, id="until_sec_negative"),
+    pytest.param(steps._UNTIL_SEC, 1e12, id="until_sec_huge"),
+    pytest.param(steps._FIRST_SECOND, 1e12, id="first_second_huge"),
+    pytest.param(steps._FIRST_SECOND, -1.0, id="first_second_negative"),
+    pytest.param(steps._CUR_SECOND, 1e12, id="cur_second_huge"),
+    pytest.param(steps._CUR_SECOND, -1.0, id="cur_second_negative"),
+    pytest.param(steps._CUR_SECOND, lambda v: v[steps._CUR_SECOND] + 0.5, id="cur_second_half"),
+    pytest.param(steps._SEC_SAMPLES, -1.0, id="sec_samples_negative"),
+    pytest.param(steps._SEC_SAMPLES, 1e12, id="sec_samples_huge"),
+    pytest.param(steps._SEC_SAMPLES, 0.5, id="sec_samples_half"),
+    pytest.param(steps._SEC_DEC, -1.0, id="sec_dec_negative"),
+    pytest.param(steps._SEC_DEC, 1e12, id="sec_dec_huge"),
+    pytest.param(steps._SEC_DEC, 1e15, id="sec_dec_huger"),
+    pytest.param(steps._SEC_DEC, 100.0, id="sec_dec_past_ring"),
+    pytest.param(steps._SEC_DEC, 0.5, id="sec_dec_half"),
+    pytest.param(steps._NEXT_FINAL, lambda v: v[steps._CUR_SECOND] - 1e9, id="pending_huge"),
+    pytest.param(steps._NEXT_FINAL, lambda v: v[steps._CUR_SECOND] - 1e5, id="pending_many"),
+    pytest.param(steps._NEXT_FINAL, 1e12, id="next_final_after_cur"),
+    pytest.param(steps._NEXT_FINAL, -1.0, id="next_final_negative"),
+    pytest.param(steps._DEC_SUM, -1.0, id="dec_sum_negative"),
+    pytest.param(steps._DEC_SUM, 1e12, id="dec_sum_huge"),
+    pytest.param(steps._DEC_CNT, -1.0, id="dec_cnt_negative"),
+    pytest.param(steps._DEC_CNT, 0.5, id="dec_cnt_half"),
+    pytest.param(steps._DEC_CNT, 1e12, id="dec_cnt_huge"),
+    pytest.param(steps._PRIMED, 0.0, id="primed_zero"),
+    pytest.param(steps._PRIMED, 0.5, id="primed_half"),
+    pytest.param(steps._HIST_POS, -1.0, id="hist_pos_negative"),
+    pytest.param(steps._HIST_POS, 1e12, id="hist_pos_huge"),
+    pytest.param(steps._HIST_POS, 1e15, id="hist_pos_huger"),
+    pytest.param(steps._HIST_POS, 0.5, id="hist_pos_half"),
+    pytest.param(steps._MINUTE, 1e12, id="minute_huge"),
+    pytest.param(steps._MINUTE, -2.0, id="minute_negative"),
+    pytest.param(steps._M_STEPS, -1.0, id="minute_steps_negative"),
+    pytest.param(steps._M_WALK, 1e12, id="minute_walk_huge"),
+    pytest.param(steps._M_RUN, -1.0, id="minute_run_negative"),
+    pytest.param(steps._M_DATA, 1e12, id="minute_data_huge"),
+    pytest.param(steps._M_DATA, 0.5, id="minute_data_half"),
+    pytest.param(steps._B_START, 1e12, id="bout_start_huge"),
+    pytest.param(steps._B_START, -2.0, id="bout_start_negative"),
+    pytest.param(steps._B_START, lambda v: v[steps._B_LAST] + 1, id="bout_empty"),
+    pytest.param(steps._B_LAST, 1e12, id="bout_last_huge"),
+    pytest.param(steps._B_LAST, -1.0, id="bout_last_negative"),
+    pytest.param(steps._B_STEPS, -1.0, id="bout_steps_negative"),
+    pytest.param(steps._B_RUN, 1e12, id="bout_run_huge"),
+    pytest.param(steps._NLAG, 0.0, id="nlag_zero"),
+    pytest.param(steps._NLAG, 1e12, id="nlag_huge"),
+    pytest.param(steps._NLAG, 0.5, id="nlag_half"),
+    pytest.param(steps._OFF_HIST, 0.0, id="off_hist_zero"),
+    pytest.param(steps._OFF_HIST, 1e12, id="off_hist_huge"),
+    pytest.param(steps._OFF_BLOCKS, -1.0, id="off_blocks_negative"),
+    pytest.param(steps._OFF_BLOCKS, 1e15, id="off_blocks_huge"),
+    pytest.param(steps._OFF_WIN, 1e12, id="off_win_huge"),
+    pytest.param(steps._OFF_WIN, -1.0, id="off_win_negative"),
+    pytest.param(_ring(steps._OFF_BLOCKS, 0), 1e12, id="block_samples_huge"),
+    pytest.param(_ring(steps._OFF_BLOCKS, 0), -1.0, id="block_samples_negative"),
+    pytest.param(_ring(steps._OFF_BLOCKS, 1), 0.5, id="block_done_half"),
+    pytest.param(_ring(steps._OFF_WIN, 1), 1e12, id="window_samples_huge"),
+]
+
+
+def hostile_state(slot, value) -> np.ndarray:
+    v = mid_stream_state().copy()
+    at = slot(v) if callable(slot) else slot
+    v[at] = value(v) if callable(value) else value
+    return v
+
+
+@pytest.mark.parametrize(("slot", "value"), HOSTILE)
+def test_a_damaged_state_is_refused(slot, value):
+    # Refused where it loads, with a reason and no stored value (the kernels would crash or hang on it).
+    with pytest.raises(ValueError, match=r"^step state is corrupt: [a-z ,]+$"):
+        steps.StepState.from_array(hostile_state(slot, value))
+
+
+def test_a_state_loads_as_a_float64_copy_and_nothing_else():
+    v = mid_stream_state().copy()
+    state = steps.StepState.from_array(v)
+    # The caller stores the checked copy: what happens to its input later does not reach it.
+    v[steps._HIST_POS] = -1.0
+    assert state.values.dtype == np.float64 and state.values[steps._HIST_POS] >= 0
+    for other in (v.astype(np.float32), v.astype(np.int64)):
+        with pytest.raises(ValueError, match=r"^step state is corrupt: not float64$"):
+            steps.StepState.from_array(other)
+    for bad in (np.nan, np.inf):
+        v = mid_stream_state().copy()
+        v[steps._Z0] = bad
+        with pytest.raises(ValueError, match=r"^step state is corrupt: not finite$"):
+            steps.StepState.from_array(v)
 
 
 @pytest.mark.parametrize("fs", [0, 30, 1000, 12.5])
