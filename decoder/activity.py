@@ -16,7 +16,8 @@ floating-point operations in the same order, so a 30–100 Hz stream gives agcou
 Streaming: a device's state is two flat arrays (int64 and float64) plus a version; every sum is taken in
 sample order and every float is computed from the same values in the same order whatever the chunking,
 so any split of a stream gives bit-identical rows. Epochs are emitted as soon as a sample past their end
-arrives; `activity_flush` emits the partial epoch and the non-wear blocks still waiting for windows.
+arrives; `activity_flush` emits the partial epoch and the non-wear blocks still waiting for windows. The
+kernel trusts its state, so `ActivityState.from_arrays` refuses a stored one it could not have left.
 
 The constants of this module belong in ``decoder/config.py``; they live here until that file is merged.
 """
@@ -45,6 +46,7 @@ NONWEAR_RANGE_G = 0.050  # ... and range below this make an axis "still"
 NONWEAR_AXES = 2  # a window is non-wear when at least this many axes are still
 NONWEAR_MIN_COVER = 0.75  # a window is judged only when it holds ≥ 45 of its 60 minutes of samples
 SAMPLE_RATES_HZ = (25, 30, 40, 50, 60, 70, 80, 90, 100)
+_ACCEL_BITS = range(config.MIN_ACCEL_BITS, config.MAX_ACCEL_BITS + 1)  # whole: from_arrays knows each scale
 
 # ActiGraph band-pass at 30 Hz, as published in agcounts (agcounts/legacy.py: INPUT_/OUTPUT_COEFFICIENTS).
 # The trailing zeros are ActiLife's; they make the 9th filter state identically zero, so it is left out.
@@ -193,21 +195,22 @@ class ActivityState:
 
     @classmethod
     def from_arrays(cls, arrays: dict) -> ActivityState:
-        iv = np.array(arrays["ints"], dtype=np.int64, copy=True)
-        fv = np.array(arrays["floats"], dtype=np.float64, copy=True)
-        if int(arrays["version"]) == 1 and iv.ndim == 1 and iv.size == _S_CX and iv[_VERSION] == 1:
+        """A stored state, checked (one of version 1 upgraded first). The kernel runs on it without checks
+        and indexes, loops and sizes by its counters, so a state it could not have left is a ValueError
+        here: damaged counters crashed or hung the process."""
+        version = arrays["version"]
+        iv = _stored_ints(arrays["ints"])
+        fv = _stored_floats(arrays["floats"])
+        if _is_number(version, 1) and iv.ndim == 1 and iv.size == _S_CX and iv[_VERSION] == 1:
             # Version 1 lacked the per-second count sums: they start at zero, so the epoch open at the
             # upgrade carries only its later seconds in counts_vm_1s_sum.
             iv = np.concatenate([iv, np.zeros(3, np.int64)])
             iv[_VERSION] = STATE_VERSION
             fv = np.insert(fv, _E_VM1S, 0.0) if fv.ndim == 1 and fv.size >= _E_VM1S else fv
-            arrays = {"version": STATE_VERSION}
-        if int(arrays["version"]) != STATE_VERSION or iv.ndim != 1 or iv.size != _I_LEN:
+            version = STATE_VERSION
+        if not _is_number(version, STATE_VERSION) or iv.ndim != 1 or iv.size != _I_LEN or fv.ndim != 1:
             raise ValueError(f"not an activity state of version {STATE_VERSION}")
-        if iv[_VERSION] != STATE_VERSION or iv[_FS] not in SAMPLE_RATES_HZ:
-            raise ValueError("activity state is corrupt")
-        if fv.ndim != 1 or fv.size != _MAG_BUF + EPOCH_S * iv[_FS]:
-            raise ValueError("activity state is truncated")
+        _check(iv.tolist(), fv)
         return cls(iv, fv)
 
     @property
@@ -250,7 +253,7 @@ def new_activity_state(
     start_us = int(start_us)
     if not (config.MIN_START_US <= start_us <= config.MAX_START_US):
         raise ValueError("start time outside the plausible range")
-    if range_g not in config.ACCEL_RANGES_G or not (config.MIN_ACCEL_BITS <= bits <= config.MAX_ACCEL_BITS):
+    if range_g not in config.ACCEL_RANGES_G or bits not in _ACCEL_BITS:
         raise ValueError("unsupported accelerometer range or resolution")
     up, down = resample_factors(fs)
     iv = np.zeros(_I_LEN, np.int64)
@@ -269,10 +272,175 @@ def new_activity_state(
     iv[_B_MAX : _B_MAX + 3] = np.iinfo(np.int64).min
     fv = np.zeros(_MAG_BUF + EPOCH_S * fs)
     fv[_G_PER_COUNT] = 2.0 * range_g / 2.0**bits
-    pi = np.pi  # agcounts' constants, same expressions
-    fv[_LPF_GAIN] = (pi / (pi + 2 * up)) * up
-    fv[_LPF_NEG_B] = -((pi - 2 * up) / (pi + 2 * up))
+    fv[_LPF_GAIN], fv[_LPF_NEG_B] = _low_pass(up)
     return ActivityState(iv, fv)
+
+
+def _low_pass(up: int) -> tuple[float, float]:
+    """(a·L, −b) of the resampler's first-order low-pass for upsampling by L: agcounts' expressions."""
+    pi = np.pi
+    return (pi / (pi + 2 * up)) * up, -((pi - 2 * up) / (pi + 2 * up))
+
+
+# --- a stored state's checks -----------------------------------------------------------------------------
+# A stream longer than the plausible range of start times is damage; the bound keeps the kernel's
+# µs × rate arithmetic far inside int64.
+_MAX_STREAM_S = (config.MAX_START_US - config.MIN_START_US) // SECOND_US
+# 2·range / 2^bits for every range and resolution new_activity_state takes.
+_G_PER_COUNT_VALUES = frozenset(
+    2.0 * range_g / 2.0**bits for range_g in config.ACCEL_RANGES_G for bits in _ACCEL_BITS
+)
+_INT16_ABS = 1 << 15  # the largest |sample| (int16)
+_I64_MAX = int(np.iinfo(np.int64).max)  # the empty block's min and max (as new_activity_state sets them)
+_I64_MIN = int(np.iinfo(np.int64).min)
+
+
+def _corrupt(reason: str) -> ValueError:
+    """The error for a stored state the kernel could not have left; `reason` never carries a value."""
+    return ValueError(f"activity state is corrupt: {reason}")
+
+
+def _is_number(value: object, number: int) -> bool:
+    """`value` is the scalar `number`: a stored version that is inf, NaN or an array is not (int() raised)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and value == number
+
+
+def _stored_numbers(values: object) -> np.ndarray:
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError, OverflowError):
+        raise _corrupt("an array is not numbers") from None
+    if a.dtype.kind not in "iuf":
+        raise _corrupt("an array is not numbers")
+    return a
+
+
+def _stored_ints(values: object) -> np.ndarray:
+    """An int64 copy of the stored integers. One stored as a float that is not whole (0.5, NaN, 1e30) is
+    refused: the plain cast would truncate it into a counter the kernel trusts."""
+    a = _stored_numbers(values)
+    with np.errstate(invalid="ignore"):
+        iv = a.astype(np.int64)
+    if a.dtype != np.int64 and not np.array_equal(iv, a):
+        raise _corrupt("an integer is not a whole number")
+    return iv
+
+
+def _stored_floats(values: object) -> np.ndarray:
+    return _stored_numbers(values).astype(np.float64)
+
+
+def _first_sample(second: int, start_us: int, fs: int) -> int:
+    """The stream's first sample at or after the start of UTC `second`."""
+    return max(0, _samples_before(second * SECOND_US, start_us, fs))
+
+
+def _sums_fit(n: int, h: list[int], sums: int, squares: int, lows: int, highs: int) -> bool:
+    """Per-axis Σ, Σ², min and max that `n` int16 samples can have; none: zeros and the kernel's sentinels."""
+    for axis in range(3):
+        total, square, low, high = h[sums + axis], h[squares + axis], h[lows + axis], h[highs + axis]
+        if n == 0:
+            if (total, square, low, high) != (0, 0, _I64_MAX, _I64_MIN):
+                return False
+        elif not (
+            abs(total) <= _INT16_ABS * n
+            and 0 <= square <= _INT16_ABS**2 * n
+            and -_INT16_ABS <= low <= high < _INT16_ABS
+        ):
+            return False
+    return True
+
+
+def _check(h: list[int], fv: np.ndarray) -> None:
+    """Refuse a state the kernel could not have left (`h`: its int64 slots as Python ints).
+
+    The kernel trusts its state: it writes each sample's |a| at _MAG_BUF + _E_N, runs the resampler's
+    inner loop _UP times a sample, cuts the batch into segments of _NEXT_SEC_N − _N_SEEN samples (a
+    negative one runs the sample index backwards) and sizes its outputs from the sample rate. The stream's
+    start, rate, samples seen and whether it was flushed determine every counter, so each must be exactly
+    that; sums must be what their counts of int16 samples allow; parameters what the rate and a supported
+    range give. Scalar work on the header and one vectorised pass over the floats: this runs once a batch
+    when the state cache misses.
+    """
+    fs, up, down, start, n, flushed = (h[k] for k in (_FS, _UP, _DOWN, _START_US, _N_SEEN, _FLUSHED))
+    if h[_VERSION] != STATE_VERSION:
+        raise _corrupt("its header is of another version")
+    if fs not in SAMPLE_RATES_HZ:
+        raise _corrupt("not a supported sample rate")
+    if fv.size != _MAG_BUF + EPOCH_S * fs:
+        raise _corrupt("its float array is not its sample rate's size")
+    if (
+        (up, down) != resample_factors(fs)
+        or (fv[_LPF_GAIN], fv[_LPF_NEG_B]) != _low_pass(up)
+        or float(fv[_G_PER_COUNT]) not in _G_PER_COUNT_VALUES
+    ):
+        raise _corrupt("its resampler or scale is not one its sample rate and a supported range give")
+    if not np.isfinite(fv).all():  # NaN or inf in a sum or filter memory reaches every later row
+        raise _corrupt("a float is not finite")
+    if not config.MIN_START_US <= start <= config.MAX_START_US:
+        raise _corrupt("start time outside the plausible range")
+    if not (0 <= n <= fs * _MAX_STREAM_S and flushed in (0, 1)):
+        raise _corrupt("stream position out of range")
+
+    start_s = start // SECOND_US
+    # The open second is the last sample's (the first's before any): the kernel moves on lazily, when
+    # the next sample arrives.
+    second = (start if n == 0 else sample_time_us(start, fs, n - 1)) // SECOND_US
+    epoch_s = second - second % EPOCH_S
+    block_s = second - second % BLOCK_S
+    n_30hz = -(-n * up // down)  # 30-Hz values made from the n samples
+    want = {
+        _SECOND: second,
+        _NEXT_SEC_N: _samples_before((second + 1) * SECOND_US, start, fs),
+        _PHASE: n_30hz * down - n * up,
+        _PRIMED: int(n > 0),
+        _N3: n_30hz % 3,
+    }
+    if flushed:  # the flush closed the second, 5-s window, epoch and block, and emitted the ring
+        want |= dict.fromkeys([_S_N, _F5_N, *range(_E_N, _E_CHANGES + 1), _B_N, *range(_S_CX, _S_CX + 3)], 0)
+        prev5 = second // FIVE_S if n > 0 else None
+        changes_max = 0
+    else:
+        e0 = _first_sample(epoch_s, start, fs)
+        want |= {
+            _S_N: n - _first_sample(second, start, fs),
+            _F5_N: second - max(second - second % FIVE_S, start_s),  # each closed second has samples
+            _E_N: n - e0,
+            _E_N10: n_30hz // 3 - (-(-e0 * up // down)) // 3,
+            _E_NSEC: second - max(epoch_s, start_s),
+            _B_N: n - _first_sample(block_s, start, fs),
+        }
+        prev5 = second // FIVE_S - 1 if second // FIVE_S > start_s // FIVE_S else None  # the last closed
+        changes_max = (second - epoch_s) // FIVE_S  # 5-s windows closed in the open epoch
+    want[_HAVE_PREV5] = int(prev5 is not None)
+    want[_PREV5] = -2 if prev5 is None else prev5
+    if any(h[k] != v for k, v in want.items()):
+        raise _corrupt("its counters are not where the stream is")
+
+    e_n10 = h[_E_N10]
+    if not (
+        0 <= h[_E_CHANGES] <= changes_max
+        and all(0 <= h[_ACC3_X + a] <= COUNTS_MAX * h[_N3] for a in range(3))
+        and all(0 <= h[_S_CX + a] <= h[_E_CX + a] <= COUNTS_MAX * e_n10 for a in range(3))
+        and all(abs(h[_S_SX + a]) <= _INT16_ABS * h[_S_N] for a in range(3))
+        and _sums_fit(h[_B_N], h, _B_SUM, _B_SQ, _B_MIN, _B_MAX)
+    ):
+        raise _corrupt("a sum or count is beyond what its samples allow")
+
+    # The ring holds the closed blocks of the last window (each has samples: the rate is ≥ 25 Hz).
+    block = second // BLOCK_S
+    oldest = max(block - (WINDOW_BLOCKS - 1), start_s // BLOCK_S)
+    for k in range(WINDOW_BLOCKS):
+        s = _RING + k * _SLOT
+        b = block - 1 - (block - 1 - k) % WINDOW_BLOCKS  # the latest closed block that files in slot k
+        if flushed or b < oldest:
+            ok = h[s] == -1  # empty (the rest of the slot is stale and never read)
+        else:
+            n_b = _first_sample((b + 1) * BLOCK_S, start, fs) - _first_sample(b * BLOCK_S, start, fs)
+            ok = h[s] == b and h[s + 1] == n_b and h[s + 14] in (0, 1)
+            ok = ok and _sums_fit(n_b, h, s + 2, s + 5, s + 8, s + 11)
+        if not ok:
+            raise _corrupt("its non-wear ring is not where the stream is")
 
 
 # --- kernel ----------------------------------------------------------------------------------------------

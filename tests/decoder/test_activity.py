@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -220,10 +222,24 @@ def test_nonwear_matches_naive(seed, still_from_min, offset_s):
 # --- streaming ------------------------------------------------------------------------------------------
 
 
+def _as_version_1(arrays: dict) -> dict:
+    """A version-2 state's arrays in version 1's layout: no per-second count sums."""
+    v1 = {"version": 1, "ints": arrays["ints"][: activity._S_CX].copy()}
+    v1["ints"][activity._VERSION] = 1
+    v1["floats"] = np.delete(arrays["floats"], activity._E_VM1S)
+    return v1
+
+
 def _roundtrip(state: ActivityState) -> ActivityState:
-    """Serialise to plain arrays and back, as the gateway stores a device between batches."""
+    """Serialise to plain arrays and back, as the gateway stores a device between batches. The state is
+    loaded in version 1's layout too: from_arrays checks the upgraded state as strictly as a stored one."""
     arrays = {k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in state.to_arrays().items()}
-    return ActivityState.from_arrays(arrays)
+    upgraded = ActivityState.from_arrays(_as_version_1(arrays))
+    s_cx, vm = slice(activity._S_CX, activity._S_CX + 3), activity._E_VM1S
+    assert not upgraded.ints[s_cx].any() and upgraded.floats[vm] == 0.0
+    loaded = ActivityState.from_arrays(arrays)
+    assert np.array_equal(loaded.ints, state.ints) and np.array_equal(loaded.floats, state.floats)
+    return loaded
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -249,11 +265,41 @@ def test_any_split_gives_identical_rows(seed, kind, fs, seconds, offset_us, cuts
         )
         epochs.append(out.epochs)
         nonwear.append(out.nonwear)
-    out, _ = activity_flush(_roundtrip(state))
+    out, flushed = activity_flush(_roundtrip(state))
     epochs.append(out.epochs)
     nonwear.append(out.nonwear)
     assert np.concatenate(epochs).tobytes() == whole.epochs.tobytes()
     assert np.concatenate(nonwear).tobytes() == whole.nonwear.tobytes()
+    again, _ = activity_flush(_roundtrip(flushed))  # a flushed state loads, and has nothing more to emit
+    assert again.epochs.size == again.nonwear.size == 0
+
+
+@pytest.mark.parametrize("fs", activity.SAMPLE_RATES_HZ)
+def test_every_state_the_kernel_leaves_loads(fs):
+    """from_arrays holds a state's counters to exactly where its stream is, so every state the kernel
+    leaves must pass: batches of 1 sample to a whole epoch, ending on and between the UTC second, epoch and
+    15-min block boundaries, flushed or not, in either version's layout. At 25 Hz the stream is still for
+    over an hour, so the non-wear ring fills and its blocks are flagged."""
+    seconds = 3_700 if fs == 25 else 70
+    xyz = _signal(fs, fs * seconds, "still" if fs == 25 else "walk")
+    start = EPOCH_ALIGNED + 899_987_654  # 12.3 s before a block boundary, off the sample grid
+    state = _roundtrip(new_activity_state(fs, start, range_g=4, bits=16))
+    sizes = itertools.cycle([1, fs - 1, 2, fs, 3, fs + 1, 7 * fs + 3, 30 * fs - 1, 30 * fs, 30 * fs + 1])
+    a = 0
+    for step, size in enumerate(sizes):
+        if a >= len(xyz):
+            break
+        _, state = activity_epochs(*xyz[a : a + size].T, state)
+        state = _roundtrip(state)
+        a += size
+        if step % 5 == 0:
+            _roundtrip(activity_flush(state)[1])
+    if fs == 25:  # the ring holds its most blocks, all flagged non-wear
+        ring = state.ints[activity._RING : activity._S_CX].reshape(activity.WINDOW_BLOCKS, activity._SLOT)
+        filed = ring[ring[:, 0] >= 0]
+        assert len(filed) == activity.WINDOW_BLOCKS - 1 and filed[:, 14].all()
+    _roundtrip(activity_flush(state)[1])
+    _roundtrip(activity_flush(new_activity_state(fs, start))[1])
 
 
 def test_epochs_are_emitted_when_complete():
@@ -299,13 +345,7 @@ def test_a_version_1_state_is_upgraded_and_goes_on():
     xyz = _signal(7, fs * 100, "walk")
     cut = fs * 45  # mid-epoch
     first, state = activity_epochs(*xyz[:cut].T, new_activity_state(fs, EPOCH_ALIGNED))
-    v1 = {
-        "version": 1,
-        "ints": state.ints[: activity._S_CX].copy(),
-        "floats": np.delete(state.floats, activity._E_VM1S),
-    }
-    v1["ints"][activity._VERSION] = 1
-    upgraded = ActivityState.from_arrays(v1)
+    upgraded = ActivityState.from_arrays(_as_version_1(state.to_arrays()))
     rest, _ = activity_epochs(*xyz[cut:].T, upgraded)
     straight, _ = activity_epochs(*xyz[cut:].T, state)
     for name in activity.EPOCH_DTYPE.names:
@@ -315,3 +355,169 @@ def test_a_version_1_state_is_upgraded_and_goes_on():
     assert vm[0] < straight.epochs["counts_vm_1s_sum"][0]
     np.testing.assert_array_equal(vm[1:], straight.epochs["counts_vm_1s_sum"][1:])
     assert first.epochs.size == 1
+
+
+# --- a damaged or hostile stored state ------------------------------------------------------------------
+# (field, value): a field is a name in decoder.activity, or a slot of the non-wear ring ("ring.n": a
+# filed block's sample count; "ring.empty": an empty slot's block index); a value is what is stored
+# there, or "+k" for k more than the real value. Finite but for a few: what storage corruption or a
+# hand-made state can hold. The kernel indexes, loops and sizes by some of these (a crash or a hang);
+# the rest give wrong rows.
+_HOSTILE_INTS = [
+    ("_VERSION", 1e12),
+    ("_FS", 1e12),
+    ("_FS", 33),
+    ("_FS", 100),  # a supported rate, but not the state's
+    ("_UP", 1e12),  # the resampler's inner loop runs _UP times a sample
+    ("_UP", 6),  # 25 Hz's factors, not 50 Hz's
+    ("_UP", 0),
+    ("_UP", -1),
+    ("_DOWN", 1e12),
+    ("_DOWN", 10),  # 100 Hz's
+    ("_DOWN", 0),
+    ("_START_US", 1e18),
+    ("_START_US", -1),
+    ("_START_US", 1e15),  # plausible (2001), but not this stream's
+    ("_START_US", "+1000000"),
+    ("_N_SEEN", 1e12),
+    ("_N_SEEN", 1e15),
+    ("_N_SEEN", -1),
+    ("_N_SEEN", 0.5),
+    ("_N_SEEN", "+1"),
+    ("_NEXT_SEC_N", 1e12),
+    ("_NEXT_SEC_N", -1),
+    ("_NEXT_SEC_N", "+1"),
+    ("_SECOND", 1e12),
+    ("_SECOND", -1),
+    ("_SECOND", "+1"),
+    ("_PHASE", 1e12),
+    ("_PHASE", -1),
+    ("_PHASE", "+1"),
+    ("_PRIMED", 0),
+    ("_PRIMED", 2),
+    ("_N3", 3),
+    ("_N3", -1),
+    ("_ACC3_X", 1e12),
+    ("_ACC3_Z", -1),
+    ("_FLUSHED", 1),  # flushed, with an open epoch the flush would have closed
+    ("_FLUSHED", 2),
+    ("_FLUSHED", -1),
+    ("_S_N", 1e12),
+    ("_S_N", -1),
+    ("_S_SY", 1e15),
+    ("_F5_N", 1e12),
+    ("_HAVE_PREV5", 2),
+    ("_PREV5", 1e12),
+    ("_E_N", 1e12),  # the kernel writes each sample's |a| at _MAG_BUF + _E_N
+    ("_E_N", 1e15),
+    ("_E_N", -1),
+    ("_E_N", 1501),  # one past the 30-s buffer at 50 Hz
+    ("_E_N", 0.5),
+    ("_E_CX", -1),
+    ("_E_CZ", 1e12),
+    ("_E_N10", 1e12),
+    ("_E_NSEC", 1e12),
+    ("_E_CHANGES", 200),
+    ("_B_N", 1e12),
+    ("_B_N", -1),
+    ("_B_SUM", 1e15),
+    ("_B_SQ", -1),
+    ("_B_MIN", 1e12),
+    ("_B_MAX", -1e12),
+    ("ring.block", 1e12),
+    ("ring.block", -1),  # a filed block dropped
+    ("ring.empty", 0),  # an empty slot claiming a block
+    ("ring.n", 1e12),
+    ("ring.n", -1),
+    ("ring.sum", 1e15),
+    ("ring.max", 1e12),
+    ("ring.flag", 2),
+    ("_S_CX", -1),
+    ("_S_CX", 1e12),
+]
+_HOSTILE_FLOATS = [
+    ("_G_PER_COUNT", 1e12),
+    ("_G_PER_COUNT", 0.5),  # no supported range and resolution gives it
+    ("_G_PER_COUNT", np.nan),
+    ("_LPF_GAIN", (np.pi / (np.pi + 2 * 6)) * 6),  # 25 Hz's low-pass gain (L = 6), not 50 Hz's (L = 3)
+    ("_LPF_NEG_B", 1e12),
+    ("_BPF_Z", np.nan),
+    ("_E_ENMO", np.inf),
+    ("_E_VM1S", -np.inf),
+    ("_MAG_BUF", np.nan),
+]
+_FLOAT_FIELDS = {field for field, _ in _HOSTILE_FLOATS}
+_RING_OFFSETS = {"block": 0, "empty": 0, "n": 1, "sum": 2, "max": 11, "flag": 14}
+_VERSION_2_ONLY = {"_VERSION", "_S_CX", "_E_VM1S"}  # not in version 1's layout, or set by its upgrade
+
+
+@functools.cache
+def _mid_stream() -> ActivityState:
+    """A state mid-second, mid-epoch and mid-10-Hz-group, 33 min into a stream at 50 Hz that started off
+    the grids: two blocks filed in the non-wear ring, two slots empty. It loads, in either layout."""
+    fs = 50
+    xyz = _signal(11, fs * 2000 + 17, "walk")
+    _, state = activity_epochs(*xyz.T, new_activity_state(fs, EPOCH_ALIGNED + 7_123_457))
+    iv = state.ints
+    assert iv[activity._PHASE] != 0 and iv[activity._N3] != 0 and iv[activity._E_N] > 0
+    assert (iv[activity._RING :: activity._SLOT][: activity.WINDOW_BLOCKS] >= 0).sum() == 2
+    ActivityState.from_arrays(state.to_arrays())
+    ActivityState.from_arrays(_as_version_1(state.to_arrays()))
+    return state
+
+
+def _damaged(field: str, value: float | str, layout: int) -> dict:
+    """The mid-stream state's arrays with `field` set to `value`, in version `layout`'s layout."""
+    state = _mid_stream()
+    arrays = state.to_arrays()
+    name = "floats" if field in _FLOAT_FIELDS else "ints"
+    if field.startswith("ring."):
+        blocks = state.ints[activity._RING :: activity._SLOT][: activity.WINDOW_BLOCKS]
+        k = int(np.flatnonzero(blocks == -1 if field == "ring.empty" else blocks >= 0)[0])
+        index = activity._RING + k * activity._SLOT + _RING_OFFSETS[field.removeprefix("ring.")]
+    else:
+        index = getattr(activity, field)
+    if isinstance(value, str):
+        value = arrays[name][index] + int(value)
+    elif name == "ints" and value != int(value):
+        arrays["ints"] = arrays["ints"].astype(np.float64)  # a stored float where an integer belongs
+    arrays[name][index] = value
+    return arrays if layout == 2 else _as_version_1(arrays)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "layout"),
+    [(f, v, 2) for f, v in _HOSTILE_INTS + _HOSTILE_FLOATS]
+    + [(f, v, 1) for f, v in _HOSTILE_INTS + _HOSTILE_FLOATS if f not in _VERSION_2_ONLY],
+    ids=str,
+)
+def test_a_damaged_or_hostile_stored_state_is_refused(field, value, layout):
+    """The kernel trusts the state it is given: a stored one it could not have left is a ValueError when it
+    loads, in either version's layout, never a crash, a hang or wrong rows. Before these checks each case
+    but the version and rate ones loaded: a damaged start, position or epoch count crashed the process,
+    _UP = 1e12 hung it, the others gave wrong rows or carried the damage on unseen."""
+    with pytest.raises(ValueError, match=r"^(activity state is corrupt: |not an activity state)") as refused:
+        ActivityState.from_arrays(_damaged(field, value, layout))
+    # the reason only: no stored value in the message
+    assert not re.search(r"\d", str(refused.value).removesuffix(f"version {activity.STATE_VERSION}"))
+
+
+def test_a_stored_state_that_is_not_numbers_is_refused():
+    """A version that is not a number, arrays of other kinds or sizes, integers that a cast would change."""
+    good = _mid_stream().to_arrays()
+    for damage in (
+        {"version": np.inf},
+        {"version": np.array([2, 2])},
+        {"ints": good["ints"].astype(np.complex128)},
+        {"ints": good["ints"].astype(str)},
+        {"ints": [*good["ints"].tolist()[:-1], 2**70]},
+        {"ints": np.where(np.arange(good["ints"].size) == activity._E_N, np.nan, good["ints"])},
+        {"ints": np.where(np.arange(good["ints"].size) == activity._E_N, 1e30, good["ints"])},
+        {"floats": good["floats"][:-1]},
+        {"floats": good["floats"].astype(bool)},
+    ):
+        with pytest.raises(ValueError):
+            ActivityState.from_arrays(dict(good, **damage))
+    # integers stored as float64 (a hand-made state) load as the int64 the kernel was compiled for
+    loaded = ActivityState.from_arrays(dict(good, ints=good["ints"].astype(np.float64)))
+    assert loaded.ints.dtype == np.int64
