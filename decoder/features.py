@@ -102,7 +102,7 @@ class DeviceState:
                 utc_offset_min=d["utc"],
                 families=_checked({k: _unpack_arrays(v) for k, v in d["families"].items()}),
             )
-        except (zstandard.ZstdError, KeyError, TypeError, AttributeError, IndexError) as e:
+        except (zstandard.ZstdError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
             raise ValueError(f"not a device state: {type(e).__name__}") from None
 
 
@@ -163,10 +163,10 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
         elif name == "heart":  # the checked int64 arrays, not the stored ones (another dtype: no kernel)
             families[name] = heart.HeartState.from_arrays(fam).to_arrays()
         elif name == "steps":
-            steps.StepState.from_array(fam["values"])
+            fam["values"] = steps.StepState.from_array(fam["values"]).values  # the checked float64 copy
         elif name == "sleep":
             fam["values"] = sleep.SleepState.upgraded(fam["values"]).array  # a version 1 state is upgraded
-            periods.PeriodState.from_array(fam["periods"])
+            fam["periods"] = periods.PeriodState.from_array(fam["periods"]).array
             if fam["stages"].dtype != np.int8 or fam["stages"].ndim != 1:
                 raise ValueError("device state: sleep stages are corrupt")
         elif name == "hr_buffer":

@@ -204,6 +204,51 @@ def test_a_heart_state_stored_as_another_dtype_loads_as_the_kernel_takes_it() ->
     assert finish(loaded)[0] == finish(DeviceState.from_bytes(state.to_bytes()))[0]
 
 
+@pytest.mark.parametrize(
+    ("family", "array", "slot", "value"),
+    [  # one damage per family that crashed or hung its kernel before it was checked where it loads
+        ("activity", "ints", "_N_SEEN", 10**12),
+        ("heart", "ints", "_DAY", -(10**15)),
+        ("steps", "values", "_HIST_POS", 1e12),
+        ("sleep", "periods", "_H_BLK_LAST", -1e15),
+        ("sleep", "values", "_H_N_IN", 1e6),
+    ],
+)
+def test_a_family_state_its_kernel_could_not_have_left_is_refused_on_load(family, array, slot, value) -> None:
+    """`DeviceState.from_bytes` is where a stored state comes in, and the feature path runs the kernels on
+    what it returns without more checks: each family's check must be wired in there."""
+    from decoder import activity, heart, periods, sleep, steps
+    from decoder.features import new_sleep_family
+
+    module = {"activity": activity, "heart": heart, "steps": steps, "sleep": sleep}[family]
+    module = periods if array == "periods" else module
+    rec = _band()
+    _, state = process(
+        decode_frames(encode_container([encode_frame(f) for f in _frames(rec, [])])), DeviceState(7)
+    )
+    families = dict(state.families, sleep=dict(new_sleep_family(), period_us=0))
+    good = dataclasses.replace(state, families=families)
+    assert DeviceState.from_bytes(good.to_bytes()).families.keys() == families.keys()
+    damaged = {k: dict(v) for k, v in families.items()}
+    damaged[family][array] = damaged[family][array].copy()
+    damaged[family][array][getattr(module, slot)] = value
+    with pytest.raises(ValueError):
+        DeviceState.from_bytes(dataclasses.replace(state, families=damaged).to_bytes())
+
+
+def test_a_stored_version_that_is_not_a_number_is_refused() -> None:
+    """A family's version stored as a float infinity (msgpack carries one): a ValueError, not the
+    OverflowError int() raised (which the gateway would have answered as a compute bug)."""
+    rec = _band()
+    _, state = process(
+        decode_frames(encode_container([encode_frame(f) for f in _frames(rec, [])])), DeviceState(7)
+    )
+    packed = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(state.to_bytes()))
+    packed["families"]["activity"]["version"] = float("inf")
+    with pytest.raises(ValueError, match="not a device state"):
+        DeviceState.from_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(packed)))
+
+
 def test_hostile_state_bytes_are_refused() -> None:
     """A state comes from the store: damaged or hostile bytes are a ValueError, never a crash or a
     large allocation (the declared size is checked before decompressing)."""
