@@ -112,17 +112,18 @@ def _check_clock(iv: np.ndarray) -> None:
     sized from the span a call covers, on the promise that the open day is the one `now` lies in (or the
     day before, for RESTING_GRACE_US after midnight; up to two days on after a flush): an open day far
     behind made the kernel close days one by one past its buffer (a crash, or a hang)."""
-    now, off = int(iv[_NOW]), int(iv[_OFFSET_US])
+    h = iv[:_HIST].tolist()  # Python ints: scalar checks on numpy values cost ten times more
+    now, off = h[_NOW], h[_OFFSET_US]
     if not (config.MIN_START_US <= now <= config.MAX_START_US + DAY_US):
         raise ValueError("heart state is corrupt: its time is implausible")
     if abs(off) > config.MAX_UTC_OFFSET_MIN * 60_000_000 or off % 60_000_000:
         raise ValueError("heart state is corrupt: its UTC offset is implausible")
     flags = (_REQUIRE_INACTIVE, _FLUSHED, _HAVE_LAST, _LAST_KEPT)
-    if any(iv[k] not in (0, 1) for k in flags) or np.any(iv[_E_ITEMS : _E_DIFF_SQ + 1] < 0) or iv[_LATE] < 0:
+    if any(h[k] not in (0, 1) for k in flags) or min(h[_E_ITEMS : _E_DIFF_SQ + 1]) < 0 or h[_LATE] < 0:
         raise ValueError("heart state is corrupt: a flag or count is out of range")
     lo = (now + off - RESTING_GRACE_US) // DAY_US
-    hi = (now + off) // DAY_US + (2 if iv[_FLUSHED] else 0)
-    if not (lo <= iv[_DAY] <= hi) or iv[_EPOCH] not in (-1, now // EPOCH_US):
+    hi = (now + off) // DAY_US + (2 if h[_FLUSHED] else 0)
+    if not (lo <= h[_DAY] <= hi) or h[_EPOCH] not in (-1, now // EPOCH_US):
         raise ValueError("heart state is corrupt: its open day or epoch is not where its time is")
 
 

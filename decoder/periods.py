@@ -246,7 +246,7 @@ def _detect(time, hr, counts, state, finish, out_time, out_hr, out_counts, out_p
 
 
 # --- public API ------------------------------------------------------------------------------------------
-def _check_header(a: np.ndarray) -> None:
+def _check_header(a: list[float]) -> None:
     """The counters and the open block as the kernel leaves them between calls: whole epoch counts, at
     most HALF_WINDOW epochs awaiting flags and DECISION_LAG awaiting a decision; no block (-1, -1, closed),
     or one whose last still epoch is flagged and less than CLOSE_GAP back, and that has not opened only
@@ -292,9 +292,9 @@ class PeriodState:
         if a.dtype != np.float64 or a.shape != (STATE_LEN,) or a[_H_VERSION] != STATE_VERSION:
             raise ValueError(f"not a v{STATE_VERSION} sleep-period state of {STATE_LEN} values")
         a = a.copy()
-        _check_header(a)
+        _check_header(a[:_HEADER].tolist())  # Python floats: scalar checks on numpy values cost more
         hist = a[_OFF_HIST:]
-        if not (np.all(hist >= 0) and np.all(np.isfinite(hist)) and 0 <= a[_H_HR_W] < math.inf):
+        if not (hist.min() >= 0 and math.isfinite(hist.sum()) and 0 <= a[_H_HR_W] < math.inf):  # NaN fails
             raise ValueError("sleep-period state: its heart-rate history is not a histogram")
         return cls(a)
 
