@@ -54,12 +54,7 @@ def compute(
         status = decoded.status.copy()
         status[bad[status[bad] == FrameStatus.OK]] = FrameStatus.MALFORMED
         decoded = replace(decoded, status=status)
-    if not state:
-        previous = DeviceState(batch.device_id)
-    elif cache is not None:
-        previous = cache.load(batch.device_id, state)
-    else:
-        previous = DeviceState.from_bytes(state)
+    previous, reset = _previous(batch.device_id, state, cache)
     records, new_state = process(
         decoded,
         previous,
@@ -76,7 +71,21 @@ def compute(
         frame_errors=[(i, batch.first_seq + i, reason) for i, reason in opened.frame_errors],
         n_samples=decoded.n_samples,
         bytes_out=int(zstandard.get_frame_parameters(batch.payload).content_size),  # checked by open_batch
+        state_reset=reset,
     )
+
+
+def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> tuple[DeviceState, bool]:
+    """The device's stored feature state, and whether it had to be replaced. A state that does not load
+    (damaged, or one the kernels' load checks refuse) would refuse every later batch of the device, for
+    ever: the stream starts afresh instead, as after a gap (the open epoch, minute and sleep period are
+    lost, nothing stored is), and the answer says so for the log and the metric."""
+    if not state:
+        return DeviceState(device_id), False
+    try:
+        return (cache.load(device_id, state) if cache is not None else DeviceState.from_bytes(state)), False
+    except ValueError:
+        return DeviceState(device_id), True
 
 
 def load_and_compute(

@@ -16,6 +16,7 @@ class Computed:
     frame_errors: list[tuple[int, int, str]]  # (index, seq, reason)
     n_samples: int
     bytes_out: int
+    state_reset: bool = False  # the stored state did not load: the device's stream started afresh
 
 
 __all__ = ["Computed"]

@@ -19,6 +19,11 @@ class Metrics:
         self.bytes_in = Counter("bandgate_bytes_in", "Compressed payload bytes received", registry=r)
         self.bytes_out = Counter("bandgate_bytes_out", "Bytes after decompression", registry=r)
         self.records = Counter("bandgate_records", "Feature records stored", registry=r)
+        self.state_resets = Counter(
+            "bandgate_state_resets",
+            "Devices whose stored feature state did not load, so their stream started afresh",
+            registry=r,
+        )
         self.decode_errors = Counter(
             "bandgate_decode_errors", "Batches and frames refused, by reason", ["reason"], registry=r
         )

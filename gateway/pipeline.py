@@ -449,6 +449,12 @@ class Pipeline:
         if isinstance(outcome, int):
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
         computed, committed = outcome
+        if computed.state_reset:
+            self.metrics.state_resets.inc()
+            fields = {"event": "state_reset", "device": device_key(device_id)}
+            log.error(
+                "the device's stored state did not load: its stream starts afresh", extra={"fields": fields}
+            )
         await self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -597,6 +598,56 @@ def test_metrics_endpoint_counts_batches_and_devices(tmp_path):
     assert "bandgate_devices_connected 1.0" in text
     assert "bandgate_ack_latency_seconds_count 2.0" in text
     assert "bandgate_samples_total 15000.0" in text
+
+
+def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(tmp_path):
+    """A device's stored feature state damaged in the store (here heart's open day, far back: it hung the
+    kernel before states were checked where they load) would refuse every later batch of the device for
+    ever. The gateway starts the device's stream afresh, as after a gap: the batch is stored and acked,
+    the log and a metric say so, and the next batch goes on from the new state."""
+    from decoder import heart
+    from decoder.features import DeviceState
+    from gateway.store.base import UNOWNED
+    from tests.gateway.gatewaykit import gateway_store
+
+    cfg = config(tmp_path)
+    device, batches = band()
+    captured: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: captured.append(JsonFormatter().format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("bandgate")
+    logger.addHandler(handler)
+
+    def damage_the_stored_state() -> None:
+        path, name = cfg.store.removeprefix("sqlite:///"), device_key(device)
+        with gateway_store(cfg.store) as store, contextlib.closing(sqlite3.connect(path)) as db, db:
+            state = DeviceState.from_bytes(store.device(device).state)
+            state.families["heart"]["ints"][heart._DAY] = -(10**15)
+            (ownership,) = db.execute("SELECT ownership FROM devices WHERE device = ?", (name,)).fetchone()
+            sealed = store.sealer.seal_state(name, ownership or UNOWNED, state.to_bytes())
+            db.execute("UPDATE devices SET state = ? WHERE device = ?", (sealed, name))
+        with gateway_store(cfg.store) as store, pytest.raises(ValueError):
+            DeviceState.from_bytes(store.device(device).state)  # what the worker will meet
+
+    async def scenario():
+        async with run_server(cfg) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            up = Uploader(ch, device)
+            acks = [await up.send(batches[0])]
+            await asyncio.to_thread(damage_the_stored_state)
+            acks += [await up.send(b) for b in batches[1:3]]
+            await up.close()
+            return acks, generate_latest(gw.metrics.registry).decode()
+
+    try:
+        acks, metrics_text = run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    assert [a.code for a in acks] == [OK] * 3
+    assert "bandgate_state_resets_total 1.0" in metrics_text
+    resets = [line for line in captured if '"state_reset"' in line]
+    assert len(resets) == 1 and device_key(device) in resets[0]
+    # what a new stream from batch 1 on makes (as after a gap), beside batch 0's
+    assert same_records(stored(cfg.store), processed(batches[:1]) + processed(batches[1:3]))
 
 
 def test_retention_purges_expired_records(tmp_path):
