@@ -698,7 +698,7 @@ def _open_kernels(run: _Run, kernels: frozenset[str]) -> dict[str, dict]:
         families["activity"] = activity.new_activity_state(
             int(rate_hz), run.start_us, range_g=run.accel_range_g, bits=run.accel_bits
         ).to_arrays()
-    if "steps" in kernels and whole and int(rate_hz) % steps.FS_DEC == 0 and rate_hz <= 8 * steps.FS_DEC:
+    if "steps" in kernels and whole and int(rate_hz) % steps.FS_DEC == 0 and 0 < rate_hz <= 8 * steps.FS_DEC:
         g_per_count = 2.0 * run.accel_range_g / 2**run.accel_bits
         families["steps"] = {"values": steps.new_state(int(rate_hz), run.start_us, g_per_count).to_array()}
     if "heart" in kernels:
@@ -794,9 +794,10 @@ def process(
             records += _heart_records(device, hr_epochs, resting)
         # Heart closes an epoch once the data covers its end; activity can close the same epoch one call
         # later. Heart rates wait in the state until activity brings their epoch, so the join does not
-        # depend on where batches end.
+        # depend on where batches end; at a rate the activity kernel does not take, nothing would ever
+        # take them out (the state grew by 2,880 a day until it no longer loaded), so none wait.
         buffer = fam.get("hr_buffer", {"epoch_us": np.zeros(0, np.int64), "hr": np.zeros(0)})
-        if "sleep" in kernels and hr_epochs is not None and hr_epochs.size:
+        if "sleep" in kernels and "activity" in fam and hr_epochs is not None and hr_epochs.size:
             buffer = {
                 "epoch_us": np.concatenate([buffer["epoch_us"], hr_epochs[:, 0].astype(np.int64)]),
                 "hr": np.concatenate(

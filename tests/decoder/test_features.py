@@ -249,6 +249,47 @@ def test_a_stored_version_that_is_not_a_number_is_refused() -> None:
         DeviceState.from_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(packed)))
 
 
+def test_a_frame_without_samples_of_rate_0_opens_no_step_stream() -> None:
+    """The wire format checks the rate only of frames with samples, so one without may say 0 Hz. It
+    opened a step stream at 0 Hz (new_state raised): the batch was refused, and so was every resend."""
+    frame = Frame(7, 1, 0, 1_767_600_000_000_000, accel=np.zeros((0, 3), np.int16), sample_rate_mhz=0)
+    frame = dataclasses.replace(frame, hr_bpm=np.full(90, 60, np.uint8))
+    decoded = decode_frames(encode_container([encode_frame(frame)]))
+    assert decoded.status.tolist() == [0]
+    _, state = process(decoded, DeviceState(7))
+    assert "steps" not in state.families and "heart" in state.families
+    finish(DeviceState.from_bytes(state.to_bytes()))
+
+
+@pytest.mark.parametrize("rate_mhz", [1_000, 75_000])
+def test_heart_rates_do_not_pile_up_where_the_activity_kernel_does_not_run(rate_mhz) -> None:
+    """Sleep joins heart rates to activity epochs; at a rate the activity kernel does not take, the heart
+    rates waiting for them were never taken out: 2,880 more a day in the stored state, until (after about
+    three months) it passed the state size limit and no longer loaded."""
+    start, hours = 1_767_600_000_000_000, 6
+    n = 3600 * rate_mhz // 1000
+    frames = [
+        Frame(
+            7,
+            1,
+            h,
+            start + h * 3_600_000_000,
+            accel=np.tile(np.array([[0, 0, 256]], np.int16), (n, 1)),
+            hr_bpm=np.full(3600, 60, np.uint8),
+            sample_rate_mhz=rate_mhz,
+        )
+        for h in range(hours)
+    ]
+    state = DeviceState(7)
+    heart_epochs = 0
+    for f in frames:
+        records, state = process(decode_frames(encode_container([encode_frame(f)])), state)
+        state = DeviceState.from_bytes(state.to_bytes())
+        heart_epochs += sum(r["family"] == "heart" for r in records)
+    assert "activity" not in state.families and heart_epochs > 600  # the case: heart, no activity
+    assert state.families["hr_buffer"]["epoch_us"].size == 0
+
+
 def test_hostile_state_bytes_are_refused() -> None:
     """A state comes from the store: damaged or hostile bytes are a ValueError, never a crash or a
     large allocation (the declared size is checked before decompressing)."""
