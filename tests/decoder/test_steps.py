@@ -83,7 +83,7 @@ def test_window_cadence_matches_naive(r, mean_square, smooth):
 
 signals = st.builds(
     dict,
-    fs=st.sampled_from([25, 50, 75, 100, 150, 175, 200]),
+    fs=st.sampled_from([25, 50, 75, 100, 125, 150, 175, 200]),
     on_second=st.booleans(),  # at 75, 150, 175 Hz: fs + 1 samples in the first second
     seconds=st.floats(3, 30),
     cadence=st.floats(0.7, 3.2),
@@ -98,9 +98,11 @@ signals = st.builds(
 def make(sig):
     fs = sig["fs"]
     mag = walk(fs, sig["seconds"], sig["cadence"], sig["amp"], sig["noise"], sig["seed"], sig["per_stride"])
-    period = 1_000_000 // fs
-    offset = sig["start_offset_us"] // 1_000_000 * 1_000_000 if sig["on_second"] else sig["start_offset_us"]
-    start = START_US + offset // period * period + sig["seed"] % 7
+    if sig["on_second"]:  # within 7 µs after one: fs + 1 samples in the first second at 75, 150, 175 Hz
+        start = START_US + sig["start_offset_us"] // 1_000_000 * 1_000_000 + sig["seed"] % 7
+    else:
+        period = 1_000_000 // fs
+        start = START_US + sig["start_offset_us"] // period * period + sig["seed"] % 7
     return band_counts(mag), fs, start
 
 
@@ -245,6 +247,24 @@ def test_a_stream_starting_on_a_second_at_a_rate_of_fractional_period(fs):
     rows, _ = naive.naive_steps(xyz, fs, START_US, P)
     assert len(rows) == len(out.seconds) and total_steps(out) > 20
     np.testing.assert_allclose(out.seconds["steps"], np.array(rows)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_state_the_previous_release_left_at_75_hz_from_a_second_goes_on() -> None:
+    """Before the first-block fix, such a stream's first block had one sample (26 values in its first
+    second); a still one was stored without harm. Its state loads once that second has left the gait
+    window, and the stream goes on counting steps; while the 26 values are still in it, it is refused
+    (the kernel would overrun its ring). States made by decoder/steps.py at fa0a08c."""
+    import json
+    import pathlib
+
+    data = json.loads((pathlib.Path(__file__).parent / "data" / "steps_state_75hz_fa0a08c.json").read_text())
+    early, later = (np.array(data["states"][k]) for k in ("after_2s", "after_20s"))
+    with pytest.raises(ValueError, match="window blocks"):
+        steps.StepState.from_array(early)
+    state = steps.StepState.from_array(later)
+    np.testing.assert_array_equal(state.values, later)
+    out, _ = steps.count_steps(band_counts(walk(75, 30, 1.8)), state)
+    assert out.seconds["steps"].sum() > 40
 
 
 @functools.cache
