@@ -158,6 +158,10 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
     """Each family's state as its kernel checks it (version, sizes, invariants): the feature path runs the
     kernels on these arrays without checking them again, so a state is checked once, where it comes in."""
     for name, fam in families.items():
+        if name not in _FAMILY_KEYS:
+            raise ValueError("device state: an unknown family")  # (its name is stored data: not echoed)
+        if not isinstance(fam, dict) or not _FAMILY_KEYS[name] <= fam.keys():
+            raise ValueError(f"device state: the {name} family lacks an entry")
         if name == "activity":  # an older version's arrays are upgraded here
             families[name] = activity.ActivityState.from_arrays(fam).to_arrays()
         elif name == "heart":  # the checked int64 arrays, not the stored ones (another dtype: no kernel)
@@ -169,6 +173,8 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
             fam["periods"] = periods.PeriodState.from_array(fam["periods"]).array
             if fam["stages"].dtype != np.int8 or fam["stages"].ndim != 1:
                 raise ValueError("device state: sleep stages are corrupt")
+            if type(fam["period_us"]) is not int or fam["period_us"] < -1:
+                raise ValueError("device state: the open sleep period is corrupt")
         elif name == "hr_buffer":
             us, hr = fam["epoch_us"], fam["hr"]
             if (
@@ -178,9 +184,16 @@ def _checked(families: dict[str, dict]) -> dict[str, dict]:
                 or np.any(np.diff(us) <= 0)
             ):
                 raise ValueError("device state: heart-rate buffer is corrupt")
-        else:
-            raise ValueError(f"device state: unknown family {name!r}")
     return families
+
+
+_FAMILY_KEYS = {  # what each family's kernels read
+    "activity": {"version", "ints", "floats"},
+    "heart": {"version", "ints", "ring"},
+    "steps": {"values"},
+    "sleep": {"periods", "values", "period_us", "stages"},
+    "hr_buffer": {"epoch_us", "hr"},
+}
 
 
 def _pack_arrays(arrays: dict) -> dict:

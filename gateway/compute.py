@@ -75,17 +75,18 @@ def compute(
     )
 
 
-def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> tuple[DeviceState, bool]:
-    """The device's stored feature state, and whether it had to be replaced. A state that does not load
-    (damaged, or one the kernels' load checks refuse) would refuse every later batch of the device, for
-    ever: the stream starts afresh instead, as after a gap (the open epoch, minute and sleep period are
-    lost, nothing stored is), and the answer says so for the log and the metric."""
+def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> tuple[DeviceState, str]:
+    """The device's stored feature state, or a new one and why. A state that does not load (damaged, or
+    one the kernels' load checks refuse) would refuse every later batch of the device, for ever: the
+    stream starts afresh instead, as after a gap (the open epoch, minute and sleep period are lost,
+    nothing stored is), and the answer says why for the log (the load checks' messages carry no stored
+    value)."""
     if not state:
-        return DeviceState(device_id), False
+        return DeviceState(device_id), ""
     try:
-        return (cache.load(device_id, state) if cache is not None else DeviceState.from_bytes(state)), False
-    except ValueError:
-        return DeviceState(device_id), True
+        return (cache.load(device_id, state) if cache is not None else DeviceState.from_bytes(state)), ""
+    except ValueError as e:
+        return DeviceState(device_id), str(e) or "ValueError"
 
 
 def load_and_compute(

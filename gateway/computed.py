@@ -16,7 +16,7 @@ class Computed:
     frame_errors: list[tuple[int, int, str]]  # (index, seq, reason)
     n_samples: int
     bytes_out: int
-    state_reset: bool = False  # the stored state did not load: the device's stream started afresh
+    state_reset: str = ""  # why the stored state did not load (so the stream started afresh); value-free
 
 
 __all__ = ["Computed"]

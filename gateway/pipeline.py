@@ -449,12 +449,6 @@ class Pipeline:
         if isinstance(outcome, int):
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=outcome)
         computed, committed = outcome
-        if computed.state_reset:
-            self.metrics.state_resets.inc()
-            fields = {"event": "state_reset", "device": device_key(device_id)}
-            log.error(
-                "the device's stored state did not load: its stream starts afresh", extra={"fields": fields}
-            )
         await self.limits.charge_samples(device_id, computed.n_samples)
         self.metrics.samples.inc(computed.n_samples)
         self.metrics.bytes_out.inc(computed.bytes_out)
@@ -471,6 +465,12 @@ class Pipeline:
                 raise Refused(FAILED_PRECONDITION, str(e), expected_seq=e.expected_seq) from None
         if result.duplicate:
             return _ack(batch, ALREADY_EXISTS, "already stored", acked_seq=result.high_water)
+        if computed.state_reset:  # counted once it took effect: a refused or repeated batch changed nothing
+            self.metrics.state_resets.inc()
+            fields = {"event": "state_reset", "device": device_key(device_id), "reason": computed.state_reset}
+            log.error(
+                "the device's stored state did not load: its stream started afresh", extra={"fields": fields}
+            )
         stored = sum(c is not None for c in result.cursors)
         self.metrics.records.inc(stored)
         if stored:
@@ -583,7 +583,7 @@ class Pipeline:
             self.metrics.decode_errors.labels(e.code.value).inc()
             code = RESOURCE_EXHAUSTED if e.code is BatchErrorCode.TOO_LARGE else INVALID_ARGUMENT
             raise Refused(code, str(e)) from None
-        except (StoreError, ValueError) as e:  # reading the row, or a stored state that does not load
+        except (StoreError, ValueError) as e:  # reading the row, or a compute bug's ValueError
             raise self._store_refusal(e) from None
         except Exception as e:  # a bug: this batch is answered, the stream and the gateway go on
             fields = {"event": "compute_failed", "error": type(e).__name__}
@@ -612,7 +612,7 @@ class Pipeline:
             return Refused(
                 UNAVAILABLE, "storage unavailable: nothing stored", retry_after_ms=self.config.retry_after_ms
             )
-        # Store messages are ours; another error (a state that does not load) is logged by type only.
+        # Store messages are ours; another error (a compute bug's ValueError) is logged by type only.
         error = str(e) if isinstance(e, StoreError) else type(e).__name__
         log.error("store refused a batch", extra={"fields": {"event": "store_error", "error": error}})
         return Refused(INTERNAL, "the store refused the batch")

@@ -645,7 +645,7 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
     assert [a.code for a in acks] == [OK] * 3
     assert "bandgate_state_resets_total 1.0" in metrics_text
     resets = [line for line in captured if '"state_reset"' in line]
-    assert len(resets) == 1 and device_key(device) in resets[0]
+    assert len(resets) == 1 and device_key(device) in resets[0] and "heart state is corrupt" in resets[0]
     # what a new stream from batch 1 on makes (as after a gap), beside batch 0's
     assert same_records(stored(cfg.store), processed(batches[:1]) + processed(batches[1:3]))
 
