@@ -334,12 +334,11 @@ def _check(v: np.ndarray) -> None:
 
     stored = [h[_FIRST_SECOND], h[_UNTIL_SEC], h[_UNTIL_DEC], h[_DEC_CNT], h[_HIST_POS], h[_PRIMED]]
     u0 = _first_block(n0, d)
-    if stored != counters(u0) and n0 == fs + 1 and stored == counters(n0 % d or d):
-        # Left by a release before 2026-12-07, whose first block here had one sample: fine once its first
-        # second's 26 values have left the window (the block counts are checked below).
-        u0 = n0 % d or d
     if stored != counters(u0):
-        raise _corrupt("its sample counters disagree")
+        legacy = n0 % d or d  # a release before 2026-12-07 gave a first second of fs + 1 samples a
+        if n0 != fs + 1 or stored != counters(legacy):  # 1-sample first block: fine once its 26 values
+            raise _corrupt("its sample counters disagree")  # have left the window (block counts below)
+        u0 = legacy
     dec_cnt = stored[3]
 
     def blocks_done(x: int, in_first: bool) -> int:  # decimated values after x samples of a second
