@@ -243,10 +243,15 @@ def _runs(d: DecodedBatch) -> Iterator[_Run]:
 
 @njit(**config.JIT)
 def _run_bounds(status, rate_mhz, start_us, accel_start, accel_count, range_g, bits):
-    """The good frames, where each run of them starts (indices into them, closed by their count), and
-    where each run ends (µs). Frame f continues the run when it picks up exactly where the frame before
-    ended: same format, no lost samples, within half a sample period."""
-    ok = np.flatnonzero(status == _FRAME_OK)
+    """The good frames with accelerometer samples, where each run of them starts (indices into them,
+    closed by their count), and where each run ends (µs). Frame f continues the run when it picks up
+    exactly where the frame before ended: same format, no lost samples, within half a sample period.
+
+    The accelerometer is the feature path's clock: a frame's heart rate is read on its samples' timeline.
+    A frame without samples has none, so it is left out (its heart rate with it) rather than taken for a
+    stream of its own: it used to end the open stream (epochs, minute and sleep period closed early) and
+    open one at its time, which the next frame ended again."""
+    ok = np.flatnonzero((status == _FRAME_OK) & (accel_count > 0))
     heads = np.empty(ok.size + 1, np.int64)
     ends = np.empty(ok.size, np.int64)
     n = 0
@@ -258,7 +263,6 @@ def _run_bounds(status, rate_mhz, start_us, accel_start, accel_count, range_g, b
             p = ok[i - 1]
             if not (
                 np.int64(accel_start[f]) == np.int64(accel_start[p]) + np.int64(accel_count[p])
-                and accel_count[f] > 0
                 and rate_mhz[f] == rate_mhz[p]
                 and range_g[f] == range_g[p]
                 and bits[f] == bits[p]

@@ -249,16 +249,47 @@ def test_a_stored_version_that_is_not_a_number_is_refused() -> None:
         DeviceState.from_bytes(zstandard.ZstdCompressor().compress(msgpack.packb(packed)))
 
 
-def test_a_frame_without_samples_of_rate_0_opens_no_step_stream() -> None:
+def test_a_frame_without_samples_of_rate_0_opens_no_stream() -> None:
     """The wire format checks the rate only of frames with samples, so one without may say 0 Hz. It
-    opened a step stream at 0 Hz (new_state raised): the batch was refused, and so was every resend."""
+    opened a step stream at 0 Hz (new_state raised): the batch was refused, and so was every resend.
+    A frame without samples now opens nothing (the accelerometer is the feature path's clock)."""
     frame = Frame(7, 1, 0, 1_767_600_000_000_000, accel=np.zeros((0, 3), np.int16), sample_rate_mhz=0)
     frame = dataclasses.replace(frame, hr_bpm=np.full(90, 60, np.uint8))
     decoded = decode_frames(encode_container([encode_frame(frame)]))
     assert decoded.status.tolist() == [0]
-    _, state = process(decoded, DeviceState(7))
-    assert "steps" not in state.families and "heart" in state.families
-    finish(DeviceState.from_bytes(state.to_bytes()))
+    records, state = process(decoded, DeviceState(7))
+    assert records == [] and state.families == {} and state.next_us == -1
+    assert finish(DeviceState.from_bytes(state.to_bytes()))[0] == []
+
+
+@pytest.mark.parametrize("offset_us", [123, 30_000_000, -3_000_000_000, 7 * 86_400_000_000])
+def test_a_frame_without_accelerometer_samples_leaves_the_stream_as_it_was(offset_us) -> None:
+    """A frame with heart rate but no accelerometer samples, between two frames of a stream: at another
+    time it ended the open stream (epochs, minute and sleep period closed early, a `day` record before
+    its day ended) and opened one at its own time, which the next frame ended again; within half a
+    sample period of the stream's time it moved the heart kernel's clock (an epoch lost a reading).
+    Every record is now the same as without it."""
+    rng = np.random.default_rng(5)
+    start = 1_767_600_000_000_000
+    frames = []
+    for k in range(16):
+        accel = np.tile(np.array([[0, 0, 256]], np.int16), (3000, 1))
+        accel[:, 0] += rng.integers(-40, 40, 3000).astype(np.int16)
+        hr = np.full(60, 60 + k % 5, np.uint8)
+        frames.append(Frame(7, 1, k, start + k * 60_000_000, accel=accel, hr_bpm=hr))
+    stray = Frame(7, 1, 99, start + 8 * 60_000_000 + offset_us, hr_bpm=np.full(60, 90, np.uint8))
+
+    def records(frames: list[Frame]) -> list[dict]:
+        out, state = [], DeviceState(7)
+        for f in frames:
+            r, state = process(decode_frames(encode_container([encode_frame(f)])), state)
+            out += r
+            state = DeviceState.from_bytes(state.to_bytes())
+        return out + finish(state)[0]
+
+    plain = records(frames)
+    assert {"activity", "heart", "sleep", "steps", "day"} <= {r["family"] for r in plain}
+    assert records([*frames[:8], stray, *frames[8:]]) == plain
 
 
 @pytest.mark.parametrize("rate_mhz", [1_000, 75_000])
