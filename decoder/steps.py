@@ -250,6 +250,7 @@ def _consistent(p: StepParams) -> bool:
         and 2 <= p.window_s <= 60
         and 1 <= p.min_cover <= p.window_s
         and 2 <= round(p.min_lag_s * FS_DEC) < _nlag(p) - 2
+        and p.max_lag_s <= p.window_s  # a longer period is not gait the window sees; bounds the lags' cost
         and 0 < p.min_cadence_hz < p.max_cadence_hz
         and 0.0 <= p.edge_credit <= 1.0
     )

@@ -598,6 +598,22 @@ def test_params_survive_the_state():
     assert steps.StepState.from_array(state.to_array()).params == params
 
 
+def test_a_longest_period_beyond_the_window_is_refused(monkeypatch):
+    """The lags searched cost every second of every stream: a stored state could carry a longest period
+    of an hour (its layout consistent, under the state size limit) and take ~0.15 s a one-minute batch.
+    The longest period is at most the window (60 s at most: ~5 ms a batch), where the state comes in."""
+    params = dataclasses.replace(P, max_lag_s=P.window_s + 0.04)
+    with pytest.raises(ValueError, match="inconsistent"):
+        steps.new_state(50, START_US, params=params)
+    steps.new_state(50, START_US, params=dataclasses.replace(P, max_lag_s=float(P.window_s)))
+    monkeypatch.setattr(steps, "_consistent", lambda p: True)
+    crafted = steps.new_state(50, START_US, params=dataclasses.replace(P, max_lag_s=3600.0)).to_array()
+    steps.StepState.from_array(crafted)  # loads where the parameters are not checked: the case
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="corrupt"):
+        steps.StepState.from_array(crafted)
+
+
 def test_non_walking_time_is_the_seconds_two_away_from_every_annotated_step():
     from bench.accuracy_steps import non_walking_seconds
 
