@@ -80,9 +80,11 @@ class DeviceState:
         return _zstd().compress(packed)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> DeviceState:
-        """The state `to_bytes` wrote; `ValueError` for anything else (the size is bounded before
-        anything is decompressed, and every family's arrays are checked as their kernel checks them)."""
+    def from_bytes(cls, data: bytes, without: frozenset[str] = frozenset()) -> DeviceState:
+        """The state `to_bytes` wrote, less the families named in `without` (not checked: they restart
+        at the next run, as a family newly consented does); `ValueError` for anything else (the size is
+        bounded before anything is decompressed, and every family's arrays are checked as their kernel
+        checks them)."""
         try:
             size = zstandard.frame_content_size(data) if bytes(data[:4]) == _ZSTD_MAGIC else -1
         except zstandard.ZstdError:
@@ -100,7 +102,9 @@ class DeviceState:
                 accel_range_g=d["range"],
                 accel_bits=d["bits"],
                 utc_offset_min=d["utc"],
-                families=_checked({k: _unpack_arrays(v) for k, v in d["families"].items()}),
+                families=_checked(
+                    {k: _unpack_arrays(v) for k, v in d["families"].items() if k not in without}
+                ),
             )
         except (zstandard.ZstdError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as e:
             raise ValueError(f"not a device state: {type(e).__name__}") from None

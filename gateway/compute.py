@@ -75,18 +75,28 @@ def compute(
     )
 
 
+# Families whose state nothing else reads: one that does not load restarts alone (the others go on).
+_ON_THEIR_OWN = frozenset({"steps"})
+
+
 def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> tuple[DeviceState, str]:
     """The device's stored feature state, or a new one and why. A state that does not load (damaged, or
     one the kernels' load checks refuse) would refuse every later batch of the device, for ever: the
     stream starts afresh instead, as after a gap (the open epoch, minute and sleep period are lost,
     nothing stored is), and the answer says why for the log (the load checks' messages carry no stored
-    value)."""
+    value). Where only a family nothing else reads (steps) is at fault, only it restarts: the open
+    sleep period, epochs and day go on."""
     if not state:
         return DeviceState(device_id), ""
     try:
         return (cache.load(device_id, state) if cache is not None else DeviceState.from_bytes(state)), ""
     except ValueError as e:
-        return DeviceState(device_id), str(e) or "ValueError"
+        reason = str(e) or "ValueError"
+    try:
+        rest = DeviceState.from_bytes(state, without=_ON_THEIR_OWN)
+    except ValueError:
+        return DeviceState(device_id), reason
+    return rest, f"{reason} (that family restarts; the others go on)"
 
 
 def load_and_compute(

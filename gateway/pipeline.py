@@ -469,7 +469,8 @@ class Pipeline:
             self.metrics.state_resets.inc()
             fields = {"event": "state_reset", "device": device_key(device_id), "reason": computed.state_reset}
             log.error(
-                "the device's stored state did not load: its stream started afresh", extra={"fields": fields}
+                "the device's stored state did not load: its stream (or the failing family's) started afresh",
+                extra={"fields": fields},
             )
         stored = sum(c is not None for c in result.cursors)
         self.metrics.records.inc(stored)

@@ -600,12 +600,15 @@ def test_metrics_endpoint_counts_batches_and_devices(tmp_path):
     assert "bandgate_samples_total 15000.0" in text
 
 
-def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(tmp_path):
-    """A device's stored feature state damaged in the store (here heart's open day, far back: it hung the
-    kernel before states were checked where they load) would refuse every later batch of the device for
-    ever. The gateway starts the device's stream afresh, as after a gap: the batch is stored and acked,
-    the log and a metric say so, and the next batch goes on from the new state."""
-    from decoder import heart
+@pytest.mark.parametrize("family", ["heart", "steps"])
+def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(tmp_path, family):
+    """A device's stored feature state damaged in the store (heart's open day, far back: it hung the
+    kernel before states were checked where they load; steps' rate of 0 divided by zero) would refuse
+    every later batch of the device for ever. The gateway starts the device's stream afresh, as after a
+    gap: the batch is stored and acked, the log and a metric say so, and the next batch goes on from the
+    new state. Steps' state is read by nothing else, so only it restarts: the epochs, the day and the
+    sleep period go on."""
+    from decoder import heart, steps
     from decoder.features import DeviceState
     from gateway.store.base import UNOWNED
     from tests.gateway.gatewaykit import gateway_store
@@ -622,7 +625,10 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
         path, name = cfg.store.removeprefix("sqlite:///"), device_key(device)
         with gateway_store(cfg.store) as store, contextlib.closing(sqlite3.connect(path)) as db, db:
             state = DeviceState.from_bytes(store.device(device).state)
-            state.families["heart"]["ints"][heart._DAY] = -(10**15)
+            if family == "heart":
+                state.families["heart"]["ints"][heart._DAY] = -(10**15)
+            else:
+                state.families["steps"]["values"][steps._FS] = 0.0
             (ownership,) = db.execute("SELECT ownership FROM devices WHERE device = ?", (name,)).fetchone()
             sealed = store.sealer.seal_state(name, ownership or UNOWNED, state.to_bytes())
             db.execute("UPDATE devices SET state = ? WHERE device = ?", (sealed, name))
@@ -645,9 +651,39 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
     assert [a.code for a in acks] == [OK] * 3
     assert "bandgate_state_resets_total 1.0" in metrics_text
     resets = [line for line in captured if '"state_reset"' in line]
-    assert len(resets) == 1 and device_key(device) in resets[0] and "heart state is corrupt" in resets[0]
-    # what a new stream from batch 1 on makes (as after a gap), beside batch 0's
-    assert same_records(stored(cfg.store), processed(batches[:1]) + processed(batches[1:3]))
+    assert len(resets) == 1 and device_key(device) in resets[0]
+    reason = {"heart": "heart state is corrupt", "steps": "step state is corrupt"}[family]
+    assert reason in resets[0] and ("the others go on" in resets[0]) == (family == "steps")
+    # what a new stream from batch 1 on makes (as after a gap), beside batch 0's: every family's, or
+    # only steps' while the others' stream goes on
+    before, anew = processed(batches[:1]), processed(batches[1:3])
+    if family == "steps":
+        on = [r for r in processed(batches[:3]) if r["family"] != "steps"]
+        assert {"activity", "heart"} <= {r["family"] for r in on}
+        # the other families' states are the uninterrupted stream's (the sleep period too)
+        from gateway.compute import compute
+
+        state = None
+        for b in batches[:3]:
+            state = compute(b, state, cfg.max_decompressed_bytes).state
+        want = DeviceState.from_bytes(state).families
+        with gateway_store(cfg.store) as store:
+            got = DeviceState.from_bytes(store.device(device).state).families
+        assert got.keys() == want.keys() and "sleep" in got
+        for name in got.keys() - {"steps"}:
+            assert got[name].keys() == want[name].keys(), name
+            differ = [
+                k
+                for k in got[name]
+                if np.asarray(got[name][k]).tobytes() != np.asarray(want[name][k]).tobytes()
+            ]
+            assert differ == [], name
+        assert got["steps"]["values"].tolist() != want["steps"]["values"].tolist()
+        before, anew = (
+            on + [r for r in before if r["family"] == "steps"],
+            [r for r in anew if r["family"] == "steps"],
+        )
+    assert same_records(stored(cfg.store), before + anew)
 
 
 def test_retention_purges_expired_records(tmp_path):
