@@ -96,7 +96,7 @@ def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> 
         rest = DeviceState.from_bytes(state, without=_ON_THEIR_OWN)
     except ValueError:
         return DeviceState(device_id), reason
-    return rest, f"{reason} (that family restarts; the others go on)"
+    return rest, f"{reason} (steps restarts; the other families go on)"
 
 
 def load_and_compute(

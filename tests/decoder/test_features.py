@@ -262,8 +262,9 @@ def test_a_frame_without_samples_of_rate_0_opens_no_stream() -> None:
     assert finish(DeviceState.from_bytes(state.to_bytes()))[0] == []
 
 
+@pytest.mark.parametrize("one_batch", [False, True], ids=["a_batch_a_frame", "one_batch"])
 @pytest.mark.parametrize("offset_us", [123, 30_000_000, -3_000_000_000, 7 * 86_400_000_000])
-def test_a_frame_without_accelerometer_samples_leaves_the_stream_as_it_was(offset_us) -> None:
+def test_a_frame_without_accelerometer_samples_leaves_the_stream_as_it_was(offset_us, one_batch) -> None:
     """A frame with heart rate but no accelerometer samples, between two frames of a stream: at another
     time it ended the open stream (epochs, minute and sleep period closed early, a `day` record before
     its day ended) and opened one at its own time, which the next frame ended again; within half a
@@ -281,8 +282,8 @@ def test_a_frame_without_accelerometer_samples_leaves_the_stream_as_it_was(offse
 
     def records(frames: list[Frame]) -> list[dict]:
         out, state = [], DeviceState(7)
-        for f in frames:
-            r, state = process(decode_frames(encode_container([encode_frame(f)])), state)
+        for batch in [frames] if one_batch else [[f] for f in frames]:
+            r, state = process(decode_frames(encode_container([encode_frame(f) for f in batch])), state)
             out += r
             state = DeviceState.from_bytes(state.to_bytes())
         return out + finish(state)[0]

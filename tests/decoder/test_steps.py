@@ -610,7 +610,7 @@ def test_a_longest_period_beyond_the_window_is_refused(monkeypatch):
     crafted = steps.new_state(50, START_US, params=dataclasses.replace(P, max_lag_s=3600.0)).to_array()
     steps.StepState.from_array(crafted)  # loads where the parameters are not checked: the case
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="its parameters are inconsistent"):
         steps.StepState.from_array(crafted)
 
 

@@ -653,12 +653,13 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
     resets = [line for line in captured if '"state_reset"' in line]
     assert len(resets) == 1 and device_key(device) in resets[0]
     reason = {"heart": "heart state is corrupt", "steps": "step state is corrupt"}[family]
-    assert reason in resets[0] and ("the others go on" in resets[0]) == (family == "steps")
+    assert reason in resets[0] and ("the other families go on" in resets[0]) == (family == "steps")
     # what a new stream from batch 1 on makes (as after a gap), beside batch 0's: every family's, or
     # only steps' while the others' stream goes on
     before, anew = processed(batches[:1]), processed(batches[1:3])
     if family == "steps":
-        on = [r for r in processed(batches[:3]) if r["family"] != "steps"]
+        restarted = {"steps", "distance"}  # distance is made from the steps records
+        on = [r for r in processed(batches[:3]) if r["family"] not in restarted]
         assert {"activity", "heart"} <= {r["family"] for r in on}
         # the other families' states are the uninterrupted stream's (the sleep period too)
         from gateway.compute import compute
@@ -679,11 +680,51 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
             ]
             assert differ == [], name
         assert got["steps"]["values"].tolist() != want["steps"]["values"].tolist()
-        before, anew = (
-            on + [r for r in before if r["family"] == "steps"],
-            [r for r in anew if r["family"] == "steps"],
-        )
+        before = on + [r for r in before if r["family"] in restarted]
+        anew = [r for r in anew if r["family"] in restarted]
     assert same_records(stored(cfg.store), before + anew)
+
+
+def test_a_state_reset_keeps_the_other_families_only_when_steps_alone_is_at_fault():
+    """Steps restarts alone only where the state loads without it: steps and heart both damaged restart
+    every family (the state is a new stream's) and say nothing of the others going on; a steps entry of
+    another dtype restarts steps alone (the other families' states go on as if nothing happened), and
+    the reason names steps."""
+    from decoder import heart, steps
+    from decoder.features import DeviceState
+    from gateway.compute import compute
+
+    _, batches = band()
+    limit = 1 << 24
+    good = compute(batches[0], None, limit).state
+    fresh = compute(batches[1], None, limit).state  # a new stream from batch 1
+    going_on = compute(batches[1], good, limit)
+
+    def damaged(damage) -> bytes:
+        state = DeviceState.from_bytes(good)
+        damage(state.families)
+        return state.to_bytes()
+
+    def steps_and_heart(families: dict) -> None:
+        families["steps"]["values"][steps._FS] = 0.0
+        families["heart"]["ints"][heart._DAY] = -(10**15)
+
+    def steps_of_another_dtype(families: dict) -> None:
+        families["steps"] = {"values": np.zeros(3, np.int16)}  # another dtype: refused
+
+    assert going_on.state_reset == "" and going_on.state != fresh
+    everything = compute(batches[1], damaged(steps_and_heart), limit)
+    assert "is corrupt" in everything.state_reset and "go on" not in everything.state_reset
+    assert everything.state == fresh
+    alone = compute(batches[1], damaged(steps_of_another_dtype), limit)
+    assert alone.state_reset.endswith("(steps restarts; the other families go on)")
+    kept, want = DeviceState.from_bytes(alone.state).families, DeviceState.from_bytes(going_on.state).families
+    assert kept.keys() == want.keys()
+    assert kept["steps"]["values"].tobytes() != want["steps"]["values"].tobytes()
+    for name in kept.keys() - {"steps"}:
+        assert all(
+            np.asarray(kept[name][k]).tobytes() == np.asarray(want[name][k]).tobytes() for k in kept[name]
+        )
 
 
 def test_retention_purges_expired_records(tmp_path):
