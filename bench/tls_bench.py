@@ -421,7 +421,7 @@ def plain_reconnect_figures(quick: bool, workdir: Path) -> dict[str, float]:
 RECONNECT_BANDS, OBSERVERS = 2_000, 20
 # The reconnecting bands' load processes run this much nicer (the observers, which measure, do not): a
 # real fleet's bands cost the gateway's box no CPU, and unniced they took a third of the two cores in a
-# storm (BENCHMARKS.md, "Reconnect storm"). The flood test's attacker is niced for the same reason.
+# storm (BENCHMARKS.md, "Reconnect storm"). The flood test's attacker runs SCHED_IDLE for the same reason.
 BANDS_NICE = int(os.environ.get("BENCH_BANDS_NICE", "19"))
 
 
