@@ -703,6 +703,11 @@ _NEEDS = {
     "distance": ("steps",),
 }
 ALL_FAMILIES = frozenset(FAMILIES)
+# Kernels whose state no other kernel's output is combined with (every record family needing one needs
+# it alone): a damaged state of one can restart alone while the others' streams go on.
+SELF_CONTAINED = frozenset(
+    k for needs in _NEEDS.values() for k in needs if all(n == (k,) for n in _NEEDS.values() if k in n)
+)
 
 
 def kernels_for(families: frozenset[str]) -> frozenset[str]:

@@ -17,7 +17,7 @@ import zstandard
 
 from bandgate.v1 import batch_pb2
 from decoder.batch import BatchDecompressor
-from decoder.features import DeviceState, StateCache, process
+from decoder.features import SELF_CONTAINED, DeviceState, StateCache, process
 from decoder.frames import FrameStatus
 from gateway.computed import Computed
 from gateway.envelope import open_batch
@@ -75,16 +75,12 @@ def compute(
     )
 
 
-# Families whose state nothing else reads: one that does not load restarts alone (the others go on).
-_ON_THEIR_OWN = frozenset({"steps"})
-
-
 def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> tuple[DeviceState, str]:
     """The device's stored feature state, or a new one and why. A state that does not load (damaged, or
     one the kernels' load checks refuse) would refuse every later batch of the device, for ever: the
     stream starts afresh instead, as after a gap (the open epoch, minute and sleep period are lost,
     nothing stored is), and the answer says why for the log (the load checks' messages carry no stored
-    value). Where only a family nothing else reads (steps) is at fault, only it restarts: the open
+    value). Where only a self-contained kernel's state (steps) is at fault, only it restarts: the open
     sleep period, epochs and day go on."""
     if not state:
         return DeviceState(device_id), ""
@@ -93,7 +89,7 @@ def _previous(device_id: int, state: bytes | None, cache: StateCache | None) -> 
     except ValueError as e:
         reason = str(e) or "ValueError"
     try:
-        rest = DeviceState.from_bytes(state, without=_ON_THEIR_OWN)
+        rest = DeviceState.from_bytes(state, without=SELF_CONTAINED)
     except ValueError:
         return DeviceState(device_id), reason
     return rest, f"{reason} (steps restarts; the other families go on)"

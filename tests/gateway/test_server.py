@@ -600,6 +600,18 @@ def test_metrics_endpoint_counts_batches_and_devices(tmp_path):
     assert "bandgate_samples_total 15000.0" in text
 
 
+def _differing_entries(got: dict, want: dict, but: str) -> list[tuple[str, str]]:
+    """(family, entry) of two states' families, `but` one, whose bytes differ (NaN-safe, dtype-exact)."""
+    return [
+        (name, k)
+        for name in got.keys() - {but}
+        for k in got[name].keys() | want[name].keys()
+        if k not in got[name]
+        or k not in want[name]
+        or np.asarray(got[name][k]).tobytes() != np.asarray(want[name][k]).tobytes()
+    ]
+
+
 @pytest.mark.parametrize("family", ["heart", "steps"])
 def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(tmp_path, family):
     """A device's stored feature state damaged in the store (heart's open day, far back: it hung the
@@ -671,14 +683,7 @@ def test_a_stored_state_that_does_not_load_starts_the_stream_afresh_and_says_so(
         with gateway_store(cfg.store) as store:
             got = DeviceState.from_bytes(store.device(device).state).families
         assert got.keys() == want.keys() and "sleep" in got
-        for name in got.keys() - {"steps"}:
-            assert got[name].keys() == want[name].keys(), name
-            differ = [
-                k
-                for k in got[name]
-                if np.asarray(got[name][k]).tobytes() != np.asarray(want[name][k]).tobytes()
-            ]
-            assert differ == [], name
+        assert _differing_entries(got, want, but="steps") == []
         assert got["steps"]["values"].tolist() != want["steps"]["values"].tolist()
         before = on + [r for r in before if r["family"] in restarted]
         anew = [r for r in anew if r["family"] in restarted]
@@ -721,10 +726,7 @@ def test_a_state_reset_keeps_the_other_families_only_when_steps_alone_is_at_faul
     kept, want = DeviceState.from_bytes(alone.state).families, DeviceState.from_bytes(going_on.state).families
     assert kept.keys() == want.keys()
     assert kept["steps"]["values"].tobytes() != want["steps"]["values"].tobytes()
-    for name in kept.keys() - {"steps"}:
-        assert all(
-            np.asarray(kept[name][k]).tobytes() == np.asarray(want[name][k]).tobytes() for k in kept[name]
-        )
+    assert _differing_entries(kept, want, but="steps") == []
 
 
 def test_retention_purges_expired_records(tmp_path):
